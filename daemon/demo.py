@@ -1,0 +1,213 @@
+"""``inspectd demo``: the whole line on one machine, end to end, scoring itself.
+
+1. Simulates good parts of each product, enrolls the product on some and calibrates its
+   threshold on others (the same functions as ``inspectd enroll`` / ``calibrate``).
+2. Starts the daemon as its own process (``inspectd run``, embedded local Ray).
+3. Subscribes to the verdicts, then starts a simulated camera as its own process
+   (``inspectd sensor sim``) streaming parts of the products, a quarter of them defective.
+4. Prints one line per verdict and a summary against the simulator's ground truth, scrapes
+   the metrics endpoint while parts flow, stops the daemon (SIGTERM, drained) and ends.
+
+Everything lands under the output folder: config, models, result log, anomaly maps,
+``metrics.txt`` (a scrape taken mid-run) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+import zmq
+
+from daemon.config import Config
+from daemon.enrollment import calibrate, enroll
+from sensors.simulated import simulated_parts
+from sensors.wire import decode_verdict
+
+N_ENROLL = 8
+N_CALIBRATE = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_demo_config(out: Path, products: list[str]) -> tuple[Path, Config]:
+    raw: dict[str, Any] = {
+        "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 16},
+        "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+        "http": {"host": "127.0.0.1", "port": free_port()},
+        "storage": {
+            "results": str(out / "results.sqlite"),
+            "maps_dir": str(out / "maps"),
+            "maps": "all",
+            "models_dir": str(out / "models"),
+        },
+        "ray": {"object_store_mb": 256},
+        "workers": {"actors": "auto", "cpus_per_actor": 1, "max_inflight_per_actor": 1},
+        "products": {p: {"scorer": "patchcore-fpfh"} for p in products},
+    }
+    path = out / "inspectd.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, Config.model_validate(raw)
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the daemon exited with code {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the daemon was not ready after {timeout:.0f}s ({url})")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def summarize(sent: int, verdicts: list[dict[str, Any]], wall: float) -> dict[str, Any]:
+    """Counts, detection / false-reject rates against the simulator's truth, latencies, throughput."""
+    scored = [v for v in verdicts if v["verdict"] != "error"]
+    bad = [v for v in scored if (v.get("truth") or {}).get("defective")]
+    good = [v for v in scored if not (v.get("truth") or {}).get("defective")]
+    lat = [v["e2e_ms"] for v in verdicts]
+    return {
+        "frames_sent": sent,
+        "verdicts_received": len(verdicts),
+        "lost": sent - len(verdicts),
+        "errors": len(verdicts) - len(scored),
+        "defective_parts": len(bad),
+        "good_parts": len(good),
+        "detection_rate": sum(v["verdict"] != "pass" for v in bad) / len(bad) if bad else None,
+        "detection_rate_fail_only": sum(v["verdict"] == "fail" for v in bad) / len(bad) if bad else None,
+        "false_reject_rate": sum(v["verdict"] == "fail" for v in good) / len(good) if good else None,
+        "review_rate_good": sum(v["verdict"] == "review" for v in good) / len(good) if good else None,
+        "latency_ms_p50": percentile(lat, 50),
+        "latency_ms_p99": percentile(lat, 99),
+        "daemon_latency_ms_p50": percentile([v["latency_ms"] for v in verdicts], 50),
+        "throughput_parts_per_s": len(verdicts) / wall if wall > 0 else None,
+        "wall_seconds": wall,
+    }
+
+
+def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path, cfg = write_demo_config(out, products)
+    print(f"== inspectd demo: {n_parts} parts of {', '.join(products)}, output in {out}", flush=True)
+
+    for k, product in enumerate(products):
+        good = list(simulated_parts([product], N_ENROLL + N_CALIBRATE, 0.0, seed=1000 + k, good_only=True))
+        t0 = time.time()
+        enroll(cfg.storage.models_dir, product, good[:N_ENROLL], "patchcore-fpfh", cfg.preprocess.params(), progress=False)
+        rec = calibrate(cfg.storage.models_dir, product, good[N_ENROLL:], cfg.decision.target_frr, progress=False)
+        print(
+            f"   enrolled {product} on {N_ENROLL} good parts, calibrated on {N_CALIBRATE} others: "
+            f"threshold {rec['threshold']:.4f} ({time.time() - t0:.1f}s)",
+            flush=True,
+        )
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    daemon_log = open(out / "daemon.log", "w")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg_path)], stdout=daemon_log, stderr=subprocess.STDOUT, env=env
+    )
+    metrics_url = f"http://{cfg.http.host}:{cfg.http.port}"
+    sensor = None
+    ctx = zmq.Context()
+    try:
+        t0 = time.time()
+        wait_ready(metrics_url + "/readyz", daemon, timeout=180)
+        print(f"   daemon ready in {time.time() - t0:.1f}s; metrics at {metrics_url}/metrics", flush=True)
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.connect(cfg.publish.endpoint)
+        time.sleep(0.5)  # let the subscription reach the PUB socket before parts flow
+
+        sensor = subprocess.Popen(
+            [
+                sys.executable, "-m", "daemon.cli", "sensor", "sim", "--endpoint", cfg.ingest.endpoint,
+                "--products", ",".join(products), "--parts", str(n_parts), "--defect-rate", "0.25",
+                "--seed", str(seed), "--rate", str(rate),
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
+        )
+        started = time.time()
+        print(f"{'part':<22} {'product':<10} {'truth':<12} {'verdict':<8} {'score':>9} {'latency':>9}", flush=True)
+        verdicts: list[dict[str, Any]] = []
+        sent: int | None = None
+        scraped = False
+        last = time.time()
+        while True:
+            if sub.poll(200):
+                msg = decode_verdict(sub.recv_multipart())
+                h = msg.header
+                h["e2e_ms"] = (time.time() - h["capture_time"]) * 1000.0 if h.get("capture_time") else h["latency_ms"]
+                verdicts.append(h)
+                last = time.time()
+                truth = h.get("truth") or {}
+                label = (truth.get("defect") or "defect") if truth.get("defective") else "good"
+                score = f"{h['score']:.4f}" if h.get("score") is not None else (h.get("error") or {}).get("reason", "")
+                print(f"{h.get('part_id', '?'):<22} {h.get('product', '?'):<10} {label:<12} {h['verdict']:<8} {score:>9} "
+                      f"{h['e2e_ms']:>7.0f}ms", flush=True)
+                if not scraped and len(verdicts) >= n_parts // 2:
+                    with urllib.request.urlopen(metrics_url + "/metrics", timeout=5) as r:
+                        (out / "metrics.txt").write_bytes(r.read())
+                    scraped = True
+            if sent is None and sensor.poll() is not None:
+                line = (sensor.stdout.read() or "").strip().splitlines()
+                sent = json.loads(line[-1])["sent"] if line else 0
+            if sent is not None and len(verdicts) >= sent:
+                break
+            if time.time() - last > 120:
+                print("   no verdict for 120 s, giving up waiting", flush=True)
+                break
+        wall = time.time() - started
+    finally:
+        if sensor is not None and sensor.poll() is None:
+            sensor.kill()
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+        daemon_log.close()
+        ctx.destroy(linger=0)
+
+    summary = summarize(sent or 0, verdicts, wall)
+    summary["metrics_scraped"] = scraped
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print("== summary", flush=True)
+    print(f"   frames sent {summary['frames_sent']}, verdicts {summary['verdicts_received']}, lost {summary['lost']}, "
+          f"errors {summary['errors']}")
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    print(f"   defective {summary['defective_parts']}: detection rate {pct(summary['detection_rate'])} (fail or review), "
+          f"{pct(summary['detection_rate_fail_only'])} fail")
+    print(f"   good {summary['good_parts']}: false-reject rate {pct(summary['false_reject_rate'])}, "
+          f"sent to review {pct(summary['review_rate_good'])}")
+    print(f"   latency capture→verdict p50 {summary['latency_ms_p50']:.0f} ms, p99 {summary['latency_ms_p99']:.0f} ms; "
+          f"throughput {summary['throughput_parts_per_s']:.2f} parts/s over {wall:.1f}s")
+    print(f"   metrics scraped while running: {'yes' if scraped else 'no'} ({out / 'metrics.txt'}); "
+          f"maps in {out / 'maps'}; log {out / 'results.sqlite'}")
+    return 0 if summary["lost"] == 0 and daemon.returncode == 0 else 1

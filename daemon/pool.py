@@ -1,0 +1,144 @@
+"""The pool of Ray actors that score frames, sized to the cluster, restarted when they die.
+
+Each actor is a ``workers.actor.ScoringWorker`` holding every product's model. Ray restarts a
+dead actor (``max_restarts=-1``); its in-flight frames come back here as failures and the
+service retries them (``workers.retries``) before answering with an error verdict, so a crash
+costs latency, never a verdict. A death is counted once per actor incarnation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from daemon.config import Config
+from workers.actor import ScoringWorker
+
+log = logging.getLogger("inspectd.pool")
+
+
+@dataclass
+class Job:
+    """One frame on its way through the daemon."""
+
+    frame: Any
+    received_at: float
+    timings: dict[str, float] = field(default_factory=dict)
+    enqueued_at: float = 0.0
+    dispatched_at: float = 0.0
+    attempts: int = 0
+
+
+class ActorDied(Exception):
+    """The actor scoring a job died before answering."""
+
+
+def pool_size(cfg: Config) -> int:
+    """``workers.actors``, or for ``auto`` what the cluster's resources allow (at least 1)."""
+    if cfg.workers.actors != "auto":
+        return int(cfg.workers.actors)
+    res = ray.cluster_resources()
+    n = math.floor(res.get("CPU", 1) / cfg.workers.cpus_per_actor)
+    if cfg.workers.gpus_per_actor > 0:
+        n = min(n, math.floor(res.get("GPU", 0) / cfg.workers.gpus_per_actor))
+    return max(1, n)
+
+
+class ActorPool:
+    def __init__(self, cfg: Config, products: list[str]) -> None:
+        self.cfg = cfg
+        self.products = products
+        self.max_inflight = cfg.workers.max_inflight_per_actor
+        remote = ray.remote(ScoringWorker).options(
+            num_cpus=cfg.workers.cpus_per_actor,
+            num_gpus=cfg.workers.gpus_per_actor,
+            max_restarts=-1,
+            max_task_retries=0,
+        )
+        self.size = pool_size(cfg)
+        models = str(cfg.storage.models_dir.resolve())
+        self.actors = [remote.remote(models, products, cfg.workers.threads_per_actor) for _ in range(self.size)]
+        self.load = [0] * self.size
+        self.inflight: dict[ray.ObjectRef, tuple[int, Job]] = {}
+        self.pids: list[int | None] = [None] * self.size
+        self.probes: dict[int, ray.ObjectRef] = {}
+        self.restarts = 0
+
+    def wait_ready(self, timeout: float) -> list[dict[str, Any]]:
+        """Block until every actor has loaded its models; returns their ``info()``."""
+        infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout)
+        self.pids = [i["pid"] for i in infos]
+        return infos
+
+    def backends(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for i in range(self.size):
+            out["torch-cpu"] = out.get("torch-cpu", 0) + (self.pids[i] is not None)
+        return out
+
+    def has_capacity(self) -> bool:
+        return min(self.load) < self.max_inflight
+
+    def submit(self, job: Job) -> None:
+        i = min(range(self.size), key=self.load.__getitem__)
+        job.dispatched_at = time.time()
+        job.attempts += 1
+        ref = self.actors[i].score.remote(job.frame)
+        self.inflight[ref] = (i, job)
+        self.load[i] += 1
+
+    def poll(self, timeout: float) -> list[tuple[Job, dict[str, Any] | BaseException]]:
+        """Finished jobs with their result dict or exception (``ActorDied`` when the actor died)."""
+        self._check_probes()
+        if not self.inflight:
+            time.sleep(timeout)
+            return []
+        done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
+        out: list[tuple[Job, dict[str, Any] | BaseException]] = []
+        for ref in done:
+            i, job = self.inflight.pop(ref)
+            self.load[i] -= 1
+            try:
+                out.append((job, ray.get(ref)))
+            except RayTaskError as e:
+                cause = e.cause if isinstance(e.cause, BaseException) else e
+                out.append((job, cause))
+            except RayActorError as e:
+                self._note_death(i)
+                out.append((job, ActorDied(str(e).splitlines()[0] if str(e) else "actor died")))
+        return out
+
+    def _note_death(self, i: int) -> None:
+        """Count one restart per incarnation, and probe the actor to learn its new pid."""
+        if self.pids[i] is not None:
+            self.restarts += 1
+            self.pids[i] = None
+            log.warning("actor %d died; Ray restarts it", i)
+        if i not in self.probes:
+            self.probes[i] = self.actors[i].info.remote()
+
+    def _check_probes(self) -> None:
+        if not self.probes:
+            return
+        ready, _ = ray.wait(list(self.probes.values()), num_returns=len(self.probes), timeout=0)
+        for i, ref in list(self.probes.items()):
+            if ref in ready:
+                del self.probes[i]
+                try:
+                    self.pids[i] = ray.get(ref)["pid"]
+                except RayActorError:
+                    self.probes[i] = self.actors[i].info.remote()
+
+    def reload(self, product: str, timeout: float = 60.0) -> list[str]:
+        """Load a product's new model in every actor (hot swap); returns the versions loaded."""
+        return ray.get([a.reload.remote(product) for a in self.actors], timeout=timeout)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)

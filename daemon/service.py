@@ -1,0 +1,289 @@
+"""The inspection service: ingest → queue → Ray actors → decision → log → publish.
+
+Three threads, each owning what it touches, so no socket is shared:
+
+* ingest: owns the PULL socket. Decodes and validates each message (``sensors.wire``);
+  a refused message becomes an error verdict at once. Valid frames go into a bounded queue;
+  when it is full, ingest stops reading (ZeroMQ's high-water marks then block the sensors'
+  sends: backpressure), and a frame that still finds no room after ``ingest.max_wait_ms`` is
+  answered with an ``overloaded`` error verdict.
+* dispatch: feeds the actor pool, collects results, retries frames whose actor died, and
+  applies the decision stage.
+* emitter: owns the PUB socket and the result log. For each verdict it writes the map files,
+  commits the log row, then publishes, in that order.
+
+Every message that arrives gets exactly one verdict: each path above ends in ``_emit``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import ray
+import zmq
+
+from daemon.config import Config
+from daemon.decision import Thresholds, decide
+from daemon.maps import write_maps
+from daemon.metrics import DaemonMetrics, MetricsServer
+from daemon.pool import ActorDied, ActorPool, Job
+from daemon.resultlog import ResultLog
+from sensors.frame import FrameError
+from sensors.wire import decode_frame, encode_verdict, salvage_header
+from workers.model_store import enrolled_products, read_calibration
+
+log = logging.getLogger("inspectd.service")
+VERSION = "0.1.0"
+_STOP = object()
+
+
+class InspectionService:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = DaemonMetrics(VERSION)
+        self.ready = threading.Event()
+        self.stopping = threading.Event()
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.ingest.queue_size)
+        self.out: queue.Queue[Any] = queue.Queue()
+        self.thresholds: dict[str, Thresholds | None] = {}
+        self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.ready.is_set)
+        self.ctx = zmq.Context()
+        self.pool: ActorPool | None = None
+        self.ingest_done = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    # ---------------------------------------------------------------- life cycle
+    def start(self, ready_timeout: float = 120.0) -> None:
+        """Serve metrics, start Ray and the actors, bind the sockets, start the threads."""
+        self.http.start()
+        log.info("metrics on http://%s:%d/metrics", self.cfg.http.host, self.http.port)
+        products = self._load_products()
+        if not ray.is_initialized():
+            ray.init(
+                address=self.cfg.ray.address,
+                num_cpus=self.cfg.ray.num_cpus,
+                object_store_memory=self.cfg.ray.object_store_mb * 2**20 if self.cfg.ray.address is None else None,
+                include_dashboard=False,
+                logging_level=logging.WARNING,
+            )
+        self.pool = ActorPool(self.cfg, products)
+        infos = self.pool.wait_ready(ready_timeout)
+        for info in infos:
+            self.metrics.actors.labels(backend=info["backend"]).inc()
+        log.info("%d scoring actors ready (%s)", self.pool.size, ", ".join(sorted({i["backend"] for i in infos})))
+
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, self.cfg.ingest.receive_hwm)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(self.cfg.ingest.endpoint)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.LINGER, 2000)
+        self.pub.bind(self.cfg.publish.endpoint)
+        self.results = ResultLog(self.cfg.storage.results)
+
+        for name, target in (("ingest", self._ingest_loop), ("dispatch", self._dispatch_loop), ("emitter", self._emit_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self.threads.append(t)
+        self.ready.set()
+        self.metrics.ready.set(1)
+        log.info("ready: ingest %s, verdicts %s", self.cfg.ingest.endpoint, self.cfg.publish.endpoint)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Stop ingest, finish every frame already received, then release everything."""
+        self.ready.clear()
+        self.metrics.ready.set(0)
+        self.stopping.set()
+        deadline = time.time() + drain_timeout
+        for t in self.threads:
+            t.join(timeout=max(0.1, deadline - time.time()))
+        for sock in ("pull", "pub"):
+            if hasattr(self, sock):
+                getattr(self, sock).close()
+        if hasattr(self, "results"):
+            self.results.close()
+        if self.pool is not None:
+            self.pool.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
+        self.ctx.term()
+        self.http.stop()
+
+    def _load_products(self) -> list[str]:
+        """Enrolled products and their thresholds (config override, else calibration file)."""
+        models = self.cfg.storage.models_dir
+        enrolled = enrolled_products(models)
+        for name in self.cfg.products:
+            if name not in enrolled:
+                log.warning("product %s is configured but not enrolled in %s: its frames are refused", name, models)
+        for name in enrolled:
+            pc = self.cfg.products.get(name)
+            band = pc.review_band if pc and pc.review_band is not None else self.cfg.decision.review_band
+            cal = read_calibration(models, name)
+            thr = pc.threshold if pc and pc.threshold is not None else (cal or {}).get("threshold")
+            self.thresholds[name] = Thresholds(float(thr), band) if thr is not None else None
+            if thr is None:
+                log.warning("product %s has no calibrated threshold: its verdicts are 'review'", name)
+        log.info("products: %s", ", ".join(enrolled) or "(none)")
+        return enrolled
+
+    # ---------------------------------------------------------------- threads
+    def _ingest_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.pull, zmq.POLLIN)
+        max_wait = self.cfg.ingest.max_wait_ms / 1000.0
+        while not self.stopping.is_set():
+            if not poller.poll(100):
+                continue
+            parts = self.pull.recv_multipart(copy=False)
+            received = time.time()
+            try:
+                frame = decode_frame(parts, self.cfg.ingest.max_points)
+            except FrameError as e:
+                ident = salvage_header(parts)
+                self.metrics.frames_received.labels(sensor_id=str(ident.get("sensor_id", "unknown"))).inc()
+                self._emit_error(ident, e.reason, e.detail, received)
+                continue
+            m = frame.meta
+            self.metrics.frames_received.labels(sensor_id=m.sensor_id).inc()
+            ident = {k: getattr(m, k) for k in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")}
+            if m.product not in self.thresholds:
+                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received)
+                continue
+            job = Job(frame=frame, received_at=received)
+            job.timings["decode"] = time.time() - received
+            job.enqueued_at = time.time()
+            try:
+                self.queue.put(job, timeout=max_wait)
+            except queue.Full:
+                self._emit_error(ident, "overloaded", f"queue full for {max_wait:.1f}s", received)
+                continue
+            self.metrics.queue_depth.set(self.queue.qsize())
+        self.ingest_done.set()
+
+    def _dispatch_loop(self) -> None:
+        pool = self.pool
+        assert pool is not None
+        retry: deque[Job] = deque()
+        restarts_seen = 0
+        while True:
+            while pool.has_capacity():
+                if retry:
+                    job = retry.popleft()
+                else:
+                    try:
+                        job = self.queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    job.timings["queue"] = time.time() - job.enqueued_at
+                pool.submit(job)
+            self.metrics.queue_depth.set(self.queue.qsize())
+            self.metrics.inflight.set(len(pool.inflight))
+            if self.ingest_done.is_set() and self.queue.empty() and not retry and not pool.inflight:
+                break
+            for job, outcome in pool.poll(timeout=0.01):
+                self._finish(job, outcome, retry)
+            if pool.restarts != restarts_seen:
+                self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
+                restarts_seen = pool.restarts
+        self.out.put(_STOP)
+
+    def _finish(self, job: Job, outcome: dict[str, Any] | BaseException, retry: deque[Job]) -> None:
+        m = job.frame.meta
+        ident = {k: getattr(m, k) for k in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")}
+        if isinstance(outcome, ActorDied):
+            if job.attempts <= self.cfg.workers.retries:
+                retry.append(job)
+            else:
+                self._emit_error(ident, "worker_died", str(outcome), job.received_at, job.timings)
+            return
+        if isinstance(outcome, BaseException):
+            reason = outcome.reason if isinstance(outcome, FrameError) else "scoring_failed"
+            detail = outcome.detail if isinstance(outcome, FrameError) else f"{type(outcome).__name__}: {outcome}"
+            self._emit_error(ident, reason, detail, job.received_at, job.timings)
+            return
+        t0 = time.time()
+        worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back"))
+        timings = {**job.timings, **outcome["timings"]}
+        timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
+        timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
+        score = float(outcome["object_score"])
+        t = self.thresholds.get(m.product)
+        verdict = decide(score, t) if t is not None else "review"
+        timings["decision"] = time.time() - t0
+        header = {
+            **ident,
+            "verdict": verdict,
+            "score": score,
+            "threshold": t.threshold if t else None,
+            "review_low": t.review_low if t else None,
+            "fail_from": t.fail_from if t else None,
+            "scorer": outcome["scorer"],
+            "model_version": outcome["model_version"],
+            "error": None,
+            "received_at": job.received_at,
+            "worker_pid": outcome["worker_pid"],
+            "attempts": job.attempts,
+        }
+        self.out.put((header, np.asarray(outcome["anomaly_map"], dtype=np.float32), job.frame, timings))
+
+    def _emit_error(
+        self, ident: dict[str, Any], reason: str, detail: str, received: float, timings: dict[str, float] | None = None
+    ) -> None:
+        self.metrics.frames_refused.labels(reason=reason).inc()
+        header = {
+            **ident,
+            "verdict": "error",
+            "score": None,
+            "threshold": None,
+            "scorer": None,
+            "model_version": None,
+            "error": {"reason": reason, "detail": detail},
+            "received_at": received,
+        }
+        self.out.put((header, None, None, dict(timings or {})))
+
+    def _emit_loop(self) -> None:
+        policy = self.cfg.storage.maps
+        while True:
+            item = self.out.get()
+            if item is _STOP:
+                return
+            header, amap, frame, timings = item
+            try:
+                self._emit(header, amap, frame, timings, policy)
+            except Exception:  # the emitter must survive anything: log it, keep serving
+                log.exception("failed to emit verdict for %s", header.get("part_id"))
+
+    def _emit(self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], policy: str) -> None:
+        verdict = header["verdict"]
+        t0 = time.time()
+        header["map_path"] = None
+        if amap is not None and (policy == "all" or (policy == "flagged" and verdict != "pass")):
+            header["map_path"] = str(
+                write_maps(
+                    self.cfg.storage.maps_dir, header["product"], str(header["part_id"]), verdict, amap,
+                    frame.points.reshape(-1, 3), header["threshold"] or 0.0,
+                )
+            )
+        t1 = time.time()
+        timings["maps"] = t1 - t0
+        header["decided_at"] = t1
+        header["latency_ms"] = (t1 - header["received_at"]) * 1000.0
+        header["stage_ms"] = {k: round(v * 1000.0, 3) for k, v in timings.items()}
+        header["verdict_id"] = self.results.append(header)
+        t2 = time.time()
+        self.pub.send_multipart(encode_verdict(header, amap), copy=False)
+        t3 = time.time()
+        timings.update(log=t2 - t1, publish=t3 - t2)
+        product = header.get("product") or "_unknown"
+        self.metrics.verdicts.labels(product=product, verdict=verdict).inc()
+        self.metrics.latency.labels(product=product).observe(t3 - header["received_at"])
+        self.metrics.observe_stages(timings)

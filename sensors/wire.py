@@ -1,0 +1,250 @@
+"""The inspectd wire codec: frames in, verdicts out, as documented bytes (docs/protocol.md).
+
+Every message is a ZeroMQ multipart message. Frames (sensor → daemon, PUSH → PULL):
+
+    part 0   header: UTF-8 JSON object (``"protocol": 1, "type": "frame"``, metadata, and
+             ``"buffers"``, the list of the raw buffers that follow: name, dtype, shape)
+    part 1.. one raw buffer per entry of ``buffers``, little-endian, C order, no padding
+
+Verdicts (daemon → subscribers, PUB → SUB):
+
+    part 0   topic: ASCII ``verdict/<product>/`` (``verdict/_unknown/`` when the frame had no
+             readable product); subscribe to ``verdict/`` for all products
+    part 1   header: UTF-8 JSON object (``"type": "verdict"``)
+    part 2   the anomaly map as raw little-endian float32, present when ``header["map"]`` is not null
+
+Decoding makes no copies: arrays are read-only views on the received ZeroMQ buffers.
+Nothing is pickled; a malformed message raises ``FrameError`` with a stable ``reason``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from sensors.frame import PRODUCT_NAME, Frame, FrameError, FrameMeta
+
+PROTOCOL_VERSION = 1
+DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
+BUFFER_NAMES = ("points", "rgb", "gt")
+DEFAULT_MAX_POINTS = 5_000_000
+
+#: Every reason a frame can be refused with, in the order the decoder checks them.
+REFUSAL_REASONS = (
+    "header_not_json",
+    "unknown_version",
+    "wrong_type",
+    "missing_field",
+    "bad_field",
+    "buffer_count_mismatch",
+    "unsupported_dtype",
+    "bad_shape",
+    "too_many_points",
+    "buffer_size_mismatch",
+    "no_finite_points",
+)
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "sensor_id": str,
+    "product": str,
+    "part_id": str,
+    "seq": int,
+    "capture_time": (int, float),
+    "buffers": list,
+}
+
+
+def _buffer_view(part: Any) -> memoryview:
+    """A memoryview over a zmq.Frame, bytes, or any buffer-protocol object, without copying."""
+    buf = getattr(part, "buffer", part)
+    return memoryview(buf).cast("B")
+
+
+def encode_frame(frame: Frame) -> list[bytes | memoryview]:
+    """A frame as the parts of one multipart message (header first, then raw buffers)."""
+    m = frame.meta
+    arrays: list[tuple[str, np.ndarray]] = [("points", frame.points)]
+    if frame.rgb is not None:
+        arrays.append(("rgb", frame.rgb))
+    if frame.gt_mask is not None:
+        arrays.append(("gt", frame.gt_mask))
+    header: dict[str, Any] = {
+        "protocol": PROTOCOL_VERSION,
+        "type": "frame",
+        "sensor_id": m.sensor_id,
+        "product": m.product,
+        "part_id": m.part_id,
+        "seq": int(m.seq),
+        "capture_time": float(m.capture_time),
+        "units": m.units,
+        "layout": frame.layout,
+        "buffers": [{"name": n, "dtype": str(a.dtype), "shape": list(a.shape)} for n, a in arrays],
+    }
+    if m.truth is not None:
+        header["truth"] = m.truth
+    parts: list[bytes | memoryview] = [json.dumps(header, separators=(",", ":")).encode()]
+    for _, a in arrays:
+        le = a.astype(a.dtype.newbyteorder("<"), copy=False)
+        parts.append(memoryview(np.ascontiguousarray(le)).cast("B"))
+    return parts
+
+
+def parse_header(part: Any) -> dict[str, Any]:
+    """Part 0 as a JSON object, or ``FrameError('header_not_json')``."""
+    try:
+        header = json.loads(bytes(_buffer_view(part)).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FrameError("header_not_json", f"part 0 is not UTF-8 JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise FrameError("header_not_json", "part 0 is JSON but not an object")
+    return header
+
+
+def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> Frame:
+    """Validate and decode one frame message. Raises ``FrameError`` with the refusal reason."""
+    if not parts:
+        raise FrameError("header_not_json", "empty message")
+    header = parse_header(parts[0])
+    if header.get("protocol") != PROTOCOL_VERSION:
+        raise FrameError("unknown_version", f"protocol {header.get('protocol')!r}, this daemon speaks {PROTOCOL_VERSION}")
+    if header.get("type", "frame") != "frame":
+        raise FrameError("wrong_type", f"type {header.get('type')!r}, expected 'frame'")
+    for key, typ in _REQUIRED.items():
+        if key not in header:
+            raise FrameError("missing_field", f"header has no {key!r}")
+        value = header[key]
+        if not isinstance(value, typ) or isinstance(value, bool):
+            raise FrameError("bad_field", f"{key!r} has type {type(value).__name__}")
+    if not PRODUCT_NAME.match(header["product"]):
+        raise FrameError("bad_field", f"product {header['product']!r} must match {PRODUCT_NAME.pattern}")
+    if not math.isfinite(header["capture_time"]):
+        raise FrameError("bad_field", "capture_time is not finite")
+    units = header.get("units", "mm")
+    truth = header.get("truth")
+    if not isinstance(units, str) or (truth is not None and not isinstance(truth, dict)):
+        raise FrameError("bad_field", "units must be a string and truth an object")
+
+    specs = header["buffers"]
+    if len(parts) - 1 != len(specs):
+        raise FrameError("buffer_count_mismatch", f"header lists {len(specs)} buffers, message has {len(parts) - 1}")
+    arrays: dict[str, np.ndarray] = {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict) or not {"name", "dtype", "shape"} <= spec.keys():
+            raise FrameError("missing_field", f"buffers[{i}] needs name, dtype and shape")
+        name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
+        if name not in BUFFER_NAMES or name in arrays:
+            raise FrameError("bad_field", f"buffers[{i}].name {name!r} unknown or repeated; known: {BUFFER_NAMES}")
+        if dtype_name not in DTYPES:
+            raise FrameError("unsupported_dtype", f"{name}: dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
+        if (
+            not isinstance(shape, list)
+            or not 1 <= len(shape) <= 3
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
+            raise FrameError("bad_shape", f"{name}: shape {shape!r} must be 1 to 3 non-negative integers")
+        if name == "points":
+            if not ((len(shape) == 3 and shape[2] == 3) or (len(shape) == 2 and shape[1] == 3)):
+                raise FrameError("bad_shape", f"points: shape {shape} must be [H, W, 3] or [N, 3]")
+            if math.prod(shape[:-1]) > max_points:
+                raise FrameError("too_many_points", f"{math.prod(shape[:-1])} points, limit {max_points}")
+        dtype = DTYPES[dtype_name]
+        view = _buffer_view(parts[i + 1])
+        expected = math.prod(shape) * dtype.itemsize
+        if view.nbytes != expected:
+            raise FrameError("buffer_size_mismatch", f"{name}: {view.nbytes} bytes, shape × dtype needs {expected}")
+        arrays[name] = np.frombuffer(view, dtype=dtype).reshape(shape)
+    if "points" not in arrays:
+        raise FrameError("missing_field", "no 'points' buffer")
+    points = arrays["points"]
+    layout = header.get("layout", "organized" if points.ndim == 3 else "unorganized")
+    if layout != ("organized" if points.ndim == 3 else "unorganized"):
+        raise FrameError("bad_shape", f"layout {layout!r} does not match points shape {list(points.shape)}")
+    meta = FrameMeta(
+        sensor_id=header["sensor_id"],
+        product=header["product"],
+        part_id=header["part_id"],
+        seq=header["seq"],
+        capture_time=float(header["capture_time"]),
+        units=units,
+        truth=truth,
+    )
+    frame = Frame(points=points.astype(np.float32, copy=False), meta=meta, rgb=arrays.get("rgb"), gt_mask=arrays.get("gt"))
+    if not frame.valid_mask().any():
+        raise FrameError("no_finite_points", "every point is NaN or infinite")
+    return frame
+
+
+def salvage_header(parts: Sequence[Any]) -> dict[str, Any]:
+    """Best-effort identity fields of a refused message, for its error verdict."""
+    try:
+        header = parse_header(parts[0]) if parts else {}
+    except FrameError:
+        return {}
+    out = {}
+    for key in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth"):
+        if key in header and isinstance(header[key], (str, int, float, dict)) and not isinstance(header[key], bool):
+            out[key] = header[key]
+    if not (isinstance(out.get("product"), str) and PRODUCT_NAME.match(out["product"])):
+        out.pop("product", None)
+    return out
+
+
+def verdict_topic(product: str | None) -> bytes:
+    """The PUB topic of a verdict: ``verdict/<product>/``."""
+    return f"verdict/{product or '_unknown'}/".encode("ascii")
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def encode_verdict(header: dict[str, Any], anomaly_map: np.ndarray | None) -> list[bytes | memoryview]:
+    """A verdict as [topic, header JSON, map bytes?]. Non-finite floats in the header become null."""
+    h = dict(header)
+    h["protocol"] = PROTOCOL_VERSION
+    h["type"] = "verdict"
+    parts: list[bytes | memoryview] = [verdict_topic(h.get("product"))]
+    if anomaly_map is not None:
+        amap = np.ascontiguousarray(anomaly_map, dtype="<f4")
+        h["map"] = {"dtype": "float32", "shape": list(amap.shape)}
+        parts.append(json.dumps(_json_safe(h), separators=(",", ":"), allow_nan=False).encode())
+        parts.append(memoryview(amap).cast("B"))
+    else:
+        h["map"] = None
+        parts.append(json.dumps(_json_safe(h), separators=(",", ":"), allow_nan=False).encode())
+    return parts
+
+
+@dataclass
+class VerdictMessage:
+    topic: str
+    header: dict[str, Any]
+    anomaly_map: np.ndarray | None
+
+
+def decode_verdict(parts: Sequence[Any]) -> VerdictMessage:
+    """Decode a verdict message (for subscribers: the demo, tests, client libraries)."""
+    if len(parts) < 2:
+        raise FrameError("buffer_count_mismatch", f"a verdict has 2 or 3 parts, got {len(parts)}")
+    topic = bytes(_buffer_view(parts[0])).decode("ascii")
+    header = parse_header(parts[1])
+    spec = header.get("map")
+    amap = None
+    if spec is not None:
+        if len(parts) != 3:
+            raise FrameError("buffer_count_mismatch", "header announces a map but the message has no part 2")
+        amap = np.frombuffer(_buffer_view(parts[2]), dtype="<f4").reshape(spec["shape"])
+    return VerdictMessage(topic, header, amap)

@@ -1,0 +1,82 @@
+"""The scoring worker that runs inside a Ray actor: it holds every product's model.
+
+The class is plain Python so it can be tested in-process; the daemon wraps it with
+``ray.remote``. Models are loaded once at start (and again after Ray restarts a dead actor)
+and swapped per product by ``reload``, which is how a product changes scorer without a
+restart. ``score`` returns plain data (no custom classes) so Ray moves results cheaply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from sensors.frame import Frame
+from workers.frame_scoring import score_frame
+from workers.model_store import ProductModel, enrolled_products, load_product_model
+from workers.preprocess import PreparedCloud
+
+log = logging.getLogger("inspectd.worker")
+
+
+class ScoringWorker:
+    """Scores frames of every enrolled product in ``models_dir``."""
+
+    def __init__(self, models_dir: str, products: list[str] | None = None, threads: int = 1) -> None:
+        torch.set_num_threads(threads)
+        self.models_dir = models_dir
+        self.backend = "torch-cpu"
+        self.models: dict[str, ProductModel] = {}
+        for product in products if products is not None else enrolled_products(models_dir):
+            self.reload(product)
+        self.pid = os.getpid()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Score a small synthetic cloud once per model, so the first real part does not pay
+        for lazy library initialization (thread pools, kernels)."""
+        rng = np.random.default_rng(0)
+        pts = rng.uniform(0, 20, size=(500, 3)).astype(np.float32)
+        cloud = PreparedCloud(points=pts, source_flat=np.arange(500), voxel_of_source=np.arange(500))
+        for product, model in self.models.items():
+            try:
+                model.scorer.score(cloud)
+            except Exception as e:  # a warm-up failure is not fatal: the real frames will tell
+                log.warning("warm-up of %s failed: %s", product, e)
+
+    def reload(self, product: str) -> str:
+        """(Re)load one product's model from disk; returns its model version."""
+        model = load_product_model(self.models_dir, product)
+        self.models[product] = model
+        log.info("loaded %s: %s %s", product, model.meta["scorer"], model.model_version)
+        return model.model_version
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "backend": self.backend,
+            "products": {p: m.model_version for p, m in self.models.items()},
+        }
+
+    def score(self, frame: Frame) -> dict[str, Any]:
+        """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
+        started = time.time()
+        model = self.models.get(frame.meta.product)
+        if model is None:
+            raise KeyError(f"product {frame.meta.product!r} has no model in this worker")
+        result = score_frame(model.scorer, frame, model.preprocess)
+        return {
+            "object_score": result.object_score,
+            "anomaly_map": result.anomaly_map,
+            "timings": result.timings,
+            "scorer": model.meta["scorer"],
+            "model_version": model.model_version,
+            "n_scored_points": result.n_scored_points,
+            "worker_pid": self.pid,
+            "started_at": started,
+        }
