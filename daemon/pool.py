@@ -68,25 +68,32 @@ class ActorPool:
         self.inflight: dict[ray.ObjectRef, tuple[int, Job]] = {}
         self.pids: list[int | None] = [None] * self.size
         self.probes: dict[int, ray.ObjectRef] = {}
+        self.backend_of: list[str] = []
         self.restarts = 0
 
     def wait_ready(self, timeout: float) -> list[dict[str, Any]]:
         """Block until every actor has loaded its models; returns their ``info()``."""
         infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout)
         self.pids = [i["pid"] for i in infos]
+        self.backend_of = [i["backend"] for i in infos]
         return infos
 
-    def backends(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for i in range(self.size):
-            out["torch-cpu"] = out.get("torch-cpu", 0) + (self.pids[i] is not None)
+    def alive_by_backend(self) -> dict[str, int]:
+        """Alive actors per inference backend (for the ``inspectd_actors`` gauge)."""
+        out = dict.fromkeys(self.backend_of, 0)
+        for i in self._alive():
+            out[self.backend_of[i]] += 1
         return out
 
+    def _alive(self) -> list[int]:
+        """Actors known to be up: a dead one is skipped until its probe answers after the restart."""
+        return [i for i in range(self.size) if self.pids[i] is not None]
+
     def has_capacity(self) -> bool:
-        return min(self.load) < self.max_inflight
+        return any(self.load[i] < self.max_inflight for i in self._alive())
 
     def submit(self, job: Job) -> None:
-        i = min(range(self.size), key=self.load.__getitem__)
+        i = min(self._alive(), key=self.load.__getitem__)
         job.dispatched_at = time.time()
         job.attempts += 1
         ref = self.actors[i].score.remote(job.frame)
@@ -97,7 +104,10 @@ class ActorPool:
         """Finished jobs with their result dict or exception (``ActorDied`` when the actor died)."""
         self._check_probes()
         if not self.inflight:
-            time.sleep(timeout)
+            if self.probes:
+                ray.wait(list(self.probes.values()), num_returns=1, timeout=timeout)
+            else:
+                time.sleep(timeout)
             return []
         done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
         out: list[tuple[Job, dict[str, Any] | BaseException]] = []

@@ -74,8 +74,7 @@ class InspectionService:
             )
         self.pool = ActorPool(self.cfg, products)
         infos = self.pool.wait_ready(ready_timeout)
-        for info in infos:
-            self.metrics.actors.labels(backend=info["backend"]).inc()
+        self._update_actor_gauge()
         log.info("%d scoring actors ready (%s)", self.pool.size, ", ".join(sorted({i["backend"] for i in infos})))
 
         self.pull = self.ctx.socket(zmq.PULL)
@@ -193,7 +192,13 @@ class InspectionService:
             if pool.restarts != restarts_seen:
                 self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
                 restarts_seen = pool.restarts
+            self._update_actor_gauge()
         self.out.put(_STOP)
+
+    def _update_actor_gauge(self) -> None:
+        assert self.pool is not None
+        for backend, n in self.pool.alive_by_backend().items():
+            self.metrics.actors.labels(backend=backend).set(n)
 
     def _finish(self, job: Job, outcome: dict[str, Any] | BaseException, retry: deque[Job]) -> None:
         m = job.frame.meta

@@ -9,9 +9,10 @@ triangle density with :func:`subdivide_uniform` so that defects can be carved an
 (``sensors.defects``).
 
 Parts are built from a few closed primitives (surfaces of revolution with an optional angular
-radius modulation for hexagons, gear teeth and lobes; boxes; prisms; open3d's
-``create_box``/``create_cylinder``), merged without booleans. Every component is a closed
-surface with outward-facing triangles. A part rests on the z = 0 plane (min z = 0) and its
+radius modulation for hexagons, gear teeth and lobes; swept tubes; grid boxes; prisms; open3d's
+``create_cylinder`` for hex heads), merged without booleans. Every component is a closed
+surface with outward-facing triangles, and the primitives are emitted with pieces of at most
+~3 mm (not open3d's long needle triangles), so subdivision stays cheap and uniform. A part rests on the z = 0 plane (min z = 0) and its
 bounding box is centred on the xy origin; sizes are 30-80 mm across.
 
 :func:`make_part` jitters each dimension by up to ``±variation`` (relative), deterministically
@@ -107,7 +108,9 @@ def _from_o3d(mesh: o3d.geometry.TriangleMesh) -> Mesh:
     return _outward((np.asarray(mesh.vertices).copy(), np.asarray(mesh.triangles).astype(np.int64)))
 
 
-def _resample(profile: np.ndarray, weight: np.ndarray, step: float, loop: bool) -> tuple[np.ndarray, np.ndarray]:
+def _resample(
+    profile: np.ndarray, weight: np.ndarray, step: float, loop: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Insert points along each profile segment so that no piece is longer than ``step``."""
     m = len(profile)
     nxt = np.roll(profile, -1, axis=0)
@@ -172,7 +175,11 @@ def _sweep_arc(section, n: int, angle: float, radius: float) -> Mesh:
     theta = np.linspace(0.0, angle, n + 1)
     r = radius + s[:, 0]
     v = np.stack(
-        [r[None, :] * np.cos(theta)[:, None], r[None, :] * np.sin(theta)[:, None], np.repeat(s[None, :, 1], n + 1, 0)],
+        [
+            r[None, :] * np.cos(theta)[:, None],
+            r[None, :] * np.sin(theta)[:, None],
+            np.repeat(s[None, :, 1], n + 1, 0),
+        ],
         -1,
     ).reshape(-1, 3)
     idx = np.arange((n + 1) * k).reshape(n + 1, k)
@@ -204,7 +211,9 @@ def _box(x0: float, x1: float, y0: float, y1: float, z0: float, z1: float, step:
             sheet = np.take(ids, side if side == 0 else shape[axis] - 1, axis=axis)  # 2D (u, w)
             a, b = sheet[:-1, :-1], sheet[1:, :-1]
             c, d = sheet[1:, 1:], sheet[:-1, 1:]
-            tri = np.concatenate([np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)])
+            tri = np.concatenate(
+                [np.stack([a, b, c], -1).reshape(-1, 3), np.stack([a, c, d], -1).reshape(-1, 3)]
+            )
             nrm = np.cross(v[tri[0, 1]] - v[tri[0, 0]], v[tri[0, 2]] - v[tri[0, 0]])
             if nrm[axis] * sign < 0:
                 tri = tri[:, ::-1]
@@ -230,7 +239,9 @@ def _rod(p0, p1, r: float, n: int = 32, modulate=None) -> Mesh:
     """Closed cylinder of radius r from p0 to p1."""
     p0, p1 = np.asarray(p0, float), np.asarray(p1, float)
     length = float(np.linalg.norm(p1 - p0))
-    m = _revolve([(0, 0), (r, 0), (r, length), (0, length)], n, modulate=modulate, mod_mask=[0, 1, 1, 0], step=2.5)
+    m = _revolve(
+        [(0, 0), (r, 0), (r, length), (0, length)], n, modulate=modulate, mod_mask=[0, 1, 1, 0], step=2.5
+    )
     return _transform(m, _rot_to(p1 - p0), p0)
 
 
@@ -248,7 +259,9 @@ def _finish(m: Mesh) -> o3d.geometry.TriangleMesh:
     v, f = m
     lo, hi = v.min(axis=0), v.max(axis=0)
     v = v - np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]])
-    mesh = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32)))
+    mesh = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32))
+    )
     mesh.compute_vertex_normals()
     return mesh
 
@@ -261,7 +274,17 @@ def _flange(j: Jitter) -> Mesh:
     rb, rh, rf, tf, th = j(10.0), j(18.0), j(35.0), j(8.0), j(22.0)
     ch = j(1.2)
     body = _revolve(
-        [(rb, 0), (rf, 0), (rf, tf - ch), (rf - ch, tf), (rh, tf), (rh, th - ch), (rh - ch, th), (rb + ch, th), (rb, th - ch)],
+        [
+            (rb, 0),
+            (rf, 0),
+            (rf, tf - ch),
+            (rf - ch, tf),
+            (rh, tf),
+            (rh, th - ch),
+            (rh - ch, th),
+            (rb + ch, th),
+            (rb, th - ch),
+        ],
         96,
         loop=True,
     )
@@ -309,8 +332,18 @@ def _shaft(j: Jitter) -> Mesh:
     c = 0.8
     z = np.cumsum([0, l1, l2, l3, l4])
     prof = [
-        (0, 0), (r1 - c, 0), (r1, c), (r1, z[1]), (r2, z[1]), (r2, z[2]), (r3, z[2]), (r3, z[3]),
-        (r4, z[3]), (r4, z[4] - c), (r4 - c, z[4]), (0, z[4]),
+        (0, 0),
+        (r1 - c, 0),
+        (r1, c),
+        (r1, z[1]),
+        (r2, z[1]),
+        (r2, z[2]),
+        (r3, z[2]),
+        (r3, z[3]),
+        (r4, z[3]),
+        (r4, z[4] - c),
+        (r4 - c, z[4]),
+        (0, z[4]),
     ]
     m = _revolve(prof, 64)
     return _transform(m, _rot_to((1.0, 0.0, 0.0)))
@@ -332,7 +365,8 @@ def _cap(j: Jitter) -> Mesh:
 
 def _gear(j: Jitter) -> Mesh:
     teeth = 20
-    rt, rr, rb, rh = j(32.0), j(27.5), j(7.0), j(13.0)
+    rt, rb, rh = j(32.0), j(7.0), j(13.0)
+    rr = rt * j(0.86)
     t, th = j(9.0), j(15.0)
     ratio = rr / rt
 
@@ -341,8 +375,13 @@ def _gear(j: Jitter) -> Mesh:
         trap = np.clip(np.minimum(u / 0.18, (0.68 - u) / 0.18), 0.0, 1.0)
         return ratio + (1.0 - ratio) * trap
 
-    body = _revolve([(rb, 0), (rt, 0), (rt, t), (rh, t), (rh, th), (rb, th)], teeth * 12, loop=True,
-                    modulate=mod, mod_mask=[0, 1, 1, 0, 0, 0])
+    body = _revolve(
+        [(rb, 0), (rt, 0), (rt, t), (rh, t), (rh, th), (rb, th)],
+        teeth * 12,
+        loop=True,
+        modulate=mod,
+        mod_mask=[0, 1, 1, 0, 0, 0],
+    )
     return body
 
 
@@ -356,15 +395,31 @@ def _pulley(j: Jitter) -> Mesh:
     hh, w0, w1, h = j(24.0), j(8.0), j(13.0), j(22.0)
     g = (ro - rw) * 0.6
     prof = [
-        (rb, 0), (rh, 0), (rh, w0), (rw, w0), (rw, 0), (ro, 0), (ro, h * 0.15), (ro - g, h / 2),
-        (ro, h * 0.85), (ro, h), (rw, h), (rw, w1), (rh, w1), (rh, hh), (rb, hh),
+        (rb, 0),
+        (rh, 0),
+        (rh, w0),
+        (rw, w0),
+        (rw, 0),
+        (ro, 0),
+        (ro, h * 0.15),
+        (ro - g, h / 2),
+        (ro, h * 0.85),
+        (ro, h),
+        (rw, h),
+        (rw, w1),
+        (rh, w1),
+        (rh, hh),
+        (rb, hh),
     ]
     return _revolve(prof, 128, loop=True)
 
 
 def _hinge(j: Jitter) -> Mesh:
     lw, ll, t, rk = j(30.0), j(44.0), j(3.0), j(5.0)
-    parts = [_box(-lw - rk * 0.6, -rk * 0.6, -ll / 2, ll / 2, 0, t), _box(rk * 0.6, lw + rk * 0.6, -ll / 2, ll / 2, 0, t)]
+    parts = [
+        _box(-lw - rk * 0.6, -rk * 0.6, -ll / 2, ll / 2, 0, t),
+        _box(rk * 0.6, lw + rk * 0.6, -ll / 2, ll / 2, 0, t),
+    ]
     seg = ll / 5
     for k in range(5):
         y0 = -ll / 2 + k * seg + (0.3 if k else 0.0)
@@ -401,8 +456,17 @@ def _knob(j: Jitter) -> Mesh:
         return 0.8 + 0.2 * np.cos(lobes * theta)
 
     c = j(2.5)
-    prof = [(0, 0), (r, 0), (r, h - c), (r - c * 0.4, h - c * 0.3), (r - c, h), (rs, h), (rs, h + hs - 1.5),
-            (rs - 1.5, h + hs), (0, h + hs)]
+    prof = [
+        (0, 0),
+        (r, 0),
+        (r, h - c),
+        (r - c * 0.4, h - c * 0.3),
+        (r - c, h),
+        (rs, h),
+        (rs, h + hs - 1.5),
+        (rs - 1.5, h + hs),
+        (0, h + hs),
+    ]
     mask = [0, 1, 1, 1, 1, 0, 0, 0, 0]
     return _revolve(prof, lobes * 24, modulate=mod, mod_mask=mask)
 
@@ -481,7 +545,9 @@ def _split_long_edges(v: np.ndarray, f: np.ndarray, max_edge: float) -> tuple[np
 
     def rolled(sel: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = (np.arange(3)[None, :] + k[:, None]) % 3
-        return np.take_along_axis(f[sel], order, axis=1), mid[np.take_along_axis(tri_edge[sel], order, axis=1)]
+        return np.take_along_axis(f[sel], order, axis=1), mid[
+            np.take_along_axis(tri_edge[sel], order, axis=1)
+        ]
 
     sel = np.flatnonzero(cnt == 1)
     fv, m = rolled(sel, np.argmax(s[sel], axis=1))  # split edge is now v0v1
@@ -489,11 +555,19 @@ def _split_long_edges(v: np.ndarray, f: np.ndarray, max_edge: float) -> tuple[np
     sel = np.flatnonzero(cnt == 2)
     fv, m = rolled(sel, (np.argmin(s[sel], axis=1) + 1) % 3)  # unsplit edge is now v2v0
     out.append(np.stack([m[:, 0], fv[:, 1], m[:, 1]], 1))
-    short_a = (np.linalg.norm(v[fv[:, 0]] - v[m[:, 1]], axis=1) <= np.linalg.norm(v[m[:, 0]] - v[fv[:, 2]], axis=1))[
-        :, None
-    ]
-    out.append(np.where(short_a, np.stack([fv[:, 0], m[:, 0], m[:, 1]], 1), np.stack([fv[:, 0], m[:, 0], fv[:, 2]], 1)))
-    out.append(np.where(short_a, np.stack([fv[:, 0], m[:, 1], fv[:, 2]], 1), np.stack([m[:, 0], m[:, 1], fv[:, 2]], 1)))
+    short_a = (
+        np.linalg.norm(v[fv[:, 0]] - v[m[:, 1]], axis=1) <= np.linalg.norm(v[m[:, 0]] - v[fv[:, 2]], axis=1)
+    )[:, None]
+    out.append(
+        np.where(
+            short_a, np.stack([fv[:, 0], m[:, 0], m[:, 1]], 1), np.stack([fv[:, 0], m[:, 0], fv[:, 2]], 1)
+        )
+    )
+    out.append(
+        np.where(
+            short_a, np.stack([fv[:, 0], m[:, 1], fv[:, 2]], 1), np.stack([m[:, 0], m[:, 1], fv[:, 2]], 1)
+        )
+    )
     sel = np.flatnonzero(cnt == 3)
     fv, m = f[sel], mid[tri_edge[sel]]
     out += [
@@ -523,6 +597,8 @@ def subdivide_uniform(mesh: o3d.geometry.TriangleMesh, max_edge: float) -> o3d.g
         v, f, changed = _split_long_edges(v, f, max_edge)
         if not changed:
             break
-    out = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32)))
+    out = o3d.geometry.TriangleMesh(
+        o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32))
+    )
     out.compute_vertex_normals()
     return out

@@ -10,7 +10,8 @@ Steps, all vectorized:
    point the index of its voxel, so scores computed on voxels map back to every input point.
 
 Choice: the plane is removed only when it holds at least ``plane_min_fraction`` of the valid
-points, so a tight crop of a part (no table in view) is left alone.
+points and at least ``min_points`` points stand off it, so a tight crop of a part (no table in
+view, or only a flat face of the part) is left alone.
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def remove_background_plane(points: np.ndarray, params: PreprocessParams) -> np.
     normal = np.asarray(plane[:3], dtype=np.float64)
     d = points.astype(np.float64) @ normal + plane[3]
     far = d[np.abs(d) > params.plane_distance]
-    side = np.sign(np.median(far)) if len(far) else 1.0
-    return d * side > params.plane_distance
+    if len(far) < params.min_points:
+        return keep  # nothing stands off the plane: the plane is the part itself
+    return d * np.sign(np.median(far)) > params.plane_distance
 
 
 def voxel_downsample(points: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,246 @@
+"""IMRNet (workers.imrnet): sampling, patches, masking, network, loss, training resume, scorer
+round trip, ONNX parity and a tiny fit + score. Real numpy / torch / onnxruntime, tiny sizes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, gather_patches, mask_count, random_mask
+from workers.imrnet.sampling import (
+    fps,
+    geometry_rates,
+    gps_centers,
+    gps_split,
+    group_patches,
+    random_centers,
+    salient_mask,
+    sample_centers,
+)
+from workers.imrnet.scorer import IMRNetScorer
+from workers.imrnet.training import CloudPool, TrainSettings, pool_from_clouds, train
+from workers.preprocess import PreparedCloud, voxel_downsample
+from workers.scorer import load_scorer
+
+TINY = dict(n_points=512, n_centers=32, group_size=16, dim=32, heads=2, enc_depth=1, dec_depth=3, mlp_ratio=2.0,
+            embed_hidden=16)
+SIZE = (24.0, 18.0, 12.0)
+BUMP = (12.0, 9.0, 6.0, 3.0)  # centre x, centre y on the top face, diameter, height (mm)
+
+
+def box_cloud(seed: int, bump: tuple[float, float, float, float] | None = None) -> PreparedCloud:
+    """A sampled, slightly noisy box surface (mm), voxelized at 1 mm, optionally with a bump on top."""
+    rng = np.random.default_rng(seed)
+    a, b, c = SIZE
+    faces = [(a * b, 2, c), (a * b, 2, 0.0), (a * c, 1, b), (a * c, 1, 0.0), (b * c, 0, a), (b * c, 0, 0.0)]
+    parts = []
+    for area, axis, value in faces:
+        p = rng.uniform(0.0, 1.0, (int(area * 5), 3)) * np.array(SIZE)
+        p[:, axis] = value
+        parts.append(p)
+    pts = np.concatenate(parts)
+    if bump is not None:
+        cx, cy, diameter, height = bump
+        top = pts[:, 2] == c
+        r2 = (pts[top, 0] - cx) ** 2 + (pts[top, 1] - cy) ** 2
+        pts[top, 2] += height * np.exp(-r2 / (2 * (diameter / 4) ** 2))
+    pts += rng.normal(0.0, 0.05, pts.shape)
+    centroids, _ = voxel_downsample(pts.astype(np.float32), 1.0)
+    n = len(centroids)
+    return PreparedCloud(points=centroids, source_flat=np.arange(n), voxel_of_source=np.arange(n))
+
+
+def l_shape(n: int = 1600, seed: int = 0) -> np.ndarray:
+    """Two unit squares meeting at a right-angle edge (x = 0): salient points sit along that edge."""
+    rng = np.random.default_rng(seed)
+    u = rng.uniform(0, 1, (n, 2))
+    floor = np.stack([u[: n // 2, 0], u[: n // 2, 1], np.zeros(n // 2)], 1)
+    wall = np.stack([np.zeros(n - n // 2), u[n // 2 :, 1], u[n // 2 :, 0]], 1)
+    return np.concatenate([floor, wall]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling (Sec. 4.1)
+
+
+def test_rates_peak_at_the_edge_and_gps_samples_salient_points_at_twice_the_density() -> None:
+    pts = l_shape()
+    rates = geometry_rates(pts, k=16)
+    dist_to_edge = pts[:, 0] + pts[:, 2]  # one of the two is 0
+    assert rates[dist_to_edge < 0.05].mean() > 3 * rates[dist_to_edge > 0.2].mean()
+
+    n, tau = 64, 0.3
+    sal = salient_mask(torch.from_numpy(rates), tau).numpy()
+    assert sal.sum() == math.floor(tau * len(pts))
+    idx = gps_centers(torch.from_numpy(pts), torch.from_numpy(rates), n, tau=tau, density_ratio=2.0,
+                      generator=torch.Generator().manual_seed(0)).numpy()
+    assert idx.shape == (n,) and len(np.unique(idx)) == n
+    n_s = int(sal[idx].sum())
+    assert (n_s, n - n_s) == gps_split(n, tau, 2.0)
+    density_ratio = (n_s / sal.sum()) / ((n - n_s) / (~sal).sum())
+    assert density_ratio == pytest.approx(2.0, rel=0.1)
+    # FPS / random baselines: the salient set gets about its share only
+    for method in ("fps", "random"):
+        j = sample_centers(method, torch.from_numpy(pts), n, generator=torch.Generator().manual_seed(0)).numpy()
+        assert len(np.unique(j)) == n
+        assert sal[j].sum() < n_s
+
+
+def test_fps_spreads_points_and_is_seeded() -> None:
+    pts = torch.from_numpy(l_shape())
+    a = fps(pts, 32, torch.Generator().manual_seed(3))
+    b = fps(pts, 32, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and len(torch.unique(a)) == 32
+    r = random_centers(pts, 32, torch.Generator().manual_seed(3))
+    def min_gap(i: torch.Tensor) -> float:
+        d = torch.cdist(pts[i], pts[i]) + torch.eye(len(i)) * 9
+        return float(d.min())
+    assert min_gap(a) > min_gap(r)
+
+
+def test_patch_grouping_shapes_and_centring() -> None:
+    pts = torch.rand(3, 512, 3)
+    cidx = fps(pts, 32, torch.Generator().manual_seed(0))
+    neigh, centers, nb = group_patches(pts, cidx, 16)
+    assert neigh.shape == (3, 32, 16, 3) and centers.shape == (3, 32, 3) and nb.shape == (3, 32, 16)
+    assert torch.allclose(neigh[:, :, 0], torch.zeros(3, 32, 3))  # the centre is its own nearest point
+    assert torch.allclose(neigh + centers.unsqueeze(2), pts[torch.arange(3)[:, None, None], nb])
+    small, c1, _ = group_patches(torch.rand(10, 3), torch.arange(4), 16)  # fewer points than k: repeats
+    assert small.shape == (4, 16, 3) and c1.shape == (4, 3)
+
+
+def test_masking_ratio() -> None:
+    vis, mask = random_mask(4, 128, 0.4, torch.Generator().manual_seed(0))
+    assert mask.shape == (4, 51) and vis.shape == (4, 77)
+    for v, m in zip(vis, mask, strict=True):
+        assert sorted(torch.cat([v, m]).tolist()) == list(range(128))
+    assert mask_count(10, 0.01) == 1 and mask_count(10, 0.99) == 9
+
+
+# ------------------------------------------------------------------------------------------------
+# network and loss (Sec. 4.2)
+
+
+def test_forward_backward_shapes() -> None:
+    cfg = IMRNetConfig(**TINY)
+    model = IMRNet(cfg)
+    neigh = torch.randn(2, cfg.n_centers, cfg.group_size, 3) * 0.05
+    centers = torch.rand(2, cfg.n_centers, 3)
+    vis, mask = random_mask(2, cfg.n_centers, 0.4, torch.Generator().manual_seed(0))
+    pred, gt = model(neigh, centers, vis, mask)
+    assert pred.shape == gt.shape == (2, mask.shape[1], cfg.group_size, 3)
+    assert torch.equal(gt, gather_patches(neigh, centers, mask)[0])
+    loss = chamfer_l2(pred, gt)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    feats = model.features(neigh, centers)
+    assert feats.shape == (2, cfg.n_centers, cfg.feature_dim) and cfg.feature_dim == 3 * cfg.dim
+
+
+def test_chamfer_zero_for_identical_sets() -> None:
+    a = torch.randn(5, 16, 3)
+    assert float(chamfer_l2(a, a)) == 0.0
+    assert float(chamfer_l2(a, a[:, torch.randperm(16)])) == 0.0
+    assert float(chamfer_l2(a, a + 0.1)) > 0.0
+    # the L2 Chamfer of two single points is twice their squared distance
+    assert float(chamfer_l2(torch.zeros(1, 1, 3), torch.tensor([[[0.0, 3.0, 4.0]]]))) == pytest.approx(50.0)
+
+
+def _tiny_pool() -> CloudPool:
+    return pool_from_clouds([l_shape(512, seed) - 0.5 for seed in range(3)])
+
+
+def test_training_resume_continues_exactly(tmp_path) -> None:
+    pool = _tiny_pool()
+    settings = TrainSettings(steps=4, batch_size=2, warmup_steps=1, checkpoint_every=2, seed=1)
+    torch.manual_seed(0)
+    full = train(IMRNet(IMRNetConfig(**TINY)), pool, settings, checkpoint=tmp_path / "a.safetensors")["losses"]
+
+    class Stop(Exception):
+        pass
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 2:
+            raise Stop
+
+    torch.manual_seed(0)
+    with pytest.raises(Stop):
+        train(IMRNet(IMRNetConfig(**TINY)), pool, settings, checkpoint=tmp_path / "b.safetensors", on_step=interrupt)
+    torch.manual_seed(123)  # another init: everything must come from the checkpoint
+    resumed = train(IMRNet(IMRNetConfig(**TINY)), pool, settings, checkpoint=tmp_path / "b.safetensors",
+                    resume=True)["losses"]
+    assert resumed == pytest.approx(full, rel=1e-5, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# scorer (Algorithm 1 + DFC), artifact, ONNX
+
+
+@pytest.fixture(scope="module")
+def fitted() -> IMRNetScorer:
+    torch.manual_seed(0)
+    scorer = IMRNetScorer(**TINY, pretrained="none", finetune_steps=60, batch_size=4, finetune_lr=2e-3,
+                          finetune_samplings=4, template_samplings=2, aug_rotate_deg=0.0)
+    scorer.fit([box_cloud(seed) for seed in range(3)])
+    return scorer
+
+
+def test_bump_scores_higher_than_good(fitted: IMRNetScorer) -> None:
+    good = [fitted.score(box_cloud(seed)) for seed in (100, 101)]
+    bad_cloud = box_cloud(200, bump=BUMP)
+    bad = fitted.score(bad_cloud)
+    assert bad.point_scores.shape == (len(bad_cloud.points),) and bad.point_scores.dtype == np.float32
+    assert bad.object_score > max(g.object_score for g in good)
+    cx, cy, diameter, _ = BUMP
+    p = bad_cloud.points
+    in_bump = ((p[:, 0] - cx) ** 2 + (p[:, 1] - cy) ** 2 < diameter**2 / 4) & (p[:, 2] > SIZE[2] + 0.5)
+    assert bad.point_scores[in_bump].mean() > np.median(bad.point_scores)
+
+
+def test_save_load_round_trip_gives_identical_scores(fitted: IMRNetScorer, tmp_path) -> None:
+    cloud = box_cloud(300, bump=BUMP)
+    before = fitted.score(cloud)
+    again = fitted.score(cloud)
+    assert np.array_equal(before.point_scores, again.point_scores)  # seeded: deterministic
+    fitted.save(tmp_path / "m", train_hash="x")
+    loaded = load_scorer(tmp_path / "m")
+    assert isinstance(loaded, IMRNetScorer) and loaded.params() == fitted.params()
+    after = loaded.score(cloud)
+    assert after.object_score == before.object_score
+    assert np.array_equal(after.point_scores, before.point_scores)
+
+
+def test_small_and_degenerate_clouds_score(fitted: IMRNetScorer) -> None:
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(0, 20, size=(200, 3)).astype(np.float32)  # fewer points than n_points
+    res = fitted.score(PreparedCloud(points=pts, source_flat=np.arange(200), voxel_of_source=np.arange(200)))
+    assert res.point_scores.shape == (200,) and np.isfinite(res.point_scores).all()
+    with pytest.raises(ValueError):
+        fitted.score(PreparedCloud(points=pts[:3], source_flat=np.arange(3), voxel_of_source=np.arange(3)))
+
+
+def test_iteration_count_and_mask_cover(fitted: IMRNetScorer) -> None:
+    cloud = box_cloud(5)
+    normed = fitted._normalize(cloud.points)
+    neigh, centers = fitted._patches(normed[:512], torch.Generator().manual_seed(0))
+    one = fitted.iterative_reconstruction(neigh, centers, torch.Generator().manual_seed(0), iterations=1)
+    three = fitted.iterative_reconstruction(neigh, centers, torch.Generator().manual_seed(0), iterations=3)
+    changed_one = (one != neigh).flatten(1).any(dim=1)
+    changed_three = (three != neigh).flatten(1).any(dim=1)
+    assert int(changed_one.sum()) == mask_count(fitted.config.n_centers, fitted.mask_ratio)
+    assert bool(changed_three.all())  # "cover": 3 × 0.4 ≥ 1, every patch restored once
+
+
+def test_onnx_parity(fitted: IMRNetScorer, tmp_path) -> None:
+    pytest.importorskip("onnxruntime")
+    from workers.imrnet.onnx_export import export_onnx, parity
+
+    files = export_onnx(fitted, tmp_path / "onnx")
+    diffs = parity(fitted, files)
+    print(f"ONNX parity, max abs diff vs torch: {diffs}")
+    assert set(diffs) == {"reconstruct", "features"}
+    assert max(diffs.values()) < 1e-4

@@ -1,0 +1,68 @@
+"""Preprocessing: plane removal, voxel downsampling, and scores mapped back to every point."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sensors.frame import Frame, FrameError, FrameMeta
+from workers.frame_scoring import map_back
+from workers.preprocess import PreprocessParams, prepare, voxel_downsample
+
+
+def box_on_plane(seed: int = 0) -> Frame:
+    """A 200×200 grid at 0.5 mm: a plane at z=0 with a 40×30×10 mm box; 1% invalid pixels."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:200, 0:200] * 0.5
+    box = (np.abs(x - 50) < 20) & (np.abs(y - 50) < 15)
+    z = np.where(box, 10.0, 0.0) + rng.normal(0, 0.03, x.shape)
+    pts = np.stack([x, y, z], -1).astype(np.float32)
+    pts[rng.random(x.shape) < 0.01] = np.nan
+    return Frame(points=pts, meta=FrameMeta("t", "box", "p", 0, 0.0))
+
+
+def test_plane_is_removed_and_the_part_kept() -> None:
+    f = box_on_plane()
+    c = prepare(f, PreprocessParams(voxel_size=1.0))
+    flat_pts = f.points.reshape(-1, 3)[c.source_flat]
+    assert (flat_pts[:, 2] > 5).all()  # only box-top points survive
+    box_valid = int(((f.points[..., 2] > 5) & f.valid_mask()).sum())
+    assert len(c.source_flat) == box_valid
+    assert len(c.points) < len(c.source_flat)  # downsampled
+
+
+def test_no_plane_removal_for_tight_crops() -> None:
+    f = box_on_plane()
+    crop = Frame(points=np.ascontiguousarray(f.points[72:128, 72:128]), meta=f.meta)
+    c = prepare(crop, PreprocessParams(voxel_size=0.0))
+    assert len(c.points) == int(crop.valid_mask().sum())
+
+
+def test_voxel_downsample_centroids_and_inverse() -> None:
+    pts = np.array([[0.1, 0.1, 0.1], [0.3, 0.3, 0.3], [1.5, 0.2, 0.2]], dtype=np.float32)
+    cent, inv = voxel_downsample(pts, 1.0)
+    assert len(cent) == 2 and inv[0] == inv[1] != inv[2]
+    np.testing.assert_allclose(cent[inv[0]], [0.2, 0.2, 0.2], atol=1e-6)
+
+
+def test_map_back_covers_every_pixel() -> None:
+    f = box_on_plane()
+    c = prepare(f, PreprocessParams(voxel_size=1.0))
+    amap = map_back(c, np.arange(len(c.points), dtype=np.float32) + 1, f)
+    assert amap.shape == (200, 200)
+    assert np.isnan(amap[~f.valid_mask()]).all()
+    fg = amap.reshape(-1)[c.source_flat]
+    assert (fg >= 1).all()
+    assert np.count_nonzero(np.nan_to_num(amap)) == len(c.source_flat)  # background is 0
+
+
+def test_frames_without_points_are_refused() -> None:
+    f = box_on_plane()
+    empty = Frame(points=np.full((4, 4, 3), np.nan, np.float32), meta=f.meta)
+    with pytest.raises(FrameError) as e:
+        prepare(empty, PreprocessParams())
+    assert e.value.reason == "no_finite_points"
+    flat = Frame(points=f.points[:1, :10].copy(), meta=f.meta)
+    with pytest.raises(FrameError) as e:
+        prepare(flat, PreprocessParams())
+    assert e.value.reason == "too_few_points"

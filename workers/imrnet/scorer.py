@@ -1,0 +1,475 @@
+"""The ``imrnet`` scorer: IMRNet (Li et al., "Towards Scalable 3D Anomaly Detection and
+Localization: A Benchmark via 3D Anomaly Synthesis and A Self-Supervised Learning Network",
+CVPR 2024) behind the :class:`workers.scorer.Scorer` interface.
+
+fit (good parts of one product)
+    1. Normalization: every cloud is centred on its centroid and divided by one product scale,
+       the mean over the training clouds of their largest radius (so a product's clouds sit in
+       the unit sphere as in pretraining, and a defect that changes a part's extent does not
+       rescale it).
+    2. ``finetune_samplings`` farthest-point reductions of each good cloud to ``n_points`` (with
+       different seeds) form the fine-tuning pool; the network, initialized from the shipped
+       pretrained weights (``workers/imrnet/pretrained/imrnet-small.safetensors``; random
+       initialization with a warning when absent or of other sizes), is fine-tuned for
+       ``finetune_steps`` steps (default 150, batch 8, lr 2e-4, ``aug_*`` augmentation) with the
+       masked-patch Chamfer loss (Sec. 4.2, Eq. 12), centres picked by ``sampler`` (GPS, Sec. 4.1)
+       and mask ratio ``mask_ratio``. See ``workers.imrnet.training``.
+    3. Feature template (Sec. 4.3, "template regularization"): the DFC features (decoder layers
+       1–3) of every patch of ``template_samplings`` reductions of each good cloud. The
+       regularization threshold τ is the ``template_quantile`` quantile of the distance of a
+       template vector to its nearest template vector from another cloud / reduction.
+    4. Score normalization: the point- and feature-level score maps of the good training clouds
+       (other reduction seed than the template's) give their mean and standard deviation.
+
+score (one part), Algorithm 1 then DFC (Sec. 4.3)
+    1. Reduce the cloud to ``n_points`` by farthest point sampling (the fixed-size input the
+       network expects; clouds with fewer points are padded by repetition), pick ``n_centers``
+       centres with ``sampler`` and group ``group_size``-NN patches (Eqs. 7–8).
+    2. Iterative mask reconstruction (Algorithm 1), ``iterations`` (I = 3) rounds: mask a
+       fraction ``mask_ratio`` of the *current* patches, predict them from the visible ones and
+       put the predictions in their place (``P = P_pre ⊕ P_vis``); the centres stay fixed. Which
+       patches are masked: ``test_mask="cover"`` (default) walks a seeded random permutation of the
+       patches, ``mask_ratio · n`` per round, so that with ``mask_ratio · I ≥ 1`` every patch is
+       masked and restored at least once (the paper wants the anomalous parts masked and restored;
+       random masks would leave ``(1 − m)^I`` = 22 % of the patches untouched at m = 0.4, I = 3);
+       ``"random"`` draws an independent random mask per round.
+    3. Point-level score A_p (Eqs. 13–15): for every point of the reduced input cloud, the L2
+       Chamfer distance between its ``point_k`` nearest input points and its nearest
+       reconstructed points (``point_k`` × the density ratio of the reconstruction to the input,
+       ``n_centers · group_size / n_points``, so both sets span the same neighbourhood).
+    4. Feature-level score A_f (Eqs. 16–19): decoder layers 1–3 of the input patches (F_i) and of
+       the reconstructed patches (F_o), each layer layer-normed and concatenated; every vector of
+       F_o farther than τ from its nearest template vector is replaced by that template vector
+       (Eq. 19: the paper's "corresponding" template vector is undefined without registration, so
+       the nearest one in feature space is used); ``A_f = ‖F_i − F_o‖`` per patch centre.
+    5. Both maps are interpolated to every input point (inverse-distance weights over the 3
+       nearest reduced points / centres), standardized by the good-part statistics of step 4 of
+       fit, and combined (Eq. 20, "concatenating two scores", read as a weighted sum:
+       ``point_weight · z(A_p) + feature_weight · z(A_f)``).
+    6. Object score: the mean of the highest ``object_top_fraction`` (1 %) of the point scores (a
+       max that one noisy point cannot set).
+
+Every random choice (reductions, centres, masks) comes from generators seeded with ``seed``, so a
+part scores the same every time and after a save / load round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
+from workers.imrnet.sampling import SAMPLERS, geometry_rates, group_patches, sample_centers
+from workers.imrnet.training import (
+    GEOMETRY_K,
+    TrainSettings,
+    load_pretrained,
+    load_weights,
+    pool_from_clouds,
+    reduce_points,
+    train,
+    weights_to_tensors,
+)
+from workers.preprocess import PreparedCloud
+from workers.scorer import Scorer, ScoreResult, register
+
+log = logging.getLogger("inspectd.imrnet")
+
+PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
+DEFAULT_PRETRAINED = PRETRAINED_DIR / "imrnet-small.safetensors"
+MIN_POINTS = 10
+TEST_MASKS = ("cover", "random")
+_CONFIG_KEYS = ("n_points", "n_centers", "group_size", "dim", "heads", "enc_depth", "dec_depth", "mlp_ratio",
+                "embed_hidden")
+
+
+def idw_interpolate(src: np.ndarray, values: np.ndarray, dst: np.ndarray, k: int = 3) -> np.ndarray:
+    """Values at ``dst`` (M×3) by inverse-distance weighting of the ``k`` nearest ``src`` points."""
+    k = min(k, len(src))
+    d, i = cKDTree(src).query(dst, k=k)
+    if k == 1:
+        d, i = d[:, None], i[:, None]
+    w = 1.0 / np.maximum(d, 1e-8)
+    return ((values[i] * w).sum(axis=1) / w.sum(axis=1)).astype(np.float32)
+
+
+def nearest_sq_dist(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared Euclidean distance (and index) from every query row to its nearest bank row."""
+    bank_sq = (bank * bank).sum(dim=1)
+    ds, ids = [], []
+    for s in range(0, query.shape[0], chunk):
+        q = query[s : s + chunk]
+        d = torch.addmm(bank_sq.unsqueeze(0), q, bank.T, beta=1.0, alpha=-2.0) + (q * q).sum(dim=1, keepdim=True)
+        v, i = d.min(dim=1)
+        ds.append(v.clamp_(min=0.0))
+        ids.append(i)
+    return torch.cat(ds), torch.cat(ids)
+
+
+@register
+class IMRNetScorer(Scorer):
+    """IMRNet: GPS + masked point-patch reconstruction + iterative restoration + DFC."""
+
+    name = "imrnet"
+    version = "1.0.0"
+
+    def __init__(
+        self,
+        voxel_size: float = 1.0,
+        n_points: int = 2048,
+        n_centers: int = 128,
+        group_size: int = 32,
+        dim: int = 128,
+        heads: int = 4,
+        enc_depth: int = 4,
+        dec_depth: int = 3,
+        mlp_ratio: float = 4.0,
+        embed_hidden: int = 64,
+        sampler: str = "gps",
+        tau: float = 0.3,
+        density_ratio: float = 2.0,
+        mask_ratio: float = 0.4,
+        iterations: int = 3,
+        test_mask: str = "cover",
+        finetune_steps: int = 150,
+        finetune_lr: float = 2e-4,
+        batch_size: int = 8,
+        finetune_samplings: int = 8,
+        aug_rotate_deg: float = 5.0,
+        aug_scale: float = 0.03,
+        aug_jitter: float = 0.002,
+        template_samplings: int = 4,
+        template_quantile: float = 0.95,
+        template_regularization: bool = True,
+        point_k: int = 16,
+        point_weight: float = 1.0,
+        feature_weight: float = 1.0,
+        object_top_fraction: float = 0.01,
+        pretrained: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if test_mask not in TEST_MASKS:
+            raise ValueError(f"test_mask must be one of {TEST_MASKS}, got {test_mask!r}")
+        if iterations < 1 or not 0.0 < mask_ratio < 1.0 or not 0.0 < object_top_fraction <= 1.0:
+            raise ValueError("need iterations >= 1, 0 < mask_ratio < 1 and 0 < object_top_fraction <= 1")
+        if point_k < 1 or finetune_steps < 0 or finetune_samplings < 1 or template_samplings < 1:
+            raise ValueError("point_k, finetune_samplings, template_samplings must be >= 1, finetune_steps >= 0")
+        self.voxel_size = float(voxel_size)
+        self.config = IMRNetConfig(n_points=int(n_points), n_centers=int(n_centers), group_size=int(group_size),
+                                   dim=int(dim), heads=int(heads), enc_depth=int(enc_depth),
+                                   dec_depth=int(dec_depth), mlp_ratio=float(mlp_ratio),
+                                   embed_hidden=int(embed_hidden))
+        self.sampler = sampler
+        self.tau = float(tau)
+        self.density_ratio = float(density_ratio)
+        self.mask_ratio = float(mask_ratio)
+        self.iterations = int(iterations)
+        self.test_mask = test_mask
+        self.finetune_steps = int(finetune_steps)
+        self.finetune_lr = float(finetune_lr)
+        self.batch_size = int(batch_size)
+        self.finetune_samplings = int(finetune_samplings)
+        self.aug_rotate_deg = float(aug_rotate_deg)
+        self.aug_scale = float(aug_scale)
+        self.aug_jitter = float(aug_jitter)
+        self.template_samplings = int(template_samplings)
+        self.template_quantile = float(template_quantile)
+        self.template_regularization = bool(template_regularization)
+        self.point_k = int(point_k)
+        self.point_weight = float(point_weight)
+        self.feature_weight = float(feature_weight)
+        self.object_top_fraction = float(object_top_fraction)
+        self.pretrained = str(pretrained)
+        self.seed = int(seed)
+        self.model: IMRNet | None = None
+        self.template: torch.Tensor | None = None
+        self.template_tau = float("inf")
+        self.norm_scale = 1.0
+        self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
+        """mean and std of A_p, then of A_f, over the good training clouds."""
+        self.fit_info: dict[str, Any] = {}
+        self.train_checkpoint: Path | None = None
+        """Where ``fit`` keeps a resumable fine-tuning state (``inspectd train``); None: none."""
+        self.train_resume = False
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "voxel_size": self.voxel_size,
+            **{k: getattr(cfg, k) for k in _CONFIG_KEYS},
+            "sampler": self.sampler,
+            "tau": self.tau,
+            "density_ratio": self.density_ratio,
+            "mask_ratio": self.mask_ratio,
+            "iterations": self.iterations,
+            "test_mask": self.test_mask,
+            "finetune_steps": self.finetune_steps,
+            "finetune_lr": self.finetune_lr,
+            "batch_size": self.batch_size,
+            "finetune_samplings": self.finetune_samplings,
+            "aug_rotate_deg": self.aug_rotate_deg,
+            "aug_scale": self.aug_scale,
+            "aug_jitter": self.aug_jitter,
+            "template_samplings": self.template_samplings,
+            "template_quantile": self.template_quantile,
+            "template_regularization": self.template_regularization,
+            "point_k": self.point_k,
+            "point_weight": self.point_weight,
+            "feature_weight": self.feature_weight,
+            "object_top_fraction": self.object_top_fraction,
+            "pretrained": self.pretrained,
+            "seed": self.seed,
+        }
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self.model is None or self.template is None:
+            raise RuntimeError("imrnet is not fitted: nothing to save")
+        out = {k: v.numpy() for k, v in weights_to_tensors(self.model).items()}
+        out["template"] = self.template.numpy()
+        out["scalars"] = np.array([self.norm_scale, self.template_tau], dtype=np.float64)
+        out["score_stats"] = self.stats.astype(np.float64)
+        return out
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> IMRNetScorer:
+        for key in ("template", "scalars", "score_stats"):
+            if key not in tensors:
+                raise ValueError(f"imrnet state has no {key!r} tensor")
+        scorer = cls(**params)
+        model = IMRNet(scorer.config)
+        load_weights(model, tensors)
+        model.eval()
+        scorer.model = model
+        scorer.template = torch.from_numpy(np.ascontiguousarray(tensors["template"], dtype=np.float32))
+        scorer.norm_scale = float(tensors["scalars"][0])
+        scorer.template_tau = float(tensors["scalars"][1])
+        scorer.stats = np.asarray(tensors["score_stats"], dtype=np.float64)
+        return scorer
+
+    @property
+    def fitted(self) -> bool:
+        return self.model is not None and self.template is not None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _normalize(self, points: np.ndarray) -> np.ndarray:
+        pts = np.asarray(points, dtype=np.float64)
+        return ((pts - pts.mean(axis=0)) / self.norm_scale).astype(np.float32)
+
+    def _check(self, cloud: PreparedCloud) -> np.ndarray:
+        pts = np.asarray(cloud.points)
+        if pts.ndim != 2 or pts.shape[1] != 3:
+            raise ValueError(f"cloud points must be an M×3 array, got shape {pts.shape}")
+        if len(pts) < MIN_POINTS:
+            raise ValueError(f"cloud has {len(pts)} points, need at least {MIN_POINTS}")
+        if not np.isfinite(pts).all():
+            raise ValueError("cloud points must all be finite")
+        return pts
+
+    def _gen(self, *salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *salt]).generate_state(1)[0]))
+
+    def _patches(
+        self, reduced: np.ndarray, gen: torch.Generator, rates: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches (n×k×3) and centres (n×3) of one reduced, normalized cloud."""
+        pts = torch.from_numpy(reduced)
+        r = None
+        if self.sampler == "gps":
+            r = torch.from_numpy(rates if rates is not None else geometry_rates(reduced, GEOMETRY_K))
+        cidx = sample_centers(self.sampler, pts, self.config.n_centers, r, self.tau, self.density_ratio, gen)
+        neigh, centers, _ = group_patches(pts, cidx, self.config.group_size)
+        return neigh, centers
+
+    def _initial_model(self) -> tuple[IMRNet, str]:
+        path = None
+        if self.pretrained == "auto":
+            path = DEFAULT_PRETRAINED
+        elif self.pretrained not in ("", "none"):
+            path = Path(self.pretrained)
+        if path is None:
+            return IMRNet(self.config), "none (random init, pretrained='none')"
+        if not path.is_file():
+            warnings.warn(f"imrnet: no pretrained weights at {path}; fine-tuning from a random initialization "
+                          "(run `inspectd train --scorer imrnet --pretrain`)", stacklevel=3)
+            return IMRNet(self.config), "none (missing file)"
+        model, meta = load_pretrained(path)
+        if any(getattr(model.config, k) != getattr(self.config, k) for k in _CONFIG_KEYS):
+            warnings.warn(f"imrnet: pretrained weights {path} have other sizes ({model.config}); "
+                          "fine-tuning from a random initialization", stacklevel=3)
+            return IMRNet(self.config), "none (size mismatch)"
+        return model, str(path)
+
+    # -- fit -----------------------------------------------------------------------------------
+
+    def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
+        from tqdm import tqdm
+
+        if len(clouds) == 0:
+            raise ValueError("imrnet needs at least one good training cloud")
+        t0 = time.perf_counter()
+        raw = [self._check(c).astype(np.float64) for c in clouds]
+        radii = [float(np.linalg.norm(p - p.mean(axis=0), axis=1).max()) for p in raw]
+        self.norm_scale = float(np.mean(radii)) if np.mean(radii) > 0 else 1.0
+        normed = [self._normalize(p) for p in raw]
+        n_red = max(self.finetune_samplings, self.template_samplings) + 1  # the last one: score stats
+        reduced: list[list[np.ndarray]] = []
+        for i, p in enumerate(tqdm(normed, desc="imrnet reduce", disable=not progress, leave=False)):
+            reduced.append([p[reduce_points(p, self.config.n_points, self._gen(1, i, j))] for j in range(n_red)])
+        pool = pool_from_clouds([r for rs in reduced for r in rs[: self.finetune_samplings]])
+        t1 = time.perf_counter()
+
+        model, source = self._initial_model()
+        settings = TrainSettings.finetune(
+            steps=self.finetune_steps, lr=self.finetune_lr, batch_size=self.batch_size, mask_ratio=self.mask_ratio,
+            sampler=self.sampler, tau=self.tau, density_ratio=self.density_ratio,
+            aug_rotate_deg=self.aug_rotate_deg, aug_scale=self.aug_scale, aug_jitter=self.aug_jitter, seed=self.seed,
+        )
+        summary = {"final_loss": float("nan"), "seconds": 0.0}
+        if self.finetune_steps > 0:
+            if self.train_checkpoint is not None:
+                settings.checkpoint_every = 50
+            summary = train(model, pool, settings, progress=progress, checkpoint=self.train_checkpoint,
+                            resume=self.train_resume, desc="imrnet fine-tune")
+        model.eval()
+        self.model = model
+        t2 = time.perf_counter()
+
+        # template (Sec. 4.3): features of every patch of template_samplings reductions per cloud
+        feats, groups = [], []
+        with torch.inference_mode():
+            for i, rs in enumerate(reduced):
+                for j in range(self.template_samplings):
+                    neigh, centers = self._patches(rs[j], self._gen(2, i, j))
+                    feats.append(model.features(neigh[None], centers[None])[0])
+                    groups.append(torch.full((feats[-1].shape[0],), i * n_red + j))
+        template = torch.cat(feats)
+        group = torch.cat(groups)
+        self.template = template.contiguous()
+        self.template_tau = self._template_threshold(template, group)
+        # score statistics on the good clouds (another reduction than the template's)
+        self.stats = np.array([0.0, 1.0, 0.0, 1.0])
+        aps, afs = [], []
+        for i, rs in enumerate(reduced):
+            ap, af, _ = self._raw_scores(normed[i], rs[-1], self._gen(3, i))
+            aps.append(ap)
+            afs.append(af)
+        ap_all, af_all = np.concatenate(aps), np.concatenate(afs)
+        self.stats = np.array([ap_all.mean(), max(ap_all.std(), 1e-12), af_all.mean(), max(af_all.std(), 1e-12)])
+        self.fit_info = {"pretrained": source, "finetune_loss": summary["final_loss"],
+                         "seconds": {"reduce": t1 - t0, "finetune": t2 - t1, "template": time.perf_counter() - t2},
+                         "template_size": int(template.shape[0]), "template_tau": self.template_tau}
+        log.info("imrnet fit: %s", self.fit_info)
+
+    def _template_threshold(self, template: torch.Tensor, group: torch.Tensor) -> float:
+        """τ of Eq. 19: quantile of each template vector's distance to its nearest vector of another group."""
+        if self.template_quantile >= 1.0:
+            return float("inf")
+        bank_sq = (template * template).sum(dim=1)
+        out = torch.empty(template.shape[0])
+        for s in range(0, template.shape[0], 2048):
+            q = template[s : s + 2048]
+            d = torch.addmm(bank_sq.unsqueeze(0), q, template.T, beta=1.0, alpha=-2.0) + (q * q).sum(1, keepdim=True)
+            d[group[s : s + 2048].unsqueeze(1) == group.unsqueeze(0)] = float("inf")
+            out[s : s + 2048] = d.min(dim=1).values.clamp_(min=0.0).sqrt_()
+        finite = out[torch.isfinite(out)]
+        if finite.numel() == 0:
+            return float("inf")
+        return float(torch.quantile(finite, self.template_quantile))
+
+    # -- score ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def iterative_reconstruction(
+        self, neigh: torch.Tensor, centers: torch.Tensor, gen: torch.Generator, iterations: int | None = None
+    ) -> torch.Tensor:
+        """Algorithm 1 (lines 5–10): the patches (n×k×3) after ``iterations`` mask-and-restore rounds."""
+        assert self.model is not None
+        n = centers.shape[0]
+        m = mask_count(n, self.mask_ratio)
+        p = neigh.clone()
+        order = torch.randperm(n, generator=gen)
+        for it in range(self.iterations if iterations is None else iterations):
+            if self.test_mask == "cover":
+                masked = order[(it * m + torch.arange(m)) % n]
+            else:
+                masked = torch.randperm(n, generator=gen)[:m]
+            vis_mask = torch.ones(n, dtype=torch.bool)
+            vis_mask[masked] = False
+            visible = torch.nonzero(vis_mask).squeeze(1)
+            pred = self.model.reconstruct(p[visible][None], centers[visible][None], centers[masked][None])[0]
+            p[masked] = pred
+        return p
+
+    def _point_scores(self, reduced: np.ndarray, recon: np.ndarray) -> np.ndarray:
+        """A_p (Eqs. 13–15) at every reduced input point: Chamfer of its input and reconstructed kNN sets."""
+        cfg = self.config
+        k_in = min(self.point_k, len(reduced))
+        k_out = min(len(recon), max(1, round(self.point_k * cfg.n_centers * cfg.group_size / cfg.n_points)))
+        _, i_in = cKDTree(reduced).query(reduced, k=k_in)
+        _, i_out = cKDTree(recon).query(reduced, k=k_out)
+        i_in = i_in.reshape(len(reduced), k_in)
+        i_out = i_out.reshape(len(reduced), k_out)
+        a = torch.from_numpy(reduced[i_in])
+        b = torch.from_numpy(recon[i_out])
+        return chamfer_l2(a, b, reduce=False).numpy()
+
+    @torch.inference_mode()
+    def _feature_scores(self, neigh: torch.Tensor, recon: torch.Tensor, centers: torch.Tensor) -> np.ndarray:
+        """A_f (Eqs. 16–19) per patch centre, with template regularization of F_o."""
+        assert self.model is not None and self.template is not None
+        both = self.model.features(torch.stack([neigh, recon]), torch.stack([centers, centers]))
+        f_in, f_out = both[0], both[1]
+        if self.template_regularization and math.isfinite(self.template_tau):
+            d2, idx = nearest_sq_dist(f_out, self.template)
+            drift = d2.sqrt() > self.template_tau
+            f_out = torch.where(drift.unsqueeze(1), self.template[idx], f_out)
+        return (f_in - f_out).norm(dim=1).numpy()
+
+    def _raw_scores(
+        self, normed: np.ndarray, reduced: np.ndarray, gen: torch.Generator, timings: dict[str, float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+        """Un-standardized (A_p, A_f), both interpolated to every point of ``normed``."""
+        t0 = time.perf_counter()
+        neigh, centers = self._patches(reduced, gen)
+        t1 = time.perf_counter()
+        recon = self.iterative_reconstruction(neigh, centers, gen)
+        t2 = time.perf_counter()
+        recon_pts = (recon + centers.unsqueeze(1)).reshape(-1, 3).numpy()
+        ap = self._point_scores(reduced, recon_pts)
+        af = self._feature_scores(neigh, recon, centers)
+        ap_full = idw_interpolate(reduced, ap, normed)
+        af_full = idw_interpolate(centers.numpy(), af, normed)
+        t3 = time.perf_counter()
+        if timings is not None:
+            timings.update({"sample": t1 - t0, "reconstruct": t2 - t1, "compare": t3 - t2})
+        return ap_full, af_full, {"recon": recon_pts, "centers": centers.numpy()}
+
+    def score(self, cloud: PreparedCloud) -> ScoreResult:
+        if not self.fitted:
+            raise RuntimeError("imrnet is not fitted: call fit() or load an artifact first")
+        t0 = time.perf_counter()
+        normed = self._normalize(self._check(cloud))
+        reduced = normed[reduce_points(normed, self.config.n_points, self._gen(4))]
+        timings: dict[str, float] = {"reduce": time.perf_counter() - t0}
+        ap, af, _ = self._raw_scores(normed, reduced, self._gen(5), timings)
+        t1 = time.perf_counter()
+        mp, sp, mf, sf = self.stats
+        scores = (self.point_weight * (ap - mp) / sp + self.feature_weight * (af - mf) / sf).astype(np.float32)
+        k = max(1, int(math.ceil(self.object_top_fraction * len(scores))))
+        object_score = float(np.mean(np.partition(scores, len(scores) - k)[-k:]))
+        timings["combine"] = time.perf_counter() - t1
+        return ScoreResult(object_score=object_score, point_scores=scores, timings=timings)

@@ -1,0 +1,260 @@
+"""Patches of a prepared cloud (3DzAL Sec. 3, "Notation" and "Implementation details") and the
+way patch scores become per-point scores (Sec. 3.4, Eq. 7 and 10).
+
+Organized input (a camera frame, ``cloud.frame.organized``), as in the paper: the ordered data is
+resized to 224×224 and cut into 8×8 cells, 28×28 = 784 patches. Unorganized input (a stitched
+scan, or a cloud without a frame): patch centres by farthest-point sampling of the voxel
+centroids (at most 784, as many as an organized frame has), deterministic.
+
+Choices (the paper leaves them open; stated here):
+
+* **What the resize sees.** Only the part's foreground, i.e. the pixels ``prepare`` kept (the
+  supporting plane and unmeasured pixels are not part of any patch); nearest-neighbour resize
+  (MVTec 3D-AD practice: the xyz of a pixel is never interpolated). A cell is a patch when at
+  least ``min_cell_pixels`` of its 64 resized pixels are foreground.
+* **The points of a patch.** Every patch, organized or not, is the ``k`` (= 64 = 8×8) nearest
+  voxel centroids of its centre (a KD-tree query); the centre of an organized cell is the voxel
+  of its foreground pixel nearest the cell's middle. One construction for every patch is what
+  lets the normal patches and the pseudo-abnormal patches (which the paper builds by a KD-tree
+  search around an anchor, Sec. 3.2) differ only in their geometry, not in how they were cut.
+  A cloud with fewer than ``k`` points repeats points to fill the patch.
+* **Network input.** A patch is centred on its centroid and scaled into the unit ball
+  (``normalize_patches``); the axes are the sensor's (no rotation normalization), so the
+  perturbation magnitude ε = 0.1 of Eq. 8 is relative to the patch radius.
+* **FPFH of a patch.** The mean of its points' FPFH (BTF averages the per-pixel FPFH of a cell).
+* **Upsampling and blur (Eq. 7, 10).** Organized: the 28×28 patch map is upsampled to 224×224
+  bilinearly and blurred with a Gaussian of σ = 4 pixels (BTF's values), both as *normalized*
+  convolutions over the foreground (cells that are not patches and background pixels neither
+  contribute nor dilute); the 224 map is then sampled bilinearly at every foreground pixel of
+  the original frame and averaged per voxel (the inverse of ``workers.frame_scoring.map_back``).
+  Unorganized: each voxel takes the inverse-distance-weighted mean of its 3 nearest patch
+  centres (the "bilinear" of a cloud), then a kNN Gaussian blur over its ``blur_k`` nearest
+  voxels with σ = ``blur_sigma_mm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+
+from workers.preprocess import PreparedCloud
+from workers.zeroshot.pointnet2 import farthest_point_sample
+
+__all__ = [
+    "IMAGE_SIZE",
+    "CELL",
+    "PatchSet",
+    "is_organized",
+    "resize_index",
+    "foreground_index_224",
+    "extract_patches",
+    "knn_indices",
+    "normalize_patches",
+    "resample_to",
+    "organized_point_scores",
+    "cloud_point_scores",
+]
+
+IMAGE_SIZE = 224
+CELL = 8
+GRID = IMAGE_SIZE // CELL  # 28
+
+
+@dataclass
+class PatchSet:
+    """The patches of one cloud: ``neighbors[i]`` are the ``k`` voxel indices of patch ``i``."""
+
+    centers: np.ndarray
+    """P voxel indices (into ``cloud.points``) of the patch centres."""
+    neighbors: np.ndarray
+    """P×k voxel indices."""
+    cells: np.ndarray | None
+    """Organized: P flat indices into the 28×28 grid; None for an unorganized cloud."""
+    fg224: np.ndarray | None
+    """Organized: the 224×224 foreground mask; None otherwise."""
+
+    @property
+    def organized(self) -> bool:
+        return self.cells is not None
+
+    def __len__(self) -> int:
+        return int(len(self.centers))
+
+
+def is_organized(cloud: PreparedCloud) -> bool:
+    return cloud.frame is not None and cloud.frame.organized
+
+
+def resize_index(n_in: int, n_out: int) -> np.ndarray:
+    """Nearest-neighbour source index of each of ``n_out`` output rows (pixel centres aligned)."""
+    return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def foreground_index_224(cloud: PreparedCloud, size: int = IMAGE_SIZE) -> np.ndarray:
+    """size×size int64: the voxel of each resized foreground pixel, −1 elsewhere (organized only)."""
+    assert cloud.frame is not None
+    h, w = cloud.frame.points.shape[:2]
+    vox = np.full(h * w, -1, dtype=np.int64)
+    vox[cloud.source_flat] = cloud.voxel_of_source
+    rows, cols = resize_index(h, size), resize_index(w, size)
+    return vox.reshape(h, w)[np.ix_(rows, cols)]
+
+
+def knn_indices(tree: cKDTree, n_points: int, queries: np.ndarray, k: int) -> np.ndarray:
+    """Q×k indices of the k nearest points (nearest first); repeats points when n_points < k."""
+    kk = min(k, n_points)
+    _, idx = tree.query(np.asarray(queries, dtype=np.float64), k=kk)
+    idx = np.asarray(idx, dtype=np.int64).reshape(len(queries), kk)
+    if kk < k:
+        idx = idx[:, np.arange(k) % kk]
+    return idx
+
+
+def _organized_centers(cloud: PreparedCloud, min_cell_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vox = foreground_index_224(cloud)
+    fg = vox >= 0
+    cells = vox.reshape(GRID, CELL, GRID, CELL).transpose(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
+    count = (cells >= 0).sum(axis=1)
+    keep = np.flatnonzero(count >= max(1, min_cell_pixels))
+    r, c = np.divmod(np.arange(CELL * CELL), CELL)
+    d2 = (r - (CELL - 1) / 2) ** 2 + (c - (CELL - 1) / 2) ** 2
+    d = np.where(cells[keep] >= 0, d2[None, :], np.inf)
+    centre = cells[keep, np.argmin(d, axis=1)]
+    return keep.astype(np.int64), centre.astype(np.int64), fg
+
+
+def extract_patches(
+    cloud: PreparedCloud,
+    k: int = 64,
+    mode: str = "auto",
+    max_patches: int = GRID * GRID,
+    min_cell_pixels: int = 8,
+    tree: cKDTree | None = None,
+) -> PatchSet:
+    """The patches of ``cloud`` (see the module docstring); ``mode`` is auto/organized/unorganized."""
+    if mode not in ("auto", "organized", "unorganized"):
+        raise ValueError(f"patch mode must be auto, organized or unorganized, got {mode!r}")
+    pts = cloud.points
+    tree = tree if tree is not None else cKDTree(pts)
+    if mode != "unorganized" and is_organized(cloud):
+        cells, centre, fg = _organized_centers(cloud, min_cell_pixels)
+        if len(cells):
+            return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), cells, fg)
+    elif mode == "organized":
+        raise ValueError("patch mode 'organized' needs a cloud with an organized frame")
+    n = int(min(max_patches, len(pts)))
+    centre = farthest_point_sample(torch.from_numpy(np.ascontiguousarray(pts, dtype=np.float32))[None], n)[0]
+    centre = centre.numpy().astype(np.int64)
+    return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), None, None)
+
+
+def normalize_patches(xyz: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """P×k×3 patches → centred on their centroid, scaled into the unit ball (float32)."""
+    x = torch.as_tensor(xyz, dtype=torch.float32)
+    x = x - x.mean(dim=1, keepdim=True)
+    r = x.norm(dim=-1).amax(dim=1).clamp_min(1e-6)
+    return x / r[:, None, None]
+
+
+def resample_to(xyz: np.ndarray, valid: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+    """P×N×3 patches with a P×N validity mask → P×k×3, every row drawn from its valid points.
+
+    The valid points are kept in order first (each at least once while k allows), the rest
+    drawn uniformly with replacement, so no information is lost and the size is fixed.
+    """
+    p, n, _ = xyz.shape
+    valid = np.asarray(valid, dtype=bool)
+    cnt = valid.sum(axis=1)
+    if (cnt == 0).any():
+        raise ValueError("a patch has no valid point")
+    order = np.argsort(~valid, axis=1, kind="stable")  # valid positions first
+    slot = np.arange(k)[None, :].repeat(p, axis=0)
+    extra = (rng.random((p, k)) * cnt[:, None]).astype(np.int64)
+    pick = np.where(slot < cnt[:, None], np.minimum(slot, n - 1), extra)
+    src = np.take_along_axis(order, pick, axis=1)
+    return np.take_along_axis(xyz, src[..., None], axis=1)
+
+
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(round(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-0.5 * (x / sigma) ** 2)
+    return g / g.sum()
+
+
+def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of a 1×1×H×W tensor, zero padding."""
+    if sigma <= 0:
+        return img
+    g = _gaussian_kernel(sigma)
+    r = (len(g) - 1) // 2
+    img = F.conv2d(img, g.view(1, 1, 1, -1), padding=(0, r))
+    return F.conv2d(img, g.view(1, 1, -1, 1), padding=(r, 0))
+
+
+def organized_map(values: np.ndarray, cells: np.ndarray, fg224: np.ndarray, sigma: float) -> torch.Tensor:
+    """Patch values on the 28×28 grid → the 224×224 map: normalized bilinear upsampling, then a
+    normalized Gaussian blur over the foreground (Eq. 7 / 10). Undefined pixels are 0."""
+    s = torch.zeros(GRID * GRID)
+    w = torch.zeros(GRID * GRID)
+    s[torch.as_tensor(cells)] = torch.as_tensor(values, dtype=torch.float32)
+    w[torch.as_tensor(cells)] = 1.0
+    up = F.interpolate(torch.stack([s * w, w]).view(2, 1, GRID, GRID), size=(IMAGE_SIZE, IMAGE_SIZE),
+                       mode="bilinear", align_corners=False)
+    num, den = up[0, 0], up[1, 0]
+    m = torch.as_tensor(fg224) & (den > 1e-6)
+    val = torch.where(m, num / den.clamp_min(1e-6), torch.zeros(()))
+    mf = m.float()
+    bn = _blur((val * mf)[None, None], sigma)[0, 0]
+    bd = _blur(mf[None, None], sigma)[0, 0]
+    return torch.where(bd > 1e-6, bn / bd.clamp_min(1e-6), torch.zeros(()))
+
+
+def organized_point_scores(
+    values: np.ndarray, patches: PatchSet, cloud: PreparedCloud, sigma: float = 4.0
+) -> np.ndarray:
+    """Per-voxel scores (M,) of an organized cloud from its patch values (P,)."""
+    assert patches.cells is not None and patches.fg224 is not None and cloud.frame is not None
+    amap = organized_map(values, patches.cells, patches.fg224, sigma)
+    h, w = cloud.frame.points.shape[:2]
+    r, c = np.divmod(cloud.source_flat, w)
+    grid = torch.stack(
+        [torch.as_tensor((c + 0.5) / w * 2 - 1, dtype=torch.float32),
+         torch.as_tensor((r + 0.5) / h * 2 - 1, dtype=torch.float32)], dim=-1
+    ).view(1, 1, -1, 2)
+    px = F.grid_sample(amap[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    px = px.view(-1).numpy().astype(np.float64)
+    m = len(cloud.points)
+    sums = np.bincount(cloud.voxel_of_source, weights=px, minlength=m)
+    cnt = np.bincount(cloud.voxel_of_source, minlength=m)
+    return (sums / np.maximum(cnt, 1)).astype(np.float32)
+
+
+def cloud_point_scores(
+    values: np.ndarray,
+    patches: PatchSet,
+    points: np.ndarray,
+    tree: cKDTree | None = None,
+    blur_k: int = 16,
+    blur_sigma_mm: float = 2.0,
+) -> np.ndarray:
+    """Per-point scores (M,) of a cloud from its patch values: IDW over the 3 nearest patch
+    centres, then a kNN Gaussian blur (see the module docstring)."""
+    vals = np.asarray(values, dtype=np.float64)
+    centres = points[patches.centers]
+    k = min(3, len(centres))
+    d, i = cKDTree(centres).query(points, k=k)
+    d, i = np.asarray(d).reshape(len(points), k), np.asarray(i).reshape(len(points), k)
+    w = 1.0 / (d + 1e-6)
+    s = (vals[i] * w).sum(axis=1) / w.sum(axis=1)
+    kb = min(blur_k, len(points))
+    if kb > 1 and blur_sigma_mm > 0:
+        tree = tree if tree is not None else cKDTree(points)
+        d, i = tree.query(points, k=kb)
+        g = np.exp(-0.5 * (d / blur_sigma_mm) ** 2)
+        s = (s[i] * g).sum(axis=1) / g.sum(axis=1)
+    return s.astype(np.float32)

@@ -1,0 +1,610 @@
+"""3DzAL as an inspectd scorer (``zeroshot``): anomaly maps for a product never seen in training.
+
+Paper: Wang et al., "Towards Zero-shot 3D Anomaly Localization" (3DzAL). ``fit`` learns from
+good parts of *other* products only; ``score`` then scores a product it never saw.
+
+Pipeline (paper section → module):
+
+1. Patches (Sec. 3 "Notation", Sec. 4 "Implementation details"): organized frames → 224×224 →
+   28×28 = 784 patches of 8×8; unorganized clouds → farthest-point-sampled centres;
+   every patch = the 64 nearest voxels of its centre (``workers.zeroshot.patches``).
+2. Pseudo anomalies (Sec. 3.2): points of interest of task-irrelevant samples from an untrained
+   He-initialized ResNet-50 on ordered xyz (top 0.1 %, multi-scale activation fusion), attached
+   to normal samples ("adding-point") or holes cut into them ("removing-point"), mixed with
+   ratio ``pseudo_mix`` (``workers.zeroshot.pseudo_anomalies``, ``workers.zeroshot.resnet``).
+3. Learned patch features f_θ: PointNet++ trained with the patch-level contrastive loss
+   (τ = 0.07) + 100 × the disentanglement loss against FPFH; normalcy classifier g_φ:
+   PointNet++ trained with BCE (``workers.zeroshot.training``, ``workers.zeroshot.pointnet2``).
+4. Memory bank (Sec. 3.3) of the concatenated patch features [FPFH ‖ learned (‖ RGB)], thinned
+   by PatchCore's greedy coreset (``workers.patchcore.greedy_coreset``).
+5. Scores (Sec. 3.4): distance score with PatchCore's reweighting (Eq. 4–6,
+   ``workers.patchcore`` search and reweighting), classification score S_abnormal of the
+   ε-perturbed patch (Eq. 8–10), combined λ_d·distance + λ_c·classification (Eq. 11–12);
+   patch maps upsampled and blurred (Eq. 7) and mapped to the cloud's points.
+
+**What the memory bank holds in the zero-shot setting.** Sec. 3.3 "Training and memory bank":
+after f_θ is trained, "we extract the features of the training patches with it" and store them;
+the training patches are the *normal training samples of the training class*, which in the
+zero-shot setting is never the test class (Sec. 4 "Experimental setting": train on one class,
+test on another, the remaining classes are the task-irrelevant data for the pseudo anomalies).
+So the bank holds the normal patches of the product(s) ``fit`` was given, never the test
+product's (which the scorer never sees) and never pseudo anomalies. ``fit(clouds)`` (what
+``inspectd eval --zero-shot`` and the daemon call) banks every patch of ``clouds`` and draws
+the task-irrelevant POIs from the same clouds, each POI only ever attached to a part of a
+*different* product (``Frame.meta.product``); with a single product the POIs come from that
+product (logged: there is no task-irrelevant data). ``fit_zero_shot(train, auxiliary)`` is
+the paper's exact protocol: bank + positives from ``train``, POIs from ``auxiliary``.
+
+Choices where the paper is vague (each module states its own):
+
+* Feature blocks are put on one scale before concatenation: each block (FPFH, learned, RGB)
+  is divided by its RMS deviation from its mean over the training patches (stored), so that
+  no block dominates the Euclidean distance by its units alone (the raw FPFH spans tens, the
+  L2-normalized learned feature one); ``learned_weight`` scales the learned block.
+* The distance score is divided by ``dist_scale``, the mean distance of the training patches
+  the coreset left out to the coreset (the typical distance of a *normal* patch to the bank),
+  so that λ_d·distance and λ_c·S_abnormal ∈ [0, 1] are commensurable; λ_d = λ_c = 1 (the
+  paper's values are not given). Without a coreset reduction, the mean leave-one-out nearest
+  neighbour distance inside the bank is used.
+* The RGB branch (optional, off by default): a local ImageNet ResNet-50 / Wide-ResNet-50-2
+  checkpoint (``rgb_checkpoint``, safetensors or a torchvision state_dict read with
+  ``weights_only=True``; nothing is ever downloaded) gives PatchCore's layer2 + layer3 features
+  (3×3 average pooled, layer3 upsampled to 28×28) per organized cell. Without a checkpoint, or
+  when a training frame has no RGB image or is not organized, the branch is left out and the
+  log says so.
+
+CPU defaults (so that a 4-class leave-one-out eval stays within minutes on 2 cores):
+PointNet++ width 32 (~0.1 M parameters per network instead of the paper's 6.8 M), 8 epochs of
+at most 2048 normal + 2048 pseudo-abnormal patches, batch 64 + 64, POIs from at most 24
+task-irrelevant samples. The paper's values are kept where it gives them: p = 0.1 %, 784
+patches of 8×8 at 224×224, τ = 0.07, λ1 = 1, λ2 = 100, PatchCore k = 3, ε = 0.1, Adam, last
+epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.spatial import cKDTree
+
+from workers.patchcore import MemoryBankScorer, fpfh_features, greedy_coreset, nearest_distances
+from workers.preprocess import PreparedCloud
+from workers.scorer import Scorer, ScoreResult, register
+from workers.zeroshot.patches import (
+    IMAGE_SIZE,
+    PatchSet,
+    cloud_point_scores,
+    extract_patches,
+    normalize_patches,
+    organized_point_scores,
+)
+from workers.zeroshot.pointnet2 import PointNet2
+from workers.zeroshot.pseudo_anomalies import NormalCloud, collect_pois, generate_pseudo_anomalies
+from workers.zeroshot.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet50, load_checkpoint
+from workers.zeroshot.training import TrainConfig, abnormal_probability, encode, train_networks
+
+log = logging.getLogger("inspectd.zeroshot")
+
+FPFH_DIM = 33
+FEATURE_DIM = FPFH_DIM
+"""The learned feature has the FPFH's dimension so that Eq. 2's cosine is defined."""
+
+
+def parse_mix(mix: str | float) -> float:
+    """``pseudo_mix`` → the fraction of adding-point pseudo anomalies."""
+    if isinstance(mix, str):
+        named = {"adding": 1.0, "removing": 0.0, "both": 0.5}
+        if mix in named:
+            return named[mix]
+        try:
+            mix = float(mix)
+        except ValueError:
+            raise ValueError(f"pseudo_mix must be 'adding', 'removing', 'both' or a ratio in [0, 1], got {mix!r}") from None
+    m = float(mix)
+    if not 0.0 <= m <= 1.0:
+        raise ValueError(f"pseudo_mix ratio must be in [0, 1], got {m}")
+    return m
+
+
+@dataclass
+class _Prepared:
+    cloud: PreparedCloud
+    tree: cKDTree
+    fpfh: np.ndarray
+    patches: PatchSet
+    patch_fpfh: np.ndarray
+    xyz: np.ndarray
+    """P×k×3 float32 absolute patch points."""
+
+
+@register
+class ZeroShotScorer(Scorer):
+    """3DzAL (see the module docstring). Ablation knobs: ``use_learned``, ``use_classifier``,
+    ``use_perturbation``, ``pseudo_mix``, ``contrastive_weight``, ``disentangle_weight``."""
+
+    name = "zeroshot"
+    version = "1.0.0"
+
+    def __init__(
+        self,
+        voxel_size: float = 1.0,
+        patch_points: int = 64,
+        patch_mode: str = "auto",
+        min_cell_pixels: int = 8,
+        unorganized_patches: int = 784,
+        normal_radius_factor: float = 2.0,
+        feature_radius_factor: float = 5.0,
+        poi_percent: float = 0.1,
+        poi_max_sources: int = 24,
+        pseudo_mix: str | float = 0.5,
+        part_points: int = 24,
+        remove_ratio_min: float = 0.25,
+        remove_ratio_max: float = 0.6,
+        rotate_parts: bool = True,
+        negative_ratio: float = 1.0,
+        max_train_patches: int = 2048,
+        epochs: int = 8,
+        batch_positives: int = 64,
+        lr: float = 1e-3,
+        temperature: float = 0.07,
+        contrastive_weight: float = 1.0,
+        disentangle_weight: float = 100.0,
+        width: int = 32,
+        use_learned: bool = True,
+        use_classifier: bool = True,
+        use_perturbation: bool = True,
+        perturbation_epsilon: float = 0.1,
+        perturbation_direction: str = "lower",
+        distance_weight: float = 1.0,
+        classifier_weight: float = 1.0,
+        learned_weight: float = 1.0,
+        rgb_checkpoint: str | None = None,
+        coreset_ratio: float = 0.1,
+        coreset_max: int = 20000,
+        coreset_projection_dim: int = 128,
+        reweight_neighbors: int = 3,
+        blur_sigma: float = 4.0,
+        cloud_blur_k: int = 16,
+        cloud_blur_sigma_factor: float = 2.0,
+        checkpoint_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        if voxel_size <= 0:
+            raise ValueError("voxel_size must be positive")
+        if patch_points < 4 or part_points < 1:
+            raise ValueError("patch_points must be >= 4 and part_points >= 1")
+        if not 0 < poi_percent <= 100:
+            raise ValueError("poi_percent must be in (0, 100]")
+        if not 0 <= remove_ratio_min <= remove_ratio_max < 1:
+            raise ValueError("need 0 <= remove_ratio_min <= remove_ratio_max < 1")
+        if perturbation_direction not in ("lower", "raise"):
+            raise ValueError("perturbation_direction must be 'lower' or 'raise'")
+        if patch_mode not in ("auto", "organized", "unorganized"):
+            raise ValueError("patch_mode must be auto, organized or unorganized")
+        if coreset_ratio <= 0 or coreset_max < 1 or negative_ratio <= 0 or epochs < 0:
+            raise ValueError("coreset_ratio, negative_ratio must be > 0, coreset_max >= 1, epochs >= 0")
+        parse_mix(pseudo_mix)
+        self.voxel_size = float(voxel_size)
+        self.patch_points = int(patch_points)
+        self.patch_mode = patch_mode
+        self.min_cell_pixels = int(min_cell_pixels)
+        self.unorganized_patches = int(unorganized_patches)
+        self.normal_radius_factor = float(normal_radius_factor)
+        self.feature_radius_factor = float(feature_radius_factor)
+        self.poi_percent = float(poi_percent)
+        self.poi_max_sources = int(poi_max_sources)
+        self.pseudo_mix = pseudo_mix if isinstance(pseudo_mix, str) else float(pseudo_mix)
+        self.part_points = int(part_points)
+        self.remove_ratio_min = float(remove_ratio_min)
+        self.remove_ratio_max = float(remove_ratio_max)
+        self.rotate_parts = bool(rotate_parts)
+        self.negative_ratio = float(negative_ratio)
+        self.max_train_patches = int(max_train_patches)
+        self.epochs = int(epochs)
+        self.batch_positives = int(batch_positives)
+        self.lr = float(lr)
+        self.temperature = float(temperature)
+        self.contrastive_weight = float(contrastive_weight)
+        self.disentangle_weight = float(disentangle_weight)
+        self.width = int(width)
+        self.use_learned = bool(use_learned)
+        self.use_classifier = bool(use_classifier)
+        self.use_perturbation = bool(use_perturbation)
+        self.perturbation_epsilon = float(perturbation_epsilon)
+        self.perturbation_direction = perturbation_direction
+        self.distance_weight = float(distance_weight)
+        self.classifier_weight = float(classifier_weight)
+        self.learned_weight = float(learned_weight)
+        self.rgb_checkpoint = rgb_checkpoint
+        self.coreset_ratio = float(coreset_ratio)
+        self.coreset_max = int(coreset_max)
+        self.coreset_projection_dim = int(coreset_projection_dim)
+        self.reweight_neighbors = int(reweight_neighbors)
+        self.blur_sigma = float(blur_sigma)
+        self.cloud_blur_k = int(cloud_blur_k)
+        self.cloud_blur_sigma_factor = float(cloud_blur_sigma_factor)
+        self.checkpoint_dir = checkpoint_dir
+        self.seed = int(seed)
+
+        self.encoder: PointNet2 | None = None
+        self.classifier: PointNet2 | None = None
+        self.rgb_model: ResNet50 | None = None
+        self._bank: MemoryBankScorer | None = None
+        self._block_scale: np.ndarray | None = None
+        self._fpfh_mean: np.ndarray | None = None
+        self._dist_scale: float = 1.0
+        self.fit_info: dict[str, Any] = {}
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Any]:
+        keys = (
+            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "unorganized_patches",
+            "normal_radius_factor", "feature_radius_factor", "poi_percent", "poi_max_sources", "pseudo_mix",
+            "part_points", "remove_ratio_min", "remove_ratio_max", "rotate_parts", "negative_ratio",
+            "max_train_patches", "epochs", "batch_positives", "lr", "temperature", "contrastive_weight",
+            "disentangle_weight", "width", "use_learned", "use_classifier", "use_perturbation",
+            "perturbation_epsilon", "perturbation_direction", "distance_weight", "classifier_weight",
+            "learned_weight", "rgb_checkpoint", "coreset_ratio", "coreset_max", "coreset_projection_dim",
+            "reweight_neighbors", "blur_sigma", "cloud_blur_k", "cloud_blur_sigma_factor", "checkpoint_dir",
+            "seed",
+        )
+        return {k: getattr(self, k) for k in keys}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self._bank is None or self._bank._bank is None or self._block_scale is None or self._fpfh_mean is None:
+            raise RuntimeError("zeroshot is not fitted: nothing to save")
+        out: dict[str, np.ndarray] = {
+            "memory_bank": self._bank._bank,
+            "block_scale": self._block_scale.astype(np.float32),
+            "fpfh_mean": self._fpfh_mean.astype(np.float32),
+            "dist_scale": np.asarray([self._dist_scale], dtype=np.float32),
+        }
+        for prefix, net in (("encoder.", self.encoder), ("classifier.", self.classifier), ("rgb.", self.rgb_model)):
+            if net is not None:
+                out.update({prefix + k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
+        return out
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> ZeroShotScorer:
+        for key in ("memory_bank", "block_scale", "fpfh_mean", "dist_scale"):
+            if key not in tensors:
+                raise ValueError(f"zeroshot state has no {key!r} tensor")
+        scorer = cls(**params)
+
+        def sub(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith(prefix)}
+
+        enc, clf, rgb = sub("encoder."), sub("classifier."), sub("rgb.")
+        if enc:
+            scorer.encoder = PointNet2(FEATURE_DIM, width=scorer.width)
+            scorer.encoder.load_state_dict(enc)
+            scorer.encoder.eval()
+        if clf:
+            scorer.classifier = PointNet2(2, width=scorer.width)
+            scorer.classifier.load_state_dict(clf)
+            scorer.classifier.eval()
+        if rgb:
+            scorer.rgb_model = ResNet50(width_per_group=int(rgb["layer1.0.conv1.weight"].shape[0]))
+            scorer.rgb_model.load_state_dict(rgb, strict=False)
+            scorer.rgb_model.eval()
+        scorer._block_scale = np.asarray(tensors["block_scale"], dtype=np.float32)
+        scorer._fpfh_mean = np.asarray(tensors["fpfh_mean"], dtype=np.float32)
+        scorer._dist_scale = float(np.asarray(tensors["dist_scale"]).reshape(-1)[0])
+        n_blocks = 1 + int(scorer.encoder is not None) + int(scorer.rgb_model is not None)
+        if len(scorer._block_scale) != n_blocks:
+            raise ValueError(f"zeroshot state: {len(scorer._block_scale)} block scales for {n_blocks} feature blocks")
+        scorer._set_bank(np.asarray(tensors["memory_bank"]))
+        return scorer
+
+    def _set_bank(self, bank: np.ndarray) -> None:
+        self._bank = MemoryBankScorer(voxel_size=self.voxel_size, reweight_neighbors=self.reweight_neighbors)
+        self._bank._set_bank(bank)
+
+    @property
+    def fitted(self) -> bool:
+        return self._bank is not None
+
+    @property
+    def memory_bank_size(self) -> int:
+        return 0 if self._bank is None else self._bank.memory_bank_size
+
+    # -- features ------------------------------------------------------------------------------
+
+    def _prepare(self, cloud: PreparedCloud) -> _Prepared:
+        fpfh = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
+        tree = cKDTree(cloud.points)
+        patches = extract_patches(
+            cloud, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels, tree
+        )
+        return _Prepared(
+            cloud, tree, fpfh, patches, fpfh[patches.neighbors].mean(axis=1), cloud.points[patches.neighbors]
+        )
+
+    @torch.no_grad()
+    def _rgb_cells(self, cloud: PreparedCloud) -> np.ndarray:
+        """784×C PatchCore features (layer2 ‖ layer3, 3×3 avg-pooled) of an organized RGB frame."""
+        assert self.rgb_model is not None
+        frame = cloud.frame
+        if frame is None or not frame.organized or frame.rgb is None:
+            raise ValueError("the zeroshot model has an RGB branch: every cloud needs an organized frame with RGB")
+        img = torch.from_numpy(np.ascontiguousarray(frame.rgb)).permute(2, 0, 1)[None].float() / 255.0
+        img = F.interpolate(img, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
+        img = (img - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        feats = self.rgb_model.forward_features(img, ("layer2", "layer3"))
+        l2 = F.avg_pool2d(feats["layer2"], 3, 1, 1)
+        l3 = F.avg_pool2d(feats["layer3"], 3, 1, 1)
+        l3 = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
+        out = torch.cat([l2, l3], dim=1)[0]
+        return out.reshape(out.shape[0], -1).T.numpy()
+
+    def _blocks(self, prep: Sequence[_Prepared]) -> list[np.ndarray]:
+        """The raw feature blocks (FPFH, learned, RGB as present) of the patches of ``prep``."""
+        blocks = [np.concatenate([p.patch_fpfh for p in prep]).astype(np.float32)]
+        if self.encoder is not None:
+            x = normalize_patches(np.concatenate([p.xyz for p in prep]))
+            blocks.append(encode(self.encoder, x).numpy())
+        if self.rgb_model is not None:
+            rgb = []
+            for p in prep:
+                assert p.patches.cells is not None, "RGB branch needs organized patches"
+                rgb.append(self._rgb_cells(p.cloud)[p.patches.cells])
+            blocks.append(np.concatenate(rgb).astype(np.float32))
+        return blocks
+
+    def _combine(self, blocks: list[np.ndarray]) -> np.ndarray:
+        assert self._block_scale is not None
+        weights = [1.0] + ([self.learned_weight] if self.encoder is not None else []) + (
+            [1.0] if self.rgb_model is not None else []
+        )
+        return np.concatenate(
+            [b / s * w for b, s, w in zip(blocks, self._block_scale, weights, strict=True)], axis=1
+        ).astype(np.float32)
+
+    # -- fit -----------------------------------------------------------------------------------
+
+    def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
+        """Fit on good parts of other products (see the module docstring: bank = ``clouds``'
+        patches; POIs from ``clouds`` too, only attached across products)."""
+        self._fit(clouds, None, progress)
+
+    def fit_zero_shot(
+        self, train: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud], progress: bool = False
+    ) -> None:
+        """The paper's protocol: normal patches and memory bank from ``train`` (one training
+        class), points of interest from the task-irrelevant ``auxiliary`` clouds only."""
+        if len(auxiliary) == 0:
+            raise ValueError("fit_zero_shot needs task-irrelevant auxiliary clouds")
+        self._fit(train, auxiliary, progress)
+
+    def _fit(
+        self, clouds: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud] | None, progress: bool
+    ) -> None:
+        from tqdm import tqdm
+
+        if len(clouds) == 0:
+            raise ValueError("zeroshot needs at least one good training cloud")
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(self.seed)
+        prep = [self._prepare(c) for c in tqdm(clouds, desc="3dzal fpfh+patches", disable=not progress, leave=False)]
+        t1 = time.perf_counter()
+        info: dict[str, Any] = {"n_clouds": len(clouds), "n_patches": int(sum(len(p.patches) for p in prep))}
+        all_fpfh = np.concatenate([p.patch_fpfh for p in prep])
+        self._fpfh_mean = all_fpfh.mean(axis=0).astype(np.float32)
+
+        self.encoder = self.classifier = None
+        if self.use_learned or self.use_classifier:
+            self._train(prep, clouds, auxiliary, rng, progress, info)
+        t2 = time.perf_counter()
+
+        self.rgb_model = self._load_rgb(clouds, prep)
+        blocks = self._blocks(prep)
+        self._block_scale = np.asarray(
+            [max(float(np.sqrt(((b - b.mean(axis=0)) ** 2).sum(axis=1).mean())), 1e-6) for b in blocks],
+            dtype=np.float32,
+        )
+        bank = self._combine(blocks)
+        n_keep = self._coreset_size(len(bank))
+        idx = np.arange(len(bank))
+        if n_keep < len(bank):
+            idx = greedy_coreset(bank, n_keep, self.coreset_projection_dim, self.seed, progress)
+        self._set_bank(bank[idx])
+        self._dist_scale = self._distance_scale(bank, idx)
+        t3 = time.perf_counter()
+        info.update(
+            {
+                "memory_bank": [int(self.memory_bank_size), int(bank.shape[1])],
+                "dist_scale": self._dist_scale,
+                "block_scale": self._block_scale.tolist(),
+                "rgb_branch": self.rgb_model is not None,
+                "seconds": {"features": t1 - t0, "train": t2 - t1, "bank": t3 - t2},
+            }
+        )
+        self.fit_info = info
+        log.info("3DzAL fitted: %s", {k: v for k, v in info.items() if k != "history"})
+
+    def _coreset_size(self, n: int) -> int:
+        if self.coreset_ratio >= 1.0:
+            return min(n, self.coreset_max)
+        return min(n, self.coreset_max, max(1, int(self.coreset_ratio * n)))
+
+    def _distance_scale(self, bank: np.ndarray, kept: np.ndarray) -> float:
+        """Mean distance of the left-out training patches to the coreset (see the module docstring)."""
+        assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
+        assert self._bank._bank_mean is not None
+        rest = np.setdiff1d(np.arange(len(bank)), kept)
+        if len(rest):
+            q = torch.from_numpy(bank[rest]) - self._bank._bank_mean
+            d = nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq)
+        else:
+            if len(bank) < 2:
+                return 1.0
+            t = torch.from_numpy(bank)
+            d = torch.cat(
+                [torch.cdist(t[i : i + 1024], t).scatter_(1, torch.arange(i, min(i + 1024, len(t)))[:, None], float("inf"))
+                 .amin(dim=1) for i in range(0, len(t), 1024)]
+            )
+        scale = float(d.mean())
+        return scale if scale > 1e-9 else 1.0
+
+    def _train(
+        self,
+        prep: Sequence[_Prepared],
+        clouds: Sequence[PreparedCloud],
+        auxiliary: Sequence[PreparedCloud] | None,
+        rng: np.random.Generator,
+        progress: bool,
+        info: dict[str, Any],
+    ) -> None:
+        # positives: the normal patches (a random subset of at most max_train_patches)
+        xyz = np.concatenate([p.xyz for p in prep])
+        fp = np.concatenate([p.patch_fpfh for p in prep]) - self._fpfh_mean
+        sel = rng.permutation(len(xyz))[: self.max_train_patches] if self.max_train_patches > 0 else np.arange(len(xyz))
+        positives = normalize_patches(xyz[sel])
+        positive_fpfh = torch.from_numpy(np.ascontiguousarray(fp[sel], dtype=np.float32))
+
+        # negatives: pseudo anomalies; POIs from task-irrelevant data
+        products = [_product(c) for c in clouds]
+        if auxiliary is None:
+            sources = list(clouds)
+            if len(set(products)) < 2:
+                log.warning("3DzAL: all training clouds are one product (%r): points of interest are taken from it, "
+                            "there is no task-irrelevant data", products[0])
+        else:
+            sources = list(auxiliary)
+        sources = _stratified(sources, self.poi_max_sources, rng)
+        mix = parse_mix(self.pseudo_mix)
+        t0 = time.perf_counter()
+        pool = collect_pois(sources, self.poi_percent / 100.0, seed=self.seed) if mix > 0 else None
+        t1 = time.perf_counter()
+        normals = [NormalCloud(p.cloud.points, p.tree, products[i]) for i, p in enumerate(prep)]
+        n_neg = max(1, int(round(self.negative_ratio * len(sel))))
+        if pool is None:  # removing-only: no POIs needed
+            from workers.zeroshot.pseudo_anomalies import PoiPool
+
+            pool = PoiPool([], [], [], [])
+        neg, kind = generate_pseudo_anomalies(
+            normals, pool, n_neg, self.patch_points, mix, self.part_points,
+            (self.remove_ratio_min, self.remove_ratio_max), self.rotate_parts, rng,
+        )
+        negatives = normalize_patches(neg)
+        t2 = time.perf_counter()
+        cfg = TrainConfig(
+            epochs=self.epochs, batch_positives=self.batch_positives, lr=self.lr, temperature=self.temperature,
+            contrastive_weight=self.contrastive_weight, disentangle_weight=self.disentangle_weight,
+            feature_dim=FEATURE_DIM, width=self.width, seed=self.seed,
+        )
+        self.encoder, self.classifier, history = train_networks(
+            positives, positive_fpfh, negatives, cfg, self.use_learned, self.use_classifier, progress,
+            self.checkpoint_dir,
+        )
+        t3 = time.perf_counter()
+        info.update(
+            {
+                "n_positives": len(sel),
+                "n_negatives": int(n_neg),
+                "n_adding": int(kind.sum()),
+                "poi_sources": len(sources),
+                "n_pois": int(sum(len(p) for p in pool.poi)),
+                "history": history,
+                "train_seconds": {"pois": t1 - t0, "pseudo": t2 - t1, "networks": t3 - t2},
+            }
+        )
+
+    def _load_rgb(self, clouds: Sequence[PreparedCloud], prep: Sequence[_Prepared]) -> ResNet50 | None:
+        if not self.rgb_checkpoint:
+            log.info("3DzAL: RGB branch left out (no rgb_checkpoint: no local ImageNet checkpoint given; "
+                     "nothing is downloaded)")
+            return None
+        ok = all(c.frame is not None and c.frame.organized and c.frame.rgb is not None for c in clouds) and all(
+            p.patches.organized for p in prep
+        )
+        if not ok:
+            log.warning("3DzAL: RGB branch left out: not every training frame is organized with an RGB image")
+            return None
+        try:
+            model = load_checkpoint(self.rgb_checkpoint)
+        except (OSError, ValueError) as exc:
+            log.warning("3DzAL: RGB branch left out: %s", exc)
+            return None
+        log.info("3DzAL: RGB branch on (%s)", self.rgb_checkpoint)
+        # keep only what the features use (no layer4 / fc in the artifact)
+        model.layer4 = torch.nn.Sequential()
+        model.fc = torch.nn.Identity()  # type: ignore[assignment]
+        return model
+
+    # -- score ---------------------------------------------------------------------------------
+
+    def patch_scores(self, prep: _Prepared) -> tuple[np.ndarray, np.ndarray, float]:
+        """(distance score per patch / dist_scale, S_abnormal per patch (zeros without a
+        classifier), PatchCore's weight w of the maximal patch)."""
+        assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
+        assert self._bank._bank_mean is not None
+        feats = self._combine(self._blocks([prep]))
+        q = torch.from_numpy(feats) - self._bank._bank_mean
+        dist = nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq).numpy() / self._dist_scale
+        star = int(np.argmax(dist))
+        w = self._bank._reweight(q[star])
+        if self.use_classifier and self.classifier is not None:
+            cls = abnormal_probability(
+                self.classifier, normalize_patches(prep.xyz), self.perturbation_epsilon,
+                self.use_perturbation, self.perturbation_direction,
+            )
+        else:
+            cls = np.zeros(len(dist), dtype=np.float32)
+        return dist.astype(np.float32), cls, w
+
+    def score(self, cloud: PreparedCloud) -> ScoreResult:
+        if self._bank is None:
+            raise RuntimeError("zeroshot is not fitted: call fit() or load an artifact first")
+        t0 = time.perf_counter()
+        prep = self._prepare(cloud)
+        t1 = time.perf_counter()
+        dist, cls, w = self.patch_scores(prep)
+        t2 = time.perf_counter()
+        use_c = self.use_classifier and self.classifier is not None
+        lam_c = self.classifier_weight if use_c else 0.0
+        values = self.distance_weight * dist + lam_c * cls
+        if prep.patches.organized:
+            points = organized_point_scores(values, prep.patches, cloud, self.blur_sigma)
+        else:
+            points = cloud_point_scores(
+                values, prep.patches, cloud.points, prep.tree, self.cloud_blur_k,
+                self.cloud_blur_sigma_factor * self.voxel_size,
+            )
+        s_dist = w * float(dist.max())  # Eq. 4–6
+        s_cls = float(cls.max()) if use_c else 0.0  # Eq. 9
+        obj = self.distance_weight * s_dist + lam_c * s_cls  # Eq. 12
+        t3 = time.perf_counter()
+        return ScoreResult(
+            object_score=float(obj),
+            point_scores=points.astype(np.float32),
+            timings={"features": t1 - t0, "patch_scores": t2 - t1, "maps": t3 - t2},
+        )
+
+
+def _product(cloud: PreparedCloud) -> str:
+    return cloud.frame.meta.product if cloud.frame is not None else ""
+
+
+def _stratified(clouds: Sequence[PreparedCloud], n: int, rng: np.random.Generator) -> list[PreparedCloud]:
+    """At most ``n`` clouds, drawn round-robin over products (each product's order shuffled)."""
+    if n <= 0 or len(clouds) <= n:
+        return list(clouds)
+    by: dict[str, list[int]] = {}
+    for i, c in enumerate(clouds):
+        by.setdefault(_product(c), []).append(i)
+    queues = [list(rng.permutation(v)) for _, v in sorted(by.items())]
+    out: list[int] = []
+    while len(out) < n:
+        for q in queues:
+            if q and len(out) < n:
+                out.append(int(q.pop()))
+    return [clouds[i] for i in sorted(out)]
