@@ -77,15 +77,51 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _post(url: str, body: dict | None = None) -> dict:
+    """POST JSON to the daemon's HTTP API; the daemon's error message on failure."""
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise ValueError(f"{url}: {e.code} {json.loads(e.read() or b'{}').get('error', '')}") from None
+    except OSError as e:
+        raise ValueError(f"cannot reach the daemon at {url}: {e}") from None
+
+
 def cmd_enroll(args: argparse.Namespace) -> int:
     from daemon.config import load_config
-    from daemon.enrollment import enroll, load_frames
+    from daemon.enrollment import calibrate, enroll, load_frames
+    from workers.model_store import ZERO_SHOT_MODEL
 
     cfg = load_config(args.config)
     models = Path(args.models or cfg.storage.models_dir)
-    frames = load_frames(args.good, args.product)
-    path = enroll(models, args.product, frames, args.scorer, cfg.preprocess.params())
-    print(f"enrolled {args.product} ({args.scorer}, {len(frames)} good parts) → {path}")
+    if args.cold_start == bool(args.product):
+        raise ValueError("give either --product P or --cold-start")
+    product = ZERO_SHOT_MODEL if args.cold_start else args.product
+    frames = [f for folder in args.good for f in load_frames(folder, args.product or "auxiliary")]
+    k = args.holdout
+    if k and len(frames) - k < 1:
+        raise ValueError(f"--holdout {k} leaves no part to fit on ({len(frames)} parts)")
+    path = enroll(models, product, frames[: len(frames) - k], args.scorer, cfg.preprocess.params())
+    print(f"enrolled {product} ({args.scorer}, {len(frames) - k} good parts) → {path}")
+    if k:
+        rec = calibrate(models, product, frames[-k:], cfg.decision.target_frr)
+        print(f"calibrated {product} on the {k} held-out parts: threshold {rec['threshold']:.5g}")
+    if args.notify:
+        reply = _post(f"{args.notify.rstrip('/')}/v1/products/{product}/reload")
+        print(f"daemon now serves {product} with model {reply['model_version']} on {reply['actors']} actors")
+    return 0
+
+
+def cmd_mark_good(args: argparse.Namespace) -> int:
+    for part_id in args.part_id:
+        reply = _post(f"{args.daemon.rstrip('/')}/v1/products/{args.product}/good", {"part_id": part_id})
+        print(f"{args.product}/{part_id} marked good → {reply['saved']} ({reply['collected']} collected)")
     return 0
 
 
@@ -143,12 +179,22 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_simulate)
 
     e = sub.add_parser("enroll", help="fit a product's scorer on good parts")
-    e.add_argument("--product", required=True)
-    e.add_argument("--good", required=True, help="folder of good scans")
+    e.add_argument("--product", help="the product to enroll")
+    e.add_argument("--cold-start", action="store_true",
+                   help="fit the cold-start model (scores products without a model) on other products' good parts")
+    e.add_argument("--good", required=True, action="append", help="folder of good scans (repeatable)")
     e.add_argument("--scorer", default="patchcore-fpfh")
+    e.add_argument("--holdout", type=int, default=0, help="keep the last K parts out of the fit and calibrate on them")
+    e.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new model live")
     e.add_argument("--config")
     e.add_argument("--models", help="models folder (default: the config's storage.models_dir)")
     e.set_defaults(func=cmd_enroll)
+
+    g = sub.add_parser("mark-good", help="tell the daemon that cold-start parts are good (collects them for enroll)")
+    g.add_argument("--product", required=True)
+    g.add_argument("--part-id", required=True, action="append")
+    g.add_argument("--daemon", default="http://127.0.0.1:9108")
+    g.set_defaults(func=cmd_mark_good)
 
     c = sub.add_parser("calibrate", help="set a product's threshold from held-out good parts")
     c.add_argument("--product", required=True)

@@ -92,6 +92,15 @@ class PreprocessConfig(Section):
         )
 
 
+class ColdStartConfig(Section):
+    enabled: bool = True
+    """Score products without a model by the cold-start model (``<models_dir>/_zeroshot``), if present."""
+    keep_frames: int = Field(64, ge=0)
+    """Recent cold-start frames held in memory, so an operator can mark them good."""
+    collect_dir: Path = Path("out/collected")
+    """Parts marked good are written to ``<collect_dir>/<product>/good/`` for ``inspectd enroll``."""
+
+
 class ProductConfig(Section):
     scorer: str = "patchcore-fpfh"
     threshold: float | None = None
@@ -107,6 +116,7 @@ class Config(Section):
     ray: RayConfig = RayConfig()
     workers: WorkersConfig = WorkersConfig()
     decision: DecisionConfig = DecisionConfig()
+    cold_start: ColdStartConfig = ColdStartConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     """Used by ``inspectd enroll`` for new models; a model keeps the settings it was fitted with."""
     products: dict[str, ProductConfig] = {}

@@ -51,7 +51,6 @@ import logging
 import math
 import os
 import platform
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -78,7 +77,7 @@ __all__ = [
 AUPRO_FPR_LIMIT = 0.3
 REPORT_VERSION = 1
 METRICS = ("i_auroc", "p_auroc", "aupro")
-GALLERY_PER_CLASS = 3
+GALLERY_PER_CLASS = 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,11 +132,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scorer_params=_parse_params(args.scorer_param),
         progress=not args.no_progress,
         voxel_size=args.voxel_size,
-        command=" ".join(["inspectd", *sys.argv[1:]]) if sys.argv else None,
+        command=_eval_command(args),
     )
     print(_markdown_table(report))
     print(f"\nreport: {Path(args.out) / 'report.json'} and report.md, figures roc_curves.png, gallery.png")
     return 0
+
+
+def _eval_command(args: argparse.Namespace) -> str:
+    """The ``inspectd eval`` command line equivalent to ``args`` (recorded in the report)."""
+    import shlex
+
+    parts = ["inspectd", "eval", "--dataset", str(args.dataset), "--layout", args.layout, "--scorer", args.scorer]
+    classes = _class_list(args.classes)
+    if classes:
+        parts += ["--classes", *classes]
+    if args.zero_shot:
+        parts.append("--zero-shot")
+    parts += ["--out", str(args.out)]
+    if args.voxel_size != 1.0:
+        parts += ["--voxel-size", f"{args.voxel_size:g}"]
+    for item in args.scorer_param or ():
+        parts += ["--scorer-param", item]
+    return shlex.join(parts)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -377,11 +394,14 @@ def evaluate(
             raise ValueError(f"class {cls!r} of {dataset} has no test samples")
         picks = set(_gallery_picks(tests, gallery_per_class))
         obj, labels, maps, gts, pts, secs, defects = [], [], [], [], [], [], []
+        stages: dict[str, float] = {}
         for i, s in enumerate(tqdm(tests, desc=f"score {cls}", disable=not progress, leave=False)):
             frame = s.load()
             t0 = time.perf_counter()
             fs = score_frame(scorer, frame, pp)
             secs.append(time.perf_counter() - t0)
+            for k, v in fs.timings.items():
+                stages[k] = stages.get(k, 0.0) + float(v)
             amap = np.asarray(fs.anomaly_map, dtype=np.float32)
             gt = frame.gt_mask if frame.gt_mask is not None else np.zeros(amap.shape, np.uint8)
             path = score_file(out, s)
@@ -423,6 +443,7 @@ def evaluate(
             "n_defective": int((~good).sum()),
             "i_auroc_per_defect": per_defect,
             "score_seconds_max": round(float(np.max(secs)), 4),
+            "score_seconds_per_stage": {k: round(v / len(tests), 4) for k, v in stages.items()},
             "memory_bank_size": getattr(scorer, "memory_bank_size", None),
         }
         flat_s = np.concatenate([np.ravel(a) for a in maps])
@@ -716,7 +737,7 @@ def _organized_panels(item: _GalleryItem, lo: float, hi: float, size: int):
     if finite.any():
         d0, d1 = np.quantile(depth[finite], [0.01, 0.99])
         t = np.clip((depth - d0) / (d1 - d0 if d1 > d0 else 1.0), 0, 1)
-        shade = (235 - 200 * np.nan_to_num(t)).astype(np.uint8)  # near = bright
+        shade = (35 + 200 * np.nan_to_num(t)).astype(np.uint8)  # high z = bright
         grey[...] = shade[..., None]
     grey[~finite] = (0, 0, 60)
     amap = colormap(item.score, lo, hi)
@@ -729,7 +750,7 @@ def _organized_panels(item: _GalleryItem, lo: float, hi: float, size: int):
 
 
 def _topdown(points: np.ndarray, colours: np.ndarray, size: int) -> np.ndarray:
-    """Top-down orthographic view (x right, y up) with a z-buffer; 2×2 splats."""
+    """Top-down orthographic view (x right, y up) with a z-buffer; 3×3 splats."""
     img = np.full((size, size, 3), 255, np.uint8)
     ok = np.isfinite(points).all(axis=1)
     p, c = points[ok].astype(np.float64), colours[ok]
@@ -740,11 +761,11 @@ def _topdown(points: np.ndarray, colours: np.ndarray, size: int) -> np.ndarray:
     off = (size - (hi - lo) * scale) / 2
     ix = ((p[:, 0] - lo[0]) * scale + off[0]).astype(np.int64)
     iy = (size - 1 - ((p[:, 1] - lo[1]) * scale + off[1])).astype(np.int64)
-    dx, dy = np.meshgrid([0, 1], [0, 1])
+    dx, dy = np.meshgrid([-1, 0, 1], [-1, 0, 1])
     ix = (ix[:, None] + dx.ravel()[None, :]).ravel()
     iy = (iy[:, None] + dy.ravel()[None, :]).ravel()
-    z = np.repeat(p[:, 2], 4)
-    col = np.repeat(c, 4, axis=0)
+    z = np.repeat(p[:, 2], 9)
+    col = np.repeat(c, 9, axis=0)
     inside = (ix >= 0) & (ix < size) & (iy >= 0) & (iy < size)
     ix, iy, z, col = ix[inside], iy[inside], z[inside], col[inside]
     pix = iy * size + ix
@@ -779,7 +800,7 @@ def draw_gallery(items: Sequence[_GalleryItem], ranges: dict[str, tuple[float, f
     img = Image.new("RGB", (max(1, cols * cell_w), head + max(1, len(by_cls)) * (size + label_h)), "white")
     draw = ImageDraw.Draw(img)
     font = _font()
-    legend = ("depth | anomaly map (gt contour green)" if organized
+    legend = ("z image (high = bright) | anomaly map (gt contour green)" if organized
               else "top-down view coloured by score | by ground truth (red = anomalous)")
     draw.text((6, 5), legend + "; colour scale per class: min .. 99.9th percentile of its test scores",
               fill="black", font=font)

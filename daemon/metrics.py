@@ -1,15 +1,18 @@
 """Every Prometheus metric of the daemon, defined in one place, and the HTTP endpoint.
 
 The HTTP server answers ``/metrics`` (Prometheus text format), ``/healthz`` (the process
-answers) and ``/readyz`` (200 once the actors are up and models loaded, 503 before).
+answers) and ``/readyz`` (200 once the actors are up and models loaded, 503 before); every
+path under ``/v1/`` goes to the service's JSON API callback (docs/protocol.md, "HTTP API").
 Metrics live on a private registry per daemon so tests can run several daemons in turn.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -52,6 +55,11 @@ class DaemonMetrics:
         )
         self.actor_restarts = Counter("inspectd_actor_restarts", "Scoring actors that died and were restarted.", registry=r)
         self.actors = Gauge("inspectd_actors", "Alive scoring actors, by inference backend.", ["backend"], registry=r)
+        self.cold_start_verdicts = Counter(
+            "inspectd_cold_start_verdicts", "Verdicts given by the cold-start (zero-shot) model.", ["product"], registry=r
+        )
+        self.marked_good = Counter("inspectd_marked_good", "Parts an operator marked good.", ["product"], registry=r)
+        self.model_reloads = Counter("inspectd_model_reloads", "Live model switches.", ["product"], registry=r)
         self.ready = Gauge("inspectd_ready", "1 when actors are up and models loaded.", registry=r)
         build = Gauge("inspectd_build_info", "Version of the running daemon.", ["version"], registry=r)
         build.labels(version=version).set(1)
@@ -67,13 +75,41 @@ class DaemonMetrics:
 class MetricsServer:
     """A small threaded HTTP server for /metrics, /healthz and /readyz."""
 
-    def __init__(self, metrics: DaemonMetrics, host: str, port: int, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: DaemonMetrics,
+        host: str,
+        port: int,
+        is_ready: Callable[[], bool],
+        api: Callable[[str, str, Any], tuple[int, dict[str, Any]]] | None = None,
+    ) -> None:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def _api(self, method: str, path: str) -> None:
+                body: Any = None
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    try:
+                        body = json.loads(self.rfile.read(length))
+                    except ValueError:
+                        self._send(400, b'{"error": "body is not JSON"}\n', "application/json")
+                        return
+                code, reply = api(method, path, body) if api else (404, {"error": "no API"})
+                self._send(code, json.dumps(reply).encode() + b"\n", "application/json")
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                path = self.path.split("?", 1)[0]
+                if path.startswith("/v1/"):
+                    self._api("POST", path)
+                else:
+                    self._send(404, b"not found\n")
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if path.startswith("/v1/"):
+                    self._api("GET", path)
+                elif path == "/metrics":
                     self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":
                     self._send(200, b"ok\n")

@@ -13,15 +13,24 @@ Three threads, each owning what it touches, so no socket is shared:
   commits the log row, then publishes, in that order.
 
 Every message that arrives gets exactly one verdict: each path above ends in ``_emit``.
+
+Cold start: a product with no model of its own is scored by the cold-start model
+(``<models_dir>/_zeroshot``) and its verdicts say ``"zero_shot": true``. The daemon holds its
+recent frames so an operator can mark good ones (``POST /v1/products/<p>/good``, or
+``inspectd mark-good``); ``inspectd enroll --notify`` then makes every actor load the new
+model (``POST /v1/products/<p>/reload``). Frames keep flowing meanwhile: each verdict uses
+the model, and that model's threshold, which scored it.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,9 +43,12 @@ from daemon.maps import write_maps
 from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.pool import ActorDied, ActorPool, Job
 from daemon.resultlog import ResultLog
-from sensors.frame import FrameError
+from sensors.frame import Frame, FrameError
+from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.wire import decode_frame, encode_verdict, salvage_header
-from workers.model_store import enrolled_products, read_calibration
+from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
+
+PRODUCT_ROUTE = re.compile(r"^/v1/products/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(good|reload)$")
 
 log = logging.getLogger("inspectd.service")
 VERSION = "0.1.0"
@@ -51,8 +63,11 @@ class InspectionService:
         self.stopping = threading.Event()
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.ingest.queue_size)
         self.out: queue.Queue[Any] = queue.Queue()
-        self.thresholds: dict[str, Thresholds | None] = {}
-        self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.ready.is_set)
+        self.products: set[str] = set()
+        self.cold_start = False
+        self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
+        self.held_lock = threading.Lock()
+        self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.ready.is_set, api=self.api)
         self.ctx = zmq.Context()
         self.pool: ActorPool | None = None
         self.ingest_done = threading.Event()
@@ -116,22 +131,78 @@ class InspectionService:
         self.http.stop()
 
     def _load_products(self) -> list[str]:
-        """Enrolled products and their thresholds (config override, else calibration file)."""
+        """Enrolled products, and whether a cold-start model serves the others."""
         models = self.cfg.storage.models_dir
         enrolled = enrolled_products(models)
+        self.products = set(enrolled)
+        self.cold_start = self.cfg.cold_start.enabled and (product_dir(models, ZERO_SHOT_MODEL) / "meta.json").is_file()
         for name in self.cfg.products:
             if name not in enrolled:
-                log.warning("product %s is configured but not enrolled in %s: its frames are refused", name, models)
-        for name in enrolled:
-            pc = self.cfg.products.get(name)
-            band = pc.review_band if pc and pc.review_band is not None else self.cfg.decision.review_band
-            cal = read_calibration(models, name)
-            thr = pc.threshold if pc and pc.threshold is not None else (cal or {}).get("threshold")
-            self.thresholds[name] = Thresholds(float(thr), band) if thr is not None else None
-            if thr is None:
-                log.warning("product %s has no calibrated threshold: its verdicts are 'review'", name)
-        log.info("products: %s", ", ".join(enrolled) or "(none)")
+                log.warning("product %s is configured but not enrolled in %s%s", name, models,
+                            ": cold start" if self.cold_start else ": its frames are refused")
+        log.info("products: %s; cold start %s", ", ".join(enrolled) or "(none)", "on" if self.cold_start else "off")
         return enrolled
+
+    def thresholds_for(self, product: str, calibrated: float | None) -> Thresholds | None:
+        """The config's override, else the threshold calibrated with the model that scored."""
+        pc = self.cfg.products.get(product)
+        band = pc.review_band if pc and pc.review_band is not None else self.cfg.decision.review_band
+        thr = pc.threshold if pc and pc.threshold is not None else calibrated
+        return Thresholds(float(thr), band) if thr is not None else None
+
+    # ---------------------------------------------------------------- HTTP API
+    def api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
+        """``GET /v1/products``, ``POST /v1/products/<p>/good`` and ``POST /v1/products/<p>/reload``."""
+        if method == "GET" and path == "/v1/products":
+            with self.held_lock:
+                held = sorted({p for p, _ in self.held})
+            return 200, {"enrolled": sorted(self.products), "cold_start": self.cold_start, "held_cold_start": held}
+        m = PRODUCT_ROUTE.match(path)
+        if method != "POST" or m is None:
+            return 404, {"error": f"no route {method} {path}"}
+        product, action = m.groups()
+        if action == "good":
+            part_id = body.get("part_id") if isinstance(body, dict) else None
+            if not isinstance(part_id, str):
+                return 400, {"error": 'body must be {"part_id": "<id>"}'}
+            return self.mark_good(product, part_id)
+        return self.reload(product)
+
+    def mark_good(self, product: str, part_id: str) -> tuple[int, dict[str, Any]]:
+        """Write a held frame to ``<collect_dir>/<product>/good/`` for a later ``inspectd enroll``."""
+        with self.held_lock:
+            frame = self.held.get((product, part_id))
+        if frame is None:
+            return 404, {"error": f"part {part_id!r} of {product!r} is not held (only the last "
+                                  f"{self.cfg.cold_start.keep_frames} cold-start parts are)"}
+        folder = Path(self.cfg.cold_start.collect_dir) / product / "good"
+        folder.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", part_id)
+        if frame.organized:
+            path = folder / f"{stem}.tiff"
+            write_xyz_tiff(path, frame.points)
+        else:
+            path = folder / f"{stem}.pcd"
+            write_pcd(path, frame.points[frame.valid_mask()])
+        self.metrics.marked_good.labels(product=product).inc()
+        n = sum(1 for _ in folder.iterdir())
+        log.info("marked %s/%s good (%d collected)", product, part_id, n)
+        return 200, {"saved": str(path), "collected": n}
+
+    def reload(self, product: str) -> tuple[int, dict[str, Any]]:
+        """Make every actor load the product's model from disk (enrollment without a restart)."""
+        if not (product_dir(self.cfg.storage.models_dir, product) / "meta.json").is_file():
+            return 404, {"error": f"no model for {product!r} in {self.cfg.storage.models_dir}"}
+        assert self.pool is not None
+        try:
+            versions = self.pool.reload(product)
+        except Exception as e:  # a broken artifact must not take the daemon down
+            log.exception("reload of %s failed", product)
+            return 500, {"error": f"{type(e).__name__}: {e}"}
+        self.products.add(product)
+        self.metrics.model_reloads.labels(product=product).inc()
+        log.info("product %s now served by model %s", product, versions[0])
+        return 200, {"product": product, "model_version": versions[0], "actors": len(versions)}
 
     # ---------------------------------------------------------------- threads
     def _ingest_loop(self) -> None:
@@ -153,7 +224,7 @@ class InspectionService:
             m = frame.meta
             self.metrics.frames_received.labels(sensor_id=m.sensor_id).inc()
             ident = {k: getattr(m, k) for k in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")}
-            if m.product not in self.thresholds:
+            if m.product not in self.products and not self.cold_start:
                 self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received)
                 continue
             job = Job(frame=frame, received_at=received)
@@ -220,8 +291,11 @@ class InspectionService:
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
         timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
         score = float(outcome["object_score"])
-        t = self.thresholds.get(m.product)
+        t = self.thresholds_for(m.product, outcome["threshold"])
         verdict = decide(score, t) if t is not None else "review"
+        if outcome["zero_shot"]:
+            self._hold(job.frame)
+            self.metrics.cold_start_verdicts.labels(product=m.product).inc()
         timings["decision"] = time.time() - t0
         header = {
             **ident,
@@ -234,10 +308,19 @@ class InspectionService:
             "model_version": outcome["model_version"],
             "error": None,
             "received_at": job.received_at,
+            "zero_shot": outcome["zero_shot"],
             "worker_pid": outcome["worker_pid"],
             "attempts": job.attempts,
         }
         self.out.put((header, np.asarray(outcome["anomaly_map"], dtype=np.float32), job.frame, timings))
+
+    def _hold(self, frame: Frame) -> None:
+        """Keep a cold-start frame so an operator can mark it good; the oldest goes first."""
+        keep = self.cfg.cold_start.keep_frames
+        with self.held_lock:
+            self.held[(frame.meta.product, frame.meta.part_id)] = frame
+            while len(self.held) > keep:
+                self.held.popitem(last=False)
 
     def _emit_error(
         self, ident: dict[str, Any], reason: str, detail: str, received: float, timings: dict[str, float] | None = None

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +63,9 @@ def enrolled_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models
 
 
-@pytest.fixture(scope="session")
-def daemon(enrolled_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
-    root = tmp_path_factory.mktemp("daemon")
+@contextmanager
+def launch_daemon(models: Path, root: Path, **sections: dict) -> Iterator[RunningDaemon]:
+    """Start ``inspectd run`` on free loopback ports; stop it with SIGTERM and check exit 0."""
     http_port = free_port()
     cfg = {
         "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 8, "max_wait_ms": 20000},
@@ -74,11 +75,13 @@ def daemon(enrolled_models: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             "results": str(root / "results.sqlite"),
             "maps_dir": str(root / "maps"),
             "maps": "all",
-            "models_dir": str(enrolled_models),
+            "models_dir": str(models),
         },
         "ray": {"num_cpus": 2, "object_store_mb": 128},
         "workers": {"actors": 2, "max_inflight_per_actor": 1, "retries": 2},
     }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
     path = root / "inspectd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     log = open(root / "daemon.log", "w")
@@ -99,6 +102,13 @@ def daemon(enrolled_models: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             code = proc.wait()
         log.close()
         assert code == 0, (root / "daemon.log").read_text()[-3000:]
+
+
+@pytest.fixture(scope="session")
+def daemon(enrolled_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningDaemon]:
+    """One daemon for the session, serving PRODUCT (2 actors, embedded Ray)."""
+    with launch_daemon(enrolled_models, tmp_path_factory.mktemp("daemon")) as d:
+        yield d
 
 
 def receive_verdicts(sub: zmq.Socket, n: int, timeout: float) -> list:

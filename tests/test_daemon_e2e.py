@@ -115,3 +115,28 @@ def test_killed_actor_is_restarted_and_no_frame_is_lost(daemon: RunningDaemon) -
     errors = [v.header["error"] for v in rest if v.header["verdict"] == "error"]
     assert not errors, errors
     assert metric_value(daemon.metrics(), "inspectd_actor_restarts_total") >= 1
+
+
+def test_replay_sensor_process(daemon: RunningDaemon, tmp_path) -> None:
+    from sensors.pointfiles import write_pcd, write_xyz_tiff
+
+    frames = list(simulated_parts([PRODUCT], 2, 0.0, seed=31, good_only=True))
+    for f in frames:
+        write_xyz_tiff(tmp_path / f"{f.meta.part_id}.tiff", f.points)
+    cloud = frames[0].valid_points()[::4]
+    write_pcd(tmp_path / "cloud-0.pcd", cloud)  # an unorganized scan of the same product
+    ctx = zmq.Context()
+    sub = daemon.subscriber(ctx)
+    run = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "sensor", "replay", str(tmp_path), "--product", PRODUCT,
+         "--endpoint", daemon.ingest, "--rate", "5"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    verdicts = receive_verdicts(sub, 3, timeout=60)
+    ctx.destroy(linger=0)
+    by_id = {v.header["part_id"]: v for v in verdicts}
+    assert set(by_id) == {f.meta.part_id for f in frames} | {"cloud-0"}
+    assert by_id["cloud-0"].anomaly_map.shape == (len(cloud),)
+    assert by_id[frames[0].meta.part_id].anomaly_map.shape == (400, 400)
+    assert all(v.header["verdict"] != "error" for v in verdicts), [v.header["error"] for v in verdicts]

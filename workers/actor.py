@@ -18,14 +18,15 @@ import torch
 
 from sensors.frame import Frame
 from workers.frame_scoring import score_frame
-from workers.model_store import ProductModel, enrolled_products, load_product_model
+from workers.model_store import ZERO_SHOT_MODEL, ProductModel, enrolled_products, load_product_model, product_dir
 from workers.preprocess import PreparedCloud
 
 log = logging.getLogger("inspectd.worker")
 
 
 class ScoringWorker:
-    """Scores frames of every enrolled product in ``models_dir``."""
+    """Scores frames of every enrolled product in ``models_dir``; a product without a model of
+    its own is scored by the cold-start model (``_zeroshot``) when there is one."""
 
     def __init__(self, models_dir: str, products: list[str] | None = None, threads: int = 1) -> None:
         torch.set_num_threads(threads)
@@ -34,6 +35,8 @@ class ScoringWorker:
         self.models: dict[str, ProductModel] = {}
         for product in products if products is not None else enrolled_products(models_dir):
             self.reload(product)
+        if (product_dir(models_dir, ZERO_SHOT_MODEL) / "meta.json").is_file():
+            self.reload(ZERO_SHOT_MODEL)
         self.pid = os.getpid()
         self._warm_up()
 
@@ -67,8 +70,11 @@ class ScoringWorker:
         """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
         started = time.time()
         model = self.models.get(frame.meta.product)
+        zero_shot = model is None
+        if zero_shot:
+            model = self.models.get(ZERO_SHOT_MODEL)
         if model is None:
-            raise KeyError(f"product {frame.meta.product!r} has no model in this worker")
+            raise KeyError(f"product {frame.meta.product!r} has no model and there is no cold-start model")
         result = score_frame(model.scorer, frame, model.preprocess)
         return {
             "object_score": result.object_score,
@@ -76,6 +82,8 @@ class ScoringWorker:
             "timings": result.timings,
             "scorer": model.meta["scorer"],
             "model_version": model.model_version,
+            "threshold": (model.calibration or {}).get("threshold"),
+            "zero_shot": zero_shot,
             "n_scored_points": result.n_scored_points,
             "worker_pid": self.pid,
             "started_at": started,

@@ -23,6 +23,9 @@ from workers.preprocess import PreprocessParams
 from workers.scorer import META_FILE, Scorer, load_scorer, read_meta
 
 CALIBRATION_FILE = "calibration.json"
+ZERO_SHOT_MODEL = "_zeroshot"
+"""Folder name of the cold-start model: scores products that have no model of their own.
+It cannot clash with a product, whose names start with a letter or digit."""
 
 
 @dataclass
@@ -31,6 +34,9 @@ class ProductModel:
     scorer: Scorer
     preprocess: PreprocessParams
     meta: dict[str, Any]
+    calibration: dict[str, Any] | None = None
+    """The threshold record of ``inspectd calibrate``; it travels with the model so a verdict
+    always uses the threshold of the model that scored the part."""
 
     @property
     def model_version(self) -> str:
@@ -47,7 +53,7 @@ def enrolled_products(models_dir: str | Path) -> list[str]:
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / META_FILE).is_file())
+    return sorted(p.name for p in root.iterdir() if (p / META_FILE).is_file() and not p.name.startswith((".", "_")))
 
 
 def save_product_model(
@@ -70,7 +76,8 @@ def save_product_model(
 def load_product_model(models_dir: str | Path, product: str) -> ProductModel:
     d = product_dir(models_dir, product)
     meta = read_meta(d)
-    return ProductModel(product, load_scorer(d), PreprocessParams(**meta.get("preprocess", {})), meta)
+    preprocess = PreprocessParams(**meta.get("preprocess", {}))
+    return ProductModel(product, load_scorer(d), preprocess, meta, read_calibration(models_dir, product))
 
 
 def read_calibration(models_dir: str | Path, product: str) -> dict[str, Any] | None:

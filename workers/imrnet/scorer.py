@@ -361,14 +361,15 @@ class IMRNetScorer(Scorer):
         self.template = template.contiguous()
         self.template_tau = self._template_threshold(template, group)
         # score statistics on the good clouds (another reduction than the template's)
-        self.stats = np.array([0.0, 1.0, 0.0, 1.0])
+        self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
         aps, afs = [], []
         for i, rs in enumerate(reduced):
             ap, af, _ = self._raw_scores(normed[i], rs[-1], self._gen(3, i))
             aps.append(ap)
             afs.append(af)
         ap_all, af_all = np.concatenate(aps), np.concatenate(afs)
-        self.stats = np.array([ap_all.mean(), max(ap_all.std(), 1e-12), af_all.mean(), max(af_all.std(), 1e-12)])
+        self.stats = np.array([float(ap_all.mean()), max(float(ap_all.std()), 1e-12), float(af_all.mean()),
+                               max(float(af_all.std()), 1e-12)], dtype=np.float64)
         self.fit_info = {"pretrained": source, "finetune_loss": summary["final_loss"],
                          "seconds": {"reduce": t1 - t0, "finetune": t2 - t1, "template": time.perf_counter() - t2},
                          "template_size": int(template.shape[0]), "template_tau": self.template_tau}

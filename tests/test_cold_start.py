@@ -1,0 +1,78 @@
+"""Cold start: a product with no model gets zero-shot verdicts; an operator marks good parts;
+``inspectd enroll --notify`` switches it to a trained model while a sensor streams, and no
+frame is lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import zmq
+from conftest import launch_daemon, receive_verdicts
+
+from sensors.publisher import FramePusher
+from sensors.simulated import simulated_parts
+from sensors.wire import decode_verdict
+
+pytestmark = pytest.mark.slow
+NEW = "washer"  # the product that arrives without a model
+COLD_START_SCORER = "patchcore-fpfh"
+
+
+def inspectd(*args: str) -> str:
+    run = subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_cold_start_to_enrolled_without_losing_a_frame(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for product in ("gear", "nut"):
+        inspectd("simulate", str(tmp_path / "aux" / product), "--product", product, "--count", "3", "--seed", "5")
+    inspectd("enroll", "--cold-start", "--scorer", COLD_START_SCORER, "--good", str(tmp_path / "aux" / "gear"),
+             "--good", str(tmp_path / "aux" / "nut"), "--holdout", "2", "--models", str(models))
+    collect = tmp_path / "collected"
+    with launch_daemon(models, tmp_path, cold_start={"collect_dir": str(collect)}) as d:
+        ctx = zmq.Context()
+        sub = d.subscriber(ctx)
+        sensor = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "sensor", "sim", "--endpoint", d.ingest, "--products", NEW,
+             "--parts", "30", "--defect-rate", "0", "--seed", "41", "--rate", "1.5"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        verdicts = receive_verdicts(sub, 6, timeout=60)
+        assert len(verdicts) == 6 and all(v.header["zero_shot"] for v in verdicts), [v.header for v in verdicts]
+        assert all(v.header["verdict"] != "error" for v in verdicts)
+        with urllib.request.urlopen(d.http + "/v1/products", timeout=5) as r:
+            assert NEW in json.loads(r.read())["held_cold_start"]
+
+        ids = [v.header["part_id"] for v in verdicts]
+        out = inspectd("mark-good", "--product", NEW, "--daemon", d.http, *sum((["--part-id", i] for i in ids), []))
+        assert out.count("marked good") == 6
+        out = inspectd("enroll", "--product", NEW, "--good", str(collect / NEW / "good"), "--holdout", "2",
+                       "--models", str(models), "--notify", d.http)
+        assert "daemon now serves" in out
+        assert sensor.poll() is None, "the stream ended before the switch: slow it down"
+
+        with FramePusher(d.ingest) as push:  # parts sent after the switch returned
+            for f in simulated_parts([NEW], 2, 0.0, seed=77, good_only=True):
+                push.send(f)
+        sent = json.loads(sensor.communicate(timeout=120)[0].strip().splitlines()[-1])["sent"] + 2
+        deadline = time.time() + 60
+        while len(verdicts) < sent and time.time() < deadline:
+            if sub.poll(200):
+                verdicts.append(decode_verdict(sub.recv_multipart()))
+        ctx.destroy(linger=0)
+
+    assert len(verdicts) == sent  # lost = 0
+    assert len({v.header["part_id"] for v in verdicts}) == sent
+    assert all(v.header["verdict"] != "error" for v in verdicts), [v.header["error"] for v in verdicts]
+    trained = [v.header for v in verdicts if not v.header["zero_shot"]]
+    assert trained and all(h["scorer"] == "patchcore-fpfh" for h in trained)
+    assert {h["part_id"] for h in trained} >= {f"{NEW}-77-{i:05d}" for i in range(2)}
+    assert {h["model_version"] for h in trained}.isdisjoint({v.header["model_version"] for v in verdicts[:6]})
