@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import zmq
-from conftest import launch_daemon, receive_verdicts
 
 from sensors.publisher import FramePusher
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
+
+from conftest import launch_daemon, receive_verdicts
 
 pytestmark = pytest.mark.slow
 NEW = "washer"  # the product that arrives without a model

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import RunningDaemon
 
 from daemon.demo import free_port
+
+from conftest import RunningDaemon
 
 pytestmark = pytest.mark.slow
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"

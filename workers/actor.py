@@ -18,7 +18,13 @@ import torch
 
 from sensors.frame import Frame
 from workers.frame_scoring import score_frame
-from workers.model_store import ZERO_SHOT_MODEL, ProductModel, enrolled_products, load_product_model, product_dir
+from workers.model_store import (
+    ZERO_SHOT_MODEL,
+    ProductModel,
+    enrolled_products,
+    load_product_model,
+    product_dir,
+)
 from workers.preprocess import PreparedCloud
 
 log = logging.getLogger("inspectd.worker")
