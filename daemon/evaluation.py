@@ -284,12 +284,21 @@ def _gallery_picks(samples: Sequence[Sample], k: int) -> list[int]:
     return sorted(picks)[:k]
 
 
-def _environment() -> dict[str, Any]:
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _environment(load_at_start: list[float] | None) -> dict[str, Any]:
     import open3d
     import scipy
     import torch
 
     return {
+        "load_average_start": load_at_start,
+        "load_average_end": _load_average(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
@@ -353,6 +362,7 @@ def evaluate(
     pp = preprocess_params(layout, voxel_size)
     organized = layout == "mvtec3d"
     out.mkdir(parents=True, exist_ok=True)
+    load_at_start = _load_average()
 
     cache: dict[str, _Prepared] = {}
 
@@ -470,7 +480,7 @@ def evaluate(
         "details": details,
         "metric_notes": _metric_notes(layout),
         "dataset_info": _dataset_info(dataset),
-        "environment": _environment(),
+        "environment": _environment(load_at_start),
         "command": command,
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "report_version": REPORT_VERSION,
@@ -516,7 +526,8 @@ def _dataset_info(dataset: Path) -> dict[str, Any] | None:
     if not f.is_file():
         return None
     try:
-        return json.loads(f.read_text())
+        info = json.loads(f.read_text())
+        return {k: v for k, v in info.items() if k != "samples"} if isinstance(info, dict) else None
     except (OSError, json.JSONDecodeError):
         return None
 
@@ -621,7 +632,8 @@ def _markdown(report: dict[str, Any]) -> str:
         "I-AUROC: image/object level. " + report["metric_notes"]["p_auroc"].replace("AUROC", "P-AUROC: AUROC", 1)
         + ". AUPRO@0.3: " + report["metric_notes"]["aupro"] + ".",
         f"Timings on {env['cpu_count']} CPU cores ({env['platform']}, torch {env['torch']} with "
-        f"{env['torch_threads']} threads): fit s = {report['metric_notes']['fit_seconds']}; "
+        f"{env['torch_threads']} threads; 1/5/15-min load average {env['load_average_start']} at the start, "
+        f"{env['load_average_end']} at the end): fit s = {report['metric_notes']['fit_seconds']}; "
         f"s / sample = {report['metric_notes']['score_seconds_per_sample']}.",
         "",
         "Per-defect I-AUROC (good vs. one defect kind):",
