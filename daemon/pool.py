@@ -63,7 +63,9 @@ class ActorPool:
         )
         self.size = pool_size(cfg)
         models = str(cfg.storage.models_dir.resolve())
-        self.actors = [remote.remote(models, products, cfg.workers.threads_per_actor) for _ in range(self.size)]
+        self.actors = [
+            remote.remote(models, products, cfg.workers.threads_per_actor, cfg.workers.backend) for _ in range(self.size)
+        ]
         self.load = [0] * self.size
         self.inflight: dict[ray.ObjectRef, tuple[int, Job]] = {}
         self.pids: list[int | None] = [None] * self.size

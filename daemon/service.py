@@ -306,6 +306,7 @@ class InspectionService:
             "fail_from": t.fail_from if t else None,
             "scorer": outcome["scorer"],
             "model_version": outcome["model_version"],
+            "backend": outcome["backend"],
             "error": None,
             "received_at": job.received_at,
             "zero_shot": outcome["zero_shot"],

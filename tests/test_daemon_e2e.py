@@ -52,7 +52,7 @@ def test_sensor_process_to_subscriber(daemon: RunningDaemon) -> None:
         h = v.header
         assert v.topic == f"verdict/{PRODUCT}/"
         assert h["verdict"] in ("pass", "review", "fail"), h
-        assert h["scorer"] == "patchcore-fpfh" and h["threshold"] > 0
+        assert h["scorer"] == "patchcore-fpfh" and h["threshold"] > 0 and h["backend"] == "torch-cpu"
         assert v.anomaly_map.shape == (400, 400) and h["map_path"].endswith(".npz")
     rows = sqlite3.connect(daemon.root / "results.sqlite").execute(
         "SELECT COUNT(*) FROM verdicts WHERE part_id LIKE ?", (f"{PRODUCT}-3-%",)
@@ -61,6 +61,7 @@ def test_sensor_process_to_subscriber(daemon: RunningDaemon) -> None:
     m = daemon.metrics()
     assert metric_value(m, "inspectd_verdicts_total", product=PRODUCT) >= n
     assert metric_value(m, "inspectd_ready") == 1
+    assert metric_value(m, "inspectd_actors", backend="torch-cpu") == 2
     assert metric_value(m, "inspectd_latency_seconds_count") >= n
 
 

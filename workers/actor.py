@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from sensors.frame import Frame
+from workers.backends import resolve_backend
 from workers.frame_scoring import score_frame
 from workers.model_store import (
     ZERO_SHOT_MODEL,
@@ -34,10 +36,13 @@ class ScoringWorker:
     """Scores frames of every enrolled product in ``models_dir``; a product without a model of
     its own is scored by the cold-start model (``_zeroshot``) when there is one."""
 
-    def __init__(self, models_dir: str, products: list[str] | None = None, threads: int = 1) -> None:
+    def __init__(
+        self, models_dir: str, products: list[str] | None = None, threads: int = 1, backend: str = "auto"
+    ) -> None:
         torch.set_num_threads(threads)
         self.models_dir = models_dir
-        self.backend = "torch-cpu"
+        self.requested_backend = backend
+        self.backends: dict[str, str] = {}
         self.models: dict[str, ProductModel] = {}
         for product in products if products is not None else enrolled_products(models_dir):
             self.reload(product)
@@ -61,14 +66,17 @@ class ScoringWorker:
     def reload(self, product: str) -> str:
         """(Re)load one product's model from disk; returns its model version."""
         model = load_product_model(self.models_dir, product)
+        backend = resolve_backend(self.requested_backend, model.scorer.backends)
+        model.scorer.use_backend(backend, Path(self.models_dir) / ".engine-cache")
         self.models[product] = model
-        log.info("loaded %s: %s %s", product, model.meta["scorer"], model.model_version)
+        self.backends[product] = backend
+        log.info("loaded %s: %s %s on %s", product, model.meta["scorer"], model.model_version, backend)
         return model.model_version
 
     def info(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
-            "backend": self.backend,
+            "backend": "+".join(sorted(set(self.backends.values()))) or "none",
             "products": {p: m.model_version for p, m in self.models.items()},
         }
 
@@ -88,6 +96,7 @@ class ScoringWorker:
             "timings": result.timings,
             "scorer": model.meta["scorer"],
             "model_version": model.model_version,
+            "backend": self.backends[model.product],
             "threshold": (model.calibration or {}).get("threshold"),
             "zero_shot": zero_shot,
             "n_scored_points": result.n_scored_points,

@@ -48,6 +48,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -163,7 +164,7 @@ def nearest_distances(query: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.
     row minimum, and the result clamped at 0 before the square root.
     """
     rows = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, bank_t.shape[1]))
-    out = torch.empty(query.shape[0])
+    out = torch.empty(query.shape[0], device=query.device)
     for start in range(0, query.shape[0], rows):
         q = query[start : start + rows]
         partial = torch.addmm(bank_sq.unsqueeze(0), q, bank_t, beta=1.0, alpha=-2.0)
@@ -177,6 +178,8 @@ class MemoryBankScorer(Scorer):
 
     name = "patchcore-fpfh"
     version = "1.0.0"
+    backends = ("torch-cpu", "torch-cuda")
+    """FPFH runs on the CPU (open3d); the memory-bank search and reweighting run on the backend's device."""
 
     def __init__(
         self,
@@ -212,6 +215,7 @@ class MemoryBankScorer(Scorer):
         """D×K contiguous copy of ``_bank_c`` for the search matmul."""
         self._bank_sq: torch.Tensor | None = None
         self._bank_mean: torch.Tensor | None = None
+        self.device = torch.device("cpu")
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -248,11 +252,18 @@ class MemoryBankScorer(Scorer):
         if not np.isfinite(bank).all():
             raise ValueError("memory bank holds non-finite values")
         self._bank = bank
-        t = torch.from_numpy(bank.copy())
+        t = torch.from_numpy(bank.copy()).to(self.device)
         self._bank_mean = t.mean(dim=0)
         self._bank_c = (t - self._bank_mean).contiguous()
         self._bank_ct = self._bank_c.T.contiguous()
         self._bank_sq = (self._bank_c * self._bank_c).sum(dim=1)
+
+    def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
+        """Keep the bank on the CUDA device for ``torch-cuda``; features are uploaded per frame."""
+        super().use_backend(backend, cache_dir)
+        self.device = torch.device("cuda" if backend == "torch-cuda" else "cpu")
+        if self._bank is not None:
+            self._set_bank(self._bank)
 
     @property
     def fitted(self) -> bool:
@@ -295,8 +306,8 @@ class MemoryBankScorer(Scorer):
         t0 = time.perf_counter()
         feat = self.features(cloud)
         t1 = time.perf_counter()
-        q = torch.from_numpy(feat) - self._bank_mean
-        scores = nearest_distances(q, self._bank_ct, self._bank_sq).numpy()
+        q = torch.from_numpy(feat).to(self.device) - self._bank_mean
+        scores = nearest_distances(q, self._bank_ct, self._bank_sq).cpu().numpy()
         t2 = time.perf_counter()
         k = min(self.score_smoothing_k, len(scores))
         if k > 1:

@@ -46,6 +46,13 @@ class Scorer(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str]
+    backends: ClassVar[tuple[str, ...]] = ("torch-cpu",)
+    """Inference backends this scorer can run on (see ``workers.backends``)."""
+
+    def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
+        """Move inference to ``backend`` (one of ``backends``, already checked to be available)."""
+        if backend not in self.backends:
+            raise ValueError(f"{self.name} cannot run on {backend!r}; it supports {list(self.backends)}")
 
     @abstractmethod
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
