@@ -69,6 +69,10 @@ class WorkersConfig(Section):
     threads_per_actor: int = Field(1, ge=1)
     max_inflight_per_actor: int = Field(1, ge=1)
     """Frames sent to one actor before it answers; 1 keeps waiting frames in the daemon's queue."""
+    max_batch: int = Field(4, ge=1)
+    """Frames sent to one actor in one call when several are waiting (fewer Ray round trips)."""
+    batch_wait_ms: int = Field(0, ge=0)
+    """How long dispatch may hold a partial batch for more frames (bounded added latency)."""
     retries: int = Field(1, ge=0)
     """How often a frame whose actor died is retried on a restarted actor before an error verdict."""
     backend: Literal["auto", "torch-cpu", "torch-cuda", "onnxruntime", "tensorrt"] = "auto"

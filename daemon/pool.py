@@ -67,7 +67,7 @@ class ActorPool:
             remote.remote(models, products, cfg.workers.threads_per_actor, cfg.workers.backend) for _ in range(self.size)
         ]
         self.load = [0] * self.size
-        self.inflight: dict[ray.ObjectRef, tuple[int, Job]] = {}
+        self.inflight: dict[ray.ObjectRef, tuple[int, list[Job]]] = {}
         self.pids: list[int | None] = [None] * self.size
         self.probes: dict[int, ray.ObjectRef] = {}
         self.backend_of: list[str] = []
@@ -92,15 +92,26 @@ class ActorPool:
         return [i for i in range(self.size) if self.pids[i] is not None]
 
     def has_capacity(self) -> bool:
-        return any(self.load[i] < self.max_inflight for i in self._alive())
+        return self.free_slots() > 0
 
-    def submit(self, job: Job) -> None:
+    def free_slots(self) -> int:
+        """Calls the alive actors can take now."""
+        return sum(max(0, self.max_inflight - self.load[i]) for i in self._alive())
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Send a batch of jobs to the least-loaded alive actor, in one call."""
         i = min(self._alive(), key=self.load.__getitem__)
-        job.dispatched_at = time.time()
-        job.attempts += 1
-        ref = self.actors[i].score.remote(job.frame)
-        self.inflight[ref] = (i, job)
+        now = time.time()
+        for job in jobs:
+            job.dispatched_at = now
+            job.attempts += 1
+        ref = self.actors[i].score_batch.remote([job.frame for job in jobs])
+        self.inflight[ref] = (i, jobs)
         self.load[i] += 1
+
+    @property
+    def inflight_frames(self) -> int:
+        return sum(len(jobs) for _, jobs in self.inflight.values())
 
     def poll(self, timeout: float) -> list[tuple[Job, dict[str, Any] | BaseException]]:
         """Finished jobs with their result dict or exception (``ActorDied`` when the actor died)."""
@@ -114,16 +125,17 @@ class ActorPool:
         done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
         out: list[tuple[Job, dict[str, Any] | BaseException]] = []
         for ref in done:
-            i, job = self.inflight.pop(ref)
+            i, jobs = self.inflight.pop(ref)
             self.load[i] -= 1
             try:
-                out.append((job, ray.get(ref)))
+                out.extend(zip(jobs, ray.get(ref), strict=True))
             except RayTaskError as e:
                 cause = e.cause if isinstance(e.cause, BaseException) else e
-                out.append((job, cause))
+                out.extend((job, cause) for job in jobs)
             except RayActorError as e:
                 self._note_death(i)
-                out.append((job, ActorDied(str(e).splitlines()[0] if str(e) else "actor died")))
+                died = ActorDied(str(e).splitlines()[0] if str(e) else "actor died")
+                out.extend((job, died) for job in jobs)
         return out
 
     def _note_death(self, i: int) -> None:

@@ -245,17 +245,12 @@ class InspectionService:
         restarts_seen = 0
         while True:
             while pool.has_capacity():
-                if retry:
-                    job = retry.popleft()
-                else:
-                    try:
-                        job = self.queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    job.timings["queue"] = time.time() - job.enqueued_at
-                pool.submit(job)
+                batch = self._next_batch(retry)
+                if not batch:
+                    break
+                pool.submit(batch)
             self.metrics.queue_depth.set(self.queue.qsize())
-            self.metrics.inflight.set(len(pool.inflight))
+            self.metrics.inflight.set(pool.inflight_frames)
             if self.ingest_done.is_set() and self.queue.empty() and not retry and not pool.inflight:
                 break
             for job, outcome in pool.poll(timeout=0.01):
@@ -265,6 +260,28 @@ class InspectionService:
                 restarts_seen = pool.restarts
             self._update_actor_gauge()
         self.out.put(_STOP)
+
+    def _next_batch(self, retry: deque[Job]) -> list[Job]:
+        """Jobs for one actor call: retries first, then the queue. Waiting frames are spread over
+        the free actors (a batch only forms when there are more frames than free actors), at most
+        ``workers.max_batch``. With ``workers.batch_wait_ms`` > 0 (GPU actors, where a full batch
+        pays), a partial batch waits that long for more frames, never longer."""
+        assert self.pool is not None
+        waiting = len(retry) + self.queue.qsize()
+        share = -(-waiting // max(1, self.pool.free_slots()))
+        wait = self.cfg.workers.batch_wait_ms / 1000.0
+        size = self.cfg.workers.max_batch if wait > 0 else max(1, min(self.cfg.workers.max_batch, share))
+        batch = [retry.popleft() for _ in range(min(size, len(retry)))]
+        deadline = time.time() + wait
+        while len(batch) < size:
+            try:
+                timeout = deadline - time.time()
+                job = self.queue.get(timeout=timeout) if batch and timeout > 0 else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            job.timings["queue"] = time.time() - job.enqueued_at
+            batch.append(job)
+        return batch
 
     def _update_actor_gauge(self) -> None:
         assert self.pool is not None

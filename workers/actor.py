@@ -80,6 +80,16 @@ class ScoringWorker:
             "products": {p: m.model_version for p, m in self.models.items()},
         }
 
+    def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
+        """Score several frames in one call; a frame that fails gives its exception, not the batch's."""
+        out: list[dict[str, Any] | BaseException] = []
+        for frame in frames:
+            try:
+                out.append(self.score(frame))
+            except Exception as e:
+                out.append(e)
+        return out
+
     def score(self, frame: Frame) -> dict[str, Any]:
         """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
         started = time.time()
