@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,8 +38,8 @@ import yaml
 import zmq
 
 from daemon.decision import Thresholds, decide
-from daemon.demo import free_port, wait_ready
 from daemon.enrollment import calibrate, enroll
+from daemon.process import DaemonProcess, free_port
 from sensors.frame import Frame, FrameMeta
 from sensors.publisher import FramePusher
 from sensors.simcam import CameraParams
@@ -218,18 +217,16 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path) -> dict[str, Any
     }
     path = root / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    log = open(root / "daemon.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "run", "--config", str(path)], stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    daemon = DaemonProcess(path, root / "daemon.log", f"http://127.0.0.1:{http}").start()
     ctx = zmq.Context()
     try:
-        wait_ready(f"http://127.0.0.1:{http}/readyz", proc, timeout=180)
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
         sub.connect(cfg["publish"]["endpoint"])
         time.sleep(0.5)
         _run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
-        with PeakRSS(proc.pid, children=True) as mem:
+        assert daemon.proc is not None
+        with PeakRSS(daemon.proc.pid, children=True) as mem:
             lat_sat, wall = _run_stream(cfg["ingest"]["endpoint"], sub, frames, 0)
             throughput = len(lat_sat) / wall
             rate = max(0.05, 0.5 * throughput)
@@ -246,12 +243,7 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path) -> dict[str, Any
             "peak_rss_mib_daemon_and_workers": mem.peak / 2**20,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        daemon.stop()
         ctx.destroy(linger=0)
 
 

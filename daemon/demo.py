@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,17 +29,12 @@ import zmq
 
 from daemon.config import Config
 from daemon.enrollment import calibrate, enroll
+from daemon.process import DaemonProcess, free_port
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
 
 N_ENROLL = 16  # fewer leaves pose-dependent views (e.g. into a bore) uncovered: measured AUROC 0.92 at 8, 0.98 at 16
 N_CALIBRATE = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_demo_config(out: Path, products: list[str]) -> tuple[Path, Config]:
@@ -62,21 +55,6 @@ def write_demo_config(out: Path, products: list[str]) -> tuple[Path, Config]:
     path = out / "inspectd.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path, Config.model_validate(raw)
-
-
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the daemon exited with code {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise TimeoutError(f"the daemon was not ready after {timeout:.0f}s ({url})")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,16 +103,13 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
         )
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    daemon_log = open(out / "daemon.log", "w")
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg_path)], stdout=daemon_log, stderr=subprocess.STDOUT, env=env
-    )
     metrics_url = f"http://{cfg.http.host}:{cfg.http.port}"
+    daemon = DaemonProcess(cfg_path, out / "daemon.log", metrics_url)
     sensor = None
     ctx = zmq.Context()
+    t0 = time.time()
+    daemon.start()
     try:
-        t0 = time.time()
-        wait_ready(metrics_url + "/readyz", daemon, timeout=180)
         print(f"   daemon ready in {time.time() - t0:.1f}s; metrics at {metrics_url}/metrics", flush=True)
         sub = ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
@@ -184,12 +159,7 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
     finally:
         if sensor is not None and sensor.poll() is None:
             sensor.kill()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-        daemon_log.close()
+        daemon.stop()
         ctx.destroy(linger=0)
 
     summary = summarize(sent or 0, verdicts, wall)

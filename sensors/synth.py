@@ -48,7 +48,9 @@ Pipeline for one part (vectorized numpy / open3d; no loop over points):
    the points, outside the 1–10 % the benchmark asks for; ours bends the end of the part
    holding 3–7 % of its surface, by 1.5–3 mm at its tip). Point clouds: the defect sits on
    a site facing a random direction of the upper hemisphere (z ≥ −0.3); camera frames: facing
-   the camera;
+   the camera on the first draw; re-draws (step 5) alternate between facing up and facing a
+   direction 20–70° above the horizontal, as a defect sized by the whole surface (as
+   ``sensors.defects`` does) can cover more than 10 % of what a camera sees of a small part;
 4. ground truth and scan. Point clouds: ``sensors.defects.sample_cloud``: area-uniform
    samples of the (defective) surface, labelled on the noise-free points (distance > 0.25 mm
    to the defect-free mesh; for holes and cracks also points within 2.5 mm of the removed
@@ -116,7 +118,7 @@ POINTS: dict[str, dict[str, dict[str, float]]] = {
 """Points per part and isotropic scanner noise σ (mm), per point-cloud layout and split."""
 
 FRACTION_RANGE = (0.01, 0.10)
-MAX_DEFECT_TRIES = 16
+MAX_DEFECT_TRIES = 24
 MAX_EDGE_MM = 1.0
 VARIATION = 0.02
 POSE_MAX_DEG = 10.0
@@ -221,6 +223,18 @@ def _direction(rng: np.random.Generator) -> np.ndarray:
         n = float(np.linalg.norm(d))
         if n > 1e-9 and d[2] / n >= -0.3:
             return d / n
+
+
+def _camera_direction(rng: np.random.Generator, attempt: int) -> np.ndarray:
+    """Where a camera part's defect faces: straight up on odd attempts (1, 3, ...), otherwise a
+    face inclined 20-70° from the horizontal. A defect carved on the top face of a small part can
+    cover more than 10 % of what the camera sees of it (``sensors.defects`` sizes defects by the
+    whole surface); on an inclined face the camera sees less of it."""
+    if attempt % 2 == 1:
+        return np.array([0.0, 0.0, 1.0])
+    az = rng.uniform(0.0, 2.0 * math.pi)
+    el = math.radians(rng.uniform(20.0, 70.0))
+    return np.array([math.cos(az) * math.cos(el), math.sin(az) * math.cos(el), math.sin(el)])
 
 
 def shade(points: np.ndarray) -> np.ndarray:
@@ -357,10 +371,9 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
         gt = np.zeros(pts.shape[:2], np.uint8)
         frac = 0.0
     else:
-        up = np.array([0.0, 0.0, 1.0])
         while True:
             tries += 1
-            mesh, _info = _carve(base, job.kind, rng, up)
+            mesh, _info = _carve(base, job.kind, rng, _camera_direction(rng, tries))
             pts, gt = render(mesh, camera, rng, reference=base)
             valid = np.isfinite(pts).all(axis=-1)
             anomalous = gt.astype(bool)
@@ -415,7 +428,7 @@ def _prepare_out(out: Path) -> None:
             old = json.loads(meta.read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{meta} is not valid JSON ({exc}); remove {out} first") from None
-        for cls in old.get("classes", []):
+        for cls in old.get("classes", []) if isinstance(old, dict) else []:
             d = out / str(cls)
             if d.is_dir() and d.parent == out:
                 shutil.rmtree(d)
@@ -467,6 +480,9 @@ def synthesize(
     classes = class_names(n_classes)
     out = Path(out)
     _prepare_out(out)
+    # a placeholder until the end, so that an interrupted run is recognized (and replaced) as ours
+    (out / "dataset.json").write_text(json.dumps({"generator": "inspectd sensors.synth", "status": "incomplete",
+                                                   "classes": classes}) + "\n")
     jobs = _plan(out, layout, classes, seed, counts, kinds)
     n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     n_workers = min(n_workers, len(jobs))

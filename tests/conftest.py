@@ -7,10 +7,7 @@ exited cleanly. Everything binds to free ports on 127.0.0.1.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ import pytest
 import yaml
 import zmq
 
-from daemon.demo import free_port, wait_ready
+from daemon.process import DaemonProcess, free_port
 
 PRODUCT = "flange"
 
@@ -84,24 +81,13 @@ def launch_daemon(models: Path, root: Path, **sections: dict) -> Iterator[Runnin
         cfg.setdefault(name, {}).update(values)
     path = root / "inspectd.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    log = open(root / "daemon.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "run", "--config", str(path)],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
     http = f"http://127.0.0.1:{http_port}"
+    daemon = DaemonProcess(path, root / "daemon.log", http, ready_timeout=120).start()
     try:
-        wait_ready(http + "/readyz", proc, timeout=120)
-        yield RunningDaemon(proc, cfg["ingest"]["endpoint"], cfg["publish"]["endpoint"], http, root, path)
+        yield RunningDaemon(daemon.proc, cfg["ingest"]["endpoint"], cfg["publish"]["endpoint"], http, root, path)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        log.close()
-        assert code == 0, (root / "daemon.log").read_text()[-3000:]
+        code = daemon.stop()
+        assert code == 0, daemon.log_tail()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.demo import free_port
+from daemon.process import free_port
 
 from conftest import RunningDaemon
 
@@ -35,14 +35,14 @@ def test_prometheus_scrapes_the_daemon(daemon: RunningDaemon, tmp_path: Path) ->
     shipped = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     job = shipped["scrape_configs"][0]
     job["static_configs"] = [{"targets": [daemon.http.removeprefix("http://")]}]
-    job["scrape_interval"] = "1s"
+    job["scrape_interval"] = job["scrape_timeout"] = "1s"
     cfg = {"global": {"scrape_interval": "1s"}, "rule_files": [str(DEPLOY / "alerts.yml")], "scrape_configs": [job]}
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(cfg))
     port = free_port()
     proc = subprocess.Popen(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"),
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -57,7 +57,7 @@ def test_prometheus_scrapes_the_daemon(daemon: RunningDaemon, tmp_path: Path) ->
             except OSError:
                 pass
             time.sleep(0.5)
-        assert up and up[0]["value"][1] == "1", up
+        assert up and up[0]["value"][1] == "1", (tmp_path / "prometheus.log").read_text()[-2000:]
         assert ready and ready[0]["value"][1] == "1", ready
         assert query(base, "inspectd_build_info")
     finally:

@@ -33,7 +33,13 @@ from workers.zeroshot.pseudo_anomalies import (
     ordered_image,
     removing_point_patches,
 )
-from workers.zeroshot.resnet import ResNet50, fused_activation, he_init, normalize_ordered_xyz, top_percent_mask
+from workers.zeroshot.resnet import (
+    ResNet50,
+    fused_activation,
+    he_init,
+    normalize_ordered_xyz,
+    top_percent_mask,
+)
 from workers.zeroshot.training import abnormal_probability, perturb, supcon_loss, train_networks
 
 PX = 96

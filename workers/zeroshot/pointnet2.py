@@ -70,10 +70,10 @@ class PointNet2(nn.Module):
     def __init__(
         self,
         out_dim: int,
-        npoint: int = 16,
+        npoint: int = 8,
         radius: float = 0.4,
         nsample: int = 16,
-        width: int = 32,
+        width: int = 16,
     ) -> None:
         super().__init__()
         self.npoint, self.radius, self.nsample = int(npoint), float(radius), int(nsample)

@@ -65,7 +65,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,6 +114,20 @@ def parse_mix(mix: str | float) -> float:
     return m
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch intra-op threads (restored afterwards); ``n <= 0`` leaves them alone."""
+    if n <= 0:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 @dataclass
 class _Prepared:
     cloud: PreparedCloud
@@ -156,7 +171,7 @@ class ZeroShotScorer(Scorer):
         temperature: float = 0.07,
         contrastive_weight: float = 1.0,
         disentangle_weight: float = 100.0,
-        width: int = 32,
+        width: int = 16,
         use_learned: bool = True,
         use_classifier: bool = True,
         use_perturbation: bool = True,
@@ -174,6 +189,7 @@ class ZeroShotScorer(Scorer):
         cloud_blur_k: int = 16,
         cloud_blur_sigma_factor: float = 2.0,
         checkpoint_dir: str | None = None,
+        torch_threads: int = 1,
         seed: int = 0,
     ) -> None:
         if voxel_size <= 0:
@@ -231,6 +247,7 @@ class ZeroShotScorer(Scorer):
         self.cloud_blur_k = int(cloud_blur_k)
         self.cloud_blur_sigma_factor = float(cloud_blur_sigma_factor)
         self.checkpoint_dir = checkpoint_dir
+        self.torch_threads = int(torch_threads)
         self.seed = int(seed)
 
         self.encoder: PointNet2 | None = None
@@ -254,7 +271,7 @@ class ZeroShotScorer(Scorer):
             "perturbation_epsilon", "perturbation_direction", "distance_weight", "classifier_weight",
             "learned_weight", "rgb_checkpoint", "coreset_ratio", "coreset_max", "coreset_projection_dim",
             "reweight_neighbors", "blur_sigma", "cloud_blur_k", "cloud_blur_sigma_factor", "checkpoint_dir",
-            "seed",
+            "torch_threads", "seed",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -373,7 +390,8 @@ class ZeroShotScorer(Scorer):
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
         """Fit on good parts of other products (see the module docstring: bank = ``clouds``'
         patches; POIs from ``clouds`` too, only attached across products)."""
-        self._fit(clouds, None, progress)
+        with torch_threads(self.torch_threads):
+            self._fit(clouds, None, progress)
 
     def fit_zero_shot(
         self, train: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud], progress: bool = False
@@ -382,7 +400,8 @@ class ZeroShotScorer(Scorer):
         class), points of interest from the task-irrelevant ``auxiliary`` clouds only."""
         if len(auxiliary) == 0:
             raise ValueError("fit_zero_shot needs task-irrelevant auxiliary clouds")
-        self._fit(train, auxiliary, progress)
+        with torch_threads(self.torch_threads):
+            self._fit(train, auxiliary, progress)
 
     def _fit(
         self, clouds: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud] | None, progress: bool
@@ -564,6 +583,10 @@ class ZeroShotScorer(Scorer):
     def score(self, cloud: PreparedCloud) -> ScoreResult:
         if self._bank is None:
             raise RuntimeError("zeroshot is not fitted: call fit() or load an artifact first")
+        with torch_threads(self.torch_threads):
+            return self._score(cloud)
+
+    def _score(self, cloud: PreparedCloud) -> ScoreResult:
         t0 = time.perf_counter()
         prep = self._prepare(cloud)
         t1 = time.perf_counter()

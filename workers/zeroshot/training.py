@@ -62,7 +62,7 @@ class TrainConfig:
     contrastive_weight: float = 1.0
     disentangle_weight: float = 100.0
     feature_dim: int = 33
-    width: int = 32
+    width: int = 16
     seed: int = 0
 
 
