@@ -212,9 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     d.set_defaults(func=cmd_demo)
 
-    from daemon import bench, evaluation
+    from daemon import bench, evaluation, train
 
     evaluation.add_commands(sub)
+    train.add_commands(sub)
     bench.add_commands(sub)
     return p
 

@@ -51,6 +51,13 @@ from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
 PRODUCT_ROUTE = re.compile(r"^/v1/products/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(good|reload)$")
 
 log = logging.getLogger("inspectd.service")
+IDENTITY_FIELDS = ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")
+
+
+def identity(meta: Any) -> dict[str, Any]:
+    """The frame fields every verdict echoes."""
+    return {k: getattr(meta, k) for k in IDENTITY_FIELDS}
+
 VERSION = "0.1.0"
 _STOP = object()
 
@@ -216,14 +223,15 @@ class InspectionService:
             received = time.time()
             try:
                 frame = decode_frame(parts, self.cfg.ingest.max_points)
-            except FrameError as e:
+            except Exception as e:  # FrameError names the reason; anything else is our bug, still answered
                 ident = salvage_header(parts)
                 self.metrics.frames_received.labels(sensor_id=str(ident.get("sensor_id", "unknown"))).inc()
-                self._emit_error(ident, e.reason, e.detail, received)
+                reason, detail = (e.reason, e.detail) if isinstance(e, FrameError) else ("internal_error", repr(e))
+                self._emit_error(ident, reason, detail, received)
                 continue
             m = frame.meta
             self.metrics.frames_received.labels(sensor_id=m.sensor_id).inc()
-            ident = {k: getattr(m, k) for k in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")}
+            ident = identity(m)
             if m.product not in self.products and not self.cold_start:
                 self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received)
                 continue
@@ -254,7 +262,13 @@ class InspectionService:
             if self.ingest_done.is_set() and self.queue.empty() and not retry and not pool.inflight:
                 break
             for job, outcome in pool.poll(timeout=0.01):
-                self._finish(job, outcome, retry)
+                try:
+                    self._finish(job, outcome, retry)
+                except Exception as e:  # a bug in the decision stage must not strand the frame
+                    log.exception("decision failed for %s", job.frame.meta.part_id)
+                    m = job.frame.meta
+                    ident = identity(m)
+                    self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings)
             if pool.restarts != restarts_seen:
                 self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
                 restarts_seen = pool.restarts
@@ -290,7 +304,7 @@ class InspectionService:
 
     def _finish(self, job: Job, outcome: dict[str, Any] | BaseException, retry: deque[Job]) -> None:
         m = job.frame.meta
-        ident = {k: getattr(m, k) for k in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")}
+        ident = identity(m)
         if isinstance(outcome, ActorDied):
             if job.attempts <= self.cfg.workers.retries:
                 retry.append(job)
