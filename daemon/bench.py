@@ -137,8 +137,26 @@ def pct(values: list[float], q: float) -> float:
 
 
 def bench_in_process(models: Path, frames: list[Frame]) -> dict[str, Any]:
-    """Per-stage times of the daemon's own code path, called directly (no sockets, no Ray),
-    with one torch thread, as one actor of the default pool has."""
+    """Per-stage times of the daemon's own code path, called directly (no sockets, no Ray).
+
+    Runs in a freshly spawned process with one OpenMP and one torch thread, as a default
+    actor has (Ray sets ``OMP_NUM_THREADS=1`` in its workers), so the comparison with the
+    daemon path is like for like and the peak memory is this measurement's own."""
+    import multiprocessing
+
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_in_process_worker, (models, frames))
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
+
+
+def _in_process_worker(models: Path, frames: list[Frame]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
