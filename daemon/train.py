@@ -64,7 +64,7 @@ def pretrain(args: argparse.Namespace) -> int:
         return 2
     torch.manual_seed(args.seed)
     cfg_over = _parse_params(args.param)
-    cfg = IMRNetConfig.from_dict({**IMRNetConfig(embed_hidden=64).to_dict(), **cfg_over})
+    cfg = IMRNetConfig.from_dict({**IMRNetConfig().to_dict(), **cfg_over})
     out = Path(args.out)
     state = Path(args.state) if args.state else DEFAULT_STATE_DIR / f"{out.stem}.state.safetensors"
     t0 = time.perf_counter()

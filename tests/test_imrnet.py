@@ -226,7 +226,7 @@ def test_small_and_degenerate_clouds_score(fitted: IMRNetScorer) -> None:
 def test_iteration_count_and_mask_cover(fitted: IMRNetScorer) -> None:
     cloud = box_cloud(5)
     normed = fitted._normalize(cloud.points)
-    neigh, centers = fitted._patches(normed[:512], torch.Generator().manual_seed(0))
+    neigh, centers, _ = fitted._patches(normed[:512], torch.Generator().manual_seed(0))
     one = fitted.iterative_reconstruction(neigh, centers, torch.Generator().manual_seed(0), iterations=1)
     three = fitted.iterative_reconstruction(neigh, centers, torch.Generator().manual_seed(0), iterations=3)
     changed_one = (one != neigh).flatten(1).any(dim=1)
@@ -244,3 +244,32 @@ def test_onnx_parity(fitted: IMRNetScorer, tmp_path) -> None:
     print(f"ONNX parity, max abs diff vs torch: {diffs}")
     assert set(diffs) == {"reconstruct", "features"}
     assert max(diffs.values()) < 1e-4
+
+
+def test_train_cli_pretrains_and_the_scorer_loads_the_weights(tmp_path) -> None:
+    import argparse
+    import json
+    import warnings
+
+    from daemon import train as train_cli
+    from workers.imrnet.training import load_pretrained
+
+    parser = argparse.ArgumentParser(prog="inspectd")
+    train_cli.add_commands(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "tiny.safetensors"
+    sizes = [f"{k}={v}" for k, v in TINY.items()]
+    args = parser.parse_args(["train", "--scorer", "imrnet", "--pretrain", "--out", str(out), "--steps", "2",
+                              "--instances", "1", "--batch-size", "2", "--state", str(tmp_path / "state.safetensors"),
+                              "--no-progress", *[a for s in sizes for a in ("--param", s)]])
+    assert args.func(args) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["dtype"] == "float16" and meta["config"]["dim"] == TINY["dim"] and meta["settings"]["steps"] == 2
+    assert (tmp_path / "state.safetensors").is_file() and (tmp_path / "state.safetensors.json").is_file()
+    model, _ = load_pretrained(out)
+    assert model.config.n_centers == TINY["n_centers"]
+    scorer = IMRNetScorer(**TINY, pretrained=str(out), finetune_steps=1, finetune_samplings=1, template_samplings=1,
+                          batch_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a size mismatch or a missing file would warn
+        scorer.fit([box_cloud(1), box_cloud(2)])
+    assert scorer.fit_info["pretrained"] == str(out)

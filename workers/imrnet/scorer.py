@@ -4,53 +4,68 @@ CVPR 2024) behind the :class:`workers.scorer.Scorer` interface.
 
 fit (good parts of one product)
     1. Normalization: every cloud is centred on its centroid and divided by one product scale,
-       the mean over the training clouds of their largest radius (so a product's clouds sit in
-       the unit sphere as in pretraining, and a defect that changes a part's extent does not
-       rescale it).
-    2. ``finetune_samplings`` farthest-point reductions of each good cloud to ``n_points`` (with
-       different seeds) form the fine-tuning pool; the network, initialized from the shipped
-       pretrained weights (``workers/imrnet/pretrained/imrnet-small.safetensors``; random
-       initialization with a warning when absent or of other sizes), is fine-tuned for
-       ``finetune_steps`` steps (default 150, batch 8, lr 2e-4, ``aug_*`` augmentation) with the
-       masked-patch Chamfer loss (Sec. 4.2, Eq. 12), centres picked by ``sampler`` (GPS, Sec. 4.1)
-       and mask ratio ``mask_ratio``. See ``workers.imrnet.training``.
-    3. Feature template (Sec. 4.3, "template regularization"): the DFC features (decoder layers
-       1–3) of every patch of ``template_samplings`` reductions of each good cloud. The
-       regularization threshold τ is the ``template_quantile`` quantile of the distance of a
-       template vector to its nearest template vector from another cloud / reduction.
-    4. Score normalization: the point- and feature-level score maps of the good training clouds
-       (other reduction seed than the template's) give their mean and standard deviation.
+       the mean over the training clouds of their largest radius (the product's clouds sit in the
+       unit sphere as in pretraining; a defect that changes a part's extent does not rescale it).
+       ``n_points`` farthest-point reductions per cloud, with different seeds.
+    2. Pose (``align="icp"``, not in the paper, see ``workers.imrnet.align``): every cloud is
+       registered to the first good cloud, because the network embeds absolute centre positions.
+    3. Fine-tuning (Sec. 5.3): from the shipped pretrained weights
+       (``workers/imrnet/pretrained/imrnet-small.safetensors``; random initialization with a
+       warning when absent or of other sizes), ``finetune_steps`` (100) AdamW steps of batch 8 at
+       lr 5e-4 with the masked-patch Chamfer loss (Eq. 12) on the ``finetune_samplings`` (8)
+       reductions of each good cloud, centres by ``sampler`` (GPS, Sec. 4.1), mask ratio
+       ``mask_ratio``, augmentation ``aug_*`` (``workers.imrnet.training``). ~1–2 min per
+       product on 2 CPU cores.
+    4. Feature template (Sec. 4.3): the DFC features (decoder layers 1–3) of every patch of
+       ``template_samplings`` (4) reductions of each good cloud.
+    5. τ of the template regularization: the ``template_quantile`` quantile of the drift
+       ``‖F_o − ẑ‖`` of the good clouds' reconstructions (see score step 4).
+    6. ``reference="patch"``: for every template patch, the training phase's own A_p and A_f
+       (see score steps 3–4): the "comparison scores of its corresponding patches, computed
+       directly from the training phase" of Sec. 4.3, which the test scores are taken relative to.
+    7. Score normalization: mean and standard deviation of the A_p and A_f maps of the good
+       clouds (a reduction not used for the template).
 
 score (one part), Algorithm 1 then DFC (Sec. 4.3)
     1. Reduce the cloud to ``n_points`` by farthest point sampling (the fixed-size input the
-       network expects; clouds with fewer points are padded by repetition), pick ``n_centers``
-       centres with ``sampler`` and group ``group_size``-NN patches (Eqs. 7–8).
+       network expects; clouds with fewer points are padded by repetition), register it (step 2
+       of fit), pick ``n_centers`` centres with ``sampler``, group ``group_size``-NN patches
+       (Eqs. 7–8).
     2. Iterative mask reconstruction (Algorithm 1), ``iterations`` (I = 3) rounds: mask a
        fraction ``mask_ratio`` of the *current* patches, predict them from the visible ones and
        put the predictions in their place (``P = P_pre ⊕ P_vis``); the centres stay fixed. Which
-       patches are masked: ``test_mask="cover"`` (default) walks a seeded random permutation of the
-       patches, ``mask_ratio · n`` per round, so that with ``mask_ratio · I ≥ 1`` every patch is
-       masked and restored at least once (the paper wants the anomalous parts masked and restored;
+       patches: ``test_mask="cover"`` (default) walks a seeded random permutation of the patches,
+       ``mask_ratio · n`` per round, so that with ``mask_ratio · I ≥ 1`` every patch is masked and
+       restored at least once (the paper wants the anomalous parts masked and restored; independent
        random masks would leave ``(1 − m)^I`` = 22 % of the patches untouched at m = 0.4, I = 3);
        ``"random"`` draws an independent random mask per round.
-    3. Point-level score A_p (Eqs. 13–15): for every point of the reduced input cloud, the L2
-       Chamfer distance between its ``point_k`` nearest input points and its nearest
-       reconstructed points (``point_k`` × the density ratio of the reconstruction to the input,
-       ``n_centers · group_size / n_points``, so both sets span the same neighbourhood).
-    4. Feature-level score A_f (Eqs. 16–19): decoder layers 1–3 of the input patches (F_i) and of
-       the reconstructed patches (F_o), each layer layer-normed and concatenated; every vector of
-       F_o farther than τ from its nearest template vector is replaced by that template vector
-       (Eq. 19: the paper's "corresponding" template vector is undefined without registration, so
-       the nearest one in feature space is used); ``A_f = ‖F_i − F_o‖`` per patch centre.
-    5. Both maps are interpolated to every input point (inverse-distance weights over the 3
-       nearest reduced points / centres), standardized by the good-part statistics of step 4 of
-       fit, and combined (Eq. 20, "concatenating two scores", read as a weighted sum:
-       ``point_weight · z(A_p) + feature_weight · z(A_f)``).
-    6. Object score: the mean of the highest ``object_top_fraction`` (1 %) of the point scores (a
-       max that one noisy point cannot set).
+    3. Point level A_p (Eqs. 13–15): ``point_score="patch"`` (default): the L2 Chamfer distance
+       between each input patch and its restored version, a point's score the mean over the
+       patches holding it (points in no patch: inverse-distance weights of the 3 nearest centres);
+       ``"knn"``: per reduced point, the Chamfer distance between its ``point_k`` nearest input
+       points and its nearest restored points (``point_k`` × the density ratio of the two sets).
+    4. Feature level A_f (Eqs. 16–19): decoder layers 1–3 of the input patches (F_i) and of the
+       restored patches (F_o), each layer layer-normed and concatenated. The "corresponding"
+       template vector ẑ_i of patch i (undefined in the paper without registration) is the
+       template vector nearest to F_i; where F_o,i drifted farther than τ from ẑ_i it is replaced
+       by ẑ_i (Eq. 19); ``A_f = ‖F_i − F_o‖``. Default ``template_quantile=0``: τ is the smallest
+       drift seen on the good clouds, so (nearly) every restored feature is regularized and
+       A_f ≈ ‖F_i − ẑ_i‖ (measured best on the synthetic benchmark, docs/results/imrnet.md).
+    5. ``reference="patch"``: each patch's A_p and A_f minus those of its corresponding template
+       patch (step 6 of fit).
+    6. Both maps are interpolated to every input point (inverse-distance weights over the 3
+       nearest reduced points), standardized by the good-part statistics (fit step 7) and combined
+       (Eq. 20, "concatenating two scores", read as a weighted sum:
+       ``point_weight · z(A_p) + feature_weight · z(A_f)``, defaults 0.5 and 1).
+    7. Object score: the mean of the highest ``object_top_fraction`` (1 %) of the point scores (a
+       maximum that one noisy point cannot set).
 
 Every random choice (reductions, centres, masks) comes from generators seeded with ``seed``, so a
 part scores the same every time and after a save / load round trip.
+
+CPU defaults (``IMRNetConfig`` small): 2048 points, 128 centres × 32 neighbours, width 128,
+4 encoder / 3 decoder layers; ``n_points=8192, n_centers=256, group_size=64, dim=384, heads=6,
+enc_depth=12, dec_depth=4`` are the paper's sizes (no shipped pretrained weights for them).
 """
 
 from __future__ import annotations
@@ -67,6 +82,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from workers.imrnet.align import apply, icp_align, rotation_deg
 from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
 from workers.imrnet.sampling import SAMPLERS, geometry_rates, group_patches, sample_centers
 from workers.imrnet.training import (
@@ -88,6 +104,9 @@ PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_PRETRAINED = PRETRAINED_DIR / "imrnet-small.safetensors"
 MIN_POINTS = 10
 TEST_MASKS = ("cover", "random")
+REFERENCES = ("patch", "none")
+POINT_SCORES = ("patch", "knn")
+ALIGNS = ("icp", "none")
 _CONFIG_KEYS = ("n_points", "n_centers", "group_size", "dim", "heads", "enc_depth", "dec_depth", "mlp_ratio",
                 "embed_hidden")
 
@@ -100,6 +119,25 @@ def idw_interpolate(src: np.ndarray, values: np.ndarray, dst: np.ndarray, k: int
         d, i = d[:, None], i[:, None]
     w = 1.0 / np.maximum(d, 1e-8)
     return ((values[i] * w).sum(axis=1) / w.sum(axis=1)).astype(np.float32)
+
+
+def patches_to_points(values: np.ndarray, members: np.ndarray, points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Per-patch values (n,) → per point (N,): the mean over the patches holding the point.
+
+    ``members`` (n×k) are the patches' point indices into ``points`` (N×3); a point in no patch gets
+    the inverse-distance-weighted value of its 3 nearest patch centres.
+    """
+    n_pts = len(points)
+    flat = members.reshape(-1)
+    counts = np.bincount(flat, minlength=n_pts).astype(np.float64)
+    sums = np.bincount(flat, weights=np.repeat(np.asarray(values, dtype=np.float64), members.shape[1]),
+                       minlength=n_pts)
+    out = np.empty(n_pts, dtype=np.float32)
+    covered = counts > 0
+    out[covered] = sums[covered] / counts[covered]
+    if not covered.all():
+        out[~covered] = idw_interpolate(centers, np.asarray(values, dtype=np.float32), points[~covered])
+    return out
 
 
 def nearest_sq_dist(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,20 +178,23 @@ class IMRNetScorer(Scorer):
         mask_ratio: float = 0.4,
         iterations: int = 3,
         test_mask: str = "cover",
-        finetune_steps: int = 150,
-        finetune_lr: float = 2e-4,
+        finetune_steps: int = 100,
+        finetune_lr: float = 5e-4,
         batch_size: int = 8,
         finetune_samplings: int = 8,
-        aug_rotate_deg: float = 5.0,
+        aug_rotate_deg: float = 3.0,
         aug_scale: float = 0.03,
         aug_jitter: float = 0.002,
         template_samplings: int = 4,
-        template_quantile: float = 0.95,
+        template_quantile: float = 0.0,
         template_regularization: bool = True,
         point_k: int = 16,
-        point_weight: float = 1.0,
+        point_weight: float = 0.5,
         feature_weight: float = 1.0,
         object_top_fraction: float = 0.01,
+        point_score: str = "patch",
+        reference: str = "patch",
+        align: str = "icp",
         pretrained: str = "auto",
         seed: int = 0,
     ) -> None:
@@ -161,6 +202,9 @@ class IMRNetScorer(Scorer):
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if test_mask not in TEST_MASKS:
             raise ValueError(f"test_mask must be one of {TEST_MASKS}, got {test_mask!r}")
+        if reference not in REFERENCES or align not in ALIGNS or point_score not in POINT_SCORES:
+            raise ValueError(f"reference must be one of {REFERENCES}, align one of {ALIGNS}, "
+                             f"point_score one of {POINT_SCORES}")
         if iterations < 1 or not 0.0 < mask_ratio < 1.0 or not 0.0 < object_top_fraction <= 1.0:
             raise ValueError("need iterations >= 1, 0 < mask_ratio < 1 and 0 < object_top_fraction <= 1")
         if point_k < 1 or finetune_steps < 0 or finetune_samplings < 1 or template_samplings < 1:
@@ -190,11 +234,18 @@ class IMRNetScorer(Scorer):
         self.point_weight = float(point_weight)
         self.feature_weight = float(feature_weight)
         self.object_top_fraction = float(object_top_fraction)
+        self.point_score = point_score
+        self.reference = reference
+        self.align = align
         self.pretrained = str(pretrained)
         self.seed = int(seed)
         self.model: IMRNet | None = None
         self.template: torch.Tensor | None = None
         self.template_tau = float("inf")
+        self.template_ref: torch.Tensor | None = None
+        """Per template vector: the training phase's (A_p, A_f) of its patch (``reference="patch"``)."""
+        self.align_reference: np.ndarray | None = None
+        """The reduced first good cloud, the pose every cloud is registered to (``align="icp"``)."""
         self.norm_scale = 1.0
         self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
         """mean and std of A_p, then of A_f, over the good training clouds."""
@@ -230,6 +281,9 @@ class IMRNetScorer(Scorer):
             "point_weight": self.point_weight,
             "feature_weight": self.feature_weight,
             "object_top_fraction": self.object_top_fraction,
+            "point_score": self.point_score,
+            "reference": self.reference,
+            "align": self.align,
             "pretrained": self.pretrained,
             "seed": self.seed,
         }
@@ -241,6 +295,10 @@ class IMRNetScorer(Scorer):
         out["template"] = self.template.numpy()
         out["scalars"] = np.array([self.norm_scale, self.template_tau], dtype=np.float64)
         out["score_stats"] = self.stats.astype(np.float64)
+        if self.template_ref is not None:
+            out["template_ref"] = self.template_ref.numpy()
+        if self.align_reference is not None:
+            out["align_reference"] = np.asarray(self.align_reference, dtype=np.float32)
         return out
 
     @classmethod
@@ -257,6 +315,10 @@ class IMRNetScorer(Scorer):
         scorer.norm_scale = float(tensors["scalars"][0])
         scorer.template_tau = float(tensors["scalars"][1])
         scorer.stats = np.asarray(tensors["score_stats"], dtype=np.float64)
+        if "template_ref" in tensors:
+            scorer.template_ref = torch.from_numpy(np.ascontiguousarray(tensors["template_ref"], dtype=np.float32))
+        if "align_reference" in tensors:
+            scorer.align_reference = np.ascontiguousarray(tensors["align_reference"], dtype=np.float32)
         return scorer
 
     @property
@@ -284,15 +346,14 @@ class IMRNetScorer(Scorer):
 
     def _patches(
         self, reduced: np.ndarray, gen: torch.Generator, rates: np.ndarray | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches (n×k×3) and centres (n×3) of one reduced, normalized cloud."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patches (n×k×3), centres (n×3) and member indices (n×k) of one reduced, normalized cloud."""
         pts = torch.from_numpy(reduced)
         r = None
         if self.sampler == "gps":
             r = torch.from_numpy(rates if rates is not None else geometry_rates(reduced, GEOMETRY_K))
         cidx = sample_centers(self.sampler, pts, self.config.n_centers, r, self.tau, self.density_ratio, gen)
-        neigh, centers, _ = group_patches(pts, cidx, self.config.group_size)
-        return neigh, centers
+        return group_patches(pts, cidx, self.config.group_size)
 
     def _initial_model(self) -> tuple[IMRNet, str]:
         path = None
@@ -315,6 +376,17 @@ class IMRNetScorer(Scorer):
 
     # -- fit -----------------------------------------------------------------------------------
 
+    def _prepare(self, points: np.ndarray, *salt: int) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """(normalized cloud, its ``n_points`` FPS reduction), both aligned when ``align="icp"``."""
+        normed = self._normalize(points)
+        reduced = normed[reduce_points(normed, self.config.n_points, self._gen(*salt))]
+        info: dict[str, float] = {}
+        if self.align == "icp" and self.align_reference is not None:
+            t, info = icp_align(reduced, self.align_reference)
+            normed, reduced = apply(t, normed), apply(t, reduced)
+            info["rotation_deg"] = rotation_deg(t)
+        return normed, reduced, info
+
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
         from tqdm import tqdm
 
@@ -324,11 +396,21 @@ class IMRNetScorer(Scorer):
         raw = [self._check(c).astype(np.float64) for c in clouds]
         radii = [float(np.linalg.norm(p - p.mean(axis=0), axis=1).max()) for p in raw]
         self.norm_scale = float(np.mean(radii)) if np.mean(radii) > 0 else 1.0
-        normed = [self._normalize(p) for p in raw]
         n_red = max(self.finetune_samplings, self.template_samplings) + 1  # the last one: score stats
+        self.align_reference = None
+        normed: list[np.ndarray] = []
         reduced: list[list[np.ndarray]] = []
-        for i, p in enumerate(tqdm(normed, desc="imrnet reduce", disable=not progress, leave=False)):
-            reduced.append([p[reduce_points(p, self.config.n_points, self._gen(1, i, j))] for j in range(n_red)])
+        for i, p in enumerate(tqdm(raw, desc="imrnet reduce", disable=not progress, leave=False)):
+            nm = self._normalize(p)
+            rs = [nm[reduce_points(nm, self.config.n_points, self._gen(1, i, j))] for j in range(n_red)]
+            if self.align == "icp":
+                if self.align_reference is None:
+                    self.align_reference = rs[0]  # the first good part's pose is the product's reference
+                else:
+                    t, _ = icp_align(rs[0], self.align_reference)
+                    nm, rs = apply(t, nm), [apply(t, r) for r in rs]
+            normed.append(nm)
+            reduced.append(rs)
         pool = pool_from_clouds([r for rs in reduced for r in rs[: self.finetune_samplings]])
         t1 = time.perf_counter()
 
@@ -349,17 +431,33 @@ class IMRNetScorer(Scorer):
         t2 = time.perf_counter()
 
         # template (Sec. 4.3): features of every patch of template_samplings reductions per cloud
-        feats, groups = [], []
+        feats, patches = [], []
         with torch.inference_mode():
             for i, rs in enumerate(reduced):
                 for j in range(self.template_samplings):
-                    neigh, centers = self._patches(rs[j], self._gen(2, i, j))
+                    gen = self._gen(2, i, j)
+                    neigh, centers, members = self._patches(rs[j], gen)
+                    patches.append((rs[j], neigh, centers, members, gen))
                     feats.append(model.features(neigh[None], centers[None])[0])
-                    groups.append(torch.full((feats[-1].shape[0],), i * n_red + j))
         template = torch.cat(feats)
-        group = torch.cat(groups)
         self.template = template.contiguous()
-        self.template_tau = self._template_threshold(template, group)
+        # τ of Eq. 19: the template_quantile quantile of the drift of good reconstructions
+        self.template_tau = float("inf")
+        self.template_ref = None
+        drifts = []
+        for i, rs in enumerate(reduced):
+            gen = self._gen(3, i)
+            neigh, centers, members = self._patches(rs[-1], gen)
+            drifts.append(self._compare(rs[-1], neigh, centers, members, gen)[3])
+        if self.template_quantile < 1.0:
+            self.template_tau = float(np.quantile(np.concatenate(drifts), self.template_quantile))
+        # the training phase's own comparison scores per template patch (reference="patch")
+        if self.reference == "patch":
+            refs = []
+            for red, neigh, centers, members, gen in patches:
+                ap, af, _, _ = self._compare(red, neigh, centers, members, gen)
+                refs.append(torch.from_numpy(np.stack([ap[members.numpy()].mean(axis=1), af], axis=1)))
+            self.template_ref = torch.cat(refs).float().contiguous()
         # score statistics on the good clouds (another reduction than the template's)
         self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
         aps, afs = [], []
@@ -374,22 +472,6 @@ class IMRNetScorer(Scorer):
                          "seconds": {"reduce": t1 - t0, "finetune": t2 - t1, "template": time.perf_counter() - t2},
                          "template_size": int(template.shape[0]), "template_tau": self.template_tau}
         log.info("imrnet fit: %s", self.fit_info)
-
-    def _template_threshold(self, template: torch.Tensor, group: torch.Tensor) -> float:
-        """τ of Eq. 19: quantile of each template vector's distance to its nearest vector of another group."""
-        if self.template_quantile >= 1.0:
-            return float("inf")
-        bank_sq = (template * template).sum(dim=1)
-        out = torch.empty(template.shape[0])
-        for s in range(0, template.shape[0], 2048):
-            q = template[s : s + 2048]
-            d = torch.addmm(bank_sq.unsqueeze(0), q, template.T, beta=1.0, alpha=-2.0) + (q * q).sum(1, keepdim=True)
-            d[group[s : s + 2048].unsqueeze(1) == group.unsqueeze(0)] = float("inf")
-            out[s : s + 2048] = d.min(dim=1).values.clamp_(min=0.0).sqrt_()
-        finite = out[torch.isfinite(out)]
-        if finite.numel() == 0:
-            return float("inf")
-        return float(torch.quantile(finite, self.template_quantile))
 
     # -- score ---------------------------------------------------------------------------------
 
@@ -429,42 +511,80 @@ class IMRNetScorer(Scorer):
         return chamfer_l2(a, b, reduce=False).numpy()
 
     @torch.inference_mode()
-    def _feature_scores(self, neigh: torch.Tensor, recon: torch.Tensor, centers: torch.Tensor) -> np.ndarray:
-        """A_f (Eqs. 16–19) per patch centre, with template regularization of F_o."""
+    def _feature_scores(
+        self, neigh: torch.Tensor, recon: torch.Tensor, centers: torch.Tensor
+    ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
+        """A_f (Eqs. 16–19) per patch, with template regularization of F_o.
+
+        Returns (A_f, index of each patch's corresponding template vector, drift ``‖F_o − ẑ‖``).
+        The corresponding template vector ẑ_i of patch i is the template vector nearest to the
+        patch's *input* feature F_i; where the reconstruction's feature F_o,i drifted farther than τ
+        from it, F_o,i is replaced by ẑ_i (Eq. 19), so ``A_f = ‖F_i − F_o‖``.
+        """
         assert self.model is not None and self.template is not None
         both = self.model.features(torch.stack([neigh, recon]), torch.stack([centers, centers]))
         f_in, f_out = both[0], both[1]
-        if self.template_regularization and math.isfinite(self.template_tau):
-            d2, idx = nearest_sq_dist(f_out, self.template)
-            drift = d2.sqrt() > self.template_tau
-            f_out = torch.where(drift.unsqueeze(1), self.template[idx], f_out)
-        return (f_in - f_out).norm(dim=1).numpy()
+        _, idx = nearest_sq_dist(f_in, self.template)
+        z_hat = self.template[idx]
+        drift = (f_out - z_hat).norm(dim=1)
+        if self.template_regularization:
+            f_out = torch.where((drift > self.template_tau).unsqueeze(1), z_hat, f_out)
+        return (f_in - f_out).norm(dim=1).numpy(), idx, drift.numpy()
+
+    def _compare(
+        self, reduced: np.ndarray, neigh: torch.Tensor, centers: torch.Tensor, members: torch.Tensor,
+        gen: torch.Generator, timings: dict[str, float] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, torch.Tensor, np.ndarray]:
+        """Algorithm 1 then DFC on one reduced cloud.
+
+        Returns (A_p per reduced point, A_f per patch, corresponding template index per patch,
+        drift per patch).
+        """
+        t1 = time.perf_counter()
+        recon = self.iterative_reconstruction(neigh, centers, gen)
+        t2 = time.perf_counter()
+        if self.point_score == "patch":
+            ap_c = chamfer_l2(neigh, recon, reduce=False).numpy()
+            ap = patches_to_points(ap_c, members.numpy(), reduced, centers.numpy())
+        else:
+            recon_pts = (recon + centers.unsqueeze(1)).reshape(-1, 3).numpy()
+            ap = self._point_scores(reduced, recon_pts)
+        af, idx, drift = self._feature_scores(neigh, recon, centers)
+        if timings is not None:
+            timings.update({"reconstruct": t2 - t1, "compare": time.perf_counter() - t2})
+        return ap, af, idx, drift
 
     def _raw_scores(
         self, normed: np.ndarray, reduced: np.ndarray, gen: torch.Generator, timings: dict[str, float] | None = None
     ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-        """Un-standardized (A_p, A_f), both interpolated to every point of ``normed``."""
+        """Un-standardized (A_p, A_f), both interpolated to every point of ``normed``.
+
+        With ``reference="patch"`` each patch's scores are first reduced by the training phase's
+        scores of its corresponding template patch (the nearest template vector to its F_i).
+        """
         t0 = time.perf_counter()
-        neigh, centers = self._patches(reduced, gen)
+        neigh, centers, members = self._patches(reduced, gen)
         t1 = time.perf_counter()
-        recon = self.iterative_reconstruction(neigh, centers, gen)
+        ap, af_c, idx, _ = self._compare(reduced, neigh, centers, members, gen, timings)
         t2 = time.perf_counter()
-        recon_pts = (recon + centers.unsqueeze(1)).reshape(-1, 3).numpy()
-        ap = self._point_scores(reduced, recon_pts)
-        af = self._feature_scores(neigh, recon, centers)
+        c, mem = centers.numpy(), members.numpy()
+        if self.reference == "patch" and self.template_ref is not None:
+            ref = self.template_ref[idx].numpy()
+            ap = ap - patches_to_points(ref[:, 0], mem, reduced, c)
+            af_c = af_c - ref[:, 1]
+        af = patches_to_points(af_c, mem, reduced, c)
         ap_full = idw_interpolate(reduced, ap, normed)
-        af_full = idw_interpolate(centers.numpy(), af, normed)
-        t3 = time.perf_counter()
+        af_full = idw_interpolate(reduced, af, normed)
         if timings is not None:
-            timings.update({"sample": t1 - t0, "reconstruct": t2 - t1, "compare": t3 - t2})
-        return ap_full, af_full, {"recon": recon_pts, "centers": centers.numpy()}
+            timings["sample"] = t1 - t0
+            timings["compare"] = timings.get("compare", 0.0) + time.perf_counter() - t2
+        return ap_full, af_full, {"centers": c}
 
     def score(self, cloud: PreparedCloud) -> ScoreResult:
         if not self.fitted:
             raise RuntimeError("imrnet is not fitted: call fit() or load an artifact first")
         t0 = time.perf_counter()
-        normed = self._normalize(self._check(cloud))
-        reduced = normed[reduce_points(normed, self.config.n_points, self._gen(4))]
+        normed, reduced, _ = self._prepare(self._check(cloud), 4)
         timings: dict[str, float] = {"reduce": time.perf_counter() - t0}
         ap, af, _ = self._raw_scores(normed, reduced, self._gen(5), timings)
         t1 = time.perf_counter()

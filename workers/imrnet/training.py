@@ -80,7 +80,7 @@ class TrainSettings:
 
     @classmethod
     def finetune(cls, **kw: Any) -> TrainSettings:
-        base = {"steps": 150, "lr": 2e-4, "warmup_steps": 10, "aug_rotate_deg": 5.0, "aug_scale": 0.03,
+        base = {"steps": 100, "lr": 5e-4, "warmup_steps": 10, "aug_rotate_deg": 3.0, "aug_scale": 0.03,
                 "aug_jitter": 0.002, "checkpoint_every": 0}
         base.update(kw)
         return cls(**base)

@@ -8,19 +8,26 @@ centroids (at most 784, as many as an organized frame has), deterministic.
 
 Choices (the paper leaves them open; stated here):
 
-* **What the resize sees.** Only the part's foreground, i.e. the pixels ``prepare`` kept (the
-  supporting plane and unmeasured pixels are not part of any patch); nearest-neighbour resize
-  (MVTec 3D-AD practice: the xyz of a pixel is never interpolated). A cell is a patch when at
-  least ``min_cell_pixels`` of its 64 resized pixels are foreground.
+* **What the resize sees.** By default (``crop=True``) the square window around the part's
+  foreground pixels, enlarged by 5 % of its side on each side (``grid_view``): MVTec 3D-AD's
+  objects fill their frames, a part on our simulated camera's 120 mm field of view fills ~20 %
+  of it, and without the crop only ~100 of the 784 cells would touch the part. ``crop=False``
+  resizes the whole frame as the paper does. Only the part's foreground, i.e. the pixels
+  ``prepare`` kept, belongs to patches (the supporting plane and unmeasured pixels do not);
+  nearest-neighbour resize (MVTec 3D-AD practice: the xyz of a pixel is never interpolated). A
+  cell is a patch when at least ``min_cell_pixels`` of its 64 resized pixels are foreground.
 * **The points of a patch.** Every patch, organized or not, is the ``k`` (= 64 = 8×8) nearest
   voxel centroids of its centre (a KD-tree query); the centre of an organized cell is the voxel
   of its foreground pixel nearest the cell's middle. One construction for every patch is what
   lets the normal patches and the pseudo-abnormal patches (which the paper builds by a KD-tree
   search around an anchor, Sec. 3.2) differ only in their geometry, not in how they were cut.
   A cloud with fewer than ``k`` points repeats points to fill the patch.
-* **Network input.** A patch is centred on its centroid and scaled into the unit ball
-  (``normalize_patches``); the axes are the sensor's (no rotation normalization), so the
-  perturbation magnitude ε = 0.1 of Eq. 8 is relative to the patch radius.
+* **Network input.** A patch is centred on its centroid and divided by one length
+  (``normalize_patches``): the scorer's default is the median radius of the normal training
+  patches (``patch_scale="fixed"``), which keeps a patch's physical extent (a hole or a cut
+  *widens* a k-nearest-neighbour patch, which per-patch scaling would hide); ``"patch"``
+  scales every patch into its own unit ball. The axes are the sensor's (no rotation
+  normalization). The perturbation magnitude ε = 0.1 of Eq. 8 is in these normalized units.
 * **FPFH of a patch.** The mean of its points' FPFH (BTF averages the per-pixel FPFH of a cell).
 * **Upsampling and blur (Eq. 7, 10).** Organized: the 28×28 patch map is upsampled to 224×224
   bilinearly and blurred with a Gaussian of σ = 4 pixels (BTF's values), both as *normalized*
@@ -50,10 +57,13 @@ __all__ = [
     "PatchSet",
     "is_organized",
     "resize_index",
+    "GridView",
+    "grid_view",
     "foreground_index_224",
     "extract_patches",
     "knn_indices",
     "normalize_patches",
+    "patch_radius",
     "resample_to",
     "organized_point_scores",
     "cloud_point_scores",
@@ -76,6 +86,8 @@ class PatchSet:
     """Organized: P flat indices into the 28×28 grid; None for an unorganized cloud."""
     fg224: np.ndarray | None
     """Organized: the 224×224 foreground mask; None otherwise."""
+    view: GridView | None = None
+    """Organized: the frame window the grid covers."""
 
     @property
     def organized(self) -> bool:
@@ -94,14 +106,53 @@ def resize_index(n_in: int, n_out: int) -> np.ndarray:
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
 
 
-def foreground_index_224(cloud: PreparedCloud, size: int = IMAGE_SIZE) -> np.ndarray:
+@dataclass(frozen=True)
+class GridView:
+    """The window of an organized frame (source pixels; it may reach past the frame's edge) that
+    is resized to the 224×224 grid: rows ``r0 .. r0 + h``, columns ``c0 .. c0 + w``."""
+
+    r0: float
+    c0: float
+    h: float
+    w: float
+
+    def source_rows(self, n_rows: int, size: int = IMAGE_SIZE) -> np.ndarray:
+        """Nearest source row of each grid row, −1 outside the frame."""
+        r = np.floor(self.r0 + (np.arange(size) + 0.5) * self.h / size).astype(np.int64)
+        return np.where((r >= 0) & (r < n_rows), r, -1)
+
+    def source_cols(self, n_cols: int, size: int = IMAGE_SIZE) -> np.ndarray:
+        c = np.floor(self.c0 + (np.arange(size) + 0.5) * self.w / size).astype(np.int64)
+        return np.where((c >= 0) & (c < n_cols), c, -1)
+
+    def normalized(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``grid_sample`` coordinates (x, y in [−1, 1]) of source pixel centres."""
+        return (cols + 0.5 - self.c0) / self.w * 2 - 1, (rows + 0.5 - self.r0) / self.h * 2 - 1
+
+
+def grid_view(cloud: PreparedCloud, crop: bool = True, margin: float = 0.05) -> GridView:
+    """The whole frame, or (``crop``) the square around the part's foreground pixels, enlarged by
+    ``margin`` of its side on each side (see the module docstring)."""
+    assert cloud.frame is not None
+    h, w = cloud.frame.points.shape[:2]
+    if not crop or len(cloud.source_flat) == 0:
+        return GridView(0.0, 0.0, float(h), float(w))
+    r, c = np.divmod(cloud.source_flat, w)
+    side = float(max(r.max() - r.min() + 1, c.max() - c.min() + 1)) * (1 + 2 * margin)
+    rc, cc = (r.min() + r.max() + 1) / 2.0, (c.min() + c.max() + 1) / 2.0
+    return GridView(rc - side / 2, cc - side / 2, side, side)
+
+
+def foreground_index_224(cloud: PreparedCloud, view: GridView, size: int = IMAGE_SIZE) -> np.ndarray:
     """size×size int64: the voxel of each resized foreground pixel, −1 elsewhere (organized only)."""
     assert cloud.frame is not None
     h, w = cloud.frame.points.shape[:2]
-    vox = np.full(h * w, -1, dtype=np.int64)
+    vox = np.full(h * w + 1, -1, dtype=np.int64)  # the extra last entry answers for "outside"
     vox[cloud.source_flat] = cloud.voxel_of_source
-    rows, cols = resize_index(h, size), resize_index(w, size)
-    return vox.reshape(h, w)[np.ix_(rows, cols)]
+    rows, cols = view.source_rows(h, size), view.source_cols(w, size)
+    flat = rows[:, None] * w + cols[None, :]
+    flat = np.where((rows[:, None] >= 0) & (cols[None, :] >= 0), flat, h * w)
+    return vox[flat]
 
 
 def knn_indices(tree: cKDTree, n_points: int, queries: np.ndarray, k: int) -> np.ndarray:
@@ -114,8 +165,10 @@ def knn_indices(tree: cKDTree, n_points: int, queries: np.ndarray, k: int) -> np
     return idx
 
 
-def _organized_centers(cloud: PreparedCloud, min_cell_pixels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    vox = foreground_index_224(cloud)
+def _organized_centers(
+    cloud: PreparedCloud, view: GridView, min_cell_pixels: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    vox = foreground_index_224(cloud, view)
     fg = vox >= 0
     cells = vox.reshape(GRID, CELL, GRID, CELL).transpose(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
     count = (cells >= 0).sum(axis=1)
@@ -134,6 +187,7 @@ def extract_patches(
     max_patches: int = GRID * GRID,
     min_cell_pixels: int = 8,
     tree: cKDTree | None = None,
+    crop: bool = True,
 ) -> PatchSet:
     """The patches of ``cloud`` (see the module docstring); ``mode`` is auto/organized/unorganized."""
     if mode not in ("auto", "organized", "unorganized"):
@@ -141,9 +195,10 @@ def extract_patches(
     pts = cloud.points
     tree = tree if tree is not None else cKDTree(pts)
     if mode != "unorganized" and is_organized(cloud):
-        cells, centre, fg = _organized_centers(cloud, min_cell_pixels)
+        view = grid_view(cloud, crop)
+        cells, centre, fg = _organized_centers(cloud, view, min_cell_pixels)
         if len(cells):
-            return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), cells, fg)
+            return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), cells, fg, view)
     elif mode == "organized":
         raise ValueError("patch mode 'organized' needs a cloud with an organized frame")
     n = int(min(max_patches, len(pts)))
@@ -152,10 +207,19 @@ def extract_patches(
     return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), None, None)
 
 
-def normalize_patches(xyz: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """P×k×3 patches → centred on their centroid, scaled into the unit ball (float32)."""
+def patch_radius(xyz: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Per patch: the largest distance of a point from the patch centroid."""
+    x = torch.as_tensor(xyz, dtype=torch.float32)
+    return (x - x.mean(dim=1, keepdim=True)).norm(dim=-1).amax(dim=1)
+
+
+def normalize_patches(xyz: np.ndarray | torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """P×k×3 patches → centred on their centroid and divided by ``scale`` (a length in mm), or,
+    when ``scale`` is None, each scaled into the unit ball (float32)."""
     x = torch.as_tensor(xyz, dtype=torch.float32)
     x = x - x.mean(dim=1, keepdim=True)
+    if scale is not None:
+        return x / max(float(scale), 1e-6)
     r = x.norm(dim=-1).amax(dim=1).clamp_min(1e-6)
     return x / r[:, None, None]
 
@@ -218,13 +282,13 @@ def organized_point_scores(
     values: np.ndarray, patches: PatchSet, cloud: PreparedCloud, sigma: float = 4.0
 ) -> np.ndarray:
     """Per-voxel scores (M,) of an organized cloud from its patch values (P,)."""
-    assert patches.cells is not None and patches.fg224 is not None and cloud.frame is not None
+    assert patches.cells is not None and patches.fg224 is not None and patches.view is not None
+    assert cloud.frame is not None
     amap = organized_map(values, patches.cells, patches.fg224, sigma)
-    h, w = cloud.frame.points.shape[:2]
-    r, c = np.divmod(cloud.source_flat, w)
+    r, c = np.divmod(cloud.source_flat, cloud.frame.points.shape[1])
+    gx, gy = patches.view.normalized(r, c)
     grid = torch.stack(
-        [torch.as_tensor((c + 0.5) / w * 2 - 1, dtype=torch.float32),
-         torch.as_tensor((r + 0.5) / h * 2 - 1, dtype=torch.float32)], dim=-1
+        [torch.as_tensor(gx, dtype=torch.float32), torch.as_tensor(gy, dtype=torch.float32)], dim=-1
     ).view(1, 1, -1, 2)
     px = F.grid_sample(amap[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
     px = px.view(-1).numpy().astype(np.float64)

@@ -46,10 +46,10 @@ from workers.preprocess import PreparedCloud
 from workers.zeroshot.patches import (
     IMAGE_SIZE,
     foreground_index_224,
+    grid_view,
     is_organized,
     knn_indices,
     resample_to,
-    resize_index,
 )
 from workers.zeroshot.resnet import (
     ResNet50,
@@ -74,13 +74,16 @@ __all__ = [
 ]
 
 
-def ordered_image(cloud: PreparedCloud, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def ordered_image(cloud: PreparedCloud, size: int = IMAGE_SIZE, crop: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(size×size×3 xyz with NaN where empty, size×size int64 voxel index of each part pixel or −1)."""
     if is_organized(cloud):
         assert cloud.frame is not None
         h, w = cloud.frame.points.shape[:2]
-        xyz = cloud.frame.points[np.ix_(resize_index(h, size), resize_index(w, size))]
-        return np.ascontiguousarray(xyz, dtype=np.float32), foreground_index_224(cloud, size)
+        view = grid_view(cloud, crop)
+        rows, cols = view.source_rows(h, size), view.source_cols(w, size)
+        xyz = cloud.frame.points[np.ix_(np.maximum(rows, 0), np.maximum(cols, 0))].copy()
+        xyz[(rows[:, None] < 0) | (cols[None, :] < 0)] = np.nan
+        return np.ascontiguousarray(xyz, dtype=np.float32), foreground_index_224(cloud, view, size)
     pts = cloud.points.astype(np.float64)
     c = pts - pts.mean(axis=0)
     _, vecs = np.linalg.eigh(c.T @ c)
@@ -121,10 +124,11 @@ def collect_pois(
     seed: int = 0,
     batch: int = 4,
     model: ResNet50 | None = None,
+    crop: bool = True,
 ) -> PoiPool:
     """POIs of every cloud (see the module docstring); one He-initialized ResNet-50 for all."""
     net = model if model is not None else he_init(ResNet50(), seed).eval()
-    images = [ordered_image(c) for c in clouds]
+    images = [ordered_image(c, crop=crop) for c in clouds]
     pois: list[np.ndarray] = []
     for start in range(0, len(images), batch):
         chunk = images[start : start + batch]

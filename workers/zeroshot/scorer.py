@@ -5,9 +5,10 @@ good parts of *other* products only; ``score`` then scores a product it never sa
 
 Pipeline (paper section → module):
 
-1. Patches (Sec. 3 "Notation", Sec. 4 "Implementation details"): organized frames → 224×224 →
-   28×28 = 784 patches of 8×8; unorganized clouds → farthest-point-sampled centres;
-   every patch = the 64 nearest voxels of its centre (``workers.zeroshot.patches``).
+1. Patches (Sec. 3 "Notation", Sec. 4 "Implementation details"): organized frames → the
+   part's window resized to 224×224 → 28×28 = 784 patches of 8×8; unorganized clouds →
+   at most 784 farthest-point-sampled centres; every patch = the 64 nearest voxels of its
+   centre (``workers.zeroshot.patches``).
 2. Pseudo anomalies (Sec. 3.2): points of interest of task-irrelevant samples from an untrained
    He-initialized ResNet-50 on ordered xyz (top 0.1 %, multi-scale activation fusion), attached
    to normal samples ("adding-point") or holes cut into them ("removing-point"), mixed with
@@ -37,10 +38,12 @@ the paper's exact protocol: bank + positives from ``train``, POIs from ``auxilia
 
 Choices where the paper is vague (each module states its own):
 
-* Feature blocks are put on one scale before concatenation: each block (FPFH, learned, RGB)
-  is divided by its RMS deviation from its mean over the training patches (stored), so that
-  no block dominates the Euclidean distance by its units alone (the raw FPFH spans tens, the
-  L2-normalized learned feature one); ``learned_weight`` scales the learned block.
+* Feature blocks are put on one scale before concatenation: the FPFH and RGB blocks are
+  divided by their RMS deviation from their mean over the training patches (stored), so that
+  no block dominates the Euclidean distance by its units alone (the raw FPFH spans ~100); the
+  learned block is left on its unit sphere (its contrastive training packs the normal patches
+  into an RMS spread of ~0.005, so dividing by it would blow up its noise on a new product);
+  ``learned_weight`` scales the learned block.
 * The distance score is divided by ``dist_scale``, the mean distance of the training patches
   the coreset left out to the coreset (the typical distance of a *normal* patch to the bank),
   so that λ_d·distance and λ_c·S_abnormal ∈ [0, 1] are commensurable; λ_d = λ_c = 1 (the
@@ -53,12 +56,16 @@ Choices where the paper is vague (each module states its own):
   when a training frame has no RGB image or is not organized, the branch is left out and the
   log says so.
 
-CPU defaults (so that a 4-class leave-one-out eval stays within minutes on 2 cores):
-PointNet++ width 32 (~0.1 M parameters per network instead of the paper's 6.8 M), 8 epochs of
-at most 2048 normal + 2048 pseudo-abnormal patches, batch 64 + 64, POIs from at most 24
-task-irrelevant samples. The paper's values are kept where it gives them: p = 0.1 %, 784
-patches of 8×8 at 224×224, τ = 0.07, λ1 = 1, λ2 = 100, PatchCore k = 3, ε = 0.1, Adam, last
-epoch.
+CPU defaults (a 4-class leave-one-out ``inspectd eval --zero-shot`` on the default synthetic
+dataset takes ~1.5 min on 2 shared cores): PointNet++ width 16 with 8 SA1 centres (~22 k
+parameters per network instead of the paper's 6.8 M), 8 epochs over at most 2048 normal +
+2048 pseudo-abnormal patches (batch 64 + 64, Adam lr 1e-3), POIs from at most 24
+task-irrelevant samples, coreset 10 %, torch limited to ``torch_threads`` = 1 intra-op thread
+inside ``fit`` / ``score`` (restored after; these networks are too small to gain from more, and
+on loaded shared cores 2 threads made a training step 8× slower, measured). The paper's values
+are kept where it gives them: p = 0.1 %, 784 patches of 8×8 at 224×224, τ = 0.07, λ1 = 1,
+λ2 = 100, PatchCore k = 3, ε = 0.1, σ = 4 blur, Adam, last epoch. Its missing ones are chosen
+here: adding / removing mix 0.5, negative : positive ratio 1 : 1, λ_d = λ_c = 1.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ from workers.zeroshot.patches import (
     extract_patches,
     normalize_patches,
     organized_point_scores,
+    patch_radius,
 )
 from workers.zeroshot.pointnet2 import PointNet2
 from workers.zeroshot.pseudo_anomalies import NormalCloud, collect_pois, generate_pseudo_anomalies
@@ -153,7 +161,9 @@ class ZeroShotScorer(Scorer):
         patch_points: int = 64,
         patch_mode: str = "auto",
         min_cell_pixels: int = 8,
+        crop_to_part: bool = True,
         unorganized_patches: int = 784,
+        patch_scale: str = "fixed",
         normal_radius_factor: float = 2.0,
         feature_radius_factor: float = 5.0,
         poi_percent: float = 0.1,
@@ -171,6 +181,8 @@ class ZeroShotScorer(Scorer):
         temperature: float = 0.07,
         contrastive_weight: float = 1.0,
         disentangle_weight: float = 100.0,
+        disentangle_centered: bool = False,
+        disentangle_warmup: float = 0.5,
         width: int = 16,
         use_learned: bool = True,
         use_classifier: bool = True,
@@ -211,7 +223,11 @@ class ZeroShotScorer(Scorer):
         self.patch_points = int(patch_points)
         self.patch_mode = patch_mode
         self.min_cell_pixels = int(min_cell_pixels)
+        self.crop_to_part = bool(crop_to_part)
         self.unorganized_patches = int(unorganized_patches)
+        if patch_scale not in ("patch", "fixed"):
+            raise ValueError("patch_scale must be 'patch' or 'fixed'")
+        self.patch_scale = patch_scale
         self.normal_radius_factor = float(normal_radius_factor)
         self.feature_radius_factor = float(feature_radius_factor)
         self.poi_percent = float(poi_percent)
@@ -229,6 +245,8 @@ class ZeroShotScorer(Scorer):
         self.temperature = float(temperature)
         self.contrastive_weight = float(contrastive_weight)
         self.disentangle_weight = float(disentangle_weight)
+        self.disentangle_centered = bool(disentangle_centered)
+        self.disentangle_warmup = float(disentangle_warmup)
         self.width = int(width)
         self.use_learned = bool(use_learned)
         self.use_classifier = bool(use_classifier)
@@ -257,17 +275,18 @@ class ZeroShotScorer(Scorer):
         self._block_scale: np.ndarray | None = None
         self._fpfh_mean: np.ndarray | None = None
         self._dist_scale: float = 1.0
+        self._patch_scale: float = 1.0
         self.fit_info: dict[str, Any] = {}
 
     # -- state ---------------------------------------------------------------------------------
 
     def params(self) -> dict[str, Any]:
         keys = (
-            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "unorganized_patches",
+            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "crop_to_part", "unorganized_patches", "patch_scale",
             "normal_radius_factor", "feature_radius_factor", "poi_percent", "poi_max_sources", "pseudo_mix",
             "part_points", "remove_ratio_min", "remove_ratio_max", "rotate_parts", "negative_ratio",
             "max_train_patches", "epochs", "batch_positives", "lr", "temperature", "contrastive_weight",
-            "disentangle_weight", "width", "use_learned", "use_classifier", "use_perturbation",
+            "disentangle_weight", "disentangle_centered", "disentangle_warmup", "width", "use_learned", "use_classifier", "use_perturbation",
             "perturbation_epsilon", "perturbation_direction", "distance_weight", "classifier_weight",
             "learned_weight", "rgb_checkpoint", "coreset_ratio", "coreset_max", "coreset_projection_dim",
             "reweight_neighbors", "blur_sigma", "cloud_blur_k", "cloud_blur_sigma_factor", "checkpoint_dir",
@@ -283,6 +302,7 @@ class ZeroShotScorer(Scorer):
             "block_scale": self._block_scale.astype(np.float32),
             "fpfh_mean": self._fpfh_mean.astype(np.float32),
             "dist_scale": np.asarray([self._dist_scale], dtype=np.float32),
+            "patch_scale": np.asarray([self._patch_scale], dtype=np.float32),
         }
         for prefix, net in (("encoder.", self.encoder), ("classifier.", self.classifier), ("rgb.", self.rgb_model)):
             if net is not None:
@@ -315,6 +335,8 @@ class ZeroShotScorer(Scorer):
         scorer._block_scale = np.asarray(tensors["block_scale"], dtype=np.float32)
         scorer._fpfh_mean = np.asarray(tensors["fpfh_mean"], dtype=np.float32)
         scorer._dist_scale = float(np.asarray(tensors["dist_scale"]).reshape(-1)[0])
+        if "patch_scale" in tensors:
+            scorer._patch_scale = float(np.asarray(tensors["patch_scale"]).reshape(-1)[0])
         n_blocks = 1 + int(scorer.encoder is not None) + int(scorer.rgb_model is not None)
         if len(scorer._block_scale) != n_blocks:
             raise ValueError(f"zeroshot state: {len(scorer._block_scale)} block scales for {n_blocks} feature blocks")
@@ -335,11 +357,17 @@ class ZeroShotScorer(Scorer):
 
     # -- features ------------------------------------------------------------------------------
 
+    def _normalize(self, xyz: np.ndarray) -> torch.Tensor:
+        """Network input: per-patch unit ball, or (``patch_scale="fixed"``) the median radius of
+        the normal training patches as one length for all patches."""
+        return normalize_patches(xyz, self._patch_scale if self.patch_scale == "fixed" else None)
+
     def _prepare(self, cloud: PreparedCloud) -> _Prepared:
         fpfh = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
         tree = cKDTree(cloud.points)
         patches = extract_patches(
-            cloud, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels, tree
+            cloud, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels, tree,
+            self.crop_to_part,
         )
         return _Prepared(
             cloud, tree, fpfh, patches, fpfh[patches.neighbors].mean(axis=1), cloud.points[patches.neighbors]
@@ -366,7 +394,7 @@ class ZeroShotScorer(Scorer):
         """The raw feature blocks (FPFH, learned, RGB as present) of the patches of ``prep``."""
         blocks = [np.concatenate([p.patch_fpfh for p in prep]).astype(np.float32)]
         if self.encoder is not None:
-            x = normalize_patches(np.concatenate([p.xyz for p in prep]))
+            x = self._normalize(np.concatenate([p.xyz for p in prep]))
             blocks.append(encode(self.encoder, x).numpy())
         if self.rgb_model is not None:
             rgb = []
@@ -425,10 +453,10 @@ class ZeroShotScorer(Scorer):
 
         self.rgb_model = self._load_rgb(clouds, prep)
         blocks = self._blocks(prep)
-        self._block_scale = np.asarray(
-            [max(float(np.sqrt(((b - b.mean(axis=0)) ** 2).sum(axis=1).mean())), 1e-6) for b in blocks],
-            dtype=np.float32,
-        )
+        rms = [max(float(np.sqrt(((b - b.mean(axis=0)) ** 2).sum(axis=1).mean())), 1e-6) for b in blocks]
+        if self.encoder is not None:
+            rms[1] = 1.0  # the learned block stays on its unit sphere (see the module docstring)
+        self._block_scale = np.asarray(rms, dtype=np.float32)
         bank = self._combine(blocks)
         n_keep = self._coreset_size(len(bank))
         idx = np.arange(len(bank))
@@ -484,9 +512,13 @@ class ZeroShotScorer(Scorer):
     ) -> None:
         # positives: the normal patches (a random subset of at most max_train_patches)
         xyz = np.concatenate([p.xyz for p in prep])
-        fp = np.concatenate([p.patch_fpfh for p in prep]) - self._fpfh_mean
+        fp = np.concatenate([p.patch_fpfh for p in prep])
+        if self.disentangle_centered:
+            fp = fp - self._fpfh_mean
         sel = rng.permutation(len(xyz))[: self.max_train_patches] if self.max_train_patches > 0 else np.arange(len(xyz))
-        positives = normalize_patches(xyz[sel])
+        if self.patch_scale == "fixed":
+            self._patch_scale = float(patch_radius(xyz[sel]).median())
+        positives = self._normalize(xyz[sel])
         positive_fpfh = torch.from_numpy(np.ascontiguousarray(fp[sel], dtype=np.float32))
 
         # negatives: pseudo anomalies; POIs from task-irrelevant data
@@ -501,7 +533,7 @@ class ZeroShotScorer(Scorer):
         sources = _stratified(sources, self.poi_max_sources, rng)
         mix = parse_mix(self.pseudo_mix)
         t0 = time.perf_counter()
-        pool = collect_pois(sources, self.poi_percent / 100.0, seed=self.seed) if mix > 0 else None
+        pool = collect_pois(sources, self.poi_percent / 100.0, seed=self.seed, crop=self.crop_to_part) if mix > 0 else None
         t1 = time.perf_counter()
         normals = [NormalCloud(p.cloud.points, p.tree, products[i]) for i, p in enumerate(prep)]
         n_neg = max(1, int(round(self.negative_ratio * len(sel))))
@@ -513,11 +545,12 @@ class ZeroShotScorer(Scorer):
             normals, pool, n_neg, self.patch_points, mix, self.part_points,
             (self.remove_ratio_min, self.remove_ratio_max), self.rotate_parts, rng,
         )
-        negatives = normalize_patches(neg)
+        negatives = self._normalize(neg)
         t2 = time.perf_counter()
         cfg = TrainConfig(
             epochs=self.epochs, batch_positives=self.batch_positives, lr=self.lr, temperature=self.temperature,
             contrastive_weight=self.contrastive_weight, disentangle_weight=self.disentangle_weight,
+            disentangle_warmup=self.disentangle_warmup,
             feature_dim=FEATURE_DIM, width=self.width, seed=self.seed,
         )
         self.encoder, self.classifier, history = train_networks(
@@ -573,7 +606,7 @@ class ZeroShotScorer(Scorer):
         w = self._bank._reweight(q[star])
         if self.use_classifier and self.classifier is not None:
             cls = abnormal_probability(
-                self.classifier, normalize_patches(prep.xyz), self.perturbation_epsilon,
+                self.classifier, self._normalize(prep.xyz), self.perturbation_epsilon,
                 self.use_perturbation, self.perturbation_direction,
             )
         else:
