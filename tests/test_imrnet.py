@@ -273,3 +273,17 @@ def test_train_cli_pretrains_and_the_scorer_loads_the_weights(tmp_path) -> None:
         warnings.simplefilter("error")  # a size mismatch or a missing file would warn
         scorer.fit([box_cloud(1), box_cloud(2)])
     assert scorer.fit_info["pretrained"] == str(out)
+
+
+def test_icp_recovers_a_known_pose() -> None:
+    from workers.imrnet.align import apply, icp_align, rot_z, rotation_deg
+
+    ref = box_cloud(0).points
+    ref = (ref - ref.mean(axis=0)) / 20.0
+    pose = rot_z(8.0)
+    pose[:3, 3] = [0.03, -0.02, 0.0]
+    src = apply(np.linalg.inv(pose), ref)  # the same surface, moved
+    est, info = icp_align(src, ref)
+    assert info["fitness"] > 0.99
+    assert rotation_deg(est) == pytest.approx(8.0, abs=0.3)
+    assert np.allclose(apply(est, src), ref, atol=1e-3)

@@ -88,6 +88,22 @@ class PatchSet:
     """Organized: the 224×224 foreground mask; None otherwise."""
     view: GridView | None = None
     """Organized: the frame window the grid covers."""
+    cell_voxels: np.ndarray | None = None
+    """Organized: P×64, the voxel of each resized pixel of the patch's cell (−1: not the part)."""
+
+    def pooled(self, per_point: np.ndarray, pool: str = "cell") -> np.ndarray:
+        """A per-point feature (M×D) pooled per patch (P×D): ``"cell"`` = the mean over the cell's
+        part pixels (organized; BTF's 8×8 average pooling) or over the ``k // 8`` nearest points
+        of the centre (unorganized); ``"patch"`` = the mean over the patch's ``k`` points."""
+        if pool == "patch":
+            return per_point[self.neighbors].mean(axis=1)
+        if pool != "cell":
+            raise ValueError(f"pool must be 'cell' or 'patch', got {pool!r}")
+        if self.cell_voxels is None:
+            return per_point[self.neighbors[:, : max(1, self.neighbors.shape[1] // 8)]].mean(axis=1)
+        valid = self.cell_voxels >= 0
+        vals = per_point[np.maximum(self.cell_voxels, 0)] * valid[..., None]
+        return vals.sum(axis=1) / valid.sum(axis=1, keepdims=True).clip(min=1)
 
     @property
     def organized(self) -> bool:
@@ -167,7 +183,7 @@ def knn_indices(tree: cKDTree, n_points: int, queries: np.ndarray, k: int) -> np
 
 def _organized_centers(
     cloud: PreparedCloud, view: GridView, min_cell_pixels: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     vox = foreground_index_224(cloud, view)
     fg = vox >= 0
     cells = vox.reshape(GRID, CELL, GRID, CELL).transpose(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
@@ -177,7 +193,7 @@ def _organized_centers(
     d2 = (r - (CELL - 1) / 2) ** 2 + (c - (CELL - 1) / 2) ** 2
     d = np.where(cells[keep] >= 0, d2[None, :], np.inf)
     centre = cells[keep, np.argmin(d, axis=1)]
-    return keep.astype(np.int64), centre.astype(np.int64), fg
+    return keep.astype(np.int64), centre.astype(np.int64), fg, cells[keep]
 
 
 def extract_patches(
@@ -196,9 +212,9 @@ def extract_patches(
     tree = tree if tree is not None else cKDTree(pts)
     if mode != "unorganized" and is_organized(cloud):
         view = grid_view(cloud, crop)
-        cells, centre, fg = _organized_centers(cloud, view, min_cell_pixels)
+        cells, centre, fg, cell_vox = _organized_centers(cloud, view, min_cell_pixels)
         if len(cells):
-            return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), cells, fg, view)
+            return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), cells, fg, view, cell_vox)
     elif mode == "organized":
         raise ValueError("patch mode 'organized' needs a cloud with an organized frame")
     n = int(min(max_patches, len(pts)))

@@ -164,6 +164,7 @@ class ZeroShotScorer(Scorer):
         crop_to_part: bool = True,
         unorganized_patches: int = 784,
         patch_scale: str = "fixed",
+        fpfh_pool: str = "cell",
         normal_radius_factor: float = 2.0,
         feature_radius_factor: float = 5.0,
         poi_percent: float = 0.1,
@@ -228,6 +229,9 @@ class ZeroShotScorer(Scorer):
         if patch_scale not in ("patch", "fixed"):
             raise ValueError("patch_scale must be 'patch' or 'fixed'")
         self.patch_scale = patch_scale
+        if fpfh_pool not in ("cell", "patch"):
+            raise ValueError("fpfh_pool must be 'cell' or 'patch'")
+        self.fpfh_pool = fpfh_pool
         self.normal_radius_factor = float(normal_radius_factor)
         self.feature_radius_factor = float(feature_radius_factor)
         self.poi_percent = float(poi_percent)
@@ -282,7 +286,7 @@ class ZeroShotScorer(Scorer):
 
     def params(self) -> dict[str, Any]:
         keys = (
-            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "crop_to_part", "unorganized_patches", "patch_scale",
+            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "crop_to_part", "unorganized_patches", "patch_scale", "fpfh_pool",
             "normal_radius_factor", "feature_radius_factor", "poi_percent", "poi_max_sources", "pseudo_mix",
             "part_points", "remove_ratio_min", "remove_ratio_max", "rotate_parts", "negative_ratio",
             "max_train_patches", "epochs", "batch_positives", "lr", "temperature", "contrastive_weight",
@@ -370,7 +374,7 @@ class ZeroShotScorer(Scorer):
             self.crop_to_part,
         )
         return _Prepared(
-            cloud, tree, fpfh, patches, fpfh[patches.neighbors].mean(axis=1), cloud.points[patches.neighbors]
+            cloud, tree, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), cloud.points[patches.neighbors]
         )
 
     @torch.no_grad()
