@@ -96,7 +96,7 @@ def _class_list(values: Sequence[str] | None) -> list[str] | None:
     return out or None
 
 
-def _parse_params(items: Sequence[str] | None) -> dict[str, Any]:
+def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     """``KEY=VALUE`` pairs (VALUE parsed as JSON when it is JSON, else a string)."""
     params: dict[str, Any] = {}
     for item in items or ():
@@ -132,7 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         classes=_class_list(args.classes),
         zero_shot=args.zero_shot,
         out=args.out,
-        scorer_params=_parse_params(args.scorer_param),
+        scorer_params=parse_params(args.scorer_param),
         progress=not args.no_progress,
         voxel_size=args.voxel_size,
         command=_eval_command(args),

@@ -29,24 +29,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from daemon.evaluation import parse_params
 
 log = logging.getLogger("inspectd.train")
 
 DEFAULT_STATE_DIR = Path("out/imrnet-train")
-
-
-def _parse_params(items: list[str] | None) -> dict[str, Any]:
-    params: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"parameter {item!r} must be KEY=VALUE")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
 
 
 def _command() -> str:
@@ -63,7 +51,7 @@ def pretrain(args: argparse.Namespace) -> int:
         print("inspectd train: --pretrain needs --out", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    cfg_over = _parse_params(args.param)
+    cfg_over = parse_params(args.param)
     cfg = IMRNetConfig.from_dict({**IMRNetConfig().to_dict(), **cfg_over})
     out = Path(args.out)
     state = Path(args.state) if args.state else DEFAULT_STATE_DIR / f"{out.stem}.state.safetensors"
@@ -117,7 +105,7 @@ def finetune(args: argparse.Namespace) -> int:
     pp = cfg.preprocess.params()
     frames = load_frames(args.good, args.product)
     clouds = [prepare(f, pp) for f in frames]
-    params = {"voxel_size": pp.voxel_size, **_parse_params(args.scorer_param)}
+    params = {"voxel_size": pp.voxel_size, **parse_params(args.scorer_param)}
     if args.steps is not None:
         params["finetune_steps"] = args.steps
     if args.seed is not None:
