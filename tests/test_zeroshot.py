@@ -40,6 +40,7 @@ from workers.zeroshot.resnet import (
     normalize_ordered_xyz,
     top_percent_mask,
 )
+from workers.zeroshot.scorer import torch_threads
 from workers.zeroshot.training import abnormal_probability, perturb, supcon_loss, train_networks
 
 PX = 96
@@ -84,6 +85,13 @@ def render(shape: str, seed: int, dent: tuple[float, float, float, float] | None
 
 def cloud_of(shape: str, seed: int, dent: tuple[float, float, float, float] | None = None) -> PreparedCloud:
     return prepare(render(shape, seed, dent), PP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread, as the scorer runs (much faster on shared cores for these sizes)."""
+    with torch_threads(1):
+        yield
 
 
 SMALL = dict(
@@ -303,3 +311,34 @@ def test_ablation_knobs_and_unorganized_input(fitted: ZeroShotScorer) -> None:
     assert removing.fit_info["n_adding"] == 0 and removing.classifier is None
     with pytest.raises(ValueError):
         ZeroShotScorer(pseudo_mix="sideways")
+
+
+def with_rgb(frame: Frame) -> Frame:
+    """The frame plus a grey RGB image shaded by height."""
+    z = np.nan_to_num(frame.points[..., 2], nan=0.0)
+    grey = np.clip(40 + 10 * z, 0, 255).astype(np.uint8)
+    return Frame(points=frame.points, meta=frame.meta, rgb=np.repeat(grey[..., None], 3, axis=2),
+                 gt_mask=frame.gt_mask)
+
+
+def test_rgb_branch_off_without_checkpoint_and_on_with_one(tmp_path, caplog) -> None:
+    from safetensors.torch import save_file
+
+    train = [prepare(with_rgb(render(s, i)), PP) for s in ("block", "dome") for i in range(2)]
+    test = prepare(with_rgb(render("roll", 30, dent=(5.0, 0.0, 5.0, 3.0))), PP)
+    fast = {**SMALL, "use_learned": False, "use_classifier": False}
+    with caplog.at_level("INFO", logger="inspectd.zeroshot"):
+        off = ZeroShotScorer(**fast)
+        off.fit(train)
+    assert off.rgb_model is None and "RGB branch left out" in caplog.text
+    ckpt = tmp_path / "imagenet_resnet50.safetensors"  # stands in for a local ImageNet checkpoint
+    save_file({k: v.contiguous() for k, v in he_init(ResNet50(), seed=3).state_dict().items()}, str(ckpt))
+    on = ZeroShotScorer(rgb_checkpoint=str(ckpt), **fast)
+    on.fit(train)
+    assert on.rgb_model is not None and on.tensors()["memory_bank"].shape[1] == 33 + 512 + 1024
+    assert any(k.startswith("rgb.layer3.") for k in on.tensors())
+    on.save(tmp_path / "model", train_hash="x")
+    a, b = on.score(test), load_scorer(tmp_path / "model").score(test)
+    assert a.object_score == b.object_score and np.array_equal(a.point_scores, b.point_scores)
+    with pytest.raises(ValueError):
+        on.score(prepare(render("roll", 31), PP))  # no RGB image: the branch cannot run

@@ -28,7 +28,12 @@ Choices (the paper leaves them open; stated here):
   *widens* a k-nearest-neighbour patch, which per-patch scaling would hide); ``"patch"``
   scales every patch into its own unit ball. The axes are the sensor's (no rotation
   normalization). The perturbation magnitude ε = 0.1 of Eq. 8 is in these normalized units.
-* **FPFH of a patch.** The mean of its points' FPFH (BTF averages the per-pixel FPFH of a cell).
+* **FPFH of a patch** (``PatchSet.pooled``). Organized: the mean FPFH over the cell's 8×8
+  resized part pixels (each pixel carries its voxel's FPFH): BTF's average pooling of the
+  per-pixel FPFH, which the paper's FPFH branch is. Unorganized: the mean over the ``k // 8``
+  nearest voxels of the centre (a cell-sized neighbourhood). ``pool="patch"`` averages over
+  all ``k`` points of the patch instead (measured on synthetic parts: a coarser map, AUPRO
+  0.445 vs 0.464 and I-AUROC 0.62 vs 0.81 for the FPFH map alone, leave-one-out over 4 classes).
 * **Upsampling and blur (Eq. 7, 10).** Organized: the 28×28 patch map is upsampled to 224×224
   bilinearly and blurred with a Gaussian of σ = 4 pixels (BTF's values), both as *normalized*
   convolutions over the foreground (cells that are not patches and background pixels neither

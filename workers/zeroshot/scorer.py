@@ -403,7 +403,8 @@ class ZeroShotScorer(Scorer):
         if self.rgb_model is not None:
             rgb = []
             for p in prep:
-                assert p.patches.cells is not None, "RGB branch needs organized patches"
+                if p.patches.cells is None:
+                    raise ValueError("the zeroshot model has an RGB branch: it needs organized patches")
                 rgb.append(self._rgb_cells(p.cloud)[p.patches.cells])
             blocks.append(np.concatenate(rgb).astype(np.float32))
         return blocks
