@@ -22,9 +22,10 @@ Protocol (per class):
   (H×W for organized data, one score per point for clouds). Points of a cloud sample are the
   ones the loader returns (the label file's rows when there is one, see ``sensors.datasets``).
 * **metrics** (``workers.metrics``): I-AUROC over the object scores; P-AUROC over **all** test
-  pixels (organized: every pixel of the image, as MVTec 3D-AD's official evaluation; a pixel
-  without a measurement has a NaN score, which the metrics module replaces by the smallest
-  score of the call; plane pixels score 0) or all test points; AUPRO integrated to FPR 0.3
+  pixels (organized: every pixel of the image, as MVTec 3D-AD's official evaluation, on the
+  dense map of ``score_frame(dense=True)``: a pixel the scorer did not score, unmeasured or
+  background plane, takes the score of the nearest scored pixel, as the interpolated maps of
+  the methods on that benchmark do) or all test points; AUPRO integrated to FPR 0.3
   and divided by 0.3 (MVTec 3D-AD). AUPRO regions: 8-connected components of the gt mask for
   organized data; for point clouds, a region is a connected component of the graph joining
   anomalous points at most 2.5 × the sample's median nearest-neighbour spacing apart
@@ -415,7 +416,7 @@ def evaluate(
         for i, s in enumerate(tqdm(tests, desc=f"score {cls}", disable=not progress, leave=False)):
             frame = s.load()
             t0, c0 = time.perf_counter(), time.process_time()
-            fs = score_frame(scorer, frame, pp)
+            fs = score_frame(scorer, frame, pp, dense=organized)
             secs.append(time.perf_counter() - t0)
             cpu_secs.append(time.process_time() - c0)
             for k, v in fs.timings.items():
@@ -521,8 +522,9 @@ def _metric_notes(layout: str) -> dict[str, str]:
     return {
         "i_auroc": "AUROC of the object scores over the test split",
         "p_auroc": (
-            "AUROC over all pixels of all test images (NaN = unmeasured pixel -> smallest score; "
-            "background plane -> 0)" if layout == "mvtec3d" else "AUROC over all points of all test samples"
+            "AUROC over all pixels of all test images (dense maps: a pixel the scorer did not score, "
+            "unmeasured or background plane, takes the score of the nearest scored pixel)"
+            if layout == "mvtec3d" else "AUROC over all points of all test samples"
         ),
         "aupro": f"area under the PRO curve up to FPR {AUPRO_FPR_LIMIT}, divided by {AUPRO_FPR_LIMIT}; regions: {region}",
         "mean": "mean over classes (classes with an undefined metric are left out)",

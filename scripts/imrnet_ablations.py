@@ -22,7 +22,7 @@ two points share a voxel, so the scorer sees ~30 000 points; the count is report
 Usage::
 
     python scripts/imrnet_ablations.py --dataset /tmp/imr/anomaly-shapenet --layout anomaly-shapenet \\
-        --out out/imrnet-ablations [--ablation sampler iterations mask_ratio] [--classes a b]
+        --out out/imrnet-ablations [--ablation sampler iterations mask_ratio] [--classes a b] [--reuse]
     python scripts/imrnet_ablations.py --timing --out out/imrnet-timing
 
 Writes ``OUT/ablations.json`` and ``OUT/ablations.md`` (mean I-AUROC / P-AUROC / AUPRO per setting).
@@ -57,7 +57,9 @@ def _key(params: dict[str, Any]) -> str:
 
 
 def run_ablations(dataset: str, layout: str, out: Path, which: list[str], classes: list[str] | None,
-                  extra: dict[str, Any]) -> dict[str, Any]:
+                  extra: dict[str, Any], reuse: bool = False) -> dict[str, Any]:
+    """Evaluate every setting of ``which``; with ``reuse``, a run whose ``OUT/<run>/report.json``
+    exists is read back instead of evaluated again (to resume an interrupted set)."""
     from daemon.evaluation import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
@@ -66,6 +68,11 @@ def run_ablations(dataset: str, layout: str, out: Path, which: list[str], classe
     for name in which:
         for label, params in ABLATIONS[name]:
             key = _key(params)
+            done = out / key / "report.json"
+            if key not in runs and reuse and done.exists():
+                report = json.loads(done.read_text())
+                runs[key] = {"mean": report["mean"], "classes": {c: v["i_auroc"] for c, v in report["classes"].items()},
+                             "seconds": None, "command": report["command"], "reused": True}
             if key not in runs:
                 t0 = time.perf_counter()
                 report = evaluate(dataset, layout, "imrnet", classes=classes, out=out / key,
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", nargs="+")
     p.add_argument("--scorer-param", action="append", metavar="KEY=VALUE", default=[],
                    help="extra imrnet parameter for every run (VALUE is JSON)")
+    p.add_argument("--reuse", action="store_true", help="read back runs whose report.json already exists")
     p.add_argument("--timing", action="store_true", help="time one 30K-point part instead")
     p.add_argument("--timing-points", type=int, default=30000)
     p.add_argument("--timing-scorers", nargs="+", default=["imrnet", "patchcore-fpfh"])
@@ -151,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.dataset:
         p.error("--dataset is required for ablations")
-    run_ablations(args.dataset, args.layout, out, args.ablation, args.classes, extra)
+    run_ablations(args.dataset, args.layout, out, args.ablation, args.classes, extra, args.reuse)
     return 0
 
 

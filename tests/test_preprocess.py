@@ -56,6 +56,22 @@ def test_map_back_covers_every_pixel() -> None:
     assert np.count_nonzero(np.nan_to_num(amap)) == len(c.source_flat)  # background is 0
 
 
+def test_dense_map_fills_unscored_pixels_from_the_nearest_scored_pixel() -> None:
+    f = box_on_plane()
+    c = prepare(f, PreprocessParams(voxel_size=1.0))
+    scores = np.arange(len(c.points), dtype=np.float32) + 1
+    sparse = map_back(c, scores, f)
+    dense = map_back(c, scores, f, dense=True)
+    assert np.isfinite(dense).all() and (dense >= 1).all()  # no NaN, no background 0
+    flat = dense.reshape(-1)
+    np.testing.assert_array_equal(flat[c.source_flat], sparse.reshape(-1)[c.source_flat])
+    rows, cols = np.divmod(c.source_flat, 200)
+    for r, q in [(0, 0), (199, 199), (100, 5)]:  # background pixels far from / next to the box
+        d2 = (rows - r) ** 2 + (cols - q) ** 2
+        nearest = c.source_flat[d2 == d2.min()]
+        assert dense[r, q] in set(flat[nearest].tolist())
+
+
 def test_frames_without_points_are_refused() -> None:
     f = box_on_plane()
     empty = Frame(points=np.full((4, 4, 3), np.nan, np.float32), meta=f.meta)
