@@ -10,10 +10,17 @@ set aside as background score 0, so an operator sees the part and nothing else.
 ``dense=True`` is the map the MVTec 3D-AD evaluation needs: every pixel of the image is scored,
 and the ground truth also covers pixels the scorer never saw (a hole through the part shows the
 table, which plane removal drops; a crack or a steep flank leaves unmeasured pixels). Methods on
-that benchmark produce dense maps by interpolating patch scores over the image; we give each
-pixel the scorer did not score the score of the nearest scored pixel (Euclidean distance in the
-image grid, ``scipy.ndimage.distance_transform_edt``). ``inspectd eval`` uses it for organized
-data; the object score is the same either way.
+that benchmark produce dense maps by interpolating patch scores over the image. Ours: the
+*part region* is the set of scored pixels with its enclosed holes filled
+(``scipy.ndimage.binary_fill_holes``), grown by ``DENSE_FILL_PX`` pixels (the unmeasured fringe a
+structured-light camera leaves along a depth step is a few pixels wide); every unscored pixel of
+that region takes the score of the nearest scored pixel (``distance_transform_edt``), and every
+pixel outside it, the table and the void, takes the map's floor (``min(0, lowest score)``).
+Filling the whole image from the part instead would paint the table with the scores of the
+part's silhouette, high-scoring edges, and so turn most of the image into false positives
+(on the synthetic MVTec-layout benchmark: AUPRO 0.51 with the whole image filled, 0.59 with
+holes only, 0.86 with holes + 3 px, 0.88 with holes + 10 px; sparse maps 0.46).
+``inspectd eval`` uses it for organized data; the object score is the same either way.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ from sensors.frame import Frame
 from workers.preprocess import PreparedCloud, PreprocessParams, prepare
 from workers.scorer import Scorer
 
+DENSE_FILL_PX = 3
+"""How far (pixels) a dense organized map extends past the scored pixels (see the module doc)."""
+
 
 @dataclass
 class FrameScore:
@@ -40,17 +50,21 @@ class FrameScore:
 def map_back(cloud: PreparedCloud, point_scores: np.ndarray, frame: Frame, dense: bool = False) -> np.ndarray:
     """Per-voxel scores → an anomaly map over every pixel / point of ``frame``.
 
-    ``dense`` (organized frames only): fill the unscored pixels from the nearest scored pixel.
+    ``dense`` (organized frames only): score the unscored pixels of the part region from the
+    nearest scored pixel and the rest with the map's floor (see the module doc).
     """
     full = np.zeros(frame.n_points, dtype=np.float32)
     full[~frame.valid_mask().reshape(-1)] = np.nan
     full[cloud.source_flat] = point_scores[cloud.voxel_of_source]
     amap = full.reshape(frame.points.shape[:-1])
     if dense and frame.organized and len(cloud.source_flat):
-        unscored = np.ones(frame.n_points, dtype=bool)
-        unscored[cloud.source_flat] = False
-        _, (rows, cols) = ndimage.distance_transform_edt(unscored.reshape(amap.shape), return_indices=True)
-        amap = amap[rows, cols]
+        scored = np.zeros(frame.n_points, dtype=bool)
+        scored[cloud.source_flat] = True
+        scored = scored.reshape(amap.shape)
+        region = ndimage.binary_fill_holes(scored) | ndimage.binary_dilation(scored, iterations=DENSE_FILL_PX)
+        _, (rows, cols) = ndimage.distance_transform_edt(~scored, return_indices=True)
+        floor = min(0.0, float(point_scores.min())) if len(point_scores) else 0.0
+        amap = np.where(region, amap[rows, cols], np.float32(floor))
     return amap
 
 
