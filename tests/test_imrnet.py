@@ -287,3 +287,14 @@ def test_icp_recovers_a_known_pose() -> None:
     assert info["fitness"] > 0.99
     assert rotation_deg(est) == pytest.approx(8.0, abs=0.3)
     assert np.allclose(apply(est, src), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("key,value", [("point_score", "knn"), ("test_mask", "random"), ("reference", "none"),
+                                       ("sampler", "fps"), ("sampler", "random"), ("iterations", 1),
+                                       ("template_regularization", False)])
+def test_scoring_variants_run(fitted: IMRNetScorer, key: str, value: object) -> None:
+    variant = IMRNetScorer.from_state({**fitted.params(), key: value}, fitted.tensors())
+    cloud = box_cloud(7, bump=BUMP)
+    res = variant.score(cloud)
+    assert res.point_scores.shape == (len(cloud.points),) and np.isfinite(res.point_scores).all()
+    assert np.isfinite(res.object_score)
