@@ -12,6 +12,14 @@ A scorer hands ``make_runner`` its ``torch.nn.Module`` and example inputs; it ge
   disk as ``<cache>/<onnx sha256[:16]>-<gpu>-trt<version>[-fp16].engine``; a change of model,
   GPU or TensorRT version changes the key, so the engine is rebuilt.
 
+A scorer that has its own ONNX export (IMRNet's two graphs, with dynamic token axes) hands
+the ONNX bytes to ``onnx_runner`` instead, with the shape ranges its inputs take
+(``shape_ranges``: per input name, min / opt / max shapes for the TensorRT optimization
+profile; ONNX Runtime needs none). ``fp16="auto"`` builds the FP16 engine and keeps it only
+when its outputs on the example inputs are within ``fp16_rtol`` (relative to the largest
+reference output) of the torch reference; otherwise it builds and uses the FP32 engine, and
+the log says which.
+
 ``resolve_backend`` turns the config's ``auto`` into the best one available and refuses a
 backend that is asked for but not installed, with the reason.
 """
@@ -21,7 +29,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,10 +115,14 @@ def export_onnx(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor],
     in_names = [f"input_{i}" for i in range(len(example_inputs))]
     out_names = [f"output_{i}" for i in range(n_outputs)]
     axes = {n: {0: "batch"} for n in in_names + out_names}
-    torch.onnx.export(
-        module.eval().cpu(), tuple(example_inputs), buf, input_names=in_names, output_names=out_names,
-        dynamic_axes=axes, opset_version=17, dynamo=False,
-    )
+    with warnings.catch_warnings():
+        # the legacy exporter's tracer warnings: shapes other than the batch axis (e.g. points
+        # per patch) are constants of the graph, which is what our networks need
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval().cpu(), tuple(example_inputs), buf, input_names=in_names, output_names=out_names,
+            dynamic_axes=axes, opset_version=17, dynamo=False,
+        )
     return buf.getvalue()
 
 
@@ -130,12 +144,19 @@ class OnnxRuntimeRunner(NetworkRunner):
         return [np.asarray(o, dtype=np.float32) for o in self.session.run(None, feed)]
 
 
-def engine_cache_path(cache_dir: Path, onnx_model: bytes, fp16: bool) -> Path:
-    """Where the TensorRT engine for this model, GPU and TensorRT version is cached."""
+ShapeRanges = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+"""Per ONNX input name: (min, opt, max) shapes of a TensorRT optimization profile."""
+
+
+def engine_cache_path(cache_dir: Path, onnx_model: bytes, fp16: bool, shape_ranges: ShapeRanges | None = None) -> Path:
+    """Where the TensorRT engine for this model, GPU and TensorRT version is cached (an explicit
+    optimization profile adds a hash of it to the key: another profile is another engine)."""
     import tensorrt as trt
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(0)).strip("-").lower()
     key = hashlib.sha256(onnx_model).hexdigest()[:16]
+    if shape_ranges:
+        key += "-p" + hashlib.sha256(repr(sorted(shape_ranges.items())).encode()).hexdigest()[:8]
     return Path(cache_dir) / f"{key}-{gpu}-trt{trt.__version__}{'-fp16' if fp16 else ''}.engine"
 
 
@@ -145,23 +166,28 @@ class TensorRTRunner(NetworkRunner):
     backend = "tensorrt"
 
     def __init__(self, onnx_model: bytes, example_inputs: Sequence[torch.Tensor], cache_dir: Path, fp16: bool,
-                 max_batch: int = 8) -> None:
+                 max_batch: int = 8, shape_ranges: ShapeRanges | None = None) -> None:
         import tensorrt as trt
 
         self.trt = trt
+        self.fp16 = fp16
         logger = trt.Logger(trt.Logger.WARNING)
-        path = engine_cache_path(cache_dir, onnx_model, fp16)
+        path = engine_cache_path(cache_dir, onnx_model, fp16, shape_ranges)
+        self.engine_path = path
         if not path.is_file():
             log.info("building TensorRT engine %s (fp16=%s)", path.name, fp16)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(self._build(onnx_model, example_inputs, fp16, max_batch, logger))
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # actors may build at once: atomic rename
+            tmp.write_bytes(self._build(onnx_model, example_inputs, fp16, max_batch, logger, shape_ranges))
+            os.replace(tmp, path)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
 
-    def _build(self, onnx_model: bytes, examples: Sequence[torch.Tensor], fp16: bool, max_batch: int, logger) -> bytes:
+    def _build(self, onnx_model: bytes, examples: Sequence[torch.Tensor], fp16: bool, max_batch: int, logger,
+               shape_ranges: ShapeRanges | None = None) -> bytes:
         trt = self.trt
         builder = trt.Builder(logger)
         network = builder.create_network(0)
@@ -173,9 +199,14 @@ class TensorRTRunner(NetworkRunner):
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
         profile = builder.create_optimization_profile()
-        for i, ex in enumerate(examples):
-            rest = tuple(ex.shape[1:])
-            profile.set_shape(f"input_{i}", (1, *rest), (max(1, ex.shape[0]), *rest), (max_batch, *rest))
+        names = [network.get_input(i).name for i in range(network.num_inputs)]
+        for name, ex in zip(names, examples, strict=True):
+            if shape_ranges and name in shape_ranges:
+                lo, opt, hi = shape_ranges[name]
+            else:  # a dynamic batch axis only
+                rest = tuple(ex.shape[1:])
+                lo, opt, hi = (1, *rest), (max(1, ex.shape[0]), *rest), (max_batch, *rest)
+            profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
         engine = builder.build_serialized_network(network, config)
         if engine is None:
@@ -214,9 +245,49 @@ def make_runner(
         return TorchRunner(module, "cpu")
     if backend == "torch-cuda":
         return TorchRunner(module, "cuda", compile=compile)
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
     onnx_model = export_onnx(module, example_inputs, n_outputs)
+    return onnx_runner(backend, onnx_model, example_inputs, cache_dir=cache_dir, fp16=fp16, threads=threads)
+
+
+def onnx_runner(
+    backend: str,
+    onnx_model: bytes,
+    example_inputs: Sequence[torch.Tensor],
+    cache_dir: Path | None = None,
+    fp16: bool | str = True,
+    threads: int = 1,
+    shape_ranges: ShapeRanges | None = None,
+    reference: Sequence[np.ndarray] | None = None,
+    fp16_rtol: float = 1e-2,
+) -> NetworkRunner:
+    """A runner for an already exported ONNX model on ``onnxruntime`` or ``tensorrt``.
+
+    ``fp16="auto"`` (TensorRT): keep the FP16 engine only when its outputs for
+    ``example_inputs`` are within ``fp16_rtol`` × max |reference| of ``reference`` (the torch
+    outputs for the same inputs), else use an FP32 engine. ``shape_ranges``: see the module doc.
+    """
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(onnx_model, threads)
-    if backend == "tensorrt":
-        return TensorRTRunner(onnx_model, example_inputs, Path(cache_dir or "models/.trt-cache"), fp16)
-    raise ValueError(f"unknown backend {backend!r}; known: {BACKENDS}")
+    if backend != "tensorrt":
+        raise ValueError(f"onnx_runner runs onnxruntime or tensorrt, not {backend!r}")
+    cache = Path(cache_dir or "models/.trt-cache")
+    if fp16 != "auto":
+        return TensorRTRunner(onnx_model, example_inputs, cache, bool(fp16), shape_ranges=shape_ranges)
+    if reference is None:
+        raise ValueError("fp16='auto' needs the torch reference outputs of the example inputs")
+    runner = TensorRTRunner(onnx_model, example_inputs, cache, True, shape_ranges=shape_ranges)
+    err = max_relative_error(runner.run(*example_inputs), reference)
+    if err <= fp16_rtol:
+        log.info("TensorRT FP16 engine kept: max error %.3g of the largest output (tolerance %.3g)", err, fp16_rtol)
+        return runner
+    log.info("TensorRT FP16 engine off: max error %.3g of the largest output > %.3g; FP32 engine", err, fp16_rtol)
+    return TensorRTRunner(onnx_model, example_inputs, cache, False, shape_ranges=shape_ranges)
+
+
+def max_relative_error(outputs: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> float:
+    """max |output − reference| over all outputs, divided by max(1e-12, max |reference|) of each."""
+    errs = [float(np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64)).max())
+            / max(1e-12, float(np.abs(r).max())) for o, r in zip(outputs, reference, strict=True)]
+    return max(errs) if errs else 0.0

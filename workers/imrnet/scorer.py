@@ -63,6 +63,21 @@ score (one part), Algorithm 1 then DFC (Sec. 4.3)
 Every random choice (reductions, centres, masks) comes from generators seeded with ``seed``, so a
 part scores the same every time and after a save / load round trip.
 
+Backends (``backends``, chosen by ``use_backend``): the network's two graphs (one round of
+Algorithm 1's reconstruction; the DFC features) run on ``torch-cpu`` (the module itself, the
+reference), ``torch-cuda`` (a copy of the network on the GPU; inputs uploaded, outputs read back
+per call), ``onnxruntime`` or ``tensorrt`` (the ONNX export of ``workers.imrnet.onnx_export``,
+kept under the actor's cache directory; TensorRT FP16 only where its outputs on example
+inputs stay within 1 % of torch's, else FP32). Sampling, grouping, Chamfer distances, template
+search and interpolation stay in numpy / torch on the CPU. ``fit`` always runs on torch-cpu (it
+trains the network); a non-CPU backend is set up again from the fitted weights afterwards.
+
+Timings (``ScoreResult.timings``, seconds): ``reduce`` (normalization, FPS reduction, ICP
+registration), ``sample`` (GPS centres, kNN patches), ``reconstruct`` (the network's Algorithm 1
+rounds), ``dfc`` (the network's DFC features of input and restored patches), ``template_search``
+(nearest template vector per patch), ``compare`` (Chamfer A_p, reference subtraction,
+interpolation to every point), ``combine`` (standardization, object score).
+
 CPU defaults (``IMRNetConfig`` small): 2048 points, 128 centres × 32 neighbours, width 128,
 4 encoder / 3 decoder layers; ``n_points=8192, n_centers=256, group_size=64, dim=384, heads=6,
 enc_depth=12, dec_depth=4`` are the paper's sizes (no shipped pretrained weights for them).
@@ -70,6 +85,7 @@ enc_depth=12, dec_depth=4`` are the paper's sizes (no shipped pretrained weights
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -82,6 +98,7 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from workers.backends import NetworkRunner
 from workers.imrnet.align import apply, icp_align, rotation_deg
 from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
 from workers.imrnet.sampling import SAMPLERS, geometry_rates, group_patches, sample_centers
@@ -159,6 +176,7 @@ class IMRNetScorer(Scorer):
 
     name = "imrnet"
     version = "1.0.0"
+    backends = ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
 
     def __init__(
         self,
@@ -253,6 +271,10 @@ class IMRNetScorer(Scorer):
         self.train_checkpoint: Path | None = None
         """Where ``fit`` keeps a resumable fine-tuning state (``inspectd train``); None: none."""
         self.train_resume = False
+        self.backend = "torch-cpu"
+        self._cache_dir: Path | None = None
+        self._runners: dict[str, NetworkRunner] | None = None
+        """The two graphs on a non-reference backend (None: the torch module on the CPU)."""
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -325,6 +347,66 @@ class IMRNetScorer(Scorer):
     def fitted(self) -> bool:
         return self.model is not None and self.template is not None
 
+    # -- backends ------------------------------------------------------------------------------
+
+    def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
+        """Run the network's two graphs on ``backend`` (see the module docstring); ONNX exports and
+        TensorRT engines are cached under ``cache_dir``. Before ``fit`` this only records the choice."""
+        super().use_backend(backend, cache_dir)
+        self.backend = backend
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self._runners = None
+        if backend != "torch-cpu" and self.model is not None:
+            self._runners = self._make_runners(backend)
+        log.info("imrnet network on %s", backend)
+
+    def _make_runners(self, backend: str) -> dict[str, NetworkRunner]:
+        from workers.backends import TorchRunner, onnx_runner
+        from workers.imrnet.onnx_export import FeatureGraph, ReconstructGraph, example_inputs, export_cached
+
+        assert self.model is not None
+        if backend == "torch-cuda":
+            gpu = copy.deepcopy(self.model)  # self.model stays on the CPU (fit, save)
+            return {"reconstruct": TorchRunner(ReconstructGraph(gpu), "cuda"),
+                    "features": TorchRunner(FeatureGraph(gpu), "cuda")}
+        graphs = export_cached(self.model, self._cache_dir)
+        cfg = self.config
+        n, k = cfg.n_centers, cfg.group_size
+        m = mask_count(n, self.mask_ratio)
+        x = example_inputs(self.model)
+        rec_in = [x["neigh_vis"], x["center_vis"], x["center_mask"]]
+        feat_in = [torch.cat([x["neigh"], x["neigh"]]), torch.cat([x["centers"], x["centers"]])]
+        with torch.inference_mode():
+            rec_ref = [self.model.reconstruct(*rec_in).numpy()]
+            feat_ref = [self.model.features(*feat_in).numpy()]
+        rec_ranges = {"neigh_vis": ((1, 1, k, 3), (1, n - m, k, 3), (1, n, k, 3)),
+                      "center_vis": ((1, 1, 3), (1, n - m, 3), (1, n, 3)),
+                      "center_mask": ((1, 1, 3), (1, m, 3), (1, n, 3))}
+        feat_ranges = {"neigh": ((1, 1, k, 3), (2, n, k, 3), (2, n, k, 3)),
+                       "centers": ((1, 1, 3), (2, n, 3), (2, n, 3))}
+        cache = self._cache_dir
+        return {
+            "reconstruct": onnx_runner(backend, graphs["reconstruct"], rec_in, cache, fp16="auto",
+                                       shape_ranges=rec_ranges, reference=rec_ref),
+            "features": onnx_runner(backend, graphs["features"], feat_in, cache, fp16="auto",
+                                    shape_ranges=feat_ranges, reference=feat_ref),
+        }
+
+    def _net_reconstruct(self, neigh_vis: torch.Tensor, center_vis: torch.Tensor,
+                         center_mask: torch.Tensor) -> torch.Tensor:
+        """``IMRNet.reconstruct`` on the chosen backend (CPU tensors in and out)."""
+        if self._runners is None:
+            assert self.model is not None
+            return self.model.reconstruct(neigh_vis, center_vis, center_mask)
+        return torch.from_numpy(self._runners["reconstruct"].run(neigh_vis, center_vis, center_mask)[0])
+
+    def _net_features(self, neigh: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+        """``IMRNet.features`` on the chosen backend (CPU tensors in and out)."""
+        if self._runners is None:
+            assert self.model is not None
+            return self.model.features(neigh, centers)
+        return torch.from_numpy(self._runners["features"].run(neigh, centers)[0])
+
     # -- helpers -------------------------------------------------------------------------------
 
     def _normalize(self, points: np.ndarray) -> np.ndarray:
@@ -392,6 +474,7 @@ class IMRNetScorer(Scorer):
 
         if len(clouds) == 0:
             raise ValueError("imrnet needs at least one good training cloud")
+        self._runners = None  # fit trains and measures on the torch module itself
         t0 = time.perf_counter()
         raw = [self._check(c).astype(np.float64) for c in clouds]
         radii = [float(np.linalg.norm(p - p.mean(axis=0), axis=1).max()) for p in raw]
@@ -472,6 +555,8 @@ class IMRNetScorer(Scorer):
                          "seconds": {"reduce": t1 - t0, "finetune": t2 - t1, "template": time.perf_counter() - t2},
                          "template_size": int(template.shape[0]), "template_tau": self.template_tau}
         log.info("imrnet fit: %s", self.fit_info)
+        if self.backend != "torch-cpu":
+            self._runners = self._make_runners(self.backend)
 
     # -- score ---------------------------------------------------------------------------------
 
@@ -493,7 +578,7 @@ class IMRNetScorer(Scorer):
             vis_mask = torch.ones(n, dtype=torch.bool)
             vis_mask[masked] = False
             visible = torch.nonzero(vis_mask).squeeze(1)
-            pred = self.model.reconstruct(p[visible][None], centers[visible][None], centers[masked][None])[0]
+            pred = self._net_reconstruct(p[visible][None], centers[visible][None], centers[masked][None])[0]
             p[masked] = pred
         return p
 
@@ -512,7 +597,7 @@ class IMRNetScorer(Scorer):
 
     @torch.inference_mode()
     def _feature_scores(
-        self, neigh: torch.Tensor, recon: torch.Tensor, centers: torch.Tensor
+        self, neigh: torch.Tensor, recon: torch.Tensor, centers: torch.Tensor, timings: dict[str, float] | None = None
     ) -> tuple[np.ndarray, torch.Tensor, np.ndarray]:
         """A_f (Eqs. 16–19) per patch, with template regularization of F_o.
 
@@ -522,9 +607,13 @@ class IMRNetScorer(Scorer):
         from it, F_o,i is replaced by ẑ_i (Eq. 19), so ``A_f = ‖F_i − F_o‖``.
         """
         assert self.model is not None and self.template is not None
-        both = self.model.features(torch.stack([neigh, recon]), torch.stack([centers, centers]))
+        t0 = time.perf_counter()
+        both = self._net_features(torch.stack([neigh, recon]), torch.stack([centers, centers]))
+        t1 = time.perf_counter()
         f_in, f_out = both[0], both[1]
         _, idx = nearest_sq_dist(f_in, self.template)
+        if timings is not None:
+            timings.update({"dfc": t1 - t0, "template_search": time.perf_counter() - t1})
         z_hat = self.template[idx]
         drift = (f_out - z_hat).norm(dim=1)
         if self.template_regularization:
@@ -549,9 +638,11 @@ class IMRNetScorer(Scorer):
         else:
             recon_pts = (recon + centers.unsqueeze(1)).reshape(-1, 3).numpy()
             ap = self._point_scores(reduced, recon_pts)
-        af, idx, drift = self._feature_scores(neigh, recon, centers)
+        inner: dict[str, float] = {}
+        af, idx, drift = self._feature_scores(neigh, recon, centers, inner)
         if timings is not None:
-            timings.update({"reconstruct": t2 - t1, "compare": time.perf_counter() - t2})
+            rest = time.perf_counter() - t2 - inner["dfc"] - inner["template_search"]
+            timings.update({"reconstruct": t2 - t1, **inner, "compare": rest})
         return ap, af, idx, drift
 
     def _raw_scores(

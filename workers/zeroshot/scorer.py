@@ -56,6 +56,23 @@ Choices where the paper is vague (each module states its own):
   when a training frame has no RGB image or is not organized, the branch is left out and the
   log says so.
 
+Backends (``use_backend``): ``torch-cpu`` (the reference); ``torch-cuda``: copies of f_θ and g_φ
+and the memory bank (search and reweighting) on the GPU, FPFH, patches and maps on the CPU;
+``onnxruntime``: both PointNet++ networks exported to ONNX (they export cleanly: FPS, ball query
+and gathers trace to ONNX ops with a dynamic batch axis) and run by ONNX Runtime, with one
+exception: Eq. 8's perturbation needs the gradient of g_φ's loss with respect to its input,
+which an ONNX inference graph does not carry, so with ``use_perturbation`` (the default) the
+perturbation step (a forward + backward of g_φ) stays on torch-cpu and ONNX Runtime runs the
+final forward of g_φ on the perturbed patches and all of f_θ. TensorRT is not offered for the
+same reason (the gradient step would need torch on the GPU next to it: that is ``torch-cuda``).
+``fit`` always runs on torch-cpu; the backend is set up again afterwards.
+
+Timings (``ScoreResult.timings``, seconds): ``fpfh`` (FPFH of the cloud), ``patches`` (kNN tree,
+patch extraction, FPFH pooling), ``encoder`` (f_θ on the patches), ``search`` (feature
+combination, memory-bank search, reweighting), ``classifier`` (g_φ with Eq. 8's perturbation),
+``upsample`` (patch scores upsampled, blurred and mapped to the points; not ``maps``, the
+daemon's own name for writing anomaly-map files).
+
 CPU defaults (a 4-class leave-one-out ``inspectd eval --zero-shot`` on the default synthetic
 dataset takes ~1.5 min on 2 shared cores): PointNet++ width 16 with 8 SA1 centres (~22 k
 parameters per network instead of the paper's 6.8 M), 8 epochs over at most 2048 normal +
@@ -70,11 +87,13 @@ here: adding / removing mix 0.5, negative : positive ratio 1 : 1, λ_d = λ_c = 
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,6 +101,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
+from workers.backends import NetworkRunner
 from workers.patchcore import MemoryBankScorer, fpfh_features, greedy_coreset, nearest_distances
 from workers.preprocess import PreparedCloud
 from workers.scorer import Scorer, ScoreResult, register
@@ -97,7 +117,7 @@ from workers.zeroshot.patches import (
 from workers.zeroshot.pointnet2 import PointNet2
 from workers.zeroshot.pseudo_anomalies import NormalCloud, collect_pois, generate_pseudo_anomalies
 from workers.zeroshot.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet50, load_checkpoint
-from workers.zeroshot.training import TrainConfig, abnormal_probability, encode, train_networks
+from workers.zeroshot.training import TrainConfig, abnormal_probability, encode, perturb, train_networks
 
 log = logging.getLogger("inspectd.zeroshot")
 
@@ -154,6 +174,7 @@ class ZeroShotScorer(Scorer):
 
     name = "zeroshot"
     version = "1.0.0"
+    backends = ("torch-cpu", "torch-cuda", "onnxruntime")
 
     def __init__(
         self,
@@ -281,6 +302,14 @@ class ZeroShotScorer(Scorer):
         self._dist_scale: float = 1.0
         self._patch_scale: float = 1.0
         self.fit_info: dict[str, Any] = {}
+        self.backend = "torch-cpu"
+        self.device = torch.device("cpu")
+        self._cache_dir: Path | None = None
+        self._dev_encoder: PointNet2 | None = None
+        self._dev_classifier: PointNet2 | None = None
+        """f_θ and g_φ on ``device`` (torch-cuda); None: the CPU modules themselves."""
+        self._runners: dict[str, NetworkRunner] = {}
+        """ONNX Runtime runners of f_θ / g_φ (``onnxruntime``)."""
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -351,6 +380,61 @@ class ZeroShotScorer(Scorer):
         self._bank = MemoryBankScorer(voxel_size=self.voxel_size, reweight_neighbors=self.reweight_neighbors)
         self._bank._set_bank(bank)
 
+    # -- backends ------------------------------------------------------------------------------
+
+    def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
+        """Run the networks (and, on CUDA, the memory bank) on ``backend`` (see the module
+        docstring). Before ``fit`` this only records the choice."""
+        super().use_backend(backend, cache_dir)
+        self.backend = backend
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.device = torch.device("cuda" if backend == "torch-cuda" else "cpu")
+        self._dev_encoder = self._dev_classifier = None
+        self._runners = {}
+        if self._bank is not None:
+            self._bank.use_backend("torch-cuda" if backend == "torch-cuda" else "torch-cpu")
+        if backend == "torch-cuda":
+            if self.encoder is not None:
+                self._dev_encoder = copy.deepcopy(self.encoder).to(self.device).eval()
+            if self.classifier is not None:
+                self._dev_classifier = copy.deepcopy(self.classifier).to(self.device).eval()
+        elif backend == "onnxruntime":
+            from workers.backends import make_runner
+
+            example = [torch.zeros(2, self.patch_points, 3).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))]
+            for name, net in (("encoder", self.encoder), ("classifier", self.classifier)):
+                if net is not None:
+                    self._runners[name] = make_runner("onnxruntime", net, example, threads=max(1, self.torch_threads))
+        log.info("3DzAL networks on %s", backend)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """f_θ's L2-normalized features of normalized patches (CPU tensor), on the chosen backend."""
+        assert self.encoder is not None
+        if "encoder" in self._runners:
+            run = self._runners["encoder"].run
+            out = [F.normalize(torch.from_numpy(run(x[i : i + 1024])[0]), dim=1) for i in range(0, len(x), 1024)]
+            return torch.cat(out) if out else torch.zeros(0, 0)
+        if self._dev_encoder is not None:
+            return encode(self._dev_encoder, x.to(self.device)).cpu()
+        return encode(self.encoder, x)
+
+    def _abnormal(self, x: torch.Tensor) -> np.ndarray:
+        """S_abnormal (Eq. 9–10) of normalized patches, on the chosen backend."""
+        assert self.classifier is not None
+        eps, pert, direction = self.perturbation_epsilon, self.use_perturbation, self.perturbation_direction
+        if "classifier" in self._runners:
+            out = []
+            for i in range(0, len(x), 1024):
+                xb = x[i : i + 1024]
+                if pert and eps > 0:
+                    xb = perturb(self.classifier, xb, eps, direction)  # needs input gradients: torch
+                logits = torch.from_numpy(self._runners["classifier"].run(xb)[0])
+                out.append(torch.softmax(logits, dim=1)[:, 1])
+            return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+        if self._dev_classifier is not None:
+            return abnormal_probability(self._dev_classifier, x.to(self.device), eps, pert, direction)
+        return abnormal_probability(self.classifier, x, eps, pert, direction)
+
     @property
     def fitted(self) -> bool:
         return self._bank is not None
@@ -366,16 +450,21 @@ class ZeroShotScorer(Scorer):
         the normal training patches as one length for all patches."""
         return normalize_patches(xyz, self._patch_scale if self.patch_scale == "fixed" else None)
 
-    def _prepare(self, cloud: PreparedCloud) -> _Prepared:
+    def _prepare(self, cloud: PreparedCloud, timings: dict[str, float] | None = None) -> _Prepared:
+        t0 = time.perf_counter()
         fpfh = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
+        t1 = time.perf_counter()
         tree = cKDTree(cloud.points)
         patches = extract_patches(
             cloud, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels, tree,
             self.crop_to_part,
         )
-        return _Prepared(
+        prep = _Prepared(
             cloud, tree, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), cloud.points[patches.neighbors]
         )
+        if timings is not None:
+            timings.update({"fpfh": t1 - t0, "patches": time.perf_counter() - t1})
+        return prep
 
     @torch.no_grad()
     def _rgb_cells(self, cloud: PreparedCloud) -> np.ndarray:
@@ -394,12 +483,15 @@ class ZeroShotScorer(Scorer):
         out = torch.cat([l2, l3], dim=1)[0]
         return out.reshape(out.shape[0], -1).T.numpy()
 
-    def _blocks(self, prep: Sequence[_Prepared]) -> list[np.ndarray]:
+    def _blocks(self, prep: Sequence[_Prepared], timings: dict[str, float] | None = None) -> list[np.ndarray]:
         """The raw feature blocks (FPFH, learned, RGB as present) of the patches of ``prep``."""
+        t0 = time.perf_counter()
         blocks = [np.concatenate([p.patch_fpfh for p in prep]).astype(np.float32)]
         if self.encoder is not None:
             x = self._normalize(np.concatenate([p.xyz for p in prep]))
-            blocks.append(encode(self.encoder, x).numpy())
+            blocks.append(self._encode(x).numpy())
+        if timings is not None:
+            timings["encoder"] = time.perf_counter() - t0
         if self.rgb_model is not None:
             rgb = []
             for p in prep:
@@ -425,6 +517,7 @@ class ZeroShotScorer(Scorer):
         patches; POIs from ``clouds`` too, only attached across products)."""
         with torch_threads(self.torch_threads):
             self._fit(clouds, None, progress)
+        self._restore_backend()
 
     def fit_zero_shot(
         self, train: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud], progress: bool = False
@@ -435,6 +528,12 @@ class ZeroShotScorer(Scorer):
             raise ValueError("fit_zero_shot needs task-irrelevant auxiliary clouds")
         with torch_threads(self.torch_threads):
             self._fit(train, auxiliary, progress)
+        self._restore_backend()
+
+    def _restore_backend(self) -> None:
+        """After ``fit`` (on torch-cpu, fresh networks and bank): set the chosen backend up again."""
+        if self.backend != "torch-cpu":
+            self.use_backend(self.backend, self._cache_dir)
 
     def _fit(
         self, clouds: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud] | None, progress: bool
@@ -443,6 +542,8 @@ class ZeroShotScorer(Scorer):
 
         if len(clouds) == 0:
             raise ValueError("zeroshot needs at least one good training cloud")
+        self._dev_encoder = self._dev_classifier = None  # fit runs on the CPU modules
+        self._runners = {}
         t0 = time.perf_counter()
         rng = np.random.default_rng(self.seed)
         prep = [self._prepare(c) for c in tqdm(clouds, desc="3dzal fpfh+patches", disable=not progress, leave=False)]
@@ -599,23 +700,29 @@ class ZeroShotScorer(Scorer):
 
     # -- score ---------------------------------------------------------------------------------
 
-    def patch_scores(self, prep: _Prepared) -> tuple[np.ndarray, np.ndarray, float]:
+    def patch_scores(
+        self, prep: _Prepared, timings: dict[str, float] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, float]:
         """(distance score per patch / dist_scale, S_abnormal per patch (zeros without a
         classifier), PatchCore's weight w of the maximal patch)."""
         assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
         assert self._bank._bank_mean is not None
-        feats = self._combine(self._blocks([prep]))
-        q = torch.from_numpy(feats) - self._bank._bank_mean
-        dist = nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq).numpy() / self._dist_scale
+        inner: dict[str, float] = {}
+        blocks = self._blocks([prep], inner)
+        t0 = time.perf_counter()
+        feats = self._combine(blocks)
+        q = torch.from_numpy(feats).to(self._bank._bank_mean.device) - self._bank._bank_mean
+        dist = nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq).cpu().numpy() / self._dist_scale
         star = int(np.argmax(dist))
         w = self._bank._reweight(q[star])
+        t1 = time.perf_counter()
         if self.use_classifier and self.classifier is not None:
-            cls = abnormal_probability(
-                self.classifier, self._normalize(prep.xyz), self.perturbation_epsilon,
-                self.use_perturbation, self.perturbation_direction,
-            )
+            cls = self._abnormal(self._normalize(prep.xyz))
         else:
             cls = np.zeros(len(dist), dtype=np.float32)
+        if timings is not None:
+            timings.update({"encoder": inner.get("encoder", 0.0), "search": t1 - t0,
+                            "classifier": time.perf_counter() - t1})
         return dist.astype(np.float32), cls, w
 
     def score(self, cloud: PreparedCloud) -> ScoreResult:
@@ -625,10 +732,9 @@ class ZeroShotScorer(Scorer):
             return self._score(cloud)
 
     def _score(self, cloud: PreparedCloud) -> ScoreResult:
-        t0 = time.perf_counter()
-        prep = self._prepare(cloud)
-        t1 = time.perf_counter()
-        dist, cls, w = self.patch_scores(prep)
+        timings: dict[str, float] = {}
+        prep = self._prepare(cloud, timings)
+        dist, cls, w = self.patch_scores(prep, timings)
         t2 = time.perf_counter()
         use_c = self.use_classifier and self.classifier is not None
         lam_c = self.classifier_weight if use_c else 0.0
@@ -647,7 +753,7 @@ class ZeroShotScorer(Scorer):
         return ScoreResult(
             object_score=float(obj),
             point_scores=points.astype(np.float32),
-            timings={"features": t1 - t0, "patch_scores": t2 - t1, "maps": t3 - t2},
+            timings={**timings, "upsample": t3 - t2},
         )
 
 

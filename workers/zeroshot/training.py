@@ -215,4 +215,4 @@ def abnormal_probability(
             xb = perturb(classifier, xb, epsilon, direction)
         with torch.no_grad():
             out.append(torch.softmax(classifier(xb), dim=1)[:, 1])
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+    return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros(0, np.float32)
