@@ -21,6 +21,12 @@ part's silhouette, high-scoring edges, and so turn most of the image into false 
 (on the synthetic MVTec-layout benchmark: AUPRO 0.51 with the whole image filled, 0.59 with
 holes only, 0.86 with holes + 3 px, 0.88 with holes + 10 px; sparse maps 0.46).
 ``inspectd eval`` uses it for organized data; the object score is the same either way.
+
+Device: when the scorer runs on a GPU (a ``device`` attribute that is not the CPU, e.g.
+patchcore-fpfh on ``torch-cuda``), preprocessing runs there too (``prepare(..., device=)``), so
+the frame is uploaded once and its voxels reach the scorer without a round trip; the scores
+come back to the host for :func:`map_back` (an index scatter, and for dense maps scipy's
+distance transform).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from sensors.frame import Frame
@@ -68,11 +75,26 @@ def map_back(cloud: PreparedCloud, point_scores: np.ndarray, frame: Frame, dense
     return amap
 
 
-def score_frame(scorer: Scorer, frame: Frame, params: PreprocessParams, dense: bool = False) -> FrameScore:
+def preprocess_device(scorer: Scorer) -> torch.device | None:
+    """Where ``score_frame`` preprocesses for ``scorer``: its device when that is not the CPU, else None."""
+    device = getattr(scorer, "device", None)
+    if isinstance(device, (str, torch.device)) and torch.device(device).type != "cpu":
+        return torch.device(device)
+    return None
+
+
+def score_frame(
+    scorer: Scorer,
+    frame: Frame,
+    params: PreprocessParams,
+    dense: bool = False,
+    device: str | torch.device | None = "auto",
+) -> FrameScore:
     """Preprocess ``frame``, score it, and map the per-point scores back to the frame
-    (``dense``: see :func:`map_back`)."""
+    (``dense``: see :func:`map_back`). ``device``: where to preprocess; ``"auto"`` follows the
+    scorer (:func:`preprocess_device`), ``None`` forces the CPU path."""
     t0 = time.perf_counter()
-    cloud = prepare(frame, params)
+    cloud = prepare(frame, params, preprocess_device(scorer) if device == "auto" else device)
     t1 = time.perf_counter()
     result = scorer.score(cloud)
     t2 = time.perf_counter()

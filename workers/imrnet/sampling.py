@@ -14,7 +14,12 @@
   relative to their centre (Point-MAE's normalization of a patch).
 
 Everything is vectorized over points (numpy / scipy KD-tree / torch); the only Python loops run
-over the *picks* of farthest point sampling, which is inherently sequential.
+over the *picks* of farthest point sampling, which is inherently sequential. Device: given torch
+tensors, :func:`local_geometry`, :func:`geometry_rates`, :func:`fps` and the GPS / grouping steps
+run on the tensors' device (neighbours by ``workers.geometry.knn``, picks by
+``workers.geometry.farthest_point_sample``); given numpy arrays, the neighbour search stays on
+scipy's KD-tree, which on a CPU is ~10× faster than torch's brute force / grid search (8192
+points, k = 16, one thread: 0.03 s vs 0.34 s) and gives the same neighbours.
 
 Choices where the paper is vague (all documented at the function that makes them):
 
@@ -44,6 +49,8 @@ import numpy as np
 import torch
 from scipy.spatial import cKDTree
 
+from workers import geometry
+
 Sampler = Literal["gps", "fps", "random"]
 SAMPLERS: tuple[str, ...] = ("gps", "fps", "random")
 EPS = 1e-9
@@ -53,47 +60,65 @@ EPS = 1e-9
 # geometry features (Sec. 4.1)
 
 
-def local_geometry(points: np.ndarray, k: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def local_geometry(
+    points: np.ndarray | torch.Tensor, k: int = 16
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | tuple[torch.Tensor, ...]:
     """Normals (N×3), curvature K (N,), neighbour indices (N×k, self first) and distances (N×k).
 
     Normals: PCA of the ``k``-nearest-neighbour covariance (the least-squares plane of Eq. 1).
     Curvature: ``K = λ0 / (λ0 + λ1 + ε)`` with λ0 ≤ λ1 the two smallest eigenvalues (Eq. 2).
+    numpy in (computed in float64 on the host), numpy out; a torch tensor in, tensors out on its
+    device and in its floating dtype.
     """
-    pts = np.asarray(points, dtype=np.float64)
-    n = len(pts)
+    as_numpy = not isinstance(points, torch.Tensor)
+    pts = torch.from_numpy(np.asarray(points, dtype=np.float64)) if as_numpy else points
+    if not pts.is_floating_point():
+        pts = pts.double()
+    n = pts.shape[0]
     if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"points must be N×3, got {pts.shape}")
+        raise ValueError(f"points must be N×3, got {tuple(pts.shape)}")
     k = int(min(max(k, 3), n))
-    dist, idx = cKDTree(pts).query(pts, k=k)
+    if as_numpy:
+        dist_np, idx_np = cKDTree(pts.numpy()).query(pts.numpy(), k=k)
+        dist, idx = torch.from_numpy(dist_np), torch.from_numpy(idx_np)
+    else:
+        dist, idx = geometry.knn(pts, pts, k)
     nb = pts[idx]  # N×k×3
-    centred = nb - nb.mean(axis=1, keepdims=True)
-    cov = np.einsum("nki,nkj->nij", centred, centred) / k
-    evals, evecs = np.linalg.eigh(cov)  # ascending
+    centred = nb - nb.mean(dim=1, keepdim=True)
+    cov = torch.einsum("nki,nkj->nij", centred, centred) / k
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
     normals = evecs[:, :, 0]
-    evals = np.clip(evals, 0.0, None)
+    evals = evals.clamp(min=0.0)
     curvature = evals[:, 0] / (evals[:, 0] + evals[:, 1] + EPS)
+    if as_numpy:
+        return normals.numpy(), curvature.numpy(), idx.numpy(), dist.numpy()
     return normals, curvature, idx, dist
 
 
-def geometry_rates(points: np.ndarray, k: int = 16) -> np.ndarray:
+def geometry_rates(points: np.ndarray | torch.Tensor, k: int = 16) -> np.ndarray | torch.Tensor:
     """The rate of change R_i of every point (Eq. 5): the memory bank M of Sec. 4.1 (float32, N).
 
     ``R_i = mean_j ( min(|N_i − N_j|, |N_i + N_j|) / |v_ij| + |K_i − K_j| )`` over the ``k − 1``
     nearest neighbours j of i, with ``|v_ij|`` in units of the median nearest-neighbour spacing.
+    numpy in, numpy out; a tensor in, a tensor out on its device.
     """
-    pts = np.asarray(points, dtype=np.float64)
+    as_numpy = not isinstance(points, torch.Tensor)
+    pts = np.asarray(points, dtype=np.float64) if as_numpy else points
     if len(pts) < 2:
-        return np.zeros(len(pts), dtype=np.float32)
-    normals, curv, idx, dist = local_geometry(pts, k)
+        return np.zeros(len(pts), dtype=np.float32) if as_numpy else torch.zeros(len(pts), device=pts.device)
+    normals, curv, idx, dist = (
+        x if isinstance(x, torch.Tensor) else torch.from_numpy(x) for x in local_geometry(pts, k)
+    )
     idx, dist = idx[:, 1:], dist[:, 1:]  # drop self
-    spacing = float(np.median(dist[:, 0])) if dist.shape[1] else 1.0
+    spacing = float(torch.quantile(dist[:, 0], 0.5)) if dist.shape[1] else 1.0
     spacing = spacing if spacing > 0 else 1.0
     ni = normals[:, None, :]
     nj = normals[idx]
-    dn = np.minimum(np.linalg.norm(ni - nj, axis=2), np.linalg.norm(ni + nj, axis=2))
-    r_norm = dn / np.maximum(dist / spacing, 1e-3)
-    r_curv = np.abs(curv[:, None] - curv[idx])
-    return (r_norm + r_curv).mean(axis=1).astype(np.float32)
+    dn = torch.minimum((ni - nj).norm(dim=2), (ni + nj).norm(dim=2))
+    r_norm = dn / (dist / spacing).clamp(min=1e-3)
+    r_curv = (curv[:, None] - curv[idx]).abs()
+    rates = (r_norm + r_curv).mean(dim=1).float()
+    return rates.numpy() if as_numpy else rates
 
 
 # ------------------------------------------------------------------------------------------------
@@ -125,41 +150,17 @@ def fps(
     if n < 1:
         raise ValueError("n must be >= 1")
     if valid is None:
-        valid_b = torch.ones(b, npts, dtype=torch.bool)
+        valid_b = torch.ones(b, npts, dtype=torch.bool, device=pts.device)
     else:
-        valid_b = valid.unsqueeze(0) if single else valid
+        valid_b = (valid.unsqueeze(0) if single else valid).to(pts.device)
         if not bool(valid_b.any(dim=1).all()):
             raise ValueError("fps: every cloud needs at least one valid point")
     if generator is not None:
-        start = torch.multinomial(valid_b.float(), 1, generator=generator).squeeze(1)
+        start = torch.multinomial(valid_b.float().cpu(), 1, generator=generator).squeeze(1)
     else:
         start = valid_b.float().argmax(dim=1)
-    out = torch.from_numpy(np.stack([
-        _fps_one(pts[i].numpy(), n, int(start[i]), valid_b[i].numpy()) for i in range(b)
-    ]))
+    out = geometry.farthest_point_sample(pts, n, start.to(pts.device), valid_b)
     return out[0] if single else out
-
-
-def _fps_one(pts: np.ndarray, n: int, start: int, valid: np.ndarray) -> np.ndarray:
-    """FPS of one cloud (N×3) in numpy (planar float32 coordinates: ~3× faster than torch here)."""
-    x, y, z = (np.ascontiguousarray(pts[:, j], dtype=np.float32) for j in range(3))
-    dist = np.full(len(x), np.inf, dtype=np.float32)
-    dist[~valid] = -1.0
-    out = np.empty(n, dtype=np.int64)
-    d = np.empty_like(dist)
-    t = np.empty_like(dist)
-    cur = start
-    for i in range(n):
-        out[i] = cur
-        np.subtract(x, x[cur], out=d)
-        np.multiply(d, d, out=d)
-        np.subtract(y, y[cur], out=t)
-        d += t * t
-        np.subtract(z, z[cur], out=t)
-        d += t * t
-        np.minimum(dist, d, out=dist, where=valid)
-        cur = int(dist.argmax())
-    return out
 
 
 def random_centers(points: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
