@@ -1,19 +1,58 @@
-"""``inspectd bench``: how fast is inspection, in-process and through the real daemon path.
+"""``inspectd bench``: how fast is inspection, in-process and through the real daemon path,
+for every scorer × backend asked for.
 
-For each frame size (a 30K-point stitched cloud, a 400×400 camera frame, a 1920×1200 camera
-frame) and each scorer × backend asked for, it
+``--scorer`` and ``--backend`` take comma-separated values or ``all``: every registered scorer;
+every backend of that scorer that ``workers.backends.resolve_backend`` says is available here
+(a backend named explicitly but not supported by a scorer, or not available here, is skipped
+with the reason, recorded in the output). For each scorer × backend × frame size (a 30K-point
+stitched cloud, a 400×400 camera frame, a 1920×1200 camera frame) it
 
-1. enrolls and calibrates a product on simulated good parts of that size;
-2. measures in-process scoring per stage (wire decode, preprocess, features, network,
-   search, map back, decision, emit = verdict encoding), and the peak memory of the process;
-3. starts the daemon (``inspectd run``, embedded Ray, every core) and measures, through
-   ZeroMQ + Ray + decision: throughput at saturation (frames pushed unpaced) and p50 / p99
-   latency (send → verdict received) at a fixed offered rate (half the saturation
-   throughput), plus the peak memory of the daemon and its Ray workers;
+1. enrolls and calibrates a product on simulated good parts of that size (once per scorer and
+   size; every backend of the scorer then scores the same fitted model). ``imrnet`` is fitted
+   with ``--imrnet-finetune-steps`` (default 10, the product default is 100) fine-tuning steps:
+   the scoring cost is what is measured, and it does not depend on the step count; the output
+   says so. ``zeroshot`` is fitted on good parts of *other* products (``ZEROSHOT_TRAIN``), as a
+   zero-shot scorer is, and served as the product's model; its threshold is calibrated on the
+   product's good parts (the threshold only sets the verdict, not the timing);
+2. measures in-process scoring per stage (wire decode, the scorer's stages, map back, decision,
+   verdict encoding) and the peak memory of the process, in a spawned 1-thread process like
+   an actor, on the backend;
+3. starts the daemon (``inspectd run``, embedded Ray, every core, ``workers.backend`` set) and
+   measures, through ZeroMQ + Ray + decision: throughput at saturation (frames pushed unpaced)
+   and p50 / p99 latency (send → verdict received) at a fixed offered rate (half the saturation
+   throughput), the peak memory of the daemon and its Ray workers, and the daemon's own stage
+   times over the paced run (deltas of its ``inspectd_stage_seconds`` histogram, scraped from
+   ``/metrics`` before and after: the daemon measures decode, queue, actor wait, transfer,
+   every worker stage, decision, map files, log and publish itself);
 4. reports the daemon path's overhead over in-process scoring as the ratio of p50 latencies.
 
-Results: ``<out>/<name>.json`` and ``<out>/<name>.md``, with the machine described. Timings are
-measured here, never asserted in tests.
+Stages, under the issue's names. Each measured key maps onto one stage (``STAGE_OF``); a stage a
+scorer does not have is left empty (``null`` / "–"), not zero:
+
+* ``decode``: wire decode of the frame (in-process: the bench's ``decode_frame``; daemon: its
+  ``decode``).
+* ``preprocess``: ``workers.preprocess.prepare`` (valid points, plane, voxels) and the scorer's
+  own input preparation: imrnet ``reduce`` (normalization, FPS, ICP) and ``sample`` (GPS
+  centres, kNN patches); zeroshot ``patches`` (kNN tree, patch extraction, FPFH pooling).
+* ``features``: hand-made descriptors: patchcore ``features`` and zeroshot ``fpfh`` (FPFH).
+* ``network``: neural-network passes on the backend: imrnet ``reconstruct`` (Algorithm 1's
+  rounds) and ``dfc`` (DFC features); zeroshot ``encoder`` (f_θ) and ``classifier`` (g_φ with
+  Eq. 8's perturbation).
+* ``search``: comparison with what was learned and the arithmetic that turns it into point and
+  object scores: patchcore ``search`` and ``smooth``; imrnet ``template_search``, ``compare``,
+  ``combine``; zeroshot ``search`` and ``upsample``.
+* ``decision``: pass / review / fail (in-process: ``decide``; daemon: its ``decision`` stage).
+* ``emit``: per-point scores mapped back to the frame (``map_back``) and the verdict put out:
+  in-process, verdict encoding (``encode_verdict``); daemon, ``maps`` (map files; ``none`` in
+  the bench), ``log`` (SQLite commit) and ``publish`` (ZeroMQ PUB).
+
+Not an issue stage, reported beside them for the daemon path: ``transport`` = ``queue`` +
+``actor_wait`` + ``transfer`` (Ray hand-over of frames and results). The raw per-key means are
+kept in the JSON (``stages_ms_raw``); ``score`` (the scorer's total) is not mapped, its parts are.
+
+Results: ``<out>/<name>.json`` and ``<out>/<name>.md`` per scorer × backend (``--name`` may use
+``{scorer}``, ``{backend}``, ``{host}``), with the machine described and the load average at
+the start and end of every size. Timings are measured here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -51,6 +90,39 @@ from workers.preprocess import PreprocessParams
 
 SIZES = ("cloud-30k", "organized-400", "organized-1920x1200")
 PRODUCT = "flange"
+ZEROSHOT_TRAIN = ("gear", "bracket")
+"""Products the zero-shot scorer is fitted on (never the benched product)."""
+STAGES = ("decode", "preprocess", "features", "network", "search", "decision", "emit")
+STAGE_OF = {
+    "decode": "decode", "preprocess": "preprocess", "map_back": "emit", "decision": "decision",
+    "encode_verdict": "emit", "maps": "emit", "log": "emit", "publish": "emit",
+    "queue": "transport", "actor_wait": "transport", "transfer": "transport",
+    # patchcore-fpfh
+    "features": "features", "search": "search", "smooth": "search",
+    # imrnet
+    "reduce": "preprocess", "sample": "preprocess", "reconstruct": "network", "dfc": "network",
+    "template_search": "search", "compare": "search", "combine": "search",
+    # zeroshot ("search" shared with patchcore)
+    "fpfh": "features", "patches": "preprocess", "encoder": "network", "classifier": "network",
+    "upsample": "search",
+}
+"""Measured key → issue stage (see the module docstring); keys not listed (``score``) are not mapped."""
+DEFAULT_IMRNET_FINETUNE_STEPS = 10
+
+
+def map_stages(raw_ms: dict[str, float]) -> dict[str, float | None]:
+    """Raw per-key means (ms) → the issue's stages (+ ``transport``); None where nothing maps."""
+    out: dict[str, float | None] = {k: None for k in (*STAGES, "transport")}
+    for key, ms in raw_ms.items():
+        stage = STAGE_OF.get(key)
+        if stage is not None:
+            out[stage] = (out[stage] or 0.0) + ms
+    return out
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the machine may be shared)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def machine_description() -> dict[str, Any]:
@@ -76,8 +148,10 @@ def machine_description() -> dict[str, Any]:
     }
 
 
-def make_frames(size: str, n: int, seed: int, good_only: bool) -> tuple[list[Frame], PreprocessParams]:
-    """``n`` simulated parts at ``size``; half defective unless ``good_only``."""
+def make_frames(
+    size: str, n: int, seed: int, good_only: bool, product: str = PRODUCT
+) -> tuple[list[Frame], PreprocessParams]:
+    """``n`` simulated parts of ``product`` at ``size``; half defective unless ``good_only``."""
     if size == "cloud-30k":
         from sensors.defects import carve_defect, sample_cloud
         from sensors.parts import make_part, subdivide_uniform
@@ -85,15 +159,15 @@ def make_frames(size: str, n: int, seed: int, good_only: bool) -> tuple[list[Fra
         frames = []
         for i in range(n):
             rng = np.random.default_rng([seed, i])
-            mesh = subdivide_uniform(make_part(PRODUCT, rng), 1.0)
+            mesh = subdivide_uniform(make_part(product, rng), 1.0)
             bad = not good_only and i % 2 == 1
             defective, info = carve_defect(mesh, "bulge", rng) if bad else (mesh, None)
             pts, labels = sample_cloud(defective, mesh, 30_000, rng, noise_sigma=0.05, info=info)
-            meta = FrameMeta("bench", PRODUCT, f"{size}-{seed}-{i}", i, time.time(), truth={"defective": bad})
+            meta = FrameMeta("bench", product, f"{size}-{seed}-{i}", i, time.time(), truth={"defective": bad})
             frames.append(Frame(points=pts, meta=meta, gt_mask=labels))
         return frames, PreprocessParams(remove_plane=False, voxel_size=1.0)
     camera = CameraParams() if size == "organized-400" else CameraParams(width=1920, height=1200, fov_mm=160.0)
-    frames = list(simulated_parts([PRODUCT], n, 0.0 if good_only else 0.5, seed, camera=camera, good_only=good_only))
+    frames = list(simulated_parts([product], n, 0.0 if good_only else 0.5, seed, camera=camera, good_only=good_only))
     return frames, PreprocessParams(remove_plane=True, voxel_size=1.0)
 
 
@@ -136,7 +210,7 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def bench_in_process(models: Path, frames: list[Frame]) -> dict[str, Any]:
+def bench_in_process(models: Path, frames: list[Frame], backend: str = "torch-cpu") -> dict[str, Any]:
     """Per-stage times of the daemon's own code path, called directly (no sockets, no Ray).
 
     Runs in a freshly spawned process with one OpenMP and one torch thread, as a default
@@ -148,7 +222,7 @@ def bench_in_process(models: Path, frames: list[Frame]) -> dict[str, Any]:
     os.environ["OMP_NUM_THREADS"] = "1"
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(_in_process_worker, (models, frames))
+            return pool.apply(_in_process_worker, (models, frames, backend))
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -156,11 +230,12 @@ def bench_in_process(models: Path, frames: list[Frame]) -> dict[str, Any]:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def _in_process_worker(models: Path, frames: list[Frame]) -> dict[str, Any]:
+def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
     model = load_product_model(models, PRODUCT)
+    model.scorer.use_backend(backend, Path(models) / ".engine-cache")  # the actors' cache dir
     t = Thresholds((model.calibration or {}).get("threshold", 1.0), 0.1)
     score_frame(model.scorer, frames[0], model.preprocess)  # warm-up
     stages: dict[str, list[float]] = {}
@@ -177,7 +252,7 @@ def _in_process_worker(models: Path, frames: list[Frame]) -> dict[str, Any]:
             t3 = time.perf_counter()
             encode_verdict({"product": PRODUCT, "verdict": verdict, "score": r.object_score}, r.anomaly_map)
             t4 = time.perf_counter()
-            for k, v in {"decode": t1 - t0, **r.timings, "decision": t3 - t2, "emit": t4 - t3}.items():
+            for k, v in {"decode": t1 - t0, **r.timings, "decision": t3 - t2, "encode_verdict": t4 - t3}.items():
                 stages.setdefault(k, []).append(v)
             totals.append(t4 - t0)
     return {
@@ -185,13 +260,17 @@ def _in_process_worker(models: Path, frames: list[Frame]) -> dict[str, Any]:
         "latency_ms_p50": 1000 * pct(totals, 50),
         "latency_ms_p99": 1000 * pct(totals, 99),
         "throughput_per_s_one_core": len(totals) / sum(totals),
-        "stages_ms_mean": {k: 1000 * statistics.fmean(v) for k, v in stages.items()},
+        "stages_ms_raw": (raw := {k: 1000 * statistics.fmean(v) for k, v in stages.items()}),
+        "stages_ms_mean": map_stages(raw),
         "peak_rss_mib": mem.peak / 2**20,
     }
 
 
-def _run_stream(d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float) -> tuple[list[float], float]:
-    """Push ``frames`` (at ``rate``/s, 0 = unpaced); latencies (s) and wall time until the last verdict."""
+def _run_stream(
+    d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float, seen: set[str] | None = None
+) -> tuple[list[float], float]:
+    """Push ``frames`` (at ``rate``/s, 0 = unpaced); latencies (s) and wall time until the last
+    verdict. ``seen`` collects the verdicts' ``backend`` (and ``error`` reasons)."""
     sent_at: dict[str, float] = {}
     lat: list[float] = []
     done = threading.Event()
@@ -202,6 +281,8 @@ def _run_stream(d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float
                 h = decode_verdict(sub.recv_multipart()).header
                 if h.get("part_id") in sent_at:
                     lat.append(time.time() - sent_at[h["part_id"]])
+                    if seen is not None:
+                        seen.add(str(h.get("backend")) if not h.get("error") else f"error: {h['error'].get('reason')}")
             elif done.is_set() and time.time() - last[0] > 120:
                 return
 
@@ -222,7 +303,41 @@ def _run_stream(d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float
     return lat, time.time() - t0
 
 
-def bench_daemon(models: Path, frames: list[Frame], root: Path) -> dict[str, Any]:
+def stage_histogram(http_url: str) -> dict[str, tuple[float, float]]:
+    """The daemon's ``inspectd_stage_seconds`` histogram: stage → (sum of seconds, count)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(http_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, list[float]] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != "inspectd_stage_seconds":
+            continue
+        for sample in fam.samples:
+            stage = sample.labels.get("stage")
+            if stage is None:
+                continue
+            slot = out.setdefault(stage, [0.0, 0.0])
+            if sample.name.endswith("_sum"):
+                slot[0] = sample.value
+            elif sample.name.endswith("_count"):
+                slot[1] = sample.value
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def stage_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean ms per stage over the frames observed between two scrapes."""
+    out = {}
+    for stage, (total, count) in after.items():
+        t0, c0 = before.get(stage, (0.0, 0.0))
+        if count > c0:
+            out[stage] = 1000.0 * (total - t0) / (count - c0)
+    return out
+
+
+def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu") -> dict[str, Any]:
     """Throughput at saturation and latency at half of it, through ZeroMQ + Ray + decision."""
     http = free_port()
     cfg = {
@@ -232,6 +347,7 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path) -> dict[str, Any
         "storage": {"results": str(root / "results.sqlite"), "maps_dir": str(root / "maps"), "maps": "none",
                     "models_dir": str(models)},
         "ray": {"object_store_mb": 1024},
+        "workers": {"backend": backend},
     }
     path = root / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -245,10 +361,13 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path) -> dict[str, Any
         _run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
         assert daemon.proc is not None
         with PeakRSS(daemon.proc.pid, children=True) as mem:
-            lat_sat, wall = _run_stream(cfg["ingest"]["endpoint"], sub, frames, 0)
+            seen: set[str] = set()
+            lat_sat, wall = _run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
             throughput = len(lat_sat) / wall
             rate = max(0.05, 0.5 * throughput)
-            lat, _ = _run_stream(cfg["ingest"]["endpoint"], sub, frames, rate)
+            before = stage_histogram(f"http://127.0.0.1:{http}")
+            lat, _ = _run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen)
+            raw = stage_means_ms(before, stage_histogram(f"http://127.0.0.1:{http}"))
         return {
             "frames": len(frames),
             "verdicts": len(lat_sat) + len(lat),
@@ -259,52 +378,133 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path) -> dict[str, Any
             "latency_ms_p99": 1000 * pct(lat, 99),
             "latency_ms_p50_saturated": 1000 * pct(lat_sat, 50),
             "peak_rss_mib_daemon_and_workers": mem.peak / 2**20,
+            "verdict_backends": sorted(seen),
+            "stages_ms_raw": raw,
+            "stages_ms_mean": map_stages(raw),
+            "stages_source": "the daemon's inspectd_stage_seconds histogram over the paced run",
         }
     finally:
         daemon.stop()
         ctx.destroy(linger=0)
 
 
-def run_bench(
-    out: Path, name: str, sizes: list[str], scorer: str, n_frames: int, daemon_path: bool,
-    log: Callable[[str], None] = print,
-) -> dict[str, Any]:
-    from workers.scorer import available_scorers
+def bench_plan(scorers: list[str], backends: list[str]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
+    """(scorer, backend) pairs to run, and those skipped with the reason. ``["all"]`` means every
+    registered scorer / every backend of a scorer that is available here."""
+    from workers.backends import resolve_backend
+    from workers.scorer import available_scorers, scorer_class
 
-    if scorer not in available_scorers():
-        raise ValueError(f"unknown scorer {scorer!r}; known: {available_scorers()}")
-    results: dict[str, Any] = {"machine": machine_description(), "scorer": scorer, "backend": "torch-cpu",
-                               "command": " ".join(["inspectd", *sys.argv[1:]]), "sizes": {}}
-    for size in sizes:
-        log(f"[{size}] simulating frames")
-        good, params = make_frames(size, 8, seed=11, good_only=True)
-        test, _ = make_frames(size, n_frames, seed=12, good_only=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            models = Path(tmp) / "models"
-            t0 = time.time()
-            enroll(models, PRODUCT, good[:5], scorer, params, progress=False)
-            calibrate(models, PRODUCT, good[5:], 0.01, progress=False)
-            entry: dict[str, Any] = {
-                "points_per_frame": int(test[0].n_points),
-                "valid_points_per_frame": int(test[0].valid_mask().sum()),
-                "enroll_seconds": time.time() - t0,
+    known = available_scorers()
+    names = known if scorers == ["all"] else scorers
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        raise ValueError(f"unknown scorers {unknown}; known: {known}")
+    plan, skipped = [], []
+    for name in names:
+        supported = scorer_class(name).backends
+        for backend in supported if backends == ["all"] else backends:
+            try:
+                plan.append((name, resolve_backend(backend, supported)))
+            except ValueError as e:
+                if backends != ["all"]:
+                    skipped.append({"scorer": name, "backend": backend, "reason": str(e)})
+    return plan, skipped
+
+
+def enroll_for_bench(
+    models: Path, scorer: str, size: str, good: list[Frame], params: PreprocessParams, imrnet_steps: int
+) -> dict[str, Any]:
+    """Fit and calibrate ``scorer`` for the bench product (see the module docstring); what was done."""
+    t0 = time.time()
+    note: dict[str, Any] = {}
+    scorer_params: dict[str, Any] = {}
+    train = good[:5]
+    if scorer == "imrnet":
+        scorer_params["finetune_steps"] = imrnet_steps
+        note["imrnet_finetune_steps"] = imrnet_steps
+        note["note"] = (f"imrnet fine-tuned for {imrnet_steps} steps (product default 100): "
+                        "the scoring cost measured here does not depend on it")
+    if scorer == "zeroshot":
+        train = []
+        for i, product in enumerate(ZEROSHOT_TRAIN):
+            train += make_frames(size, 3, seed=21 + i, good_only=True, product=product)[0]
+        note["fitted_on_products"] = list(ZEROSHOT_TRAIN)
+        note["note"] = (f"zeroshot fitted on good parts of {', '.join(ZEROSHOT_TRAIN)} only (never {PRODUCT}); "
+                        f"threshold calibrated on good {PRODUCT} parts")
+    enroll(models, PRODUCT, train, scorer, params, scorer_params, progress=False)
+    calibrate(models, PRODUCT, good[5:], 0.01, progress=False)
+    return {"enroll_seconds": time.time() - t0, **note}
+
+
+def result_name(template: str, scorer: str, backend: str) -> str:
+    return template.format(scorer=scorer, backend=backend, host=platform.node() or "host")
+
+
+def run_bench(
+    out: Path, name: str, sizes: list[str], scorers: list[str] | str, n_frames: int, daemon_path: bool,
+    log: Callable[[str], None] = print, backends: list[str] | None = None,
+    imrnet_steps: int = DEFAULT_IMRNET_FINETUNE_STEPS,
+) -> dict[str, dict[str, Any]]:
+    """Run every planned scorer × backend × size; write one JSON + Markdown per scorer × backend
+    (after every size, so a cut-off run keeps what it measured). Returns them by file name."""
+    scorers = [scorers] if isinstance(scorers, str) else scorers
+    plan, skipped = bench_plan(scorers, backends or ["torch-cpu"])
+    for s in skipped:
+        log(f"skipped {s['scorer']} on {s['backend']}: {s['reason']}")
+    if not plan:
+        raise ValueError("nothing to bench: " + "; ".join(s["reason"] for s in skipped))
+    machine = machine_description()
+    command = " ".join(["inspectd", *sys.argv[1:]])
+    results: dict[str, dict[str, Any]] = {}
+    for scorer in dict.fromkeys(s for s, _ in plan):
+        mine = [b for s, b in plan if s == scorer]
+        for b in mine:
+            results[result_name(name, scorer, b)] = {
+                "machine": machine, "scorer": scorer, "backend": b, "command": command, "sizes": {},
+                "stage_map": STAGE_OF, "skipped": [s for s in skipped if s["scorer"] == scorer],
             }
-            log(f"[{size}] in-process scoring of {len(test)} frames")
-            entry["in_process"] = bench_in_process(models, test)
-            if daemon_path:
-                log(f"[{size}] daemon path (ZeroMQ + Ray + decision)")
-                entry["daemon"] = bench_daemon(models, test, Path(tmp))
-                entry["overhead_ratio_p50"] = entry["daemon"]["latency_ms_p50"] / entry["in_process"]["latency_ms_p50"]
-        results["sizes"][size] = entry
-        log(f"[{size}] done: in-process p50 {entry['in_process']['latency_ms_p50']:.0f} ms"
-            + (f", daemon p50 {entry['daemon']['latency_ms_p50']:.0f} ms" if daemon_path else ""))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{name}.md").write_text(render_markdown(results))
+        for size in sizes:
+            log(f"[{scorer} {size}] simulating frames, enrolling")
+            good, params = make_frames(size, 8, seed=11, good_only=True)
+            test, _ = make_frames(size, n_frames, seed=12, good_only=False)
+            with tempfile.TemporaryDirectory() as tmp:
+                models = Path(tmp) / "models"
+                enrolled = enroll_for_bench(models, scorer, size, good, params, imrnet_steps)
+                for backend in mine:
+                    key = result_name(name, scorer, backend)
+                    entry: dict[str, Any] = {
+                        "points_per_frame": int(test[0].n_points),
+                        "valid_points_per_frame": int(test[0].valid_mask().sum()),
+                        **enrolled,
+                        "load_average_start": load_average(),
+                    }
+                    log(f"[{scorer} {backend} {size}] in-process scoring of {len(test)} frames")
+                    entry["in_process"] = bench_in_process(models, test, backend)
+                    if daemon_path:
+                        log(f"[{scorer} {backend} {size}] daemon path (ZeroMQ + Ray + decision)")
+                        root = Path(tmp) / f"daemon-{backend}"
+                        root.mkdir()
+                        entry["daemon"] = bench_daemon(models, test, root, backend)
+                        entry["overhead_ratio_p50"] = (entry["daemon"]["latency_ms_p50"]
+                                                       / entry["in_process"]["latency_ms_p50"])
+                    entry["load_average_end"] = load_average()
+                    results[key]["sizes"][size] = entry
+                    log(f"[{scorer} {backend} {size}] done: in-process p50 "
+                        f"{entry['in_process']['latency_ms_p50']:.0f} ms"
+                        + (f", daemon p50 {entry['daemon']['latency_ms_p50']:.0f} ms" if daemon_path else "")
+                        + f", load {entry['load_average_end'][0]}")
+                    out.mkdir(parents=True, exist_ok=True)
+                    (out / f"{key}.json").write_text(json.dumps(results[key], indent=2))
+                    (out / f"{key}.md").write_text(render_markdown(results[key]))
     return results
 
 
+def _ms(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1f}"
+
+
 def render_markdown(r: dict[str, Any]) -> str:
+    """The result as a Markdown page: summary table, stage tables, notes and conditions."""
     m = r["machine"]
     lines = [
         f"# inspectd bench: {r['scorer']} on {r['backend']}",
@@ -314,43 +514,55 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Command: `{r['command']}`",
         "",
         "| frame | points | in-process p50 / p99 ms | daemon p50 / p99 ms (offered rate) | saturated throughput /s "
-        "| overhead (daemon / in-process p50) | peak RSS MiB in-process / daemon+workers |",
-        "|---|---|---|---|---|---|---|",
+        "| overhead (daemon / in-process p50) | peak RSS MiB in-process / daemon+workers | load avg (1 min) start → end |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size, e in r["sizes"].items():
         ip, d = e["in_process"], e.get("daemon")
-        dcol = f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f} ({d['offered_rate_per_s']:.2f}/s)" if d else "-"
-        lines.append(
-            f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | {dcol} | "
-            f"{d['throughput_per_s_saturated']:.2f} | {e.get('overhead_ratio_p50', float('nan')):.2f} | "
-            f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f} |" if d else
-            f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | - | - | - | "
-            f"{ip['peak_rss_mib']:.0f} / - |"
-        )
-    lines += ["", "In-process stages, mean ms:", "", "| frame | " + " | ".join(_stage_names(r)) + " |",
-              "|---|" + "---|" * len(_stage_names(r))]
-    for size, e in r["sizes"].items():
-        st = e["in_process"]["stages_ms_mean"]
-        lines.append(f"| {size} | " + " | ".join(f"{st.get(k, float('nan')):.1f}" for k in _stage_names(r)) + " |")
+        load = f"{e['load_average_start'][0]} → {e['load_average_end'][0]}" if "load_average_start" in e else "-"
+        if d:
+            lines.append(
+                f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | "
+                f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f} ({d['offered_rate_per_s']:.2f}/s) | "
+                f"{d['throughput_per_s_saturated']:.2f} | {e['overhead_ratio_p50']:.2f} | "
+                f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f} | {load} |")
+        else:
+            lines.append(
+                f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | "
+                f"- | - | - | {ip['peak_rss_mib']:.0f} / - | {load} |")
+    for title, part in (("In-process", "in_process"), ("Daemon path (the daemon's own measurement, paced run)", "daemon")):
+        rows = [(size, e[part]["stages_ms_mean"]) for size, e in r["sizes"].items() if part in e
+                and "stages_ms_mean" in e[part]]
+        if not rows:
+            continue
+        extra = ["transport"] if part == "daemon" else []
+        lines += ["", f"{title} stages, mean ms (– : the scorer has no such stage):", "",
+                  "| frame | " + " | ".join([*STAGES, *extra]) + " |", "|---|" + "---|" * (len(STAGES) + len(extra))]
+        for size, st in rows:
+            lines.append(f"| {size} | " + " | ".join(_ms(st.get(k)) for k in (*STAGES, *extra)) + " |")
+    notes = sorted({e["note"] for e in r["sizes"].values() if e.get("note")})
+    lines += ["", "Stage mapping (measured key → stage): "
+              + ", ".join(f"`{k}` → {v}" for k, v in r.get("stage_map", STAGE_OF).items()) + "; "
+              "`transport` (daemon only, not an issue stage) = queue + actor wait + Ray transfer."]
+    for n in notes:
+        lines += ["", f"Enrollment: {n}."]
+    for s in r.get("skipped", []):
+        lines += ["", f"Skipped: {s['scorer']} on {s['backend']}: {s['reason']}."]
     return "\n".join(lines) + "\n"
-
-
-def _stage_names(r: dict[str, Any]) -> list[str]:
-    names: list[str] = []
-    for e in r["sizes"].values():
-        for k in e["in_process"]["stages_ms_mean"]:
-            if k not in names:
-                names.append(k)
-    return names
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="measure scoring speed in-process and through the daemon path")
     b.add_argument("--out", default="bench/results")
-    b.add_argument("--name", help="result file name (default: <scorer>-<backend>-<host>)")
+    b.add_argument("--name", default="{scorer}-{backend}-{host}",
+                   help="result file name; {scorer}, {backend}, {host} are filled in")
     b.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {SIZES}")
-    b.add_argument("--scorer", default="patchcore-fpfh")
+    b.add_argument("--scorer", default="patchcore-fpfh", help="comma-separated scorer names, or 'all'")
+    b.add_argument("--backend", default="torch-cpu",
+                   help="comma-separated backends, or 'all' (every backend of each scorer available here)")
     b.add_argument("--frames", type=int, default=10, help="test frames per size")
+    b.add_argument("--imrnet-finetune-steps", type=int, default=DEFAULT_IMRNET_FINETUNE_STEPS,
+                   help="fine-tuning steps of the imrnet model the bench enrolls (scoring cost does not depend on it)")
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
     b.set_defaults(func=_cmd_bench)
 
@@ -360,7 +572,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     unknown = set(sizes) - set(SIZES)
     if unknown:
         raise ValueError(f"unknown sizes {sorted(unknown)}; known: {SIZES}")
-    name = args.name or f"{args.scorer}-torch-cpu-{platform.node() or 'host'}"
-    r = run_bench(Path(args.out), name, sizes, args.scorer, args.frames, not args.no_daemon)
-    print(render_markdown(r))
+    scorers = [s for s in args.scorer.split(",") if s]
+    backends = [b for b in args.backend.split(",") if b]
+    if ("all" in scorers and len(scorers) > 1) or ("all" in backends and len(backends) > 1):
+        raise ValueError("'all' stands alone")
+    name = args.name if "{" in args.name else args.name + "-{scorer}-{backend}"
+    results = run_bench(Path(args.out), name, sizes, scorers, args.frames, not args.no_daemon,
+                        backends=backends, imrnet_steps=args.imrnet_finetune_steps)
+    for r in results.values():
+        print(render_markdown(r))
     return 0

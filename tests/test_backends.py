@@ -190,3 +190,23 @@ def test_network_scorers_declare_their_backends() -> None:
 
     assert scorer_class("imrnet").backends == ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
     assert scorer_class("zeroshot").backends == ("torch-cpu", "torch-cuda", "onnxruntime")
+
+
+def test_bench_plan_and_stage_names(imrnet_fitted, zeroshot_fitted) -> None:
+    """``inspectd bench --scorer all --backend all`` plans every scorer on every backend available
+    here; every timing key the network scorers report maps onto one of the issue's stages."""
+    from test_imrnet import box_cloud
+    from test_zeroshot import cloud_of
+
+    from daemon.bench import STAGE_OF, STAGES, bench_plan, map_stages
+
+    plan, skipped = bench_plan(["all"], ["all"])
+    assert ("imrnet", "onnxruntime") in plan and ("zeroshot", "torch-cpu") in plan
+    assert ("patchcore-fpfh", "torch-cpu") in plan and not skipped
+    assert all(backend_unavailable_reason(b) is None for _, b in plan)
+    plan, skipped = bench_plan(["patchcore-fpfh"], ["torch-cpu", "onnxruntime"])
+    assert plan == [("patchcore-fpfh", "torch-cpu")] and "not supported" in skipped[0]["reason"]
+    keys = set(imrnet_fitted.score(box_cloud(7)).timings) | set(zeroshot_fitted.score(cloud_of("roll", 7)).timings)
+    assert keys <= set(STAGE_OF), keys - set(STAGE_OF)
+    stages = map_stages({"decode": 1.0, "features": 2.0, "search": 3.0, "smooth": 1.0})
+    assert stages["network"] is None and stages["search"] == 4.0 and set(STAGES) <= set(stages)
