@@ -77,8 +77,11 @@ def test_normals_match_open3d_and_point_away_from_the_centroid() -> None:
     assert cos.min() > 0.99, f"min cos to open3d {cos.min():.6f}"
     radial = (pts - pts.mean(axis=0)) / np.linalg.norm(pts - pts.mean(axis=0), axis=1, keepdims=True)
     assert np.einsum("ij,ij->i", mine, radial).min() > 0.95
-    lonely = geometry.estimate_normals(torch.tensor([[0.0, 0, 0], [1, 0, 0], [50, 0, 0]]), 2.0, 30, orient="none")
-    assert torch.equal(lonely, torch.tensor([[0.0, 0, 1]] * 3))  # < 3 neighbours: open3d's default
+    few = np.array([[0.0, 0, 0], [1, 0, 0], [50, 0, 0]])  # < 3 neighbours each: open3d's (0, 0, 1)
+    lonely = geometry.estimate_normals(torch.from_numpy(few), 2.0, 30, orient="none").numpy()
+    o3d_few = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(few))
+    o3d_few.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=2.0, max_nn=30))
+    np.testing.assert_array_equal(lonely, np.asarray(o3d_few.normals))
 
 
 def test_fpfh_matches_open3d_on_the_same_points_and_normals(box: np.ndarray) -> None:
@@ -169,8 +172,13 @@ def test_fps_torch_equals_numpy_and_sampling_runs_on_tensors() -> None:
     np.testing.assert_allclose(geometry_rates(torch.from_numpy(cloud)).numpy(), geometry_rates(cloud), atol=1e-5)
 
 
-PATCHCORE_SCORE_RTOL = 0.05
-"""Object scores, torch vs open3d FPFH at test time on one fitted bank (measured: see the assertion)."""
+PATCHCORE_SCORE_RTOL = 1e-3
+"""Object scores, torch (float64) vs open3d FPFH at test time on one fitted bank (measured: equal)."""
+PATCHCORE_POINT_TOL = 0.005
+"""Max point-score difference as a fraction of the highest score (measured 0.0013; 1-2 % of the
+points differ at all, by the FPFH swap flips described in workers.patchcore)."""
+CUDA_SCORE_RTOL = 0.01
+"""Object score, float32 FPFH on the GPU vs open3d."""
 
 
 def test_patchcore_scores_with_torch_features_agree_with_open3d() -> None:
@@ -184,7 +192,7 @@ def test_patchcore_scores_with_torch_features_agree_with_open3d() -> None:
         rel = abs(mine.object_score - ref.object_score) / ref.object_score
         pdiff = np.abs(mine.point_scores - ref.point_scores)
         assert rel < PATCHCORE_SCORE_RTOL, f"object score {mine.object_score:.4f} vs {ref.object_score:.4f}"
-        assert np.median(pdiff) < 1e-3 and pdiff.max() < 0.1 * ref.point_scores.max(), (
+        assert np.median(pdiff) < 1e-6 and pdiff.max() < PATCHCORE_POINT_TOL * ref.point_scores.max(), (
             f"point scores: median diff {np.median(pdiff):.3g}, max {pdiff.max():.3g}")
 
 
@@ -223,4 +231,4 @@ def test_cuda_patchcore_scores_a_frame_on_the_device() -> None:
     scorer.use_backend("torch-cuda")
     assert scorer.feature_impl == "torch"
     dev = score_frame(scorer, f, pp)
-    assert dev.object_score == pytest.approx(host.object_score, rel=PATCHCORE_SCORE_RTOL)
+    assert dev.object_score == pytest.approx(host.object_score, rel=CUDA_SCORE_RTOL)
