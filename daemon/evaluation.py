@@ -23,9 +23,9 @@ Protocol (per class):
   ones the loader returns (the label file's rows when there is one, see ``sensors.datasets``).
 * **metrics** (``workers.metrics``): I-AUROC over the object scores; P-AUROC over **all** test
   pixels (organized: every pixel of the image, as MVTec 3D-AD's official evaluation, on the
-  dense map of ``score_frame(dense=True)``: a pixel the scorer did not score, unmeasured or
-  background plane, takes the score of the nearest scored pixel, as the interpolated maps of
-  the methods on that benchmark do) or all test points; AUPRO integrated to FPR 0.3
+  dense map of ``score_frame(dense=True)``: an unscored pixel of the part region, unmeasured or
+  cut with the plane, takes the score of the nearest scored pixel, as the interpolated maps of
+  the methods on that benchmark do; the table takes the map's floor) or all test points; AUPRO integrated to FPR 0.3
   and divided by 0.3 (MVTec 3D-AD). AUPRO regions: 8-connected components of the gt mask for
   organized data; for point clouds, a region is a connected component of the graph joining
   anomalous points at most 2.5 × the sample's median nearest-neighbour spacing apart
@@ -522,8 +522,9 @@ def _metric_notes(layout: str) -> dict[str, str]:
     return {
         "i_auroc": "AUROC of the object scores over the test split",
         "p_auroc": (
-            "AUROC over all pixels of all test images (dense maps: a pixel the scorer did not score, "
-            "unmeasured or background plane, takes the score of the nearest scored pixel)"
+            "AUROC over all pixels of all test images (dense maps: an unscored pixel of the part region, "
+            "the scored pixels with holes filled grown by 3 px, takes the score of the nearest scored "
+            "pixel; the table takes the map's floor)"
             if layout == "mvtec3d" else "AUROC over all points of all test samples"
         ),
         "aupro": f"area under the PRO curve up to FPR {AUPRO_FPR_LIMIT}, divided by {AUPRO_FPR_LIMIT}; regions: {region}",
