@@ -123,7 +123,7 @@ def _evaluate(scorer: Scorer, frames: Sequence[Frame], labels: Sequence[int], pp
     obj, maps, gts, pts, secs = [], [], [], [], []
     for f in frames:
         t0 = time.perf_counter()
-        fs = score_frame(scorer, f, pp)
+        fs = score_frame(scorer, f, pp, dense=f.organized)  # as inspectd eval
         secs.append(time.perf_counter() - t0)
         amap = np.asarray(fs.anomaly_map, dtype=np.float32)
         obj.append(fs.object_score)
