@@ -551,6 +551,27 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary_table(out: Path) -> str:
+    """One Markdown table over every ``*.json`` result in ``out``: per scorer × backend × size the
+    in-process p50, daemon p50 / p99, saturated throughput, overhead ratio, peak RSS, load."""
+    lines = ["| scorer | backend | frame | in-process p50 ms | daemon p50 / p99 ms | saturated /s "
+             "| overhead (p50 ratio) | peak RSS MiB in-process / daemon+workers | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(Path(out).glob("*.json")):
+        r = json.loads(path.read_text())
+        for size in [s for s in SIZES if s in r.get("sizes", {})]:
+            e = r["sizes"][size]
+            ip, d = e["in_process"], e.get("daemon")
+            load = f"{e['load_average_start'][0]}–{e['load_average_end'][0]}" if "load_average_start" in e else "n/a"
+            dcol = f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f}" if d else "-"
+            sat = f"{d['throughput_per_s_saturated']:.2f}" if d else "-"
+            ratio = f"{e['overhead_ratio_p50']:.2f}" if d else "-"
+            rss = f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f}" if d else f"{ip['peak_rss_mib']:.0f} / -"
+            lines.append(f"| {r['scorer']} | {r['backend']} | {size} | {ip['latency_ms_p50']:.0f} | {dcol} | {sat} "
+                         f"| {ratio} | {rss} | {load} |")
+    return "\n".join(lines) + "\n"
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="measure scoring speed in-process and through the daemon path")
     b.add_argument("--out", default="bench/results")
@@ -564,10 +585,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--imrnet-finetune-steps", type=int, default=DEFAULT_IMRNET_FINETUNE_STEPS,
                    help="fine-tuning steps of the imrnet model the bench enrolls (scoring cost does not depend on it)")
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
+    b.add_argument("--summary", action="store_true",
+                   help="measure nothing: print one table over every result JSON in --out")
     b.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.summary:
+        print(summary_table(Path(args.out)), end="")
+        return 0
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = set(sizes) - set(SIZES)
     if unknown:
