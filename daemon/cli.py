@@ -60,7 +60,10 @@ def cmd_sensor(args: argparse.Namespace) -> int:
         from sensors.replay import replay_frames
 
         frames = replay_frames(args.path, layout=args.layout, product=args.product, split=args.split, sensor_id=args.sensor_id)
-    n = stream(frames, args.endpoint, rate=args.rate)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop between frames and still report the count
+        signal.signal(sig, lambda *_: stop.set())
+    n = stream(frames, args.endpoint, rate=args.rate, stop=stop)
     print(json.dumps({"sensor": args.sensor_id, "sent": n}), flush=True)
     return 0
 

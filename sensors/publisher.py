@@ -7,6 +7,7 @@ daemon that is busy makes ``send`` block: the sensor slows down instead of losin
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -45,19 +46,26 @@ class FramePusher:
 
 
 def stream(
-    frames: Iterable[Frame], endpoint: str, rate: float = 0.0, on_sent: Callable[[Frame], None] | None = None
+    frames: Iterable[Frame], endpoint: str, rate: float = 0.0, on_sent: Callable[[Frame], None] | None = None,
+    stop: threading.Event | None = None,
 ) -> int:
-    """Push every frame to ``endpoint`` at ``rate`` frames/s (0 = unpaced); returns the count sent."""
+    """Push every frame to ``endpoint`` at ``rate`` frames/s (0 = unpaced); returns the count sent.
+
+    Setting ``stop`` ends the stream before the next frame (a sensor told to stop finishes the
+    frame it is sending, so the count it reports is exact)."""
     sent = 0
     period = 1.0 / rate if rate > 0 else 0.0
+    stop = stop or threading.Event()
     with FramePusher(endpoint) as pusher:
         next_at = time.monotonic()
         for frame in frames:
             if period:
                 delay = next_at - time.monotonic()
-                if delay > 0:
-                    time.sleep(delay)
+                if delay > 0 and stop.wait(delay):
+                    break
                 next_at = max(next_at + period, time.monotonic() - period)
+            if stop.is_set():
+                break
             pusher.send(frame)
             sent += 1
             if on_sent:

@@ -64,3 +64,27 @@ def test_verdict_round_trip_with_nan_free_json() -> None:
     np.testing.assert_array_equal(msg.anomaly_map, amap)
     err = decode_verdict([bytes(p) for p in encode_verdict({"verdict": "error"}, None)])
     assert err.topic == "verdict/_unknown/" and err.anomaly_map is None
+
+
+def test_a_stopped_stream_reports_exactly_what_it_sent() -> None:
+    import threading
+
+    import zmq
+
+    from sensors.publisher import stream
+    from sensors.wire import decode_frame
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    frames = (make_frame(organized=False) for _ in range(1000))
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    sent = stream(frames, f"tcp://127.0.0.1:{port}", rate=50.0, stop=stop)
+    received = 0
+    while pull.poll(500):
+        decode_frame(pull.recv_multipart())
+        received += 1
+    ctx.destroy(linger=0)
+    assert 0 < sent < 1000 and received == sent
