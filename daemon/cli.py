@@ -143,7 +143,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
-    return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed)
+    return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed,
+                    scorer=args.scorer)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--products", default="flange,gear")
     d.add_argument("--rate", type=float, default=2.0)
     d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--scorer", default="patchcore-fpfh", help="the scorer every demo product is enrolled with")
     d.set_defaults(func=cmd_demo)
 
     from daemon import bench, evaluation, train

@@ -37,7 +37,7 @@ N_ENROLL = 16  # fewer leaves pose-dependent views (e.g. into a bore) uncovered:
 N_CALIBRATE = 8
 
 
-def write_demo_config(out: Path, products: list[str]) -> tuple[Path, Config]:
+def write_demo_config(out: Path, products: list[str], scorer: str = "patchcore-fpfh") -> tuple[Path, Config]:
     raw: dict[str, Any] = {
         "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 16},
         "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
@@ -50,7 +50,7 @@ def write_demo_config(out: Path, products: list[str]) -> tuple[Path, Config]:
         },
         "ray": {"object_store_mb": 256},
         "workers": {"actors": "auto", "cpus_per_actor": 1, "max_inflight_per_actor": 1},
-        "products": {p: {"scorer": "patchcore-fpfh"} for p in products},
+        "products": {p: {"scorer": scorer} for p in products},
     }
     path = out / "inspectd.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -86,15 +86,15 @@ def summarize(sent: int, verdicts: list[dict[str, Any]], wall: float) -> dict[st
     }
 
 
-def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int) -> int:
+def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int, scorer: str = "patchcore-fpfh") -> int:
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path, cfg = write_demo_config(out, products)
-    print(f"== inspectd demo: {n_parts} parts of {', '.join(products)}, output in {out}", flush=True)
+    cfg_path, cfg = write_demo_config(out, products, scorer)
+    print(f"== inspectd demo: {n_parts} parts of {', '.join(products)} ({scorer}), output in {out}", flush=True)
 
     for k, product in enumerate(products):
         good = list(simulated_parts([product], N_ENROLL + N_CALIBRATE, 0.0, seed=1000 + k, good_only=True))
         t0 = time.time()
-        enroll(cfg.storage.models_dir, product, good[:N_ENROLL], "patchcore-fpfh", cfg.preprocess.params(), progress=False)
+        enroll(cfg.storage.models_dir, product, good[:N_ENROLL], scorer, cfg.preprocess.params(), progress=False)
         rec = calibrate(cfg.storage.models_dir, product, good[N_ENROLL:], cfg.decision.target_frr, progress=False)
         print(
             f"   enrolled {product} on {N_ENROLL} good parts, calibrated on {N_CALIBRATE} others: "
