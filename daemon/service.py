@@ -318,7 +318,7 @@ class InspectionService:
             return
         t0 = time.time()
         worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back"))
-        timings = {**job.timings, **outcome["timings"]}
+        timings = {**outcome["timings"], **job.timings}  # the daemon's own stages win a name clash
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
         timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
         score = float(outcome["object_score"])
