@@ -298,3 +298,14 @@ def test_scoring_variants_run(fitted: IMRNetScorer, key: str, value: object) -> 
     res = variant.score(cloud)
     assert res.point_scores.shape == (len(cloud.points),) and np.isfinite(res.point_scores).all()
     assert np.isfinite(res.object_score)
+
+
+def test_pretrained_weights_serve_other_point_and_centre_counts() -> None:
+    """n_points / n_centers size no weight: the shipped weights start a finer or coarser network."""
+    scorer = IMRNetScorer(n_points=4096, n_centers=256)
+    model, source = scorer._initial_model()
+    assert "pretrained at 2048 points" in source
+    assert model.config.n_points == 4096 and model.config.n_centers == 256
+    wider = IMRNetScorer(n_points=4096, n_centers=256, group_size=16)  # group_size shapes the head: refused
+    with pytest.warns(UserWarning, match="other sizes"):
+        assert wider._initial_model()[1] == "none (size mismatch)"

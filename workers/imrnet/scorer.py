@@ -11,7 +11,7 @@ fit (good parts of one product)
        registered to the first good cloud, because the network embeds absolute centre positions.
     3. Fine-tuning (Sec. 5.3): from the shipped pretrained weights
        (``workers/imrnet/pretrained/imrnet-small.safetensors``; random initialization with a
-       warning when absent or of other sizes), ``finetune_steps`` (100) AdamW steps of batch 8 at
+       warning when absent or of other weight sizes; other ``n_points`` / ``n_centers`` keep them), ``finetune_steps`` (100) AdamW steps of batch 8 at
        lr 5e-4 with the masked-patch Chamfer loss (Eq. 12) on the ``finetune_samplings`` (8)
        reductions of each good cloud, centres by ``sampler`` (GPS, Sec. 4.1), mask ratio
        ``mask_ratio``, augmentation ``aug_*`` (``workers.imrnet.training``). ~1–2 min per
@@ -126,6 +126,8 @@ POINT_SCORES = ("patch", "knn")
 ALIGNS = ("icp", "none")
 _CONFIG_KEYS = ("n_points", "n_centers", "group_size", "dim", "heads", "enc_depth", "dec_depth", "mlp_ratio",
                 "embed_hidden")
+_TOKEN_KEYS = ("n_points", "n_centers")
+"""Sizes that set how many points / tokens the network sees, not the shape of any weight."""
 
 
 def idw_interpolate(src: np.ndarray, values: np.ndarray, dst: np.ndarray, k: int = 3) -> np.ndarray:
@@ -450,10 +452,14 @@ class IMRNetScorer(Scorer):
                           "(run `inspectd train --scorer imrnet --pretrain`)", stacklevel=3)
             return IMRNet(self.config), "none (missing file)"
         model, meta = load_pretrained(path)
-        if any(getattr(model.config, k) != getattr(self.config, k) for k in _CONFIG_KEYS):
+        if any(getattr(model.config, k) != getattr(self.config, k) for k in _CONFIG_KEYS if k not in _TOKEN_KEYS):
             warnings.warn(f"imrnet: pretrained weights {path} have other sizes ({model.config}); "
                           "fine-tuning from a random initialization", stacklevel=3)
             return IMRNet(self.config), "none (size mismatch)"
+        if model.config != self.config:  # same weights, other point / centre counts: start from them
+            resized = IMRNet(self.config)
+            resized.load_state_dict(model.state_dict())
+            return resized, f"{path} (pretrained at {model.config.n_points} points × {model.config.n_centers} centres)"
         return model, str(path)
 
     # -- fit -----------------------------------------------------------------------------------
