@@ -42,6 +42,16 @@ Choices (the paper leaves them open; stated here):
   Unorganized: each voxel takes the inverse-distance-weighted mean of its 3 nearest patch
   centres (the "bilinear" of a cloud), then a kNN Gaussian blur over its ``blur_k`` nearest
   voxels with σ = ``blur_sigma_mm``.
+
+Device path (the scorer's ``geometry_impl="torch"``, issue 6): the ``*_t`` functions and
+:class:`DevicePatchSet` are the same constructions in torch on the device of the points —
+:func:`extract_patches_t` (organized cells and centre pixels by index arithmetic on the device;
+FPS by ``workers.geometry.farthest_point_sample`` from the same start; kNN by
+``workers.geometry.knn`` instead of the KD-tree), :meth:`DevicePatchSet.pooled`,
+:func:`organized_point_scores_t` (:func:`organized_map` runs on the device of its values) and
+:func:`cloud_point_scores_t`. Everything vectorized: no Python loop over points or patches.
+Same indices as the numpy path (tested), except that an exact distance tie at a patch's k-th
+neighbour may be broken differently.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
+from workers import geometry
 from workers.preprocess import PreparedCloud
 from workers.zeroshot.pointnet2 import farthest_point_sample
 
@@ -72,6 +83,13 @@ __all__ = [
     "resample_to",
     "organized_point_scores",
     "cloud_point_scores",
+    "DevicePatchSet",
+    "grid_view_t",
+    "foreground_index_224_t",
+    "knn_indices_t",
+    "extract_patches_t",
+    "organized_point_scores_t",
+    "cloud_point_scores_t",
 ]
 
 IMAGE_SIZE = 224
@@ -272,31 +290,42 @@ def _gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def _blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a 1×1×H×W tensor, zero padding."""
+    """Separable Gaussian blur of a 1×1×H×W tensor (on its device), zero padding."""
     if sigma <= 0:
         return img
-    g = _gaussian_kernel(sigma)
+    g = _gaussian_kernel(sigma).to(img.device)  # built on the CPU: the same taps on every device
     r = (len(g) - 1) // 2
     img = F.conv2d(img, g.view(1, 1, 1, -1), padding=(0, r))
     return F.conv2d(img, g.view(1, 1, -1, 1), padding=(r, 0))
 
 
-def organized_map(values: np.ndarray, cells: np.ndarray, fg224: np.ndarray, sigma: float) -> torch.Tensor:
+def organized_map(
+    values: np.ndarray | torch.Tensor,
+    cells: np.ndarray | torch.Tensor,
+    fg224: np.ndarray | torch.Tensor,
+    sigma: float,
+) -> torch.Tensor:
     """Patch values on the 28×28 grid → the 224×224 map: normalized bilinear upsampling, then a
-    normalized Gaussian blur over the foreground (Eq. 7 / 10). Undefined pixels are 0."""
-    s = torch.zeros(GRID * GRID)
-    w = torch.zeros(GRID * GRID)
-    s[torch.as_tensor(cells)] = torch.as_tensor(values, dtype=torch.float32)
-    w[torch.as_tensor(cells)] = 1.0
+    normalized Gaussian blur over the foreground (Eq. 7 / 10). Undefined pixels are 0.
+
+    Runs on the device of ``values`` when it is a tensor (the device path), else on the CPU.
+    """
+    dev = values.device if isinstance(values, torch.Tensor) else torch.device("cpu")
+    zero = torch.zeros((), device=dev)
+    cells_t = torch.as_tensor(cells, device=dev)
+    s = torch.zeros(GRID * GRID, device=dev)
+    w = torch.zeros(GRID * GRID, device=dev)
+    s[cells_t] = torch.as_tensor(values, dtype=torch.float32)
+    w[cells_t] = 1.0
     up = F.interpolate(torch.stack([s * w, w]).view(2, 1, GRID, GRID), size=(IMAGE_SIZE, IMAGE_SIZE),
                        mode="bilinear", align_corners=False)
     num, den = up[0, 0], up[1, 0]
-    m = torch.as_tensor(fg224) & (den > 1e-6)
-    val = torch.where(m, num / den.clamp_min(1e-6), torch.zeros(()))
+    m = torch.as_tensor(fg224, device=dev) & (den > 1e-6)
+    val = torch.where(m, num / den.clamp_min(1e-6), zero)
     mf = m.float()
     bn = _blur((val * mf)[None, None], sigma)[0, 0]
     bd = _blur(mf[None, None], sigma)[0, 0]
-    return torch.where(bd > 1e-6, bn / bd.clamp_min(1e-6), torch.zeros(()))
+    return torch.where(bd > 1e-6, bn / bd.clamp_min(1e-6), zero)
 
 
 def organized_point_scores(
@@ -343,3 +372,209 @@ def cloud_point_scores(
         g = np.exp(-0.5 * (d / blur_sigma_mm) ** 2)
         s = (s[i] * g).sum(axis=1) / g.sum(axis=1)
     return s.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# device path: the same patches and maps in torch, on the device of the points
+
+
+@dataclass
+class DevicePatchSet:
+    """:class:`PatchSet` as tensors on the scorer's device (the device path): same fields, same meaning."""
+
+    centers: torch.Tensor
+    """P (long) voxel indices of the patch centres."""
+    neighbors: torch.Tensor
+    """P×k (long) voxel indices."""
+    cells: torch.Tensor | None
+    """Organized: P flat indices into the 28×28 grid; None for an unorganized cloud."""
+    fg224: torch.Tensor | None
+    """Organized: the 224×224 (bool) foreground mask."""
+    view: GridView | None = None
+    cell_voxels: torch.Tensor | None = None
+    """Organized: P×64 voxel of each resized pixel of the cell (−1: not the part)."""
+
+    def pooled(self, per_point: torch.Tensor, pool: str = "cell") -> torch.Tensor:
+        """:meth:`PatchSet.pooled` on the device (P×D, the dtype of ``per_point``)."""
+        if pool == "patch":
+            return per_point[self.neighbors].mean(dim=1)
+        if pool != "cell":
+            raise ValueError(f"pool must be 'cell' or 'patch', got {pool!r}")
+        if self.cell_voxels is None:
+            return per_point[self.neighbors[:, : max(1, self.neighbors.shape[1] // 8)]].mean(dim=1)
+        valid = self.cell_voxels >= 0
+        vals = per_point[self.cell_voxels.clamp(min=0)] * valid.unsqueeze(-1).to(per_point.dtype)
+        return vals.sum(dim=1) / valid.sum(dim=1, keepdim=True).clamp(min=1).to(per_point.dtype)
+
+    @property
+    def organized(self) -> bool:
+        return self.cells is not None
+
+    def __len__(self) -> int:
+        return int(self.centers.shape[0])
+
+    def to_host(self) -> PatchSet:
+        """The same patches as a (numpy) :class:`PatchSet`."""
+
+        def h(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.cpu().numpy()
+
+        return PatchSet(h(self.centers), h(self.neighbors), h(self.cells), h(self.fg224), self.view,  # type: ignore[arg-type]
+                        h(self.cell_voxels))
+
+
+def grid_view_t(cloud: PreparedCloud, source_flat: torch.Tensor, crop: bool = True, margin: float = 0.05) -> GridView:
+    """:func:`grid_view` from the source pixel indices on the device (four reductions come back)."""
+    assert cloud.frame is not None
+    h, w = cloud.frame.points.shape[:2]
+    if not crop or source_flat.numel() == 0:
+        return GridView(0.0, 0.0, float(h), float(w))
+    r, c = source_flat // w, source_flat % w
+    rmin, rmax, cmin, cmax = (int(v) for v in torch.stack([r.min(), r.max(), c.min(), c.max()]).tolist())
+    side = float(max(rmax - rmin + 1, cmax - cmin + 1)) * (1 + 2 * margin)
+    rc, cc = (rmin + rmax + 1) / 2.0, (cmin + cmax + 1) / 2.0
+    return GridView(rc - side / 2, cc - side / 2, side, side)
+
+
+def _source_index_t(start: float, length: float, n_src: int, size: int, device: torch.device) -> torch.Tensor:
+    """:meth:`GridView.source_rows` / ``source_cols`` in torch (float64, the same arithmetic)."""
+    i = torch.floor(start + (torch.arange(size, dtype=torch.float64, device=device) + 0.5) * length / size).long()
+    return torch.where((i >= 0) & (i < n_src), i, torch.full_like(i, -1))
+
+
+def foreground_index_224_t(
+    cloud: PreparedCloud,
+    view: GridView,
+    source_flat: torch.Tensor,
+    voxel_of_source: torch.Tensor,
+    size: int = IMAGE_SIZE,
+) -> torch.Tensor:
+    """:func:`foreground_index_224` on the device of ``source_flat`` (size×size long, −1 off the part)."""
+    assert cloud.frame is not None
+    h, w = cloud.frame.points.shape[:2]
+    dev = source_flat.device
+    vox = torch.full((h * w + 1,), -1, dtype=torch.long, device=dev)  # the extra last entry: "outside"
+    vox[source_flat] = voxel_of_source
+    rows = _source_index_t(view.r0, view.h, h, size, dev)
+    cols = _source_index_t(view.c0, view.w, w, size, dev)
+    flat = rows[:, None] * w + cols[None, :]
+    flat = torch.where((rows[:, None] >= 0) & (cols[None, :] >= 0), flat, torch.full_like(flat, h * w))
+    return vox[flat]
+
+
+def knn_indices_t(points: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`knn_indices` by ``workers.geometry.knn`` on the points' device (Q×k, nearest first;
+    repeats points when there are fewer than ``k``)."""
+    n = points.shape[0]
+    kk = min(k, n)
+    _, idx = geometry.knn(points, queries, kk)
+    if kk < k:
+        idx = idx[:, torch.arange(k, device=idx.device) % kk]
+    return idx
+
+
+def extract_patches_t(
+    cloud: PreparedCloud,
+    points: torch.Tensor,
+    k: int = 64,
+    mode: str = "auto",
+    max_patches: int = GRID * GRID,
+    min_cell_pixels: int = 8,
+    crop: bool = True,
+    source_flat: torch.Tensor | None = None,
+    voxel_of_source: torch.Tensor | None = None,
+) -> DevicePatchSet:
+    """:func:`extract_patches` in torch on the device of ``points`` (``cloud.points`` as an M×3
+    tensor; its dtype is the kNN's: float64 reproduces the KD-tree's float64 distances).
+
+    Organized: the same 28×28 cells and centre pixels (integer index arithmetic, exact);
+    ``source_flat`` / ``voxel_of_source`` are ``cloud``'s arrays on the device (uploaded here
+    when not given). Unorganized: ``workers.geometry.farthest_point_sample`` from the point
+    farthest from the centroid (the start and float32 arithmetic of the CPU path's
+    ``pointnet2.farthest_point_sample``, so the same picks). Patch points by
+    ``workers.geometry.knn`` (exact; only exact distance ties may order differently from the KD-tree).
+    """
+    if mode not in ("auto", "organized", "unorganized"):
+        raise ValueError(f"patch mode must be auto, organized or unorganized, got {mode!r}")
+    dev = points.device
+    if mode != "unorganized" and is_organized(cloud):
+        sf = source_flat if source_flat is not None else torch.from_numpy(np.asarray(cloud.source_flat)).to(dev)
+        vs = voxel_of_source if voxel_of_source is not None else torch.from_numpy(
+            np.asarray(cloud.voxel_of_source)).to(dev)
+        view = grid_view_t(cloud, sf, crop)
+        vox = foreground_index_224_t(cloud, view, sf.long(), vs.long())
+        cells = vox.reshape(GRID, CELL, GRID, CELL).permute(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
+        keep = torch.nonzero((cells >= 0).sum(dim=1) >= max(1, min_cell_pixels)).squeeze(1)
+        if keep.numel():
+            j = torch.arange(CELL * CELL, device=dev)
+            d2 = ((j // CELL) - (CELL - 1) / 2) ** 2 + ((j % CELL) - (CELL - 1) / 2) ** 2
+            kept = cells[keep]
+            d = torch.where(kept >= 0, d2.to(torch.float64)[None, :], torch.full((), torch.inf, dtype=torch.float64,
+                                                                                   device=dev))
+            centre = kept.gather(1, d.argmin(dim=1, keepdim=True)).squeeze(1)  # first minimum, as numpy
+            return DevicePatchSet(centre, knn_indices_t(points, points[centre], k), keep, vox >= 0, view, kept)
+    elif mode == "organized":
+        raise ValueError("patch mode 'organized' needs a cloud with an organized frame")
+    p32 = points.float()
+    n = int(min(max_patches, p32.shape[0]))
+    start = ((p32 - p32.mean(dim=0, keepdim=True)) ** 2).sum(-1).argmax()
+    centre = geometry.farthest_point_sample(p32, n, start=start)
+    return DevicePatchSet(centre, knn_indices_t(points, points[centre], k), None, None)
+
+
+def organized_point_scores_t(
+    values: torch.Tensor,
+    patches: DevicePatchSet,
+    cloud: PreparedCloud,
+    sigma: float = 4.0,
+    source_flat: torch.Tensor | None = None,
+    voxel_of_source: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`organized_point_scores` on the device of ``values``: per-voxel scores (M, float32).
+
+    The map (:func:`organized_map`: ``F.interpolate`` + separable Gaussian ``conv2d``) is sampled
+    at every source pixel by ``F.grid_sample`` and averaged per voxel by a float64 ``index_add_``.
+    """
+    assert patches.cells is not None and patches.fg224 is not None and patches.view is not None
+    assert cloud.frame is not None
+    dev = values.device
+    sf = source_flat if source_flat is not None else torch.from_numpy(np.asarray(cloud.source_flat)).to(dev)
+    vs = voxel_of_source if voxel_of_source is not None else torch.from_numpy(np.asarray(cloud.voxel_of_source)).to(dev)
+    amap = organized_map(values, patches.cells, patches.fg224, sigma)
+    w = cloud.frame.points.shape[1]
+    view = patches.view
+    r, c = (sf // w).to(torch.float64), (sf % w).to(torch.float64)
+    gx = (c + 0.5 - view.c0) / view.w * 2 - 1
+    gy = (r + 0.5 - view.r0) / view.h * 2 - 1
+    grid = torch.stack([gx.float(), gy.float()], dim=-1).view(1, 1, -1, 2)
+    px = F.grid_sample(amap[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+    px = px.view(-1).to(torch.float64)
+    m = len(cloud.points)
+    vs = vs.long()
+    sums = torch.zeros(m, dtype=torch.float64, device=dev).index_add_(0, vs, px)
+    cnt = torch.bincount(vs, minlength=m).to(torch.float64)
+    return (sums / cnt.clamp(min=1)).float()
+
+
+def cloud_point_scores_t(
+    values: torch.Tensor,
+    patches: DevicePatchSet,
+    points: torch.Tensor,
+    blur_k: int = 16,
+    blur_sigma_mm: float = 2.0,
+) -> torch.Tensor:
+    """:func:`cloud_point_scores` on the device of ``points`` (M×3; its dtype is the arithmetic's):
+    IDW over the 3 nearest patch centres, then the kNN Gaussian blur, both neighbour searches by
+    ``workers.geometry.knn``. Returns M float32 scores."""
+    vals = values.to(points.dtype)
+    centres = points[patches.centers]
+    k = min(3, centres.shape[0])
+    d, i = geometry.knn(centres, points, k)
+    w = 1.0 / (d + 1e-6)
+    s = (vals[i] * w).sum(dim=1) / w.sum(dim=1)
+    kb = min(blur_k, points.shape[0])
+    if kb > 1 and blur_sigma_mm > 0:
+        d, i = geometry.knn(points, points, kb)
+        g = torch.exp(-0.5 * (d / blur_sigma_mm) ** 2)
+        s = (s[i] * g).sum(dim=1) / g.sum(dim=1)
+    return s.float()

@@ -57,8 +57,8 @@ Choices where the paper is vague (each module states its own):
   log says so.
 
 Backends (``use_backend``): ``torch-cpu`` (the reference); ``torch-cuda``: copies of f_θ and g_φ
-and the memory bank (search and reweighting) on the GPU, FPFH, patches and maps on the CPU;
-``onnxruntime``: both PointNet++ networks exported to ONNX (they export cleanly: FPS, ball query
+and the memory bank (search and reweighting) on the GPU, and, with the default
+``geometry_impl="auto"``, the whole patch pipeline too (see "Device path" below); ``onnxruntime``: both PointNet++ networks exported to ONNX (they export cleanly: FPS, ball query
 and gathers trace to ONNX ops with a dynamic batch axis) and run by ONNX Runtime, with one
 exception: Eq. 8's perturbation needs the gradient of g_φ's loss with respect to its input,
 which an ONNX inference graph does not carry, so with ``use_perturbation`` (the default) the
@@ -66,6 +66,35 @@ perturbation step (a forward + backward of g_φ) stays on torch-cpu and ONNX Run
 final forward of g_φ on the perturbed patches and all of f_θ. TensorRT is not offered for the
 same reason (the gradient step would need torch on the GPU next to it: that is ``torch-cuda``).
 ``fit`` always runs on torch-cpu; the backend is set up again afterwards.
+
+Device path (issue 6, ``geometry_impl``): ``"numpy"`` is the CPU pipeline every result in
+docs/results/zeroshot.md was measured with: open3d FPFH, the organized 784-cell layout in numpy,
+cKDTree patches, numpy pooling, maps mapped to points with numpy / scipy. ``"torch"`` is the same
+pipeline in torch on the scorer's device (``_score_t``): FPFH by ``workers.geometry``
+(``patchcore.fpfh_features_torch``: grid neighbour search, batched PCA normals, histograms),
+the organized cells / centres by torch index arithmetic, FPS centres of clouds by
+``geometry.farthest_point_sample`` (same start and picks as the CPU path), patch points by
+``geometry.knn``, pooling, feature combination, bank search and reweighting, f_θ, Eq. 8's
+perturbation (forward + backward of g_φ) and g_φ, the map (``F.interpolate`` + separable Gaussian
+``conv2d``, ``F.grid_sample`` at every source pixel, ``index_add_`` per voxel) or, for clouds,
+the IDW + kNN blur by ``geometry.knn``. What crosses to the host per frame: the points once
+(none when the frame was prepared on the device, ``PreparedCloud.device_points``), the
+pixel → voxel index arrays of an organized frame (``PreparedCloud`` keeps them on the host),
+four integers of the crop window, the maximal patch's index, two maxima and the M point
+scores (plus the few scalars ``workers.geometry``'s searches read to size their chunks). What stays on the host: the frame's resize window arithmetic (four numbers), the RGB
+branch (its ResNet runs on the CPU, the cell features are uploaded), and ONNX Runtime's networks
+when the backend is ``onnxruntime``. ``"auto"`` (default) = ``"torch"`` on ``torch-cuda``,
+``"numpy"`` on ``torch-cpu`` / ``onnxruntime``, so CPU results are unchanged bit for bit
+(``tests/test_zeroshot_device.py``). Geometry dtype: float64 on a CPU (as open3d and the
+KD-tree compute), float32 on a GPU. Parity on CPU tensors, same fitted model (the test's
+synthetic parts, scores ~60): object score within 1.5e-5, point scores within 4.6e-5 of the
+numpy path, same patches (centres and neighbour sets); with float32 geometry (the GPU's dtype)
+up to 4e-3 (organized) to 9e-3 relative of the largest point score, from pairs moved across
+FPFH's source/target swap and float32 distance ties in a patch's 64th neighbour. On a CPU the
+torch path is slower (0.30 s vs 0.22 s per ~1 000-voxel frame, 1 thread): it is for GPUs.
+``fit`` runs on the CPU: with ``"auto"`` it takes the numpy path, with an explicit ``"torch"``
+the torch geometry on CPU tensors, so bank and block scales come from the features ``score``
+sees; the networks' training and the pseudo anomalies (cKDTree) are unchanged.
 
 Timings (``ScoreResult.timings``, seconds): ``fpfh`` (FPFH of the cloud), ``patches`` (kNN tree,
 patch extraction, FPFH pooling), ``encoder`` (f_θ on the patches), ``search`` (feature
@@ -102,26 +131,47 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from workers.backends import NetworkRunner
-from workers.patchcore import MemoryBankScorer, fpfh_features, greedy_coreset, nearest_distances
+from workers.patchcore import (
+    MIN_POINTS,
+    MemoryBankScorer,
+    _check_points,
+    fpfh_features,
+    fpfh_features_torch,
+    greedy_coreset,
+    nearest_distances,
+)
 from workers.preprocess import PreparedCloud
 from workers.scorer import Scorer, ScoreResult, register
 from workers.zeroshot.patches import (
     IMAGE_SIZE,
+    DevicePatchSet,
     PatchSet,
     cloud_point_scores,
+    cloud_point_scores_t,
     extract_patches,
+    extract_patches_t,
     normalize_patches,
     organized_point_scores,
+    organized_point_scores_t,
     patch_radius,
 )
 from workers.zeroshot.pointnet2 import PointNet2
 from workers.zeroshot.pseudo_anomalies import NormalCloud, collect_pois, generate_pseudo_anomalies
 from workers.zeroshot.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet50, load_checkpoint
-from workers.zeroshot.training import TrainConfig, abnormal_probability, encode, perturb, train_networks
+from workers.zeroshot.training import (
+    TrainConfig,
+    abnormal_probability,
+    abnormal_probability_tensor,
+    encode,
+    perturb,
+    train_networks,
+)
 
 log = logging.getLogger("inspectd.zeroshot")
 
 FPFH_DIM = 33
+GEOMETRY_IMPLS = ("auto", "numpy", "torch")
+"""``geometry_impl`` values (see the module docstring, "Device path")."""
 FEATURE_DIM = FPFH_DIM
 """The learned feature has the FPFH's dimension so that Eq. 2's cosine is defined."""
 
@@ -167,10 +217,38 @@ class _Prepared:
     """P×k×3 float32 absolute patch points."""
 
 
+@dataclass
+class _DevicePrepared:
+    """:class:`_Prepared` of the device path: every array a tensor on the scorer's device."""
+
+    cloud: PreparedCloud
+    points: torch.Tensor
+    """M×3 voxel centroids in the geometry dtype (float64 on a CPU, float32 on a GPU)."""
+    fpfh: torch.Tensor
+    """M×33 float32."""
+    patches: DevicePatchSet
+    patch_fpfh: torch.Tensor
+    """P×33 float32."""
+    xyz: torch.Tensor
+    """P×k×3 float32 absolute patch points."""
+    source_flat: torch.Tensor | None
+    voxel_of_source: torch.Tensor | None
+    """Organized clouds: ``cloud``'s pixel → voxel arrays on the device (None otherwise)."""
+
+    def to_host(self) -> _Prepared:
+        """The numpy :class:`_Prepared` of the same patches (``fit``: pseudo anomalies need a KD-tree)."""
+        pts = self.cloud.points
+        return _Prepared(self.cloud, cKDTree(pts), self.fpfh.cpu().numpy(), self.patches.to_host(),
+                         self.patch_fpfh.cpu().numpy(), self.xyz.cpu().numpy())
+
+
 @register
 class ZeroShotScorer(Scorer):
     """3DzAL (see the module docstring). Ablation knobs: ``use_learned``, ``use_classifier``,
-    ``use_perturbation``, ``pseudo_mix``, ``contrastive_weight``, ``disentangle_weight``."""
+    ``use_perturbation``, ``pseudo_mix``, ``contrastive_weight``, ``disentangle_weight``.
+    ``geometry_impl`` ("auto" | "numpy" | "torch", saved with the params) picks the patch
+    pipeline: numpy/open3d on the CPU, or torch on the scorer's device (module docstring,
+    "Device path")."""
 
     name = "zeroshot"
     version = "1.0.0"
@@ -225,6 +303,7 @@ class ZeroShotScorer(Scorer):
         checkpoint_dir: str | None = None,
         torch_threads: int = 1,
         seed: int = 0,
+        geometry_impl: str = "auto",
     ) -> None:
         if voxel_size <= 0:
             raise ValueError("voxel_size must be positive")
@@ -240,6 +319,8 @@ class ZeroShotScorer(Scorer):
             raise ValueError("patch_mode must be auto, organized or unorganized")
         if coreset_ratio <= 0 or coreset_max < 1 or negative_ratio <= 0 or epochs < 0:
             raise ValueError("coreset_ratio, negative_ratio must be > 0, coreset_max >= 1, epochs >= 0")
+        if geometry_impl not in GEOMETRY_IMPLS:
+            raise ValueError(f"geometry_impl must be one of {GEOMETRY_IMPLS}, got {geometry_impl!r}")
         parse_mix(pseudo_mix)
         self.voxel_size = float(voxel_size)
         self.patch_points = int(patch_points)
@@ -292,6 +373,7 @@ class ZeroShotScorer(Scorer):
         self.checkpoint_dir = checkpoint_dir
         self.torch_threads = int(torch_threads)
         self.seed = int(seed)
+        self.geometry_impl = geometry_impl
 
         self.encoder: PointNet2 | None = None
         self.classifier: PointNet2 | None = None
@@ -323,7 +405,7 @@ class ZeroShotScorer(Scorer):
             "perturbation_epsilon", "perturbation_direction", "distance_weight", "classifier_weight",
             "learned_weight", "rgb_checkpoint", "coreset_ratio", "coreset_max", "coreset_projection_dim",
             "reweight_neighbors", "blur_sigma", "cloud_blur_k", "cloud_blur_sigma_factor", "checkpoint_dir",
-            "torch_threads", "seed",
+            "torch_threads", "seed", "geometry_impl",
         )
         return {k: getattr(self, k) for k in keys}
 
@@ -435,6 +517,33 @@ class ZeroShotScorer(Scorer):
             return abnormal_probability(self._dev_classifier, x.to(self.device), eps, pert, direction)
         return abnormal_probability(self.classifier, x, eps, pert, direction)
 
+    def _encode_t(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_encode` for the device path: ``x`` and the result on ``x``'s device."""
+        assert self.encoder is not None
+        if "encoder" in self._runners:  # ONNX Runtime runs on the host
+            return self._encode(x.cpu()).to(x.device)
+        net = self._dev_encoder if self._dev_encoder is not None else self.encoder
+        return encode(net, x.to(_module_device(net))).to(x.device)
+
+    def _abnormal_t(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`_abnormal` for the device path: Eq. 8's perturbation and g_φ on ``x``'s device
+        (ONNX Runtime: on the host, as :meth:`_abnormal`)."""
+        assert self.classifier is not None
+        if "classifier" in self._runners:
+            return torch.from_numpy(self._abnormal(x.cpu())).to(x.device)
+        net = self._dev_classifier if self._dev_classifier is not None else self.classifier
+        p = abnormal_probability_tensor(net, x.to(_module_device(net)), self.perturbation_epsilon,
+                                        self.use_perturbation, self.perturbation_direction)
+        return p.to(x.device)
+
+    @property
+    def geometry_path(self) -> str:
+        """The patch pipeline in use for ``score``: ``geometry_impl`` with ``auto`` resolved by the
+        device (``torch`` on a GPU, ``numpy`` — the reference CPU path — otherwise)."""
+        if self.geometry_impl != "auto":
+            return self.geometry_impl
+        return "numpy" if self.device.type == "cpu" else "torch"
+
     @property
     def fitted(self) -> bool:
         return self._bank is not None
@@ -462,6 +571,45 @@ class ZeroShotScorer(Scorer):
         prep = _Prepared(
             cloud, tree, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), cloud.points[patches.neighbors]
         )
+        if timings is not None:
+            timings.update({"fpfh": t1 - t0, "patches": time.perf_counter() - t1})
+        return prep
+
+    def _geometry_points(self, cloud: PreparedCloud, device: torch.device) -> torch.Tensor:
+        """``cloud``'s voxel centroids on ``device`` for the device path: float64 on a CPU (the
+        precision of open3d's and the KD-tree's arithmetic), float32 on a GPU. A frame prepared
+        on the device (``PreparedCloud.device_points``) is used where it lies: no upload."""
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        pts = cloud.device_points
+        if pts is None or pts.device != device:
+            pts = torch.from_numpy(np.asarray(cloud.points))
+        pts = pts.to(device=device, dtype=dtype)
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < MIN_POINTS or not bool(torch.isfinite(pts).all()):
+            _check_points(np.asarray(cloud.points))  # raises with the CPU path's message
+        return pts
+
+    def _prepare_t(
+        self, cloud: PreparedCloud, timings: dict[str, float] | None = None, device: torch.device | None = None
+    ) -> _DevicePrepared:
+        """:meth:`_prepare` in torch on ``device`` (default: the scorer's): FPFH by
+        ``workers.geometry`` (``patchcore.fpfh_features_torch``), patches by ``extract_patches_t``."""
+        dev = self.device if device is None else device
+        t0 = time.perf_counter()
+        pts = self._geometry_points(cloud, dev)
+        fpfh = fpfh_features_torch(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor).float()
+        _sync(dev)
+        t1 = time.perf_counter()
+        sf = vs = None
+        if cloud.frame is not None and cloud.frame.organized and self.patch_mode != "unorganized":
+            sf = torch.from_numpy(np.asarray(cloud.source_flat)).to(dev).long()
+            vs = torch.from_numpy(np.asarray(cloud.voxel_of_source)).to(dev).long()
+        patches = extract_patches_t(
+            cloud, pts, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels,
+            self.crop_to_part, sf, vs,
+        )
+        xyz = pts.float()[patches.neighbors]
+        prep = _DevicePrepared(cloud, pts, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), xyz, sf, vs)
+        _sync(dev)
         if timings is not None:
             timings.update({"fpfh": t1 - t0, "patches": time.perf_counter() - t1})
         return prep
@@ -501,6 +649,34 @@ class ZeroShotScorer(Scorer):
             blocks.append(np.concatenate(rgb).astype(np.float32))
         return blocks
 
+    def _blocks_t(self, prep: _DevicePrepared, timings: dict[str, float] | None = None) -> list[torch.Tensor]:
+        """:meth:`_blocks` of one device-prepared cloud, as tensors on its device (the RGB
+        branch, when present, runs on the CPU and its cell features are uploaded)."""
+        dev = prep.xyz.device
+        t0 = time.perf_counter()
+        blocks = [prep.patch_fpfh.float()]
+        if self.encoder is not None:
+            blocks.append(self._encode_t(self._normalize(prep.xyz)))
+        _sync(dev)
+        if timings is not None:
+            timings["encoder"] = time.perf_counter() - t0
+        if self.rgb_model is not None:
+            if prep.patches.cells is None:
+                raise ValueError("the zeroshot model has an RGB branch: it needs organized patches")
+            rgb = self._rgb_cells(prep.cloud)[prep.patches.cells.cpu().numpy()]
+            blocks.append(torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).to(dev))
+        return blocks
+
+    def _combine_t(self, blocks: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`_combine` on the blocks' device."""
+        assert self._block_scale is not None
+        weights = [1.0] + ([self.learned_weight] if self.encoder is not None else []) + (
+            [1.0] if self.rgb_model is not None else []
+        )
+        return torch.cat(
+            [b / float(s) * w for b, s, w in zip(blocks, self._block_scale, weights, strict=True)], dim=1
+        ).float()
+
     def _combine(self, blocks: list[np.ndarray]) -> np.ndarray:
         assert self._block_scale is not None
         weights = [1.0] + ([self.learned_weight] if self.encoder is not None else []) + (
@@ -535,6 +711,14 @@ class ZeroShotScorer(Scorer):
         if self.backend != "torch-cpu":
             self.use_backend(self.backend, self._cache_dir)
 
+    def _prepare_fit(self, cloud: PreparedCloud) -> _Prepared:
+        """A training cloud's patches. ``fit`` runs on the CPU, so ``geometry_impl="auto"`` takes
+        the numpy path there; an explicit ``"torch"`` runs the device path's geometry on CPU
+        tensors, so the bank and the block scales come from the features ``score`` will see."""
+        if self.geometry_impl == "torch":
+            return self._prepare_t(cloud, device=torch.device("cpu")).to_host()
+        return self._prepare(cloud)
+
     def _fit(
         self, clouds: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud] | None, progress: bool
     ) -> None:
@@ -546,7 +730,8 @@ class ZeroShotScorer(Scorer):
         self._runners = {}
         t0 = time.perf_counter()
         rng = np.random.default_rng(self.seed)
-        prep = [self._prepare(c) for c in tqdm(clouds, desc="3dzal fpfh+patches", disable=not progress, leave=False)]
+        prep = [self._prepare_fit(c)
+                for c in tqdm(clouds, desc="3dzal fpfh+patches", disable=not progress, leave=False)]
         t1 = time.perf_counter()
         info: dict[str, Any] = {"n_clouds": len(clouds), "n_patches": int(sum(len(p.patches) for p in prep))}
         all_fpfh = np.concatenate([p.patch_fpfh for p in prep])
@@ -731,7 +916,60 @@ class ZeroShotScorer(Scorer):
         with torch_threads(self.torch_threads):
             return self._score(cloud)
 
+    def _patch_scores_t(
+        self, prep: _DevicePrepared, timings: dict[str, float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """:meth:`patch_scores` on the device: (distance / dist_scale, S_abnormal) as float32
+        tensors on the scorer's device, and PatchCore's weight w."""
+        assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
+        assert self._bank._bank_mean is not None
+        dev = prep.xyz.device
+        inner: dict[str, float] = {}
+        blocks = self._blocks_t(prep, inner)
+        t0 = time.perf_counter()
+        feats = self._combine_t(blocks)
+        q = feats.to(self._bank._bank_mean.device) - self._bank._bank_mean
+        dist = (nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq) / self._dist_scale).to(dev)
+        star = int(torch.argmax(dist))
+        w = self._bank._reweight(q[star])
+        t1 = time.perf_counter()
+        if self.use_classifier and self.classifier is not None:
+            cls = self._abnormal_t(self._normalize(prep.xyz))
+        else:
+            cls = torch.zeros(dist.shape[0], dtype=torch.float32, device=dev)
+        _sync(dev)
+        if timings is not None:
+            timings.update({"encoder": inner.get("encoder", 0.0), "search": t1 - t0,
+                            "classifier": time.perf_counter() - t1})
+        return dist.float(), cls, w
+
+    def _score_t(self, cloud: PreparedCloud) -> ScoreResult:
+        """The device path of :meth:`score` (see the module docstring): one upload of the points
+        (none when the frame was prepared on the device), the per-point scores and two scalars back."""
+        timings: dict[str, float] = {}
+        prep = self._prepare_t(cloud, timings)
+        dist, cls, w = self._patch_scores_t(prep, timings)
+        t2 = time.perf_counter()
+        use_c = self.use_classifier and self.classifier is not None
+        lam_c = self.classifier_weight if use_c else 0.0
+        values = self.distance_weight * dist + lam_c * cls
+        if prep.patches.organized:
+            points = organized_point_scores_t(values, prep.patches, cloud, self.blur_sigma, prep.source_flat,
+                                              prep.voxel_of_source)
+        else:
+            points = cloud_point_scores_t(values, prep.patches, prep.points, self.cloud_blur_k,
+                                          self.cloud_blur_sigma_factor * self.voxel_size)
+        maxima = torch.stack([dist.max(), cls.max() if cls.numel() else dist.new_zeros(())]).tolist()
+        s_dist = w * float(maxima[0])  # Eq. 4–6
+        s_cls = float(maxima[1]) if use_c else 0.0  # Eq. 9
+        obj = self.distance_weight * s_dist + lam_c * s_cls  # Eq. 12
+        point_scores = points.cpu().numpy().astype(np.float32)
+        t3 = time.perf_counter()
+        return ScoreResult(object_score=float(obj), point_scores=point_scores, timings={**timings, "upsample": t3 - t2})
+
     def _score(self, cloud: PreparedCloud) -> ScoreResult:
+        if self.geometry_path == "torch":
+            return self._score_t(cloud)
         timings: dict[str, float] = {}
         prep = self._prepare(cloud, timings)
         dist, cls, w = self.patch_scores(prep, timings)
@@ -755,6 +993,16 @@ class ZeroShotScorer(Scorer):
             point_scores=points.astype(np.float32),
             timings={**timings, "upsample": t3 - t2},
         )
+
+
+def _module_device(net: torch.nn.Module) -> torch.device:
+    return next(net.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so stage timings are not just launch times (CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _product(cloud: PreparedCloud) -> str:

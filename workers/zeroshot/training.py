@@ -57,6 +57,7 @@ __all__ = [
     "encode",
     "perturb",
     "abnormal_probability",
+    "abnormal_probability_tensor",
 ]
 
 
@@ -216,3 +217,24 @@ def abnormal_probability(
         with torch.no_grad():
             out.append(torch.softmax(classifier(xb), dim=1)[:, 1])
     return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def abnormal_probability_tensor(
+    classifier: nn.Module,
+    x: torch.Tensor,
+    epsilon: float = 0.1,
+    use_perturbation: bool = True,
+    direction: str = "lower",
+    batch: int = 1024,
+) -> torch.Tensor:
+    """:func:`abnormal_probability` left on the device of ``x`` (P float32 tensor): the device path
+    keeps the perturbation (forward + backward of g_φ), the final forward and the scores there."""
+    classifier.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        if use_perturbation and epsilon > 0:
+            xb = perturb(classifier, xb, epsilon, direction)
+        with torch.no_grad():
+            out.append(torch.softmax(classifier(xb), dim=1)[:, 1])
+    return torch.cat(out).float() if out else torch.zeros(0, device=x.device)
