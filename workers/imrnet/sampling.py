@@ -164,13 +164,15 @@ def fps(
 
 
 def random_centers(points: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random sampling (RS of Table 4): ``n`` distinct indices per cloud (with repeats if N < n)."""
+    """Random sampling (RS of Table 4): ``n`` distinct indices per cloud (with repeats if N < n), on
+    the points' device."""
     pts, single = _as_batch(points)
     b, npts, _ = pts.shape
-    keys = torch.rand(b, npts, generator=generator)
+    keys = torch.rand(b, npts, generator=generator)  # drawn on the CPU: the same picks on every device
     idx = keys.argsort(dim=1)[:, : min(n, npts)]
     if n > npts:
         idx = idx.repeat(1, math.ceil(n / npts))[:, :n]
+    idx = idx.to(pts.device)
     return idx[0] if single else idx
 
 
@@ -272,7 +274,8 @@ def group_patches(
     """
     pts, single = _as_batch(points.float())
     cidx = center_idx.unsqueeze(0) if single else center_idx
-    rows = torch.arange(pts.shape[0]).unsqueeze(1)
+    rows = torch.arange(pts.shape[0], device=pts.device).unsqueeze(1)
+    cidx = cidx.to(pts.device)
     centers = pts[rows, cidx]
     nb = knn_indices(pts, centers, k)
     if nb.shape[2] < k:

@@ -121,9 +121,20 @@ def sample_surface(vertices: np.ndarray, triangles: np.ndarray, n: int, rng: np.
     return a[tri] + u[:, None] * (b[tri] - a[tri]) + v[:, None] * (c[tri] - a[tri])
 
 
-def reduce_points(points: np.ndarray, n: int, generator: torch.Generator | None = None) -> np.ndarray:
-    """Indices of ``n`` points by farthest point sampling; all points (repeated) if there are fewer."""
+def reduce_points(
+    points: np.ndarray | torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> np.ndarray | torch.Tensor:
+    """Indices of ``n`` points by farthest point sampling; all points (repeated) if there are fewer.
+
+    numpy in, numpy out; a tensor in, a tensor of indices out on its device (FPS by
+    ``workers.geometry.farthest_point_sample``: the same picks as for the numpy input, whose
+    float32 copy goes through the same function; the start comes from ``generator`` on the CPU).
+    """
     m = len(points)
+    if isinstance(points, torch.Tensor):
+        if m <= n:
+            return torch.arange(m, device=points.device).repeat(math.ceil(n / m))[:n]
+        return fps(points.float().contiguous(), n, generator)
     if m <= n:
         return np.resize(np.arange(m), n)
     return fps(torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)), n, generator).numpy()
