@@ -121,8 +121,10 @@ def imrnet_fitted():
     from workers.imrnet.scorer import IMRNetScorer
 
     torch.manual_seed(0)
+    # geometry_impl="numpy": this file compares the network backends; the device geometry has its
+    # own parity tests (tests/test_imrnet_device.py)
     scorer = IMRNetScorer(**TINY, pretrained="none", finetune_steps=30, batch_size=4, finetune_lr=2e-3,
-                          finetune_samplings=2, template_samplings=2, aug_rotate_deg=0.0)
+                          finetune_samplings=2, template_samplings=2, aug_rotate_deg=0.0, geometry_impl="numpy")
     scorer.fit([box_cloud(seed) for seed in range(3)])
     return scorer
 
@@ -159,7 +161,8 @@ def zeroshot_fitted():
 
     with torch_threads(1):
         train = [cloud_of("block", s) for s in range(2)] + [cloud_of("dome", s) for s in range(2)]
-        scorer = ZeroShotScorer(voxel_size=1.0, **SMALL)
+        scorer = ZeroShotScorer(voxel_size=1.0, geometry_impl="numpy", **SMALL)  # networks and bank only:
+        # the device geometry has its own parity tests (tests/test_zeroshot_device.py)
         scorer.fit(train)
     return scorer
 
