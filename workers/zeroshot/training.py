@@ -208,15 +208,8 @@ def abnormal_probability(
     batch: int = 1024,
 ) -> np.ndarray:
     """S_abnormal of every normalized patch, after the Eq. 8 perturbation when asked (Eq. 9–10)."""
-    classifier.eval()
-    out = []
-    for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        if use_perturbation and epsilon > 0:
-            xb = perturb(classifier, xb, epsilon, direction)
-        with torch.no_grad():
-            out.append(torch.softmax(classifier(xb), dim=1)[:, 1])
-    return torch.cat(out).cpu().numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+    p = abnormal_probability_tensor(classifier, x, epsilon, use_perturbation, direction, batch)
+    return p.cpu().numpy().astype(np.float32)
 
 
 def abnormal_probability_tensor(
