@@ -89,10 +89,15 @@ class PreprocessConfig(Section):
     remove_plane: bool = True
     plane_distance: float = Field(0.8, gt=0)
     voxel_size: float = Field(1.0, ge=0)
+    plane_samples: int = Field(40_000, ge=100)
+    """At most this many points fit the background plane (a pixel stride on camera frames)."""
+    organized: Literal["grid", "voxel"] = "grid"
+    """Camera frames: downsample by pixel blocks on the camera grid, or by voxels."""
 
     def params(self) -> PreprocessParams:
         return PreprocessParams(
-            remove_plane=self.remove_plane, plane_distance=self.plane_distance, voxel_size=self.voxel_size
+            remove_plane=self.remove_plane, plane_distance=self.plane_distance, voxel_size=self.voxel_size,
+            plane_samples=self.plane_samples, organized=self.organized,
         )
 
 

@@ -85,3 +85,36 @@ def test_frames_without_points_are_refused() -> None:
     with pytest.raises(FrameError) as e:
         prepare(flat, PreprocessParams())
     assert e.value.reason == "too_few_points"
+
+
+def test_grid_downsampling_follows_the_camera_grid() -> None:
+    """Camera frames are downsampled by pixel blocks as wide as a voxel (0.5 mm pitch, 1 mm
+    voxel: 2×2 blocks), and every block centroid lies on the box top, never in mid-air."""
+    f = box_on_plane()
+    grid = prepare(f, PreprocessParams(voxel_size=1.0, organized="grid"))
+    vox = prepare(f, PreprocessParams(voxel_size=1.0, organized="voxel"))
+    np.testing.assert_array_equal(grid.source_flat, vox.source_flat)  # same foreground
+    rows, cols = np.divmod(grid.source_flat, 200)
+    block = (rows // 2) * 100 + cols // 2
+    for cell in np.unique(grid.voxel_of_source)[:50]:  # each cell is one 2×2 block
+        assert len(np.unique(block[grid.voxel_of_source == cell])) == 1
+    assert np.abs(grid.points[:, 2] - 10.0).max() < 0.2
+    assert 0.8 < len(grid.points) / len(vox.points) < 1.6
+
+
+def test_depth_layers_split_a_block_across_a_step() -> None:
+    """A 4×4 block straddling a 10 mm step gives two centroids, one on each level."""
+    y, x = np.mgrid[0:4, 0:4] * 0.25
+    z = np.where(x < 0.5, 0.0, 10.0)
+    f = Frame(points=np.stack([x, y, z], -1).astype(np.float32), meta=FrameMeta("t", "s", "p", 0, 0.0))
+    c = prepare(f, PreprocessParams(voxel_size=1.0, remove_plane=False, min_points=1, organized="grid"))
+    assert sorted(np.round(c.points[:, 2], 3).tolist()) == [0.0, 10.0]
+
+
+def test_plane_fitted_on_a_pixel_stride_removes_the_same_table() -> None:
+    """A large frame's plane is fitted on a strided sub-grid; the foreground matches the fit on
+    every pixel."""
+    f = box_on_plane()
+    few = prepare(f, PreprocessParams(voxel_size=1.0, plane_samples=2_000))
+    every = prepare(f, PreprocessParams(voxel_size=1.0, plane_samples=10**9))
+    np.testing.assert_array_equal(few.source_flat, every.source_flat)

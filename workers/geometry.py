@@ -413,6 +413,32 @@ def voxel_downsample(points: torch.Tensor, voxel: float) -> tuple[torch.Tensor, 
     return (sums / counts.unsqueeze(1)).float(), inverse
 
 
+def grid_downsample(
+    points: torch.Tensor, flat: torch.Tensor, width: int, block: int, voxel: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Camera-grid downsampling: centroids (M×3 float32) of the points in each ``block``×``block``
+    pixel block and ``voxel``-thick depth layer (z), and each point's cell (N, long).
+
+    ``flat`` are the points' flat pixel indices in an image ``width`` pixels wide. The depth
+    layers keep a block that straddles a depth step (a part's edge over the table) from
+    averaging into mid-air, as a voxel grid would. Cells are numbered in increasing key order,
+    centroids summed in float64, as :func:`voxel_downsample`.
+    """
+    _check_cloud(points)
+    rows = torch.div(flat, width, rounding_mode="floor") // block
+    cols = torch.remainder(flat, width) // block
+    z = points[:, 2].double()
+    layer = torch.floor((z - z.min()) / voxel).long()
+    n_cols = int(cols.max()) + 1
+    n_layers = int(layer.max()) + 1
+    key = (rows * n_cols + cols) * n_layers + layer
+    _, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    m = int(inverse.max()) + 1
+    sums = torch.zeros(m, 3, dtype=torch.float64, device=points.device).index_add_(0, inverse, points.double())
+    counts = torch.bincount(inverse, minlength=m).double()
+    return (sums / counts.unsqueeze(1)).float(), inverse
+
+
 def fit_plane(points: torch.Tensor) -> torch.Tensor:
     """Least-squares plane ``(a, b, c, d)`` (unit normal, ``a x + b y + c z + d = 0``) through ``points``."""
     centroid = points.mean(dim=0)

@@ -22,6 +22,12 @@ within a hair of ``plane_distance``; voxels are identical (one implementation,
 Choice: the plane is removed only when it holds at least ``plane_min_fraction`` of the valid
 points and at least ``min_points`` points stand off it, so a tight crop of a part (no table in
 view, or only a flat face of the part) is left alone.
+
+Camera frames stay on their grid (``organized="grid"``, the default): the plane is fitted on
+at most ``plane_samples`` pixels taken on a regular pixel stride, then tested against every
+pixel (one dot product), and the foreground is downsampled by pixel blocks (as wide as a voxel
+at the frame's measured pixel pitch) split by depth layers, so a 2.3M-pixel frame never becomes
+a 2.3M-point RANSAC or voxel problem. docs/design/preprocessing.md has the measurements.
 """
 
 from __future__ import annotations
@@ -44,6 +50,11 @@ class PreprocessParams:
     ransac_iterations: int = 200
     voxel_size: float = 1.0
     min_points: int = 50
+    plane_samples: int = 40_000
+    """At most this many points fit the plane (a pixel-stride grid for camera frames, an index
+    stride for clouds); the fitted plane is then tested against every point."""
+    organized: str = "grid"
+    """How camera frames are downsampled: ``grid`` (pixel blocks split by depth layer) or ``voxel``."""
 
 
 @dataclass
@@ -64,39 +75,74 @@ class PreparedCloud:
     device_points: torch.Tensor | None = None
 
 
-def remove_background_plane(points: np.ndarray, params: PreprocessParams) -> np.ndarray:
-    """Boolean mask over ``points``: True for foreground (not the supporting plane)."""
-    keep = np.ones(len(points), dtype=bool)
-    if len(points) < 3 * params.min_points:
+def plane_fit_points(frame: Frame, limit: int) -> np.ndarray:
+    """At most about ``limit`` valid points of ``frame``, spread evenly, for the plane fit.
+
+    Camera frames: the valid pixels of a square pixel-stride sub-grid (a strided view, so the
+    full frame is never gathered for it); clouds: an index stride.
+    """
+    pts, valid = frame.points, frame.valid_mask()
+    n = int(valid.sum())
+    if n > limit:
+        stride = int(np.ceil(np.sqrt(n / limit))) if frame.organized else int(np.ceil(n / limit))
+        if frame.organized:
+            pts, valid = pts[::stride, ::stride], valid[::stride, ::stride]
+        else:
+            pts, valid = pts[::stride], valid[::stride]
+    return pts[valid]
+
+
+def remove_background_plane(
+    points: np.ndarray, params: PreprocessParams, fit: np.ndarray | None = None, valid: np.ndarray | None = None
+) -> np.ndarray:
+    """Boolean mask over ``points``: True for foreground (not the supporting plane).
+
+    ``fit``: the points the RANSAC sees (``points`` when None); the fitted plane is then tested
+    against every point (float32). ``valid``: which of ``points`` are measured (all when None);
+    an unmeasured (NaN) point is never foreground."""
+    fit = points if fit is None else fit
+    keep = np.ones(len(points), dtype=bool) if valid is None else valid
+    if len(fit) < 3 * params.min_points:
         return keep
     o3d.utility.random.seed(0)
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points.astype(np.float64)))
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(fit.astype(np.float64)))
     plane, inliers = pcd.segment_plane(
         distance_threshold=params.plane_distance, ransac_n=3, num_iterations=params.ransac_iterations
     )
-    if len(inliers) < params.plane_min_fraction * len(points):
+    if len(inliers) < params.plane_min_fraction * len(fit):
         return keep
-    normal = np.asarray(plane[:3], dtype=np.float64)
-    d = points.astype(np.float64) @ normal + plane[3]
-    far = d[np.abs(d) > params.plane_distance]
-    if len(far) < params.min_points:
+    normal = np.asarray(plane[:3], dtype=np.float32)
+    d = points @ normal + np.float32(plane[3])
+    off = np.abs(d) > params.plane_distance
+    if np.count_nonzero(off) < params.min_points:
         return keep  # nothing stands off the plane: the plane is the part itself
-    return d * np.sign(np.median(far)) > params.plane_distance
+    d_fit = fit @ normal + np.float32(plane[3])
+    far = d_fit[np.abs(d_fit) > params.plane_distance]
+    side = np.sign(np.median(far if len(far) else d[off]))
+    return d * side > params.plane_distance
 
 
-def remove_background_plane_torch(points: torch.Tensor, params: PreprocessParams) -> torch.Tensor:
-    """:func:`remove_background_plane` in torch on ``points``' device (bool mask, same device)."""
+def remove_background_plane_torch(
+    points: torch.Tensor, params: PreprocessParams, fit: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`remove_background_plane` in torch on ``points``' device (bool mask, same device;
+    ``points`` are all valid here)."""
+    fit = points if fit is None else fit
     keep = torch.ones(points.shape[0], dtype=torch.bool, device=points.device)
-    if points.shape[0] < 3 * params.min_points:
+    if fit.shape[0] < 3 * params.min_points:
         return keep
-    plane, inliers = geometry.ransac_plane(points, params.plane_distance, params.ransac_iterations, seed=0)
-    if int(inliers.sum()) < params.plane_min_fraction * points.shape[0]:
+    plane, inliers = geometry.ransac_plane(fit, params.plane_distance, params.ransac_iterations, seed=0)
+    if int(inliers.sum()) < params.plane_min_fraction * fit.shape[0]:
         return keep
-    d = points.double() @ plane[:3].double() + float(plane[3])
-    far = d[d.abs() > params.plane_distance]
-    if far.numel() < params.min_points:
+    normal, offset = plane[:3].to(points.dtype), float(plane[3])
+    d = points @ normal + offset
+    off = d.abs() > params.plane_distance
+    if int(off.sum()) < params.min_points:
         return keep
-    return d * torch.sign(torch.quantile(far, 0.5)) > params.plane_distance
+    d_fit = fit @ normal + offset
+    far = d_fit[d_fit.abs() > params.plane_distance]
+    side = torch.sign(torch.quantile(far if far.numel() else d[off], 0.5))
+    return d * side > params.plane_distance
 
 
 def voxel_downsample(points: np.ndarray, voxel: float) -> tuple[np.ndarray, np.ndarray]:
@@ -114,31 +160,63 @@ def prepare(frame: Frame, params: PreprocessParams, device: str | torch.device |
     ``device``: run plane removal and voxels in torch there (see the module doc); ``None``: the
     CPU path (open3d RANSAC).
     """
-    flat = frame.flat_index()
-    if len(flat) == 0:
+    valid = frame.valid_mask().reshape(-1)
+    if not valid.any():
         raise FrameError("no_finite_points", "the frame has no finite point")
-    pts = frame.points.reshape(-1, 3)[flat]
+    grid_shape = frame.points.shape[:-1]
+    fit = plane_fit_points(frame, params.plane_samples) if params.remove_plane else None
     if device is not None:
-        return _prepare_on(torch.device(device), frame, flat, pts, params)
+        flat = np.flatnonzero(valid)
+        return _prepare_on(torch.device(device), frame, flat, frame.points.reshape(-1, 3)[flat], fit, params)
+    keep = valid
     if params.remove_plane:
-        fg = remove_background_plane(pts, params)
-        flat, pts = flat[fg], pts[fg]
+        keep = remove_background_plane(frame.points.reshape(-1, 3), params, fit, valid)
+    flat = np.flatnonzero(keep)
+    pts = frame.points.reshape(-1, 3)[flat]
     if len(pts) < params.min_points:
         raise FrameError("too_few_points", f"{len(pts)} foreground points, need at least {params.min_points}")
-    centroids, voxel_of = voxel_downsample(pts, params.voxel_size)
-    return PreparedCloud(points=centroids, source_flat=flat, voxel_of_source=voxel_of, frame=frame)
+    centroids_t, voxel_of_t = _downsample(torch.from_numpy(np.ascontiguousarray(pts)), flat, grid_shape, params)
+    return PreparedCloud(points=centroids_t.numpy(), source_flat=flat, voxel_of_source=voxel_of_t.numpy(), frame=frame)
+
+
+def _downsample(
+    pts: torch.Tensor, flat: np.ndarray, grid_shape: tuple[int, ...], params: PreprocessParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grid blocks for camera frames (``params.organized == "grid"``), voxels otherwise."""
+    if len(grid_shape) == 2 and params.organized == "grid" and params.voxel_size > 0:
+        block = grid_block(pts, flat, grid_shape[1], params.voxel_size)
+        if block > 1:
+            return geometry.grid_downsample(pts, torch.from_numpy(flat).to(pts.device), grid_shape[1], block,
+                                            params.voxel_size)
+    return geometry.voxel_downsample(pts, params.voxel_size)
+
+
+def grid_block(pts: torch.Tensor, flat: np.ndarray, width: int, voxel: float, max_pairs: int = 50_000) -> int:
+    """Pixel block width whose footprint is closest to one voxel, from the frame's pixel pitch.
+
+    The pitch is the median distance between horizontally adjacent foreground pixels (at most
+    ``max_pairs`` of them, evenly spaced). 1 means the frame is too coarse for pixel blocks.
+    """
+    right = np.flatnonzero((np.diff(flat) == 1) & (flat[1:] % width != 0))
+    if len(right) == 0:
+        return 1
+    right = right[:: max(1, len(right) // max_pairs)]
+    idx = torch.from_numpy(right).to(pts.device)
+    pitch = float((pts[idx + 1] - pts[idx]).norm(dim=1).median())
+    return max(1, round(voxel / pitch)) if pitch > 0 else 1
 
 
 def _prepare_on(
-    device: torch.device, frame: Frame, flat: np.ndarray, pts: np.ndarray, params: PreprocessParams
+    device: torch.device, frame: Frame, flat: np.ndarray, pts: np.ndarray, fit: np.ndarray | None,
+    params: PreprocessParams,
 ) -> PreparedCloud:
     pts_t = torch.from_numpy(np.ascontiguousarray(pts)).to(device)
-    if params.remove_plane:
-        fg = remove_background_plane_torch(pts_t, params)
+    if params.remove_plane and fit is not None:
+        fg = remove_background_plane_torch(pts_t, params, torch.from_numpy(np.ascontiguousarray(fit)).to(device))
         pts_t = pts_t[fg]
         flat = flat[fg.cpu().numpy()]
     if pts_t.shape[0] < params.min_points:
         raise FrameError("too_few_points", f"{pts_t.shape[0]} foreground points, need at least {params.min_points}")
-    centroids, voxel_of = geometry.voxel_downsample(pts_t, params.voxel_size)
+    centroids, voxel_of = _downsample(pts_t, flat, frame.points.shape[:-1], params)
     return PreparedCloud(points=centroids.cpu().numpy(), source_flat=flat, voxel_of_source=voxel_of.cpu().numpy(),
                          frame=frame, device_points=centroids)
