@@ -106,6 +106,7 @@ class InspectionService:
         self.failed = threading.Event()
         """Set when a daemon thread died: the process must exit non-zero."""
         self.beats: dict[str, float] = {}
+        self.closed = False  # ingest has unbound its endpoint (stopping)
         self.taken = 0  # messages read from the PULL socket (ingest thread only)
         self.dropped_copies = 0  # resent copies answered by their original's ack (ingest thread only)
         self.answered = 0  # verdicts and republished verdicts sent (emitter thread only)
@@ -325,14 +326,12 @@ class InspectionService:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         max_wait = self.cfg.ingest.max_wait_ms / 1000.0
-        draining = False
         while True:
             self.beats["ingest"] = time.monotonic()
-            if self.stopping.is_set() and not draining:
+            if self.stopping.is_set():
                 self._stop_accepting()
-                draining = True
-            if not poller.poll(200 if draining else 100):
-                if draining:  # the pipe is empty: everything taken is in the queue
+            if not poller.poll(200 if self.closed else 100):
+                if self.closed:  # the pipe is empty: everything taken is in the queue
                     break
                 continue
             parts = self.pull.recv_multipart(copy=False)
@@ -375,6 +374,8 @@ class InspectionService:
                 return True
             except queue.Full:
                 self.beats["ingest"] = time.monotonic()
+                if self.stopping.is_set():
+                    self._stop_accepting()
                 if time.monotonic() >= deadline:
                     return False
 
@@ -395,6 +396,9 @@ class InspectionService:
     def _stop_accepting(self) -> None:
         """Close the door: unbind the ingest endpoint (sensors' sends then block, and protocol-2
         sensors resend after the restart); what is already in the socket's pipe is still read."""
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.pull.unbind(self.pull.getsockopt_string(zmq.LAST_ENDPOINT))
         except zmq.ZMQError as e:

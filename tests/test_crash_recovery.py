@@ -29,7 +29,9 @@ from sensors.simulated import simulated_parts
 
 from conftest import PRODUCT, daemon_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+#: Small ZeroMQ and batch buffers, so that N_FRAMES overfill the daemon: some wait in the sensor.
+PIPELINE = {"ingest": {"queue_size": 8, "max_wait_ms": 300_000, "receive_hwm": 4}, "workers": {"max_batch": 1}}
 
 
 class Daemon:
@@ -113,11 +115,27 @@ def cleanup(*procs: list) -> Iterator[None]:
                     p.wait()
 
 
-def sensor(cfg: dict, sensor_id: str, n: int, seed: int) -> subprocess.Popen:
-    """A protocol-2 simulated camera process pushing ``n`` frames as fast as the daemon takes them."""
+N_FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """N_FRAMES scan files (8 simulated parts, each under 5 names): a replay sensor reads them faster
+    than the daemon scores, so the daemon's queue and the ZeroMQ pipes are full when it is killed."""
+    from sensors.pointfiles import write_xyz_tiff
+
+    folder = tmp_path_factory.mktemp("scans")
+    parts = list(simulated_parts([PRODUCT], 8, 0.25, seed=41))
+    for i in range(N_FRAMES):
+        write_xyz_tiff(folder / f"part-{i:03d}.tiff", parts[i % len(parts)].points)
+    return folder
+
+
+def sensor(cfg: dict, sensor_id: str, scans: Path) -> subprocess.Popen:
+    """A protocol-2 replay sensor process pushing every scan as fast as the daemon takes them."""
     return subprocess.Popen(
-        [sys.executable, "-m", "daemon.cli", "sensor", "sim", "--products", PRODUCT, "--parts", str(n),
-         "--seed", str(seed), "--defect-rate", "0.25", "--sensor-id", sensor_id,
+        [sys.executable, "-m", "daemon.cli", "sensor", "replay", str(scans), "--product", PRODUCT,
+         "--sensor-id", sensor_id,
          "--endpoint", cfg["ingest"]["endpoint"], "--verdicts", cfg["publish"]["endpoint"],
          "--ack-timeout", "20", "--ack-wait", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -154,15 +172,16 @@ def check_exactly_once(d: Daemon, db: Path, sensor_id: str, n: int, stats: dict)
     assert sorted(v["seq"] for v in page["verdicts"]) == list(range(n)) and not page["more"]
 
 
-def test_kill9_with_a_full_pipeline_then_restart(enrolled_models: Path, tmp_path: Path) -> None:
-    n, sid = 40, "crash-0"
-    cfg = daemon_config(enrolled_models, tmp_path, ingest={"queue_size": 8, "max_wait_ms": 300_000})
+def test_kill9_with_a_full_pipeline_then_restart(enrolled_models: Path, scans: Path, tmp_path: Path) -> None:
+    n, sid = N_FRAMES, "crash-0"
+    cfg = daemon_config(enrolled_models, tmp_path, **PIPELINE)
     db = Path(cfg["storage"]["results"])
     d1 = Daemon(cfg, tmp_path, "first")
-    cam = sensor(cfg, sid, n, seed=41)
+    cam = sensor(cfg, sid, scans)
     started: list = [d1]
     with cleanup(started, [cam]):
         wait_for(lambda: sum(rows_by_seq(db, sid).values()) >= 4, 300, "the first verdicts")
+        wait_for(lambda: _metric(d1.get_text("/metrics"), "inspectd_queue_depth") >= 4, 120, "a full queue")
         queued = _metric(d1.get_text("/metrics"), "inspectd_queue_depth")
         d1.kill()
         committed = sum(rows_by_seq(db, sid).values())
@@ -178,16 +197,18 @@ def test_kill9_with_a_full_pipeline_then_restart(enrolled_models: Path, tmp_path
         assert d2.terminate(150) == 0, d2.log()[-3000:]
 
 
-def test_sigterm_with_a_full_queue_answers_every_accepted_frame(enrolled_models: Path, tmp_path: Path) -> None:
-    n, sid = 30, "term-0"
-    cfg = daemon_config(enrolled_models, tmp_path, ingest={"queue_size": 8, "max_wait_ms": 300_000},
-                        shutdown={"drain_timeout_s": 150})
+def test_sigterm_with_a_full_queue_answers_every_accepted_frame(
+    enrolled_models: Path, scans: Path, tmp_path: Path
+) -> None:
+    n, sid = N_FRAMES, "term-0"
+    cfg = daemon_config(enrolled_models, tmp_path, **PIPELINE, shutdown={"drain_timeout_s": 150})
     db = Path(cfg["storage"]["results"])
     d1 = Daemon(cfg, tmp_path, "first")
-    cam = sensor(cfg, sid, n, seed=43)
+    cam = sensor(cfg, sid, scans)
     started: list = [d1]
     with cleanup(started, [cam]):
         wait_for(lambda: sum(rows_by_seq(db, sid).values()) >= 3, 300, "the first verdicts")
+        wait_for(lambda: _metric(d1.get_text("/metrics"), "inspectd_queue_depth") >= 4, 120, "a full queue")
         assert d1.terminate(200) == 0, d1.log()[-3000:]
         assert "stop: drained, all" in d1.log()
         at_stop = sum(rows_by_seq(db, sid).values())
