@@ -218,7 +218,7 @@ def _json_safe(value: Any) -> Any:
 def encode_verdict(header: dict[str, Any], anomaly_map: np.ndarray | None) -> list[bytes | memoryview]:
     """A verdict as [topic, header JSON, map bytes?]. Non-finite floats in the header become null."""
     h = dict(header)
-    h["protocol"] = PROTOCOL_VERSION
+    h.setdefault("protocol", PROTOCOL_VERSION)  # the frame's version (a protocol-2 frame: 2)
     h["type"] = "verdict"
     parts: list[bytes | memoryview] = [verdict_topic(h.get("product"))]
     if anomaly_map is not None:
