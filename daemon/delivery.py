@@ -23,7 +23,7 @@ from typing import Any
 from daemon.metrics import DaemonMetrics
 from daemon.resultlog import LogReader
 from sensors.frame import FrameMeta
-from sensors.wire import encode_ack
+from sensors.wire import encode_ack, parse_header
 
 log = logging.getLogger("inspectd.delivery")
 
@@ -39,6 +39,15 @@ def ack_key(header: dict[str, Any]) -> Key | None:
     if header.get("protocol") != 2 or not isinstance(sensor, str) or isinstance(seq, bool) or not isinstance(seq, int):
         return None
     return sensor, seq, str(part)
+
+
+def peek_protocol(parts: Any) -> Any:
+    """The ``protocol`` value of a refused message's header, if it can be read at all (a refused
+    protocol-2 message that names its sensor and seq is still acknowledged)."""
+    try:
+        return parse_header(parts[0]).get("protocol") if parts else None
+    except Exception:  # a refused message may be anything
+        return None
 
 
 class Delivery:

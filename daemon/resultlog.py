@@ -104,7 +104,7 @@ class LogReader:
     """A read-only connection to the result log, safe to share between threads (one lock)."""
 
     def __init__(self, path: str | Path) -> None:
-        self.conn = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True, check_same_thread=False)
+        self.conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
         self.lock = threading.Lock()
 
     def find_committed(self, sensor_id: str, seq: int, part_id: str) -> dict[str, Any] | None:

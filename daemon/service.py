@@ -42,7 +42,6 @@ import time
 from collections import OrderedDict, deque
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import numpy as np
 import ray
@@ -50,14 +49,15 @@ import zmq
 
 from daemon.config import Config
 from daemon.decision import Thresholds, decide
-from daemon.delivery import Delivery
+from daemon.delivery import Delivery, peek_protocol
 from daemon.maps import write_maps
 from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.pool import ActorDied, ActorPool, Job
-from daemon.resultlog import MAX_PAGE, LogReader, ResultLog
+from daemon.replay import verdicts_page
+from daemon.resultlog import LogReader, ResultLog
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
-from sensors.wire import decode_frame, encode_verdict, parse_header, salvage_header
+from sensors.wire import decode_frame, encode_verdict, salvage_header
 from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
 
 #: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
@@ -247,7 +247,7 @@ class InspectionService:
         ``POST /v1/products/<p>/reload``. ``path`` may carry a query string."""
         path, _, query = path.partition("?")
         if method == "GET" and path == "/v1/verdicts":
-            return self.verdicts_page(query)
+            return verdicts_page(self.reader, query)
         if method == "GET" and path == "/v1/products":
             with self.held_lock:
                 held = sorted({p for p, _ in self.held})
@@ -262,28 +262,6 @@ class InspectionService:
                 return 400, {"error": 'body must be {"part_id": "<id>"}'}
             return self.mark_good(product, part_id)
         return self.reload(product)
-
-    def verdicts_page(self, query: str) -> tuple[int, dict[str, Any]]:
-        """``GET /v1/verdicts?sensor_id=&after_id=&since=&until=&limit=``: committed verdicts in log
-        order, for subscribers that missed some; page on with ``after_id`` = the reply's ``last_id``."""
-        if self.reader is None:
-            return 503, {"error": "the result log is not open yet"}
-        q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=False).items()}
-        unknown = set(q) - {"sensor_id", "after_id", "since", "until", "limit"}
-        if unknown:
-            return 400, {"error": f"unknown parameter(s): {', '.join(sorted(unknown))}"}
-        try:
-            after_id = int(q.get("after_id", 0))
-            limit = int(q.get("limit", 100))
-            since = float(q["since"]) if "since" in q else None
-            until = float(q["until"]) if "until" in q else None
-        except ValueError:
-            return 400, {"error": "after_id and limit must be integers, since and until Unix seconds"}
-        if not 1 <= limit <= MAX_PAGE:
-            return 400, {"error": f"limit must be 1..{MAX_PAGE}"}
-        rows = self.reader.page(q.get("sensor_id"), after_id, since, until, limit)
-        last = rows[-1]["verdict_id"] if rows else after_id
-        return 200, {"verdicts": rows, "last_id": last, "more": len(rows) == limit}
 
     def mark_good(self, product: str, part_id: str) -> tuple[int, dict[str, Any]]:
         """Write a held frame to ``<collect_dir>/<product>/good/`` for a later ``inspectd enroll``."""
@@ -600,10 +578,3 @@ class InspectionService:
         self.metrics.latency.labels(product=product).observe(t3 - header["received_at"])
         self.metrics.observe_stages(timings)
 
-
-def peek_protocol(parts: Any) -> Any:
-    """The ``protocol`` value of a refused message's header, if it can be read at all."""
-    try:
-        return parse_header(parts[0]).get("protocol") if parts else None
-    except Exception:  # a refused message may be anything
-        return None
