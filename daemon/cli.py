@@ -36,21 +36,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     def on_signal(*_: object) -> None:
         stop.set()
 
+    left = 0
     try:
         service.start()
         # after start: ray.init installs its own SIGTERM handler (sys.exit), which would skip the drain's exit 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, on_signal)
         print(f"inspectd: ready, metrics on http://{cfg.http.host}:{service.http.port}/metrics", flush=True)
-        stop.wait()
+        while not stop.wait(0.5) and not service.failed.is_set():
+            pass
     finally:
         logging.getLogger("inspectd").info("stopping: draining in-flight frames")
-        service.stop()
+        left = service.stop()
+    if service.failed.is_set() or left:
+        print(f"inspectd: exit 1: {'a daemon thread died; ' if service.failed.is_set() else ''}"
+              f"{left} frame(s) left unanswered", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 
 def cmd_sensor(args: argparse.Namespace) -> int:
-    from sensors.publisher import stream
+    from sensors.publisher import stream, stream_acked
 
     if args.source == "sim":
         from sensors.simulated import simulated_parts
@@ -63,9 +69,15 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop between frames and still report the count
         signal.signal(sig, lambda *_: stop.set())
-    n = stream(frames, args.endpoint, rate=args.rate, stop=stop)
-    print(json.dumps({"sensor": args.sensor_id, "sent": n}), flush=True)
-    return 0
+    if args.verdicts is None:
+        n = stream(frames, args.endpoint, rate=args.rate, stop=stop)
+        print(json.dumps({"sensor": args.sensor_id, "sent": n}), flush=True)
+        return 0
+    st = stream_acked(frames, args.endpoint, args.verdicts, rate=args.rate, wait_s=args.ack_wait,
+                      outbox=args.outbox, ack_timeout_s=args.ack_timeout, stop=stop)
+    print(json.dumps({"sensor": args.sensor_id, "protocol": 2, "sent": st.sent, "acked": st.acked,
+                      "unacked": st.unacked, "resent": st.resent}), flush=True)
+    return 1 if st.unacked else 0
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -172,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--endpoint", default=DEFAULT_INGEST)
         q.add_argument("--rate", type=float, default=0.0, help="frames per second (0: as fast as the daemon accepts)")
         q.add_argument("--sensor-id", default=f"{q.prog.split()[-1]}-0")
+        q.add_argument("--verdicts", metavar="ENDPOINT",
+                       help="the daemon's verdict endpoint: speak protocol 2 (acknowledged, resent, exit 1 if any "
+                            "frame stays unacknowledged)")
+        q.add_argument("--outbox", type=int, default=64, help="protocol 2: unacknowledged frames kept for resending")
+        q.add_argument("--ack-timeout", type=float, default=30.0, help="protocol 2: resend a frame unacknowledged this long (s)")
+        q.add_argument("--ack-wait", type=float, default=120.0, help="protocol 2: wait at the end for acknowledgements (s)")
     s.set_defaults(func=cmd_sensor)
 
     m = sub.add_parser("simulate", help="write simulated camera scans (XYZ TIFF) of one product to a folder")

@@ -110,6 +110,12 @@ class ColdStartConfig(Section):
     """Parts marked good are written to ``<collect_dir>/<product>/good/`` for ``inspectd enroll``."""
 
 
+class ShutdownConfig(Section):
+    drain_timeout_s: float = Field(60.0, ge=0)
+    """On SIGTERM, how long the daemon may take to answer every frame it has taken (ZeroMQ pipes
+    included) before it exits non-zero. systemd's ``TimeoutStopSec`` must exceed it."""
+
+
 class ProductConfig(Section):
     scorer: str = "patchcore-fpfh"
     threshold: float | None = None
@@ -126,6 +132,7 @@ class Config(Section):
     workers: WorkersConfig = WorkersConfig()
     decision: DecisionConfig = DecisionConfig()
     cold_start: ColdStartConfig = ColdStartConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     """Used by ``inspectd enroll`` for new models; a model keeps the settings it was fitted with."""
     products: dict[str, ProductConfig] = {}

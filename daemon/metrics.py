@@ -60,6 +60,21 @@ class DaemonMetrics:
         )
         self.marked_good = Counter("inspectd_marked_good", "Parts an operator marked good.", ["product"], registry=r)
         self.model_reloads = Counter("inspectd_model_reloads", "Live model switches.", ["product"], registry=r)
+        self.seq_gaps = Counter(
+            "inspectd_seq_gaps", "Jumps in a sensor's seq (frames that never reached the daemon).", registry=r
+        )
+        self.seq_missing = Counter("inspectd_seq_missing", "Seq numbers skipped by those jumps.", registry=r)
+        self.duplicates = Counter(
+            "inspectd_duplicate_frames",
+            "Resent protocol-2 frames answered with their original verdict, not scored again.",
+            ["found"],
+            registry=r,
+        )
+        self.acks = Counter("inspectd_acks", "Acknowledgements published to protocol-2 sensors.", registry=r)
+        self.thread_deaths = Counter(
+            "inspectd_thread_deaths", "Daemon threads that died of an exception (the daemon then exits 1).",
+            ["thread"], registry=r,
+        )
         self.ready = Gauge("inspectd_ready", "1 when actors are up and models loaded.", registry=r)
         build = Gauge("inspectd_build_info", "Version of the running daemon.", ["version"], registry=r)
         build.labels(version=version).set(1)
@@ -108,7 +123,7 @@ class MetricsServer:
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 path = self.path.split("?", 1)[0]
                 if path.startswith("/v1/"):
-                    self._api("GET", path)
+                    self._api("GET", self.path)  # the query string too: the service parses it
                 elif path == "/metrics":
                     self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
                 elif path == "/healthz":

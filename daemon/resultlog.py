@@ -1,13 +1,16 @@
 """The durable result log: every verdict, committed to SQLite before it is published.
 
 WAL journal with ``synchronous=FULL``: a verdict a subscriber has seen survives a power cut.
-One connection, used only by the daemon's emitter thread.
+The writing connection is used only by the daemon's emitter thread. Readers (ingest's
+dedupe of resent protocol-2 frames, the HTTP replay route) open their own read-only
+``LogReader``; WAL lets them read while the emitter writes.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +39,29 @@ CREATE INDEX IF NOT EXISTS verdicts_product_time ON verdicts (product, decided_a
 CREATE INDEX IF NOT EXISTS verdicts_part ON verdicts (part_id);
 """
 
+#: Added after the first release: logs written before it gain the column (NULL: protocol 1).
+MIGRATIONS = """
+CREATE INDEX IF NOT EXISTS verdicts_sensor_seq ON verdicts (sensor_id, seq);
+CREATE INDEX IF NOT EXISTS verdicts_decided ON verdicts (decided_at);
+"""
+
+#: The most rows one replay page returns.
+MAX_PAGE = 1000
+
 
 class ResultLog:
     def __init__(self, path: str | Path) -> None:
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        self.path = p
         self.conn = sqlite3.connect(str(p), check_same_thread=False, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(SCHEMA)
+        columns = {row[1] for row in self.conn.execute("PRAGMA table_info(verdicts)")}
+        if "protocol" not in columns:
+            self.conn.execute("ALTER TABLE verdicts ADD COLUMN protocol INTEGER")
+        self.conn.executescript(MIGRATIONS)
 
     def append(self, header: dict[str, Any]) -> int:
         """Insert one verdict and commit; returns its row id."""
@@ -52,7 +69,7 @@ class ResultLog:
         cur = self.conn.execute(
             "INSERT INTO verdicts (part_id, product, sensor_id, seq, verdict, score, threshold, scorer,"
             " model_version, error_reason, error_detail, capture_time, received_at, decided_at, latency_ms,"
-            " map_path, header_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " map_path, header_json, protocol) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 header.get("part_id"),
                 header.get("product"),
@@ -71,6 +88,7 @@ class ResultLog:
                 header.get("latency_ms"),
                 header.get("map_path"),
                 json.dumps(header, default=str),
+                int(header.get("protocol") or 1),
             ),
         )
         return int(cur.lastrowid)
@@ -80,3 +98,69 @@ class ResultLog:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class LogReader:
+    """A read-only connection to the result log, safe to share between threads (one lock)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.conn = sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True, check_same_thread=False)
+        self.lock = threading.Lock()
+
+    def find_committed(self, sensor_id: str, seq: int, part_id: str) -> dict[str, Any] | None:
+        """The first verdict committed for this protocol-2 frame (same sensor, seq and part), if any."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT id, header_json FROM verdicts WHERE sensor_id = ? AND seq = ? AND part_id = ? AND protocol = 2"
+                " ORDER BY id LIMIT 1",
+                (sensor_id, seq, part_id),
+            ).fetchone()
+        if row is None:
+            return None
+        header = json.loads(row[1])
+        header["verdict_id"] = row[0]
+        return header
+
+    def last_seqs(self) -> dict[str, int]:
+        """Each sensor's seq in its most recently committed verdict (gap detection after a restart)."""
+        with self.lock:
+            rows = self.conn.execute(
+                "SELECT sensor_id, seq FROM verdicts WHERE id IN"
+                " (SELECT MAX(id) FROM verdicts WHERE sensor_id IS NOT NULL AND typeof(seq) = 'integer'"
+                " GROUP BY sensor_id)"
+            ).fetchall()
+        return {str(s): int(q) for s, q in rows}
+
+    def page(
+        self,
+        sensor_id: str | None = None,
+        after_id: int = 0,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Committed verdicts in log order (``verdict_id`` > ``after_id``), optionally one sensor's,
+        optionally with ``since`` <= ``decided_at`` < ``until``; at most ``min(limit, MAX_PAGE)``."""
+        where, args = ["id > ?"], [after_id]
+        if sensor_id is not None:
+            where.append("sensor_id = ?")
+            args.append(sensor_id)
+        if since is not None:
+            where.append("decided_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("decided_at < ?")
+            args.append(until)
+        sql = f"SELECT id, header_json FROM verdicts WHERE {' AND '.join(where)} ORDER BY id LIMIT ?"
+        with self.lock:
+            rows = self.conn.execute(sql, (*args, max(1, min(limit, MAX_PAGE)))).fetchall()
+        out = []
+        for row_id, text in rows:
+            header = json.loads(text)
+            header["verdict_id"] = row_id
+            out.append(header)
+        return out
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()

@@ -14,6 +14,15 @@ Three threads, each owning what it touches, so no socket is shared:
 
 Every message that arrives gets exactly one verdict: each path above ends in ``_emit``.
 
+Protocol 2 (docs/protocol.md): after the log commit the emitter also publishes an
+acknowledgement to the frame's sensor; a resent frame is answered from memory or from the log
+(``daemon.delivery``), and ``GET /v1/verdicts`` replays the log to subscribers that were away.
+
+Life cycle: a thread that dies sets ``failed`` and ``inspectd run`` exits 1 (systemd restarts
+it; protocol-2 sensors resend). On SIGTERM ingest unbinds its endpoint (no new frames), reads
+what is already in the ZeroMQ pipe, and the threads finish in order (ingest, dispatch,
+emitter) before the log and Ray close; ``stop`` returns how many frames were left unanswered.
+
 Cold start: a product with no model of its own is scored by the cold-start model
 (``<models_dir>/_zeroshot``) and its verdicts say ``"zero_shot": true``. The daemon holds its
 recent frames so an operator can mark good ones (``POST /v1/products/<p>/good``, or
@@ -25,6 +34,7 @@ the model, and that model's threshold, which scored it.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import threading
@@ -39,14 +49,21 @@ import zmq
 
 from daemon.config import Config
 from daemon.decision import Thresholds, decide
+from daemon.delivery import Delivery, peek_protocol
 from daemon.maps import write_maps
 from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.pool import ActorDied, ActorPool, Job
-from daemon.resultlog import ResultLog
+from daemon.replay import verdicts_page
+from daemon.resultlog import LogReader, ResultLog
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.wire import decode_frame, encode_verdict, salvage_header
 from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
+
+#: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
+FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
+#: A thread that has not gone round its loop for this long makes /readyz answer 503.
+STALL_S = 10.0
 
 PRODUCT_ROUTE = re.compile(r"^/v1/products/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(good|reload)$")
 
@@ -55,8 +72,15 @@ IDENTITY_FIELDS = ("sensor_id", "product", "part_id", "seq", "capture_time", "tr
 
 
 def identity(meta: Any) -> dict[str, Any]:
-    """The frame fields every verdict echoes."""
-    return {k: getattr(meta, k) for k in IDENTITY_FIELDS}
+    """The frame fields every verdict echoes, and the frame's protocol version."""
+    return {**{k: getattr(meta, k) for k in IDENTITY_FIELDS}, "protocol": meta.protocol}
+
+
+class Republish:
+    """An emitter item: publish a verdict already in the log again (a resent protocol-2 frame)."""
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        self.header = header
 
 VERSION = "0.1.0"
 _STOP = object()
@@ -74,11 +98,21 @@ class InspectionService:
         self.cold_start = False
         self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
         self.held_lock = threading.Lock()
-        self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.ready.is_set, api=self.api)
+        self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.is_live, api=self.api)
         self.ctx = zmq.Context()
         self.pool: ActorPool | None = None
         self.ingest_done = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.failed = threading.Event()
+        """Set when a daemon thread died: the process must exit non-zero."""
+        self.beats: dict[str, float] = {}
+        self.closed = False  # ingest has unbound its endpoint (stopping)
+        self.taken = 0  # messages read from the PULL socket (ingest thread only)
+        self.dropped_copies = 0  # resent copies answered by their original's ack (ingest thread only)
+        self.answered = 0  # verdicts and republished verdicts sent (emitter thread only)
+        self.reader: LogReader | None = None
+        self.delivery: Delivery | None = None
+        self.fault = os.environ.get(FAULT_ENV, "")
 
     # ---------------------------------------------------------------- life cycle
     def start(self, ready_timeout: float = 120.0) -> None:
@@ -108,34 +142,84 @@ class InspectionService:
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.bind(self.cfg.publish.endpoint)
         self.results = ResultLog(self.cfg.storage.results)
+        self.reader = LogReader(self.cfg.storage.results)
+        self.delivery = Delivery(self.reader, self.metrics)
+        if self.fault:
+            log.warning("TEST FAULT INJECTION ACTIVE: %s=%s", FAULT_ENV, self.fault)
 
+        now = time.monotonic()
         for name, target in (("ingest", self._ingest_loop), ("dispatch", self._dispatch_loop), ("emitter", self._emit_loop)):
-            t = threading.Thread(target=target, name=name, daemon=True)
+            self.beats[name] = now
+            t = threading.Thread(target=self._supervise, args=(name, target), name=name, daemon=True)
             t.start()
             self.threads.append(t)
         self.ready.set()
         self.metrics.ready.set(1)
         log.info("ready: ingest %s, verdicts %s", self.cfg.ingest.endpoint, self.cfg.publish.endpoint)
 
-    def stop(self, drain_timeout: float = 30.0) -> None:
-        """Stop ingest, finish every frame already received, then release everything."""
+    def stop(self, drain_timeout: float | None = None) -> int:
+        """Stop taking frames, answer every frame taken (the ZeroMQ pipe's included), then release
+        everything in order: sockets, the log (only once the emitter is done), Ray.
+
+        Returns the number of frames taken and left unanswered (0: a clean stop). A thread still
+        running at the deadline keeps its resources: the process is about to exit anyway."""
+        timeout = self.cfg.shutdown.drain_timeout_s if drain_timeout is None else drain_timeout
         self.ready.clear()
         self.metrics.ready.set(0)
         self.stopping.set()
-        deadline = time.time() + drain_timeout
+        deadline = time.monotonic() + timeout
         for t in self.threads:
-            t.join(timeout=max(0.1, deadline - time.time()))
-        for sock in ("pull", "pub"):
-            if hasattr(self, sock):
-                getattr(self, sock).close()
-        if hasattr(self, "results"):
-            self.results.close()
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        running = {t.name for t in self.threads if t.is_alive()}
+        left = self.taken - self.dropped_copies - self.answered
+        if left or running:
+            log.error("stop: %d frame(s) taken and left unanswered after %.0fs (threads still running: %s)",
+                      left, timeout, ", ".join(sorted(running)) or "none")
+        else:
+            log.info("stop: drained, all %d frame(s) taken were answered", self.taken)
+        if "ingest" not in running and hasattr(self, "pull"):
+            self.pull.close()
+        if "emitter" not in running:
+            if hasattr(self, "pub"):
+                self.pub.close()  # LINGER: the last verdicts and acks still go out
+            if hasattr(self, "results"):
+                self.results.close()
+        if self.reader is not None and "ingest" not in running:
+            self.reader.close()
         if self.pool is not None:
             self.pool.shutdown()
         if ray.is_initialized():
             ray.shutdown()
-        self.ctx.term()
+        if not running:
+            self.ctx.term()
         self.http.stop()
+        return max(left, 1 if running else 0)
+
+    def _supervise(self, name: str, target: Any) -> None:
+        """Run one daemon thread; if it dies, say so loudly and mark the daemon failed (exit 1)."""
+        try:
+            target()
+        except BaseException:
+            log.critical("the %s thread died; the daemon stops and exits 1 so that it is restarted", name, exc_info=True)
+            self.metrics.thread_deaths.labels(thread=name).inc()
+            self.ready.clear()
+            self.metrics.ready.set(0)
+            self.failed.set()
+        finally:  # let the next thread in the chain finish what it has
+            if name == "ingest":
+                self.ingest_done.set()
+            elif name == "dispatch":
+                self.out.put(_STOP)
+
+    def is_live(self) -> bool:
+        """/readyz: started and not stopping, ingest and the emitter going round their loops,
+        no thread dead, at least one scoring actor alive."""
+        if not self.ready.is_set() or self.failed.is_set() or not all(t.is_alive() for t in self.threads):
+            return False
+        now = time.monotonic()
+        if any(now - self.beats.get(name, 0.0) > STALL_S for name in ("ingest", "emitter")):
+            return False
+        return self.pool is not None and sum(self.pool.alive_by_backend().values()) > 0
 
     def _load_products(self) -> list[str]:
         """Enrolled products, and whether a cold-start model serves the others."""
@@ -159,7 +243,11 @@ class InspectionService:
 
     # ---------------------------------------------------------------- HTTP API
     def api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
-        """``GET /v1/products``, ``POST /v1/products/<p>/good`` and ``POST /v1/products/<p>/reload``."""
+        """``GET /v1/products``, ``GET /v1/verdicts?...``, ``POST /v1/products/<p>/good`` and
+        ``POST /v1/products/<p>/reload``. ``path`` may carry a query string."""
+        path, _, query = path.partition("?")
+        if method == "GET" and path == "/v1/verdicts":
+            return verdicts_page(self.reader, query)
         if method == "GET" and path == "/v1/products":
             with self.held_lock:
                 held = sorted({p for p, _ in self.held})
@@ -216,21 +304,33 @@ class InspectionService:
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         max_wait = self.cfg.ingest.max_wait_ms / 1000.0
-        while not self.stopping.is_set():
-            if not poller.poll(100):
+        while True:
+            self.beats["ingest"] = time.monotonic()
+            if self.stopping.is_set():
+                self._stop_accepting()
+            if not poller.poll(200 if self.closed else 100):
+                if self.closed:  # the pipe is empty: everything taken is in the queue
+                    break
                 continue
             parts = self.pull.recv_multipart(copy=False)
+            self.taken += 1
             received = time.time()
+            if self.fault == "ingest-hang" and self.taken == 1:
+                self._fault_hang()
             try:
                 frame = decode_frame(parts, self.cfg.ingest.max_points)
             except Exception as e:  # FrameError names the reason; anything else is our bug, still answered
                 ident = salvage_header(parts)
+                if peek_protocol(parts) == 2:
+                    ident["protocol"] = 2
                 self.metrics.frames_received.labels(sensor_id=str(ident.get("sensor_id", "unknown"))).inc()
                 reason, detail = (e.reason, e.detail) if isinstance(e, FrameError) else ("internal_error", repr(e))
                 self._emit_error(ident, reason, detail, received)
                 continue
             m = frame.meta
             self.metrics.frames_received.labels(sensor_id=m.sensor_id).inc()
+            if not self._accept_new(m):
+                continue
             ident = identity(m)
             if m.product not in self.products and not self.cold_start:
                 self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received)
@@ -238,13 +338,55 @@ class InspectionService:
             job = Job(frame=frame, received_at=received)
             job.timings["decode"] = time.time() - received
             job.enqueued_at = time.time()
-            try:
-                self.queue.put(job, timeout=max_wait)
-            except queue.Full:
+            if not self._put(job, max_wait):
                 self._emit_error(ident, "overloaded", f"queue full for {max_wait:.1f}s", received)
                 continue
             self.metrics.queue_depth.set(self.queue.qsize())
-        self.ingest_done.set()
+
+    def _put(self, job: Job, max_wait: float) -> bool:
+        """Queue a job, waiting up to ``max_wait`` for room (backpressure) while showing ingest alive."""
+        deadline = time.monotonic() + max_wait
+        while True:
+            try:
+                self.queue.put(job, timeout=min(0.5, max(0.0, deadline - time.monotonic())))
+                return True
+            except queue.Full:
+                self.beats["ingest"] = time.monotonic()
+                if self.stopping.is_set():
+                    self._stop_accepting()
+                if time.monotonic() >= deadline:
+                    return False
+
+    def _accept_new(self, meta: Any) -> bool:
+        """Seq bookkeeping for every frame; False for a resent protocol-2 copy, already answered here."""
+        assert self.delivery is not None
+        self.delivery.track_seq(meta)
+        status, original = self.delivery.classify(meta)
+        if status == "in_flight":
+            self.dropped_copies += 1  # the original's ack answers it
+            return False
+        if status == "logged":
+            assert original is not None
+            self.out.put(Republish(original))
+            return False
+        return True
+
+    def _stop_accepting(self) -> None:
+        """Close the door: unbind the ingest endpoint (sensors' sends then block, and protocol-2
+        sensors resend after the restart); what is already in the socket's pipe is still read."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.pull.unbind(self.pull.getsockopt_string(zmq.LAST_ENDPOINT))
+        except zmq.ZMQError as e:
+            log.warning("could not unbind %s: %s", self.cfg.ingest.endpoint, e)
+        log.info("stop: ingest closed, reading what is left in the ZeroMQ pipe")
+
+    def _fault_hang(self) -> None:
+        """Test fault injection: ingest stops reading (but lives) until the daemon is stopped."""
+        log.warning("TEST FAULT INJECTION: ingest stops reading")
+        self.stopping.wait()
 
     def _dispatch_loop(self) -> None:
         pool = self.pool
@@ -273,7 +415,6 @@ class InspectionService:
                 self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
                 restarts_seen = pool.restarts
             self._update_actor_gauge()
-        self.out.put(_STOP)
 
     def _next_batch(self, retry: deque[Job]) -> list[Job]:
         """Jobs for one actor call: retries first, then the queue. Waiting frames are spread over
@@ -373,14 +514,42 @@ class InspectionService:
     def _emit_loop(self) -> None:
         policy = self.cfg.storage.maps
         while True:
-            item = self.out.get()
+            self.beats["emitter"] = time.monotonic()
+            try:
+                item = self.out.get(timeout=1.0)
+            except queue.Empty:
+                continue
             if item is _STOP:
                 return
+            if self.fault == "emitter-die":
+                raise RuntimeError("test fault injection: the emitter dies")
+            if isinstance(item, Republish):
+                self._republish(item.header)
+                continue
             header, amap, frame, timings = item
             try:
                 self._emit(header, amap, frame, timings, policy)
+                self.answered += 1
             except Exception:  # the emitter must survive anything: log it, keep serving
                 log.exception("failed to emit verdict for %s", header.get("part_id"))
+                assert self.delivery is not None
+                self.delivery.release(header)
+
+    def _republish(self, header: dict[str, Any]) -> None:
+        """A resent protocol-2 frame: its original verdict again (without the map part), and its ack."""
+        try:
+            self.pub.send_multipart(encode_verdict({**header, "republished": True}, None), copy=False)
+            self._send_ack(header)
+            self.answered += 1
+        except Exception:
+            log.exception("failed to republish verdict %s", header.get("verdict_id"))
+
+    def _send_ack(self, header: dict[str, Any]) -> None:
+        """After the commit: un-pend a protocol-2 frame and publish its acknowledgement."""
+        assert self.delivery is not None
+        ack = self.delivery.committed(header)
+        if ack is not None:
+            self.pub.send_multipart(ack)
 
     def _emit(self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], policy: str) -> None:
         verdict = header["verdict"]
@@ -401,9 +570,11 @@ class InspectionService:
         header["verdict_id"] = self.results.append(header)
         t2 = time.time()
         self.pub.send_multipart(encode_verdict(header, amap), copy=False)
+        self._send_ack(header)
         t3 = time.time()
         timings.update(log=t2 - t1, publish=t3 - t2)
         product = header.get("product") or "_unknown"
         self.metrics.verdicts.labels(product=product, verdict=verdict).inc()
         self.metrics.latency.labels(product=product).observe(t3 - header["received_at"])
         self.metrics.observe_stages(timings)
+

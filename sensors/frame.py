@@ -49,6 +49,8 @@ class FrameMeta:
     truth: dict[str, Any] | None = None
     """Ground truth from a simulator or dataset, e.g. ``{"defective": true, "defect": "dent"}``.
     Echoed in the verdict so a demo can score itself; never used to decide."""
+    protocol: int = 1
+    """Wire protocol version of the message: 2 asks the daemon for an acknowledgement (docs/protocol.md)."""
 
 
 @dataclass

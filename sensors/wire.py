@@ -30,6 +30,8 @@ import numpy as np
 from sensors.frame import PRODUCT_NAME, Frame, FrameError, FrameMeta
 
 PROTOCOL_VERSION = 1
+#: Frame protocol versions the daemon accepts: 2 adds acknowledgement, resend and dedupe.
+FRAME_PROTOCOLS = (1, 2)
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 BUFFER_NAMES = ("points", "rgb", "gt")
 DEFAULT_MAX_POINTS = 5_000_000
@@ -74,7 +76,7 @@ def encode_frame(frame: Frame) -> list[bytes | memoryview]:
     if frame.gt_mask is not None:
         arrays.append(("gt", frame.gt_mask))
     header: dict[str, Any] = {
-        "protocol": PROTOCOL_VERSION,
+        "protocol": m.protocol,
         "type": "frame",
         "sensor_id": m.sensor_id,
         "product": m.product,
@@ -110,8 +112,9 @@ def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> 
     if not parts:
         raise FrameError("header_not_json", "empty message")
     header = parse_header(parts[0])
-    if header.get("protocol") != PROTOCOL_VERSION:
-        raise FrameError("unknown_version", f"protocol {header.get('protocol')!r}, this daemon speaks {PROTOCOL_VERSION}")
+    version = header.get("protocol")
+    if isinstance(version, bool) or version not in FRAME_PROTOCOLS:
+        raise FrameError("unknown_version", f"protocol {version!r}, this daemon speaks {FRAME_PROTOCOLS}")
     if header.get("type", "frame") != "frame":
         raise FrameError("wrong_type", f"type {header.get('type')!r}, expected 'frame'")
     for key, typ in _REQUIRED.items():
@@ -172,6 +175,7 @@ def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> 
         capture_time=float(header["capture_time"]),
         units=units,
         truth=truth,
+        protocol=int(version),
     )
     frame = Frame(points=points.astype(np.float32, copy=False), meta=meta, rgb=arrays.get("rgb"), gt_mask=arrays.get("gt"))
     if not frame.valid_mask().any():
@@ -214,7 +218,7 @@ def _json_safe(value: Any) -> Any:
 def encode_verdict(header: dict[str, Any], anomaly_map: np.ndarray | None) -> list[bytes | memoryview]:
     """A verdict as [topic, header JSON, map bytes?]. Non-finite floats in the header become null."""
     h = dict(header)
-    h["protocol"] = PROTOCOL_VERSION
+    h.setdefault("protocol", PROTOCOL_VERSION)  # the frame's version (a protocol-2 frame: 2)
     h["type"] = "verdict"
     parts: list[bytes | memoryview] = [verdict_topic(h.get("product"))]
     if anomaly_map is not None:
@@ -248,3 +252,25 @@ def decode_verdict(parts: Sequence[Any]) -> VerdictMessage:
             raise FrameError("buffer_count_mismatch", "header announces a map but the message has no part 2")
         amap = np.frombuffer(_buffer_view(parts[2]), dtype="<f4").reshape(spec["shape"])
     return VerdictMessage(topic, header, amap)
+
+
+def ack_topic(sensor_id: str) -> bytes:
+    """The PUB topic of a protocol-2 sensor's acknowledgements: ``ack/<sensor_id>/``."""
+    return f"ack/{sensor_id}/".encode()
+
+
+def encode_ack(sensor_id: str, seq: int, part_id: Any, verdict_id: int, verdict: str) -> list[bytes]:
+    """An acknowledgement: the frame ``(sensor_id, seq)`` has its verdict committed to the result log."""
+    body = {"protocol": 2, "type": "ack", "sensor_id": sensor_id, "seq": seq, "part_id": part_id,
+            "verdict_id": verdict_id, "verdict": verdict}
+    return [ack_topic(sensor_id), json.dumps(body, separators=(",", ":")).encode()]
+
+
+def decode_ack(parts: Sequence[Any]) -> dict[str, Any]:
+    """An acknowledgement's JSON body (``FrameError`` if the message is not one)."""
+    if len(parts) != 2:
+        raise FrameError("buffer_count_mismatch", f"an ack has 2 parts, got {len(parts)}")
+    body = parse_header(parts[1])
+    if body.get("type") != "ack" or not isinstance(body.get("seq"), int):
+        raise FrameError("wrong_type", "not an acknowledgement")
+    return body

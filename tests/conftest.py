@@ -60,14 +60,12 @@ def enrolled_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models
 
 
-@contextmanager
-def launch_daemon(models: Path, root: Path, **sections: dict) -> Iterator[RunningDaemon]:
-    """Start ``inspectd run`` on free loopback ports; stop it with SIGTERM and check exit 0."""
-    http_port = free_port()
+def daemon_config(models: Path, root: Path, **sections: dict) -> dict:
+    """A daemon config on free loopback ports, results and maps under ``root``; ``sections`` override."""
     cfg = {
         "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 8, "max_wait_ms": 20000},
         "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
-        "http": {"host": "127.0.0.1", "port": http_port},
+        "http": {"host": "127.0.0.1", "port": free_port()},
         "storage": {
             "results": str(root / "results.sqlite"),
             "maps_dir": str(root / "maps"),
@@ -79,6 +77,14 @@ def launch_daemon(models: Path, root: Path, **sections: dict) -> Iterator[Runnin
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+@contextmanager
+def launch_daemon(models: Path, root: Path, **sections: dict) -> Iterator[RunningDaemon]:
+    """Start ``inspectd run`` on free loopback ports; stop it with SIGTERM and check exit 0."""
+    cfg = daemon_config(models, root, **sections)
+    http_port = cfg["http"]["port"]
     path = root / "inspectd.yaml"
     path.write_text(yaml.safe_dump(cfg))
     http = f"http://127.0.0.1:{http_port}"

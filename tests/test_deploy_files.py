@@ -305,8 +305,17 @@ def test_systemd_unit() -> None:
     assert "/var/lib/inspectd" in service["ReadWritePaths"][0].split()
     assert service["KillMode"] == ["mixed"]
     assert int(service["TimeoutStopSec"][0]) >= 30
+    assert_stop_timeout(int(service["TimeoutStopSec"][0]), DEPLOY / "systemd" / "inspectd.yaml")
     assert int(service["LimitNOFILE"][0]) >= 4096
     assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+def assert_stop_timeout(seconds: int, config: Path) -> None:
+    """systemd / docker wait longer than the daemon's drain deadline plus Ray's shutdown (~20 s)."""
+    from daemon.config import load_config
+
+    drain = load_config(config).shutdown.drain_timeout_s
+    assert seconds >= drain + 20, f"stop timeout {seconds}s, drain deadline {drain}s in {config.name}"
 
 
 # ------------------------------------------------------------------------------- daemon configs
@@ -369,6 +378,9 @@ def test_compose_file() -> None:
     datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
     assert datasource["datasources"][0]["type"] == "prometheus"
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    grace = re.fullmatch(r"(\d+)s", services["inspectd"]["stop_grace_period"])
+    assert grace, services["inspectd"]["stop_grace_period"]
+    assert_stop_timeout(int(grace.group(1)), DEPLOY / "container" / "inspectd.yaml")
 
 
 # -------------------------------------------------------------------------------------------- Ray
