@@ -37,15 +37,16 @@ import numpy as np
 import ray
 import zmq
 
-from daemon.config import Config
+from daemon.config import Config, pub_hwm
 from daemon.decision import Thresholds, decide
-from daemon.maps import write_maps
+from daemon.lanes import ERRORS, SCORED, EmitLanes
+from daemon.maps import MapRetention, write_maps
 from daemon.metrics import DaemonMetrics, MetricsServer
-from daemon.pool import ActorDied, ActorPool, Job
+from daemon.pool import LARGE, ActorDied, ActorPool, Job
 from daemon.resultlog import ResultLog
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
-from sensors.wire import decode_frame, encode_verdict, salvage_header
+from sensors.wire import decode_frame, encode_verdict, max_part_bytes, salvage_header
 from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
 
 PRODUCT_ROUTE = re.compile(r"^/v1/products/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(good|reload)$")
@@ -65,11 +66,18 @@ _STOP = object()
 class InspectionService:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.metrics = DaemonMetrics(VERSION)
+        self.metrics = DaemonMetrics(VERSION, cfg.ingest.sensors, cfg.ingest.max_sensor_labels, cfg.products)
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.ingest.queue_size)
-        self.out: queue.Queue[Any] = queue.Queue()
+        self.large_queue: queue.Queue[Job] = queue.Queue(maxsize=max(1, cfg.workers.large_actors))
+        self.retry_large: deque[Job] = deque()
+        w = cfg.workers
+        held = cfg.ingest.queue_size + (w.actors if isinstance(w.actors, int) else 64) * w.max_inflight_per_actor * w.max_batch
+        self.out = EmitLanes(scored_size=held + w.large_actors + 1, errors_size=cfg.publish.error_queue)
+        self.retention = MapRetention(cfg.storage.maps_dir, cfg.storage.maps_max_mb * 2**20,
+                                      cfg.storage.maps_max_age_days * 86400.0)
+        self._map_failures_logged = 0
         self.products: set[str] = set()
         self.cold_start = False
         self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
@@ -101,13 +109,15 @@ class InspectionService:
 
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, self.cfg.ingest.receive_hwm)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(self.cfg.ingest.max_points))
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(self.cfg.ingest.endpoint)
         self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.SNDHWM, pub_hwm(self.cfg))
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.bind(self.cfg.publish.endpoint)
         self.results = ResultLog(self.cfg.storage.results)
+        self.metrics.watch_storage({"maps": self.cfg.storage.maps_dir, "results": self.cfg.storage.results.parent})
 
         for name, target in (("ingest", self._ingest_loop), ("dispatch", self._dispatch_loop), ("emitter", self._emit_loop)):
             t = threading.Thread(target=target, name=name, daemon=True)
@@ -122,9 +132,9 @@ class InspectionService:
         self.ready.clear()
         self.metrics.ready.set(0)
         self.stopping.set()
-        deadline = time.time() + drain_timeout
+        deadline = time.monotonic() + drain_timeout
         for t in self.threads:
-            t.join(timeout=max(0.1, deadline - time.time()))
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
         for sock in ("pull", "pub"):
             if hasattr(self, sock):
                 getattr(self, sock).close()
@@ -142,6 +152,8 @@ class InspectionService:
         models = self.cfg.storage.models_dir
         enrolled = enrolled_products(models)
         self.products = set(enrolled)
+        for name in enrolled:
+            self.metrics.allow_product(name)
         self.cold_start = self.cfg.cold_start.enabled and (product_dir(models, ZERO_SHOT_MODEL) / "meta.json").is_file()
         for name in self.cfg.products:
             if name not in enrolled:
@@ -191,7 +203,7 @@ class InspectionService:
         else:
             path = folder / f"{stem}.pcd"
             write_pcd(path, frame.points[frame.valid_mask()])
-        self.metrics.marked_good.labels(product=product).inc()
+        self.metrics.marked_good.labels(product=self.metrics.product_label(product)).inc()
         n = sum(1 for _ in folder.iterdir())
         log.info("marked %s/%s good (%d collected)", product, part_id, n)
         return 200, {"saved": str(path), "collected": n}
@@ -207,6 +219,7 @@ class InspectionService:
             log.exception("reload of %s failed", product)
             return 500, {"error": f"{type(e).__name__}: {e}"}
         self.products.add(product)
+        self.metrics.allow_product(product)
         self.metrics.model_reloads.labels(product=product).inc()
         log.info("product %s now served by model %s", product, versions[0])
         return 200, {"product": product, "model_version": versions[0], "actors": len(versions)}
@@ -220,28 +233,33 @@ class InspectionService:
             if not poller.poll(100):
                 continue
             parts = self.pull.recv_multipart(copy=False)
-            received = time.time()
+            received, mono = time.time(), time.monotonic()
             try:
                 frame = decode_frame(parts, self.cfg.ingest.max_points)
             except Exception as e:  # FrameError names the reason; anything else is our bug, still answered
                 ident = salvage_header(parts)
-                self.metrics.frames_received.labels(sensor_id=str(ident.get("sensor_id", "unknown"))).inc()
+                self.metrics.frames_received.labels(sensor_id=self.metrics.sensor_label(ident.get("sensor_id"))).inc()
                 reason, detail = (e.reason, e.detail) if isinstance(e, FrameError) else ("internal_error", repr(e))
-                self._emit_error(ident, reason, detail, received)
+                self._emit_error(ident, reason, detail, received, mono=mono)
                 continue
             m = frame.meta
-            self.metrics.frames_received.labels(sensor_id=m.sensor_id).inc()
+            self.metrics.frames_received.labels(sensor_id=self.metrics.sensor_label(m.sensor_id)).inc()
+            self.metrics.frame_age.observe(max(0.0, received - m.capture_time))
             ident = identity(m)
             if m.product not in self.products and not self.cold_start:
-                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received)
+                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received, mono=mono)
                 continue
-            job = Job(frame=frame, received_at=received)
-            job.timings["decode"] = time.time() - received
-            job.enqueued_at = time.time()
-            try:
-                self.queue.put(job, timeout=max_wait)
+            job = Job(frame=frame, received_at=received, received_mono=mono)
+            if self._too_old(job):
+                continue
+            job.timings["decode"] = time.monotonic() - mono
+            job.enqueued_at = time.monotonic()
+            large = self.pool is not None and self.pool.lane_for(frame.n_points) == LARGE
+            try:  # a large frame never waits: it would hold up the normal frames behind it
+                self.large_queue.put_nowait(job) if large else self.queue.put(job, timeout=max_wait)
             except queue.Full:
-                self._emit_error(ident, "overloaded", f"queue full for {max_wait:.1f}s", received)
+                why = "the large-frame queue is full" if large else f"queue full for {max_wait:.1f}s"
+                self._emit_error(ident, "overloaded", why, received, mono=mono)
                 continue
             self.metrics.queue_depth.set(self.queue.qsize())
         self.ingest_done.set()
@@ -257,9 +275,12 @@ class InspectionService:
                 if not batch:
                     break
                 pool.submit(batch)
-            self.metrics.queue_depth.set(self.queue.qsize())
+            while pool.has_capacity(LARGE) and (job := self._next_large()) is not None:
+                pool.submit([job], LARGE)
+            self.metrics.queue_depth.set(self.queue.qsize() + self.large_queue.qsize())
             self.metrics.inflight.set(pool.inflight_frames)
-            if self.ingest_done.is_set() and self.queue.empty() and not retry and not pool.inflight:
+            idle = self.queue.empty() and self.large_queue.empty() and not retry and not self.retry_large
+            if self.ingest_done.is_set() and idle and not pool.inflight:
                 break
             for job, outcome in pool.poll(timeout=0.01):
                 try:
@@ -268,7 +289,7 @@ class InspectionService:
                     log.exception("decision failed for %s", job.frame.meta.part_id)
                     m = job.frame.meta
                     ident = identity(m)
-                    self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings)
+                    self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings, job.received_mono)
             if pool.restarts != restarts_seen:
                 self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
                 restarts_seen = pool.restarts
@@ -286,16 +307,43 @@ class InspectionService:
         wait = self.cfg.workers.batch_wait_ms / 1000.0
         size = self.cfg.workers.max_batch if wait > 0 else max(1, min(self.cfg.workers.max_batch, share))
         batch = [retry.popleft() for _ in range(min(size, len(retry)))]
-        deadline = time.time() + wait
+        deadline = time.monotonic() + wait
         while len(batch) < size:
             try:
-                timeout = deadline - time.time()
+                timeout = deadline - time.monotonic()
                 job = self.queue.get(timeout=timeout) if batch and timeout > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
-            job.timings["queue"] = time.time() - job.enqueued_at
-            batch.append(job)
+            job.timings["queue"] = time.monotonic() - job.enqueued_at
+            if not self._too_old(job):
+                batch.append(job)
         return batch
+
+    def _next_large(self) -> Job | None:
+        """The next frame for the large-frame lane: a retry first, then the large queue."""
+        while True:
+            if self.retry_large:
+                return self.retry_large.popleft()
+            try:
+                job = self.large_queue.get_nowait()
+            except queue.Empty:
+                return None
+            job.timings["queue"] = time.monotonic() - job.enqueued_at
+            if not self._too_old(job):
+                return job
+
+    def _too_old(self, job: Job) -> bool:
+        """Answer ``overloaded`` for a frame older than ``ingest.max_age_ms`` (capture to dequeue).
+
+        The age compares the sensor's capture_time with this host's wall clock: both are
+        timestamps, so the sensors' clocks must be synchronized with the daemon's."""
+        age = time.time() - job.frame.meta.capture_time
+        limit = self.cfg.ingest.max_age_ms / 1000.0
+        if age <= limit:
+            return False
+        detail = f"frame is {age:.1f}s old at dequeue (capture to dequeue), limit {limit:.1f}s"
+        self._emit_error(identity(job.frame.meta), "overloaded", detail, job.received_at, job.timings, job.received_mono)
+        return True
 
     def _update_actor_gauge(self) -> None:
         assert self.pool is not None
@@ -307,16 +355,17 @@ class InspectionService:
         ident = identity(m)
         if isinstance(outcome, ActorDied):
             if job.attempts <= self.cfg.workers.retries:
-                retry.append(job)
+                large = self.pool is not None and self.pool.lane_for(job.frame.n_points) == LARGE
+                (self.retry_large if large else retry).append(job)
             else:
-                self._emit_error(ident, "worker_died", str(outcome), job.received_at, job.timings)
+                self._emit_error(ident, "worker_died", str(outcome), job.received_at, job.timings, job.received_mono)
             return
         if isinstance(outcome, BaseException):
             reason = outcome.reason if isinstance(outcome, FrameError) else "scoring_failed"
             detail = outcome.detail if isinstance(outcome, FrameError) else f"{type(outcome).__name__}: {outcome}"
-            self._emit_error(ident, reason, detail, job.received_at, job.timings)
+            self._emit_error(ident, reason, detail, job.received_at, job.timings, job.received_mono)
             return
-        t0 = time.time()
+        t0, mono0 = time.time(), time.monotonic()
         worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back"))
         timings = {**outcome["timings"], **job.timings}  # the daemon's own stages win a name clash
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
@@ -326,8 +375,8 @@ class InspectionService:
         verdict = decide(score, t) if t is not None else "review"
         if outcome["zero_shot"]:
             self._hold(job.frame)
-            self.metrics.cold_start_verdicts.labels(product=m.product).inc()
-        timings["decision"] = time.time() - t0
+            self.metrics.cold_start_verdicts.labels(product=self.metrics.product_label(m.product)).inc()
+        timings["decision"] = time.monotonic() - mono0
         header = {
             **ident,
             "verdict": verdict,
@@ -344,7 +393,8 @@ class InspectionService:
             "worker_pid": outcome["worker_pid"],
             "attempts": job.attempts,
         }
-        self.out.put((header, np.asarray(outcome["anomaly_map"], dtype=np.float32), job.frame, timings))
+        amap = np.asarray(outcome["anomaly_map"], dtype=np.float32)
+        self.out.put((header, amap, job.frame, timings, job.received_mono), SCORED)
 
     def _hold(self, frame: Frame) -> None:
         """Keep a cold-start frame so an operator can mark it good; the oldest goes first."""
@@ -355,8 +405,15 @@ class InspectionService:
                 self.held.popitem(last=False)
 
     def _emit_error(
-        self, ident: dict[str, Any], reason: str, detail: str, received: float, timings: dict[str, float] | None = None
+        self,
+        ident: dict[str, Any],
+        reason: str,
+        detail: str,
+        received: float,
+        timings: dict[str, float] | None = None,
+        mono: float | None = None,
     ) -> None:
+        """Queue an error verdict in the error lane (behind every scored verdict)."""
         self.metrics.frames_refused.labels(reason=reason).inc()
         header = {
             **ident,
@@ -368,42 +425,106 @@ class InspectionService:
             "error": {"reason": reason, "detail": detail},
             "received_at": received,
         }
-        self.out.put((header, None, None, dict(timings or {})))
+        self.out.put((header, None, None, dict(timings or {}), mono), ERRORS)
 
     def _emit_loop(self) -> None:
-        policy = self.cfg.storage.maps
+        """Emit verdicts, scored first, until dispatch says stop; then the errors still waiting."""
+        stopping = False
+        last_prune = time.monotonic()
         while True:
-            item = self.out.get()
-            if item is _STOP:
-                return
-            header, amap, frame, timings = item
-            try:
-                self._emit(header, amap, frame, timings, policy)
-            except Exception:  # the emitter must survive anything: log it, keep serving
-                log.exception("failed to emit verdict for %s", header.get("part_id"))
+            got = self.out.get(timeout=0 if stopping else 10.0)
+            if got is None:
+                if stopping:
+                    return
+            elif got[1] is _STOP:
+                stopping = True  # ingest and dispatch are done: only error verdicts can be left
+            else:
+                self._emit_one(*got[1])
+            for lane in (SCORED, ERRORS):
+                self.metrics.emit_queue.labels(lane=lane).set(self.out.depth(lane))
+            if time.monotonic() - last_prune > 10.0:
+                last_prune = time.monotonic()
+                self.metrics.maps_pruned.inc(self.retention.prune())
 
-    def _emit(self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], policy: str) -> None:
-        verdict = header["verdict"]
-        t0 = time.time()
-        header["map_path"] = None
-        if amap is not None and (policy == "all" or (policy == "flagged" and verdict != "pass")):
-            header["map_path"] = str(
-                write_maps(
-                    self.cfg.storage.maps_dir, header["product"], str(header["part_id"]), verdict, amap,
-                    frame.points.reshape(-1, 3), header["threshold"] or 0.0,
-                )
+    def _emit_one(
+        self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], mono: float | None
+    ) -> None:
+        """Record and publish one verdict; whatever fails, exactly one verdict is published."""
+        try:
+            header, amap = self._record(header, amap, frame, timings, mono)
+        except Exception as e:  # a bug in recording: the frame is still answered
+            log.exception("failed to record verdict for %s", header.get("part_id"))
+            header, amap = self._fallback(header, "internal_error", repr(e)), None
+        try:
+            self._publish(header, amap, timings)
+        except Exception as e:  # e.g. a header that cannot be encoded: publish its identity only
+            log.exception("failed to publish verdict for %s", header.get("part_id"))
+            self.pub.send_multipart(encode_verdict(self._fallback(header, "internal_error", repr(e)), None))
+
+    def _fallback(self, header: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+        """An error verdict that keeps only the frame's plain identity fields."""
+        self.metrics.frames_refused.labels(reason=reason).inc()
+        keep = {k: header[k] for k in ("sensor_id", "product", "part_id", "seq", "capture_time") if k in header}
+        now = time.time()
+        return {
+            **keep, "verdict": "error", "score": None, "threshold": None, "scorer": None, "model_version": None,
+            "error": {"reason": reason, "detail": detail[:500]}, "received_at": header.get("received_at", now),
+            "decided_at": now, "map_path": None, "verdict_id": header.get("verdict_id"),
+        }
+
+    def _write_map(self, header: dict[str, Any], amap: np.ndarray | None, frame: Any) -> str | None:
+        """Write the map files the policy asks for; on failure (full or read-only disk) None, counted."""
+        policy = self.cfg.storage.maps
+        if amap is None or not (policy == "all" or (policy == "flagged" and header["verdict"] != "pass")):
+            return None
+        try:
+            npz = write_maps(
+                self.cfg.storage.maps_dir, header["product"], str(header["part_id"]), header["verdict"], amap,
+                frame.points.reshape(-1, 3), header["threshold"] or 0.0,
             )
-        t1 = time.time()
+        except Exception as e:
+            self.metrics.map_write_failures.inc()
+            if self._map_failures_logged % 100 == 0:  # one line per 100 failures: a full disk must not flood the log
+                log.warning("cannot write the map of %s (%d failures so far): %s",
+                            header.get("part_id"), self._map_failures_logged + 1, e)
+            self._map_failures_logged += 1
+            return None
+        self.retention.track(npz)
+        return str(npz)
+
+    def _record(
+        self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], mono: float | None
+    ) -> tuple[dict[str, Any], np.ndarray | None]:
+        """Write the map files, then commit the log row. A failed commit turns the verdict into
+        ``log_failed`` (the part's result cannot be vouched for later), which is still published."""
+        t0 = time.monotonic()
+        header["map_path"] = self._write_map(header, amap, frame)
+        t1 = time.monotonic()
         timings["maps"] = t1 - t0
-        header["decided_at"] = t1
-        header["latency_ms"] = (t1 - header["received_at"]) * 1000.0
+        header["decided_at"] = time.time()
+        elapsed = t1 - mono if mono is not None else header["decided_at"] - header["received_at"]
+        header["latency_ms"] = max(0.0, elapsed) * 1000.0
         header["stage_ms"] = {k: round(v * 1000.0, 3) for k, v in timings.items()}
-        header["verdict_id"] = self.results.append(header)
-        t2 = time.time()
-        self.pub.send_multipart(encode_verdict(header, amap), copy=False)
-        t3 = time.time()
-        timings.update(log=t2 - t1, publish=t3 - t2)
-        product = header.get("product") or "_unknown"
-        self.metrics.verdicts.labels(product=product, verdict=verdict).inc()
-        self.metrics.latency.labels(product=product).observe(t3 - header["received_at"])
+        try:
+            header["verdict_id"] = self.results.append(header)
+        except Exception as e:
+            self.metrics.log_failures.inc()
+            log.error("result log commit failed for %s: %s", header.get("part_id"), e)
+            failed = self._fallback(header, "log_failed", f"the result log could not commit: {e}")
+            failed.update(latency_ms=header["latency_ms"], map_path=header["map_path"], verdict_id=None)
+            return failed, None
+        timings["log"] = time.monotonic() - t1
+        return header, amap
+
+    def _publish(self, header: dict[str, Any], amap: np.ndarray | None, timings: dict[str, float]) -> None:
+        """Send the verdict (its map only with ``publish.maps: inline``) and count it."""
+        t0 = time.monotonic()
+        inline = amap if self.cfg.publish.maps == "inline" else None
+        self.pub.send_multipart(encode_verdict(header, inline), copy=False)
+        timings["publish"] = time.monotonic() - t0
+        product = self.metrics.product_label(header.get("product"))
+        self.metrics.verdicts.labels(product=product, verdict=header["verdict"]).inc()
+        start = header.get("capture_time", header.get("received_at"))
+        if isinstance(start, (int, float)):
+            self.metrics.latency.labels(product=product).observe(max(0.0, time.time() - start))
         self.metrics.observe_stages(timings)
