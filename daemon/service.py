@@ -490,6 +490,8 @@ class InspectionService:
             self._map_failures_logged += 1
             return None
         self.retention.track(npz)
+        if self.retention.total > self.retention.max_bytes:
+            self.metrics.maps_pruned.inc(self.retention.prune())
         return str(npz)
 
     def _record(
