@@ -82,7 +82,6 @@ class ActorPool:
         self.actors = [(normal if lane == NORMAL else large).remote(*args) for lane in self.lane_of]
         self.load = [0] * self.size
         self.inflight: dict[ray.ObjectRef, tuple[int, list[Job], float]] = {}
-        self.timeouts = 0
         self.pids: list[int | None] = [None] * self.size
         self.probes: dict[int, ray.ObjectRef] = {}
         self.backend_of: list[str] = []
@@ -168,7 +167,6 @@ class ActorPool:
                 continue
             del self.inflight[ref]
             self.load[i] -= 1
-            self.timeouts += len(jobs)
             late = FrameError("scoring_timeout", f"not scored within its deadline ({len(jobs)} frame(s) in the call)")
             out.extend((job, late) for job in jobs)
             log.warning("actor %d missed a scoring deadline; recycling it", i)

@@ -38,3 +38,10 @@ def wait_rows(db: Path, n: int, timeout: float, where: str = "1", args: tuple = 
             last, deadline = rows, time.monotonic() + timeout
         time.sleep(0.5)
     return log_rows(db, where, args)
+
+
+def log_reasons(db: Path, where: str = "1") -> dict[str, int]:
+    """Count of matching log rows by error reason (or verdict), for assertion messages."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10) as conn:
+        rows = conn.execute(f"SELECT COALESCE(error_reason, verdict), COUNT(*) FROM verdicts WHERE {where} GROUP BY 1")
+        return dict(rows.fetchall())

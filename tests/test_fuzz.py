@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import zmq
 from fuzz import mutated_messages
-from procstats import log_rows, rss_mb, wait_rows
+from procstats import log_reasons, log_rows, rss_mb, wait_rows
 
 from sensors.frame import FrameError
 from sensors.publisher import FramePusher
@@ -43,7 +43,7 @@ def test_decoder_answers_every_mutation_with_a_reason() -> None:
 def test_fuzzed_ingest_answers_everything(enrolled_models: Path, tmp_path: Path) -> None:
     valid = list(simulated_parts([PRODUCT], N_MUTATIONS // VALID_EVERY, 0.0, seed=40, good_only=True))
     with launch_daemon(enrolled_models, tmp_path, storage={"maps": "none"}, publish={"maps": "none"},
-                       ingest={"max_sensor_labels": 4}) as d:
+                       ingest={"max_sensor_labels": 4, "max_age_ms": 120_000}) as d:
         db = tmp_path / "results.sqlite"
         ctx = zmq.Context()
         sub = d.subscriber(ctx)
@@ -78,7 +78,7 @@ def test_fuzzed_ingest_answers_everything(enrolled_models: Path, tmp_path: Path)
         print(f"fuzz: {sent} messages in {elapsed:.0f}s, {rows} rows, {received} published, "
               f"RSS {rss[0]:.0f} -> {rss[-1]:.0f} MB, /metrics {metrics_before} -> {metrics_after} B")
         assert rows == sent and received == sent
-        assert scored == N_MUTATIONS // VALID_EVERY
+        assert scored == N_MUTATIONS // VALID_EVERY, log_reasons(db, "part_id LIKE 'ok-%' AND verdict = 'error'")
         assert internal == 0 and "Exception in thread" not in log_text
         assert rss[-1] - rss[0] < RSS_GROWTH_MB
         assert metrics_after < METRICS_MAX_BYTES
