@@ -202,12 +202,17 @@ def pub_hwm(cfg: Config) -> int:
     return max(1, int(cfg.publish.buffer_mb * 2**20) // max_verdict_bytes(cfg))
 
 
+def held_frames(cfg: Config) -> int:
+    """The most frames the daemon holds decoded at once: queued, in flight, in the large lane, at ingest."""
+    w = cfg.workers
+    actors = w.actors if isinstance(w.actors, int) else (os.cpu_count() or 1)  # auto: one per local CPU
+    return cfg.ingest.queue_size + actors * w.max_inflight_per_actor * w.max_batch + 2 * w.large_actors + 1
+
+
 def worst_case_memory(cfg: Config) -> dict[str, int]:
     """The daemon process's worst-case memory, term by term, in bytes (README, "Memory bound")."""
     frame = max_message_bytes(cfg.ingest.max_points)
-    w = cfg.workers
-    actors = w.actors if isinstance(w.actors, int) else (os.cpu_count() or 1)  # auto: one per local CPU
-    held = cfg.ingest.queue_size + actors * w.max_inflight_per_actor * w.max_batch + w.large_actors + 1
+    held = held_frames(cfg)
     return {
         "baseline": int(cfg.memory.baseline_mb * 2**20),
         "receive": cfg.ingest.max_connections * (cfg.ingest.receive_hwm + 1) * frame,

@@ -37,7 +37,7 @@ import numpy as np
 import ray
 import zmq
 
-from daemon.config import Config, pub_hwm
+from daemon.config import Config, held_frames, pub_hwm
 from daemon.decision import Thresholds, decide
 from daemon.lanes import ERRORS, SCORED, EmitLanes
 from daemon.maps import MapRetention, write_maps
@@ -72,9 +72,7 @@ class InspectionService:
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.ingest.queue_size)
         self.large_queue: queue.Queue[Job] = queue.Queue(maxsize=max(1, cfg.workers.large_actors))
         self.retry_large: deque[Job] = deque()
-        w = cfg.workers
-        held = cfg.ingest.queue_size + (w.actors if isinstance(w.actors, int) else 64) * w.max_inflight_per_actor * w.max_batch
-        self.out = EmitLanes(scored_size=held + w.large_actors + 1, errors_size=cfg.publish.error_queue)
+        self.out = EmitLanes(scored_size=held_frames(cfg), errors_size=cfg.publish.error_queue)
         self.retention = MapRetention(cfg.storage.maps_dir, cfg.storage.maps_max_mb * 2**20,
                                       cfg.storage.maps_max_age_days * 86400.0)
         self._map_failures_logged = 0
