@@ -27,8 +27,10 @@ from conftest import PRODUCT, launch_daemon
 
 pytestmark = pytest.mark.slow
 
-WORKERS = {"actors": 1, "large_actors": 1, "large_points": 200_000, "takt_ms": 1000, "ms_per_mpoint": 8000}
-PERIOD_S = 0.6
+WORKERS = {"actors": 1, "large_actors": 1, "large_points": 200_000, "takt_ms": 10_000, "ms_per_mpoint": 2000,
+           "max_batch": 1}
+PERIOD_S = 2.0  # the normal actor has headroom even on a loaded 2-core machine
+N_NORMAL, BIG_AT = 24, (12, 14)
 BIG = 1_000_000
 
 
@@ -44,7 +46,7 @@ def big_clouds(surface: np.ndarray) -> list[Frame]:
 
 
 def test_large_clouds_do_not_hold_up_normal_parts(enrolled_models: Path, tmp_path: Path) -> None:
-    normal = list(simulated_parts([PRODUCT], 40, 0.0, seed=60, good_only=True))
+    normal = list(simulated_parts([PRODUCT], N_NORMAL, 0.0, seed=60, good_only=True))
     bigs = big_clouds(normal[0].points[normal[0].valid_mask()])
     deadline_ms = WorkersConfig(**WORKERS).deadline_s(BIG) * 1000.0
     sections = {"workers": WORKERS, "ingest": {"max_points": 1_100_000, "max_age_ms": 120_000},
@@ -63,9 +65,9 @@ def test_large_clouds_do_not_hold_up_normal_parts(enrolled_models: Path, tmp_pat
 
         with FramePusher(d.ingest) as push:
             for i, f in enumerate(normal):
-                if i == 20:
+                if i == BIG_AT[0]:
                     push.send(replace(bigs[1], meta=replace(bigs[1].meta, capture_time=time.time())))
-                if i == 23:
+                if i == BIG_AT[1]:
                     push.send(replace(bigs[0], meta=replace(bigs[0].meta, capture_time=time.time())))
                 push.send(replace(f, meta=replace(f.meta, capture_time=time.time())))
                 t_next = time.monotonic() + PERIOD_S
@@ -77,14 +79,14 @@ def test_large_clouds_do_not_hold_up_normal_parts(enrolled_models: Path, tmp_pat
             drain()
             time.sleep(0.05)
         ctx.destroy(linger=0)
-    before = [latency[f.meta.part_id] for f in normal[5:20]]  # 5 warm-up parts left out
-    during = [latency[f.meta.part_id] for f in normal[20:]]
+    assert len(verdicts) == len(normal) + 2, sorted(set(f.meta.part_id for f in normal) - set(verdicts))
+    before = [latency[f.meta.part_id] for f in normal[4:BIG_AT[0]]]  # 4 warm-up parts left out
+    during = [latency[f.meta.part_id] for f in normal[BIG_AT[0]:]]
     print(f"large frames: normal median latency {statistics.median(before) * 1000:.0f} ms before, "
           f"{statistics.median(during) * 1000:.0f} ms while large clouds were scored; "
           + "; ".join(f"{p}: {verdicts[p]['verdict']} {(verdicts[p].get('error') or {}).get('reason', '')} "
                       f"{verdicts[p]['latency_ms']:.0f} ms (deadline {deadline_ms:.0f} ms)"
                       for p in ("big-dense", "big-spread")))
-    assert len(verdicts) == len(normal) + 2
     assert all(verdicts[f.meta.part_id]["verdict"] != "error" for f in normal)
     assert statistics.median(during) <= 2 * statistics.median(before)
     for p in ("big-dense", "big-spread"):
@@ -92,4 +94,4 @@ def test_large_clouds_do_not_hold_up_normal_parts(enrolled_models: Path, tmp_pat
         assert h["verdict"] != "error" or h["error"]["reason"] == "scoring_timeout", h
         waited = sum(h["stage_ms"].get(k, 0.0) for k in ("decode", "queue", "maps"))  # before dispatch, after scoring
         assert h["latency_ms"] - waited <= deadline_ms + 3000, h
-    assert verdicts["big-spread"]["verdict"] == "error"  # 1M points spread out cannot be scored in 9 s
+    assert verdicts["big-spread"]["verdict"] == "error"  # 1M points spread out cannot be scored in 12 s
