@@ -81,6 +81,7 @@ class ActorPool:
         args = (models, products, cfg.workers.threads_per_actor, cfg.workers.backend)
         self.actors = [(normal if lane == NORMAL else large).remote(*args) for lane in self.lane_of]
         self.load = [0] * self.size
+        self.busy_until = [0.0] * self.size
         self.inflight: dict[ray.ObjectRef, tuple[int, list[Job], float]] = {}
         self.pids: list[int | None] = [None] * self.size
         self.probes: dict[int, ray.ObjectRef] = {}
@@ -124,7 +125,10 @@ class ActorPool:
         for job in jobs:
             job.dispatched_at = now
             job.attempts += 1
-        deadline = time.monotonic() + sum(self.cfg.workers.deadline_s(job.frame.n_points) for job in jobs)
+        # a call queued behind others on the same actor starts its clock when they are due
+        start = max(time.monotonic(), self.busy_until[i] if self.load[i] else 0.0)
+        deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points) for job in jobs)
+        self.busy_until[i] = deadline
         ref = self.actors[i].score_batch.remote([job.frame for job in jobs])
         self.inflight[ref] = (i, jobs, deadline)
         self.load[i] += 1
