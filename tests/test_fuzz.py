@@ -40,6 +40,7 @@ def test_decoder_answers_every_mutation_with_a_reason() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_fuzzed_ingest_answers_everything(enrolled_models: Path, tmp_path: Path) -> None:
     valid = list(simulated_parts([PRODUCT], N_MUTATIONS // VALID_EVERY, 0.0, seed=40, good_only=True))
     with launch_daemon(enrolled_models, tmp_path, storage={"maps": "none"}, publish={"maps": "none"},

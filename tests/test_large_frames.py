@@ -25,7 +25,7 @@ from sensors.wire import decode_verdict
 
 from conftest import PRODUCT, launch_daemon
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 WORKERS = {"actors": 1, "large_actors": 1, "large_points": 200_000, "takt_ms": 10_000, "ms_per_mpoint": 2000,
            "max_batch": 1}

@@ -25,7 +25,7 @@ from sensors.wire import encode_frame
 
 from conftest import PRODUCT, launch_daemon
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SENDERS = 30
 SUBSCRIBERS = 20

@@ -23,9 +23,8 @@ from sensors.simulated import simulated_parts
 
 from conftest import PRODUCT, launch_daemon
 
-pytestmark = pytest.mark.slow
-
 FRAMES = int(os.environ.get("INSPECTD_SOAK_FRAMES", "300"))
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300 + FRAMES)]  # a loaded 2-core machine: ~2 frames/s
 RSS_DRIFT_MB = 40.0
 FD_DRIFT = 4
 
