@@ -9,8 +9,9 @@ Three threads, each owning what it touches, so no socket is shared:
   answered with an ``overloaded`` error verdict.
 * dispatch: feeds the actor pool, collects results, retries frames whose actor died, and
   applies the decision stage.
-* emitter: owns the PUB socket and the result log. For each verdict it writes the map files,
-  commits the log row, then publishes, in that order.
+* emitter (``daemon.emitter``): owns the PUB socket and the result log. For each verdict it
+  writes the map files, commits the log row, then publishes, in that order; scored verdicts
+  go before error verdicts (``daemon.lanes``).
 
 Every message that arrives gets exactly one verdict: each path above ends in ``_emit``.
 
@@ -39,14 +40,15 @@ import zmq
 
 from daemon.config import Config, held_frames, pub_hwm
 from daemon.decision import Thresholds, decide
+from daemon.emitter import Emitter
 from daemon.lanes import ERRORS, SCORED, EmitLanes
-from daemon.maps import MapRetention, write_maps
+from daemon.maps import MapRetention
 from daemon.metrics import DaemonMetrics, MetricsServer
 from daemon.pool import LARGE, ActorDied, ActorPool, Job
 from daemon.resultlog import ResultLog
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
-from sensors.wire import decode_frame, encode_verdict, max_part_bytes, salvage_header
+from sensors.wire import decode_frame, max_part_bytes, salvage_header
 from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
 
 PRODUCT_ROUTE = re.compile(r"^/v1/products/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(good|reload)$")
@@ -75,7 +77,6 @@ class InspectionService:
         self.out = EmitLanes(scored_size=held_frames(cfg), errors_size=cfg.publish.error_queue)
         self.retention = MapRetention(cfg.storage.maps_dir, cfg.storage.maps_max_mb * 2**20,
                                       cfg.storage.maps_max_age_days * 86400.0)
-        self._map_failures_logged = 0
         self.products: set[str] = set()
         self.cold_start = False
         self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
@@ -426,105 +427,5 @@ class InspectionService:
         self.out.put((header, None, None, dict(timings or {}), mono), ERRORS)
 
     def _emit_loop(self) -> None:
-        """Emit verdicts, scored first, until dispatch says stop; then the errors still waiting."""
-        stopping = False
-        last_prune = time.monotonic()
-        while True:
-            got = self.out.get(timeout=0 if stopping else 10.0)
-            if got is None:
-                if stopping:
-                    return
-            elif got[1] is _STOP:
-                stopping = True  # ingest and dispatch are done: only error verdicts can be left
-            else:
-                self._emit_one(*got[1])
-            for lane in (SCORED, ERRORS):
-                self.metrics.emit_queue.labels(lane=lane).set(self.out.depth(lane))
-            if time.monotonic() - last_prune > 10.0:
-                last_prune = time.monotonic()
-                self.metrics.maps_pruned.inc(self.retention.prune())
-
-    def _emit_one(
-        self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], mono: float | None
-    ) -> None:
-        """Record and publish one verdict; whatever fails, exactly one verdict is published."""
-        try:
-            header, amap = self._record(header, amap, frame, timings, mono)
-        except Exception as e:  # a bug in recording: the frame is still answered
-            log.exception("failed to record verdict for %s", header.get("part_id"))
-            header, amap = self._fallback(header, "internal_error", repr(e)), None
-        try:
-            self._publish(header, amap, timings)
-        except Exception as e:  # e.g. a header that cannot be encoded: publish its identity only
-            log.exception("failed to publish verdict for %s", header.get("part_id"))
-            self.pub.send_multipart(encode_verdict(self._fallback(header, "internal_error", repr(e)), None))
-
-    def _fallback(self, header: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
-        """An error verdict that keeps only the frame's plain identity fields."""
-        self.metrics.frames_refused.labels(reason=reason).inc()
-        keep = {k: header[k] for k in ("sensor_id", "product", "part_id", "seq", "capture_time") if k in header}
-        now = time.time()
-        return {
-            **keep, "verdict": "error", "score": None, "threshold": None, "scorer": None, "model_version": None,
-            "error": {"reason": reason, "detail": detail[:500]}, "received_at": header.get("received_at", now),
-            "decided_at": now, "map_path": None, "verdict_id": header.get("verdict_id"),
-        }
-
-    def _write_map(self, header: dict[str, Any], amap: np.ndarray | None, frame: Any) -> str | None:
-        """Write the map files the policy asks for; on failure (full or read-only disk) None, counted."""
-        policy = self.cfg.storage.maps
-        if amap is None or not (policy == "all" or (policy == "flagged" and header["verdict"] != "pass")):
-            return None
-        try:
-            npz = write_maps(
-                self.cfg.storage.maps_dir, header["product"], str(header["part_id"]), header["verdict"], amap,
-                frame.points.reshape(-1, 3), header["threshold"] or 0.0,
-            )
-        except Exception as e:
-            self.metrics.map_write_failures.inc()
-            if self._map_failures_logged % 100 == 0:  # one line per 100 failures: a full disk must not flood the log
-                log.warning("cannot write the map of %s (%d failures so far): %s",
-                            header.get("part_id"), self._map_failures_logged + 1, e)
-            self._map_failures_logged += 1
-            return None
-        self.retention.track(npz)
-        if self.retention.total > self.retention.max_bytes:
-            self.metrics.maps_pruned.inc(self.retention.prune())
-        return str(npz)
-
-    def _record(
-        self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], mono: float | None
-    ) -> tuple[dict[str, Any], np.ndarray | None]:
-        """Write the map files, then commit the log row. A failed commit turns the verdict into
-        ``log_failed`` (the part's result cannot be vouched for later), which is still published."""
-        t0 = time.monotonic()
-        header["map_path"] = self._write_map(header, amap, frame)
-        t1 = time.monotonic()
-        timings["maps"] = t1 - t0
-        header["decided_at"] = time.time()
-        elapsed = t1 - mono if mono is not None else header["decided_at"] - header["received_at"]
-        header["latency_ms"] = max(0.0, elapsed) * 1000.0
-        header["stage_ms"] = {k: round(v * 1000.0, 3) for k, v in timings.items()}
-        try:
-            header["verdict_id"] = self.results.append(header)
-        except Exception as e:
-            self.metrics.log_failures.inc()
-            log.error("result log commit failed for %s: %s", header.get("part_id"), e)
-            failed = self._fallback(header, "log_failed", f"the result log could not commit: {e}")
-            failed.update(latency_ms=header["latency_ms"], map_path=header["map_path"], verdict_id=None)
-            return failed, None
-        timings["log"] = time.monotonic() - t1
-        return header, amap
-
-    def _publish(self, header: dict[str, Any], amap: np.ndarray | None, timings: dict[str, float]) -> None:
-        """Send the verdict (its map only with ``publish.maps: inline``) and count it."""
-        t0 = time.monotonic()
-        inline = amap if self.cfg.publish.maps == "inline" else None
-        self.pub.send_multipart(encode_verdict(header, inline), copy=False)
-        timings["publish"] = time.monotonic() - t0
-        product = self.metrics.product_label(header.get("product"))
-        self.metrics.verdicts.labels(product=product, verdict=header["verdict"]).inc()
-        start = header.get("capture_time", header.get("received_at"))
-        if isinstance(start, (int, float)):
-            self.metrics.latency.labels(product=product).observe(max(0.0, time.time() - start))
-        self.metrics.observe_stages(timings)
+        """The emitter thread: see ``daemon.emitter``."""
+        Emitter(self.cfg, self.metrics, self.out, self.results, self.pub, self.retention).run(_STOP)

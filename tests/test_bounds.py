@@ -83,3 +83,39 @@ def test_pub_high_water_mark_follows_the_byte_budget() -> None:
 def test_deadline_follows_size_and_takt() -> None:
     w = Config.model_validate({"workers": {"takt_ms": 1000, "ms_per_mpoint": 8000}}).workers
     assert w.deadline_s(0) == 1.0 and w.deadline_s(1_000_000) == 9.0
+
+
+def test_emitter_publishes_through_a_failed_map_write_and_a_failed_commit(tmp_path: Path) -> None:
+    """Real SQLite and a real PUB socket: the maps folder is a file, then the log is closed."""
+    import numpy as np
+    import zmq
+
+    from daemon.emitter import Emitter
+    from daemon.resultlog import ResultLog
+    from sensors.wire import decode_verdict
+
+    from malformed import make_frame
+
+    (tmp_path / "maps").write_text("not a folder")
+    cfg = Config.model_validate({"storage": {"maps_dir": str(tmp_path / "maps"), "maps": "all"}})
+    metrics = DaemonMetrics("test", products=["flange"])
+    ctx = zmq.Context()
+    pub, sub = ctx.socket(zmq.PUB), ctx.socket(zmq.SUB)
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    time.sleep(0.3)
+    results = ResultLog(tmp_path / "r.sqlite")
+    em = Emitter(cfg, metrics, EmitLanes(4, 4), results, pub, MapRetention(tmp_path / "none", 1e9, 1e9))
+    frame = make_frame()
+    header = {"product": "flange", "part_id": "p", "seq": 1, "verdict": "pass", "threshold": 1.0,
+              "received_at": time.time(), "error": None}
+    em.emit_one(dict(header), np.zeros((6, 5), np.float32), frame, {}, time.monotonic())
+    results.close()
+    em.emit_one(dict(header), np.zeros((6, 5), np.float32), frame, {}, time.monotonic())
+    got = [decode_verdict(sub.recv_multipart()).header for _ in range(2) if sub.poll(5000)]
+    ctx.destroy(linger=0)
+    assert got[0]["verdict"] == "pass" and got[0]["map_path"] is None and got[0]["verdict_id"] == 1
+    assert got[1]["verdict"] == "error" and got[1]["error"]["reason"] == "log_failed" and got[1]["part_id"] == "p"
+    sample = metrics.registry.get_sample_value
+    assert sample("inspectd_map_write_failures_total") == 2 and sample("inspectd_log_failures_total") == 1
