@@ -244,7 +244,7 @@ def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[
         for f in frames:
             t0 = time.perf_counter()
             parts = [bytes(p) for p in encode_frame(f)]
-            frame = decode_frame(parts)
+            frame = decode_frame(parts, max_points=f.n_points)
             t1 = time.perf_counter()
             r = score_frame(model.scorer, frame, model.preprocess)
             t2 = time.perf_counter()
@@ -341,13 +341,15 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
     """Throughput at saturation and latency at half of it, through ZeroMQ + Ray + decision."""
     http = free_port()
     cfg = {
-        "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 32, "max_wait_ms": 60000},
-        "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
+        "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 32, "max_wait_ms": 60000,
+                   "max_points": max(f.n_points for f in frames), "max_age_ms": 600_000, "max_connections": 1},
+        "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "max_subscribers": 1},
         "http": {"host": "127.0.0.1", "port": http},
         "storage": {"results": str(root / "results.sqlite"), "maps_dir": str(root / "maps"), "maps": "none",
                     "models_dir": str(models)},
         "ray": {"object_store_mb": 1024},
-        "workers": {"backend": backend},
+        "workers": {"backend": backend, "large_actors": 0},  # every frame size on the same actors
+        "memory": {"bound_mb": 1_000_000},  # the bench measures the peak RSS itself
     }
     path = root / "bench.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -7,13 +7,15 @@ The README's configuration reference documents the same fields; keep them in ste
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sensors.frame import PRODUCT_NAME
+from sensors.wire import DEFAULT_MAX_POINTS, MAX_HEADER_BYTES, max_message_bytes
 from workers.preprocess import PreprocessParams
 
 
@@ -28,14 +30,34 @@ class IngestConfig(Section):
     """Frames decoded and waiting for a worker. When full, ingest waits (backpressure)."""
     max_wait_ms: int = Field(5000, ge=0)
     """How long ingest waits for queue space before refusing a frame with reason ``overloaded``."""
-    max_points: int = Field(5_000_000, ge=1)
-    receive_hwm: int = Field(16, ge=1)
-    """ZeroMQ receive high-water mark, in messages; beyond it the sensors' sends block."""
+    max_points: int = Field(DEFAULT_MAX_POINTS, ge=1)
+    """Larger frames are refused (``too_many_points``); also sets the message-size caps."""
+    receive_hwm: int = Field(2, ge=1)
+    """ZeroMQ receive high-water mark per sender connection, in messages; beyond it that sender's
+    sends block. Small, as each message can be ``max_points`` large."""
+    max_connections: int = Field(32, ge=1)
+    """Sender connections the memory bound is computed for (enforced by the connection handler)."""
+    max_age_ms: int = Field(10_000, ge=1)
+    """A frame older than this (capture_time to dequeue) is answered ``overloaded``. Needs sensor
+    clocks synchronized with the daemon's (NTP/PTP)."""
+    sensors: list[str] = []
+    """Sensor ids that get their own metric label value."""
+    max_sensor_labels: int = Field(16, ge=0)
+    """Further sensor ids labelled as first seen; every id after these is counted under ``other``."""
 
 
 class PublishConfig(Section):
     endpoint: str = "tcp://127.0.0.1:5556"
     """ZeroMQ PUB socket the daemon binds; verdict subscribers connect to it."""
+    maps: Literal["inline", "none"] = "inline"
+    """Send each anomaly map with its verdict, or never (subscribers read ``map_path`` files)."""
+    buffer_mb: float = Field(32.0, gt=0)
+    """Bytes of verdicts queued per slow subscriber; the PUB high-water mark is derived from it and
+    the largest verdict (beyond it that subscriber misses verdicts, the log keeps them)."""
+    max_subscribers: int = Field(32, ge=1)
+    """Subscribers the memory bound is computed for (enforced by the connection handler)."""
+    error_queue: int = Field(1024, ge=1)
+    """Error verdicts waiting for the emitter; scored verdicts have their own queue and go first."""
 
 
 class HttpConfig(Section):
@@ -50,6 +72,10 @@ class StorageConfig(Section):
     maps_dir: Path = Path("out/maps")
     maps: Literal["all", "flagged", "none"] = "flagged"
     """Which anomaly maps to write: every part, only fail/review/error, or none."""
+    maps_max_mb: float = Field(2048.0, gt=0)
+    """Map files beyond this many MB are deleted, oldest first."""
+    maps_max_age_days: float = Field(30.0, gt=0)
+    """Map files older than this are deleted."""
     models_dir: Path = Path("models")
     """One folder per product, written by ``inspectd enroll`` and ``inspectd calibrate``."""
 
@@ -76,6 +102,20 @@ class WorkersConfig(Section):
     retries: int = Field(1, ge=0)
     """How often a frame whose actor died is retried on a restarted actor before an error verdict."""
     backend: Literal["auto", "torch-cpu", "torch-cuda", "onnxruntime", "tensorrt"] = "auto"
+    takt_ms: int = Field(2000, ge=1)
+    """The line's takt: the scoring deadline of a frame is takt_ms + its points × ms_per_mpoint / 1e6."""
+    ms_per_mpoint: int = Field(60_000, ge=0)
+    """Scoring time allowed per million points on top of the takt (a frame past it: ``scoring_timeout``)."""
+    large_points: int = Field(200_000, ge=1)
+    """Frames with more points than this are scored on the large-frame actors, one at a time."""
+    large_actors: int = Field(1, ge=0)
+    """Actors kept for large frames, so they never hold up normal ones (0: large frames share the pool)."""
+    large_cpus_per_actor: float = Field(0.0, ge=0)
+    """Ray CPUs a large-frame actor reserves; 0 makes it an idle reserve that fits any machine."""
+
+    def deadline_s(self, n_points: int) -> float:
+        """The scoring deadline of one frame of ``n_points`` points, in seconds."""
+        return (self.takt_ms + n_points * self.ms_per_mpoint / 1e6) / 1000.0
 
 
 class DecisionConfig(Section):
@@ -123,6 +163,13 @@ class ProductConfig(Section):
     review_band: float | None = Field(None, ge=0, lt=1)
 
 
+class MemoryConfig(Section):
+    bound_mb: float = Field(4096.0, gt=0)
+    """The daemon process's memory bound. Start-up refuses a config whose worst case exceeds it."""
+    baseline_mb: float = Field(800.0, gt=0)
+    """The daemon's own footprint without frames (Python, numpy, Ray client, ZeroMQ)."""
+
+
 class Config(Section):
     ingest: IngestConfig = IngestConfig()
     publish: PublishConfig = PublishConfig()
@@ -135,8 +182,18 @@ class Config(Section):
     shutdown: ShutdownConfig = ShutdownConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     """Used by ``inspectd enroll`` for new models; a model keeps the settings it was fitted with."""
+    memory: MemoryConfig = MemoryConfig()
     products: dict[str, ProductConfig] = {}
     """Products served. A product enrolled in models_dir but not listed here is served with defaults."""
+
+    @model_validator(mode="after")
+    def _memory_bound(self) -> Config:
+        terms = worst_case_memory(self)
+        total = sum(terms.values())
+        if total > self.memory.bound_mb * 2**20:
+            detail = ", ".join(f"{k} {v / 2**20:.0f} MB" for k, v in terms.items())
+            raise ValueError(f"worst-case memory {total / 2**20:.0f} MB exceeds memory.bound_mb ({detail})")
+        return self
 
     @field_validator("products")
     @classmethod
@@ -145,6 +202,36 @@ class Config(Section):
             if not PRODUCT_NAME.match(name):
                 raise ValueError(f"product name {name!r} must match {PRODUCT_NAME.pattern}")
         return v
+
+
+def max_verdict_bytes(cfg: Config) -> int:
+    """The largest verdict message: its header, plus a map of ``max_points`` floats when inline."""
+    return 2 * MAX_HEADER_BYTES + (cfg.ingest.max_points * 4 if cfg.publish.maps == "inline" else 0)
+
+
+def pub_hwm(cfg: Config) -> int:
+    """The PUB socket's high-water mark, in messages, from its byte budget per subscriber."""
+    return max(1, int(cfg.publish.buffer_mb * 2**20) // max_verdict_bytes(cfg))
+
+
+def held_frames(cfg: Config) -> int:
+    """The most frames the daemon holds decoded at once: queued, in flight, in the large lane, at ingest."""
+    w = cfg.workers
+    actors = w.actors if isinstance(w.actors, int) else (os.cpu_count() or 1)  # auto: one per local CPU
+    return cfg.ingest.queue_size + actors * w.max_inflight_per_actor * w.max_batch + 2 * w.large_actors + 1
+
+
+def worst_case_memory(cfg: Config) -> dict[str, int]:
+    """The daemon process's worst-case memory, term by term, in bytes (README, "Memory bound")."""
+    frame = max_message_bytes(cfg.ingest.max_points)
+    held = held_frames(cfg)
+    return {
+        "baseline": int(cfg.memory.baseline_mb * 2**20),
+        "receive": cfg.ingest.max_connections * (cfg.ingest.receive_hwm + 1) * frame,
+        "frames": held * frame,
+        "emit": held * max_verdict_bytes(cfg) + cfg.publish.error_queue * 2 * MAX_HEADER_BYTES,
+        "publish": cfg.publish.max_subscribers * pub_hwm(cfg) * max_verdict_bytes(cfg),
+    }
 
 
 class ConfigError(ValueError):

@@ -50,6 +50,13 @@ def peek_protocol(parts: Any) -> Any:
         return None
 
 
+class Republish:
+    """An emitter item: publish a verdict already in the log again (a resent protocol-2 frame)."""
+
+    def __init__(self, header: dict[str, Any]) -> None:
+        self.header = header
+
+
 class Delivery:
     """Which protocol-2 frames are in flight or committed, and each sensor's last seq."""
 

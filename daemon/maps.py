@@ -8,7 +8,10 @@ score units; pixels without a measurement are dark grey.
 
 from __future__ import annotations
 
+import heapq
+import logging
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +22,12 @@ _RAMP = np.array(
     [[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.8, 0.6], [0.6, 0.9, 0.0], [1.0, 0.8, 0.0], [1.0, 0.2, 0.0], [0.6, 0.0, 0.0]]
 )
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+log = logging.getLogger("inspectd.maps")
+
+
+def file_stem(part_id: str) -> str:
+    """A file name stem for a part id: safe characters only, no leading dot (``..`` → ``part``)."""
+    return _UNSAFE.sub("_", part_id).lstrip(".")[:120] or "part"
 
 
 def colorize(values: np.ndarray, threshold: float) -> np.ndarray:
@@ -39,11 +48,11 @@ def write_maps(
     day = time.strftime("%Y-%m-%d")
     folder = Path(maps_dir) / product / day
     folder.mkdir(parents=True, exist_ok=True)
-    stem = _UNSAFE.sub("_", part_id)[:120] or "part"
+    stem = file_stem(part_id)
     npz = folder / f"{stem}.npz"
     np.savez_compressed(npz, anomaly_map=anomaly_map, verdict=np.array(verdict), threshold=np.float32(threshold))
     if anomaly_map.ndim == 2:
-        Image.fromarray(colorize(anomaly_map, threshold)).save(folder / f"{stem}.png")
+        Image.fromarray(colorize(anomaly_map, threshold)).save(folder / f"{stem}.png", format="PNG")
     else:
         import open3d as o3d
 
@@ -52,3 +61,56 @@ def write_maps(
         pcd.colors = o3d.utility.Vector3dVector(colorize(anomaly_map[ok], threshold).astype(np.float64) / 255.0)
         o3d.io.write_point_cloud(str(folder / f"{stem}.ply"), pcd)
     return npz
+
+
+class MapRetention:
+    """Keeps the map files under ``maps_dir`` within a byte budget and an age: the oldest go first.
+
+    The files are scanned once at start; after that every written file is added with ``track``,
+    so pruning costs no directory walk. ``prune`` returns how many files it deleted."""
+
+    def __init__(self, maps_dir: Path, max_bytes: float, max_age_s: float) -> None:
+        self.max_bytes, self.max_age_s = max_bytes, max_age_s
+        self._lock = threading.Lock()
+        self._files: list[tuple[float, str, int]] = []  # heap of (mtime, path, size)
+        self.total = 0
+        root = Path(maps_dir)
+        if root.is_dir():
+            for f in root.rglob("*"):
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                if f.is_file():
+                    self._push(st.st_mtime, f, st.st_size)
+
+    def _push(self, mtime: float, path: Path, size: int) -> None:
+        heapq.heappush(self._files, (mtime, str(path), size))
+        self.total += size
+
+    def track(self, npz: Path) -> None:
+        """Account for the files written for one verdict (the npz and its image or cloud)."""
+        with self._lock:
+            for f in npz.parent.glob(f"{npz.stem}.*"):
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                self._push(st.st_mtime, f, st.st_size)
+
+    def prune(self, now: float | None = None) -> int:
+        """Delete the oldest files while over budget or older than the age limit."""
+        now = time.time() if now is None else now  # file mtimes are wall-clock timestamps
+        deleted = 0
+        with self._lock:
+            while self._files and (self.total > self.max_bytes or self._files[0][0] < now - self.max_age_s):
+                _, path, size = heapq.heappop(self._files)
+                self.total -= size
+                try:
+                    Path(path).unlink()
+                    deleted += 1
+                except FileNotFoundError:
+                    pass
+                except OSError as e:
+                    log.warning("cannot delete map file %s: %s", path, e)
+        return deleted

@@ -9,9 +9,11 @@ Metrics live on a private registry per daemon so tests can run several daemons i
 from __future__ import annotations
 
 import json
+import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -25,12 +27,26 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+AGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+OTHER = "other"
+"""The label value of every sensor id or product outside the bounded sets."""
 
 
 class DaemonMetrics:
-    """The daemon's metrics on their own registry."""
+    """The daemon's metrics on their own registry.
 
-    def __init__(self, version: str) -> None:
+    Label values never come straight from the wire: ``product_label`` and ``sensor_label`` map
+    anything outside a bounded set (enrolled or configured products; configured sensor ids plus
+    the first ``max_sensor_labels`` others seen) to ``other``, so hostile input cannot grow
+    ``/metrics``."""
+
+    def __init__(
+        self, version: str, sensors: Iterable[str] = (), max_sensor_labels: int = 16, products: Iterable[str] = ()
+    ) -> None:
+        self._lock = threading.Lock()
+        self._sensors = set(sensors)
+        self._extra_sensors = max_sensor_labels
+        self._products = set(products)
         r = self.registry = CollectorRegistry()
         self.frames_received = Counter(
             "inspectd_frames_received", "Frame messages received on ingest.", ["sensor_id"], registry=r
@@ -45,7 +61,7 @@ class DaemonMetrics:
         self.inflight = Gauge("inspectd_inflight_frames", "Frames being scored by actors.", registry=r)
         self.latency = Histogram(
             "inspectd_latency_seconds",
-            "Frame receipt to verdict published.",
+            "Frame capture (its capture_time) to verdict published.",
             ["product"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -78,13 +94,75 @@ class DaemonMetrics:
         self.ready = Gauge("inspectd_ready", "1 when actors are up and models loaded.", registry=r)
         build = Gauge("inspectd_build_info", "Version of the running daemon.", ["version"], registry=r)
         build.labels(version=version).set(1)
+        self.frame_age = Histogram(
+            "inspectd_frame_age_seconds",
+            "Frame capture to ingest dequeue: time spent in the sensor's and ZeroMQ's buffers.",
+            buckets=AGE_BUCKETS,
+            registry=r,
+        )
+        self.map_write_failures = Counter(
+            "inspectd_map_write_failures", "Map files that could not be written (verdict sent without map_path).",
+            registry=r,
+        )
+        self.log_failures = Counter(
+            "inspectd_log_failures", "Verdicts the result log could not commit (answered log_failed).", registry=r
+        )
+        self.maps_pruned = Counter("inspectd_maps_pruned", "Map files deleted by the retention policy.", registry=r)
+        self.emit_queue = Gauge("inspectd_emit_queue", "Verdicts waiting for the emitter, by lane.", ["lane"], registry=r)
+        self.storage_free = Gauge(
+            "inspectd_storage_free_bytes", "Free bytes on the file system of maps or results.", ["volume"], registry=r
+        )
+        self.storage_size = Gauge(
+            "inspectd_storage_size_bytes", "Size of the file system of maps or results.", ["volume"], registry=r
+        )
+
+    def watch_storage(self, volumes: dict[str, Path]) -> None:
+        """Report free and total bytes of each volume's file system at every scrape."""
+        for name, path in volumes.items():
+            self.storage_free.labels(volume=name).set_function(lambda p=path: _disk(p)[0])
+            self.storage_size.labels(volume=name).set_function(lambda p=path: _disk(p)[1])
+
+    def allow_product(self, product: str) -> None:
+        """Give an enrolled or configured product its own label value."""
+        with self._lock:
+            self._products.add(product)
+
+    def product_label(self, product: str | None) -> str:
+        """``product`` if it is enrolled or configured, else ``other``."""
+        return product if product in self._products else OTHER
+
+    def sensor_label(self, sensor_id: object) -> str:
+        """A configured sensor id, one of the first ``max_sensor_labels`` others seen, or ``other``."""
+        if not isinstance(sensor_id, str):
+            return OTHER
+        with self._lock:
+            if sensor_id in self._sensors:
+                return sensor_id
+            if self._extra_sensors > 0 and sensor_id != OTHER:
+                self._extra_sensors -= 1
+                self._sensors.add(sensor_id)
+                return sensor_id
+        return OTHER
 
     def observe_stages(self, timings: dict[str, float]) -> None:
         for stage, seconds in timings.items():
             self.stage.labels(stage=stage).observe(seconds)
 
     def render(self) -> bytes:
+        """The registry in the Prometheus text format."""
         return generate_latest(self.registry)
+
+
+def _disk(path: Path) -> tuple[float, float]:
+    """(free, total) bytes of the file system holding ``path`` or its nearest existing parent."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        usage = shutil.disk_usage(p)
+    except OSError:
+        return float("nan"), float("nan")
+    return float(usage.free), float(usage.total)
 
 
 class MetricsServer:

@@ -4,6 +4,12 @@ Each actor is a ``workers.actor.ScoringWorker`` holding every product's model. R
 dead actor (``max_restarts=-1``); its in-flight frames come back here as failures and the
 service retries them (``workers.retries``) before answering with an error verdict, so a crash
 costs latency, never a verdict. A death is counted once per actor incarnation.
+
+Two lanes: frames above ``workers.large_points`` go to their own actors
+(``workers.large_actors``), one at a time, so a large cloud never holds up normal parts. Every
+call has a deadline (``WorkersConfig.deadline_s`` summed over its frames, on the monotonic
+clock); a call past it is answered ``scoring_timeout`` and its actor is recycled (killed and
+restarted by Ray), which frees the CPU the runaway frame held.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from daemon.config import Config
+from sensors.frame import FrameError
 from workers.actor import ScoringWorker
 
 log = logging.getLogger("inspectd.pool")
@@ -29,9 +36,14 @@ class Job:
 
     frame: Any
     received_at: float
+    """Wall-clock timestamp of receipt (echoed in the verdict)."""
     timings: dict[str, float] = field(default_factory=dict)
+    received_mono: float = 0.0
+    """Monotonic time of receipt: every duration is measured on this clock."""
     enqueued_at: float = 0.0
+    """Monotonic time the job entered the queue."""
     dispatched_at: float = 0.0
+    """Wall-clock time of dispatch, compared with the actor's own wall-clock start (another process)."""
     attempts: int = 0
 
 
@@ -50,24 +62,27 @@ def pool_size(cfg: Config) -> int:
     return max(1, n)
 
 
+NORMAL = "normal"
+LARGE = "large"
+
+
 class ActorPool:
     def __init__(self, cfg: Config, products: list[str]) -> None:
         self.cfg = cfg
         self.products = products
         self.max_inflight = cfg.workers.max_inflight_per_actor
-        remote = ray.remote(ScoringWorker).options(
-            num_cpus=cfg.workers.cpus_per_actor,
-            num_gpus=cfg.workers.gpus_per_actor,
-            max_restarts=-1,
-            max_task_retries=0,
-        )
-        self.size = pool_size(cfg)
+        options = {"num_gpus": cfg.workers.gpus_per_actor, "max_restarts": -1, "max_task_retries": 0}
+        normal = ray.remote(ScoringWorker).options(num_cpus=cfg.workers.cpus_per_actor, **options)
+        large = ray.remote(ScoringWorker).options(num_cpus=cfg.workers.large_cpus_per_actor, **options)
+        n_normal = pool_size(cfg)
+        self.size = n_normal + cfg.workers.large_actors
+        self.lane_of = [NORMAL] * n_normal + [LARGE] * cfg.workers.large_actors
         models = str(cfg.storage.models_dir.resolve())
-        self.actors = [
-            remote.remote(models, products, cfg.workers.threads_per_actor, cfg.workers.backend) for _ in range(self.size)
-        ]
+        args = (models, products, cfg.workers.threads_per_actor, cfg.workers.backend)
+        self.actors = [(normal if lane == NORMAL else large).remote(*args) for lane in self.lane_of]
         self.load = [0] * self.size
-        self.inflight: dict[ray.ObjectRef, tuple[int, list[Job]]] = {}
+        self.busy_until = [0.0] * self.size
+        self.inflight: dict[ray.ObjectRef, tuple[int, list[Job], float]] = {}
         self.pids: list[int | None] = [None] * self.size
         self.probes: dict[int, ray.ObjectRef] = {}
         self.backend_of: list[str] = []
@@ -87,31 +102,40 @@ class ActorPool:
             out[self.backend_of[i]] += 1
         return out
 
-    def _alive(self) -> list[int]:
+    def _alive(self, lane: str | None = None) -> list[int]:
         """Actors known to be up: a dead one is skipped until its probe answers after the restart."""
-        return [i for i in range(self.size) if self.pids[i] is not None]
+        return [i for i in range(self.size) if self.pids[i] is not None and lane in (None, self.lane_of[i])]
 
-    def has_capacity(self) -> bool:
-        return self.free_slots() > 0
+    def lane_for(self, n_points: int) -> str:
+        """The lane a frame of ``n_points`` is scored in (normal when there are no large actors)."""
+        return LARGE if LARGE in self.lane_of and n_points > self.cfg.workers.large_points else NORMAL
 
-    def free_slots(self) -> int:
-        """Calls the alive actors can take now."""
-        return sum(max(0, self.max_inflight - self.load[i]) for i in self._alive())
+    def has_capacity(self, lane: str = NORMAL) -> bool:
+        return self.free_slots(lane) > 0
 
-    def submit(self, jobs: list[Job]) -> None:
-        """Send a batch of jobs to the least-loaded alive actor, in one call."""
-        i = min(self._alive(), key=self.load.__getitem__)
+    def free_slots(self, lane: str = NORMAL) -> int:
+        """Calls the alive actors of ``lane`` can take now (one at a time in the large lane)."""
+        limit = 1 if lane == LARGE else self.max_inflight
+        return sum(max(0, limit - self.load[i]) for i in self._alive(lane))
+
+    def submit(self, jobs: list[Job], lane: str = NORMAL) -> None:
+        """Send a batch of jobs to the least-loaded alive actor of ``lane``, in one call."""
+        i = min(self._alive(lane), key=self.load.__getitem__)
         now = time.time()
         for job in jobs:
             job.dispatched_at = now
             job.attempts += 1
+        # a call queued behind others on the same actor starts its clock when they are due
+        start = max(time.monotonic(), self.busy_until[i] if self.load[i] else 0.0)
+        deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points) for job in jobs)
+        self.busy_until[i] = deadline
         ref = self.actors[i].score_batch.remote([job.frame for job in jobs])
-        self.inflight[ref] = (i, jobs)
+        self.inflight[ref] = (i, jobs, deadline)
         self.load[i] += 1
 
     @property
     def inflight_frames(self) -> int:
-        return sum(len(jobs) for _, jobs in self.inflight.values())
+        return sum(len(jobs) for _, jobs, _ in self.inflight.values())
 
     def poll(self, timeout: float) -> list[tuple[Job, dict[str, Any] | BaseException]]:
         """Finished jobs with their result dict or exception (``ActorDied`` when the actor died)."""
@@ -123,9 +147,9 @@ class ActorPool:
                 time.sleep(timeout)
             return []
         done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
-        out: list[tuple[Job, dict[str, Any] | BaseException]] = []
+        out = self._expire(set(done))
         for ref in done:
-            i, jobs = self.inflight.pop(ref)
+            i, jobs, _ = self.inflight.pop(ref)
             self.load[i] -= 1
             try:
                 out.extend(zip(jobs, ray.get(ref), strict=True))
@@ -136,6 +160,22 @@ class ActorPool:
                 self._note_death(i)
                 died = ActorDied(str(e).splitlines()[0] if str(e) else "actor died")
                 out.extend((job, died) for job in jobs)
+        return out
+
+    def _expire(self, done: set[ray.ObjectRef]) -> list[tuple[Job, dict[str, Any] | BaseException]]:
+        """Answer calls past their deadline with ``scoring_timeout`` and recycle their actors."""
+        now = time.monotonic()
+        out: list[tuple[Job, dict[str, Any] | BaseException]] = []
+        for ref, (i, jobs, deadline) in list(self.inflight.items()):
+            if ref in done or now < deadline:
+                continue
+            del self.inflight[ref]
+            self.load[i] -= 1
+            late = FrameError("scoring_timeout", f"not scored within its deadline ({len(jobs)} frame(s) in the call)")
+            out.extend((job, late) for job in jobs)
+            log.warning("actor %d missed a scoring deadline; recycling it", i)
+            ray.kill(self.actors[i], no_restart=False)
+            self._note_death(i)
         return out
 
     def _note_death(self, i: int) -> None:

@@ -9,8 +9,9 @@ Three threads, each owning what it touches, so no socket is shared:
   answered with an ``overloaded`` error verdict.
 * dispatch: feeds the actor pool, collects results, retries frames whose actor died, and
   applies the decision stage.
-* emitter: owns the PUB socket and the result log. For each verdict it writes the map files,
-  commits the log row, then publishes, in that order.
+* emitter (``daemon.emitter``): owns the PUB socket and the result log. For each verdict it
+  writes the map files, commits the log row, then publishes, in that order; scored verdicts
+  go before error verdicts (``daemon.lanes``).
 
 Every message that arrives gets exactly one verdict: each path above ends in ``_emit``.
 
@@ -47,17 +48,19 @@ import numpy as np
 import ray
 import zmq
 
-from daemon.config import Config
+from daemon.config import Config, held_frames, pub_hwm
 from daemon.decision import Thresholds, decide
-from daemon.delivery import Delivery, peek_protocol
-from daemon.maps import write_maps
+from daemon.delivery import Delivery, Republish, peek_protocol
+from daemon.emitter import Emitter
+from daemon.lanes import ERRORS, SCORED, EmitLanes
+from daemon.maps import MapRetention
 from daemon.metrics import DaemonMetrics, MetricsServer
-from daemon.pool import ActorDied, ActorPool, Job
+from daemon.pool import LARGE, ActorDied, ActorPool, Job
 from daemon.replay import verdicts_page
 from daemon.resultlog import LogReader, ResultLog
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
-from sensors.wire import decode_frame, encode_verdict, salvage_header
+from sensors.wire import decode_frame, max_part_bytes, salvage_header
 from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
 
 #: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
@@ -76,12 +79,6 @@ def identity(meta: Any) -> dict[str, Any]:
     return {**{k: getattr(meta, k) for k in IDENTITY_FIELDS}, "protocol": meta.protocol}
 
 
-class Republish:
-    """An emitter item: publish a verdict already in the log again (a resent protocol-2 frame)."""
-
-    def __init__(self, header: dict[str, Any]) -> None:
-        self.header = header
-
 VERSION = "0.1.0"
 _STOP = object()
 
@@ -89,11 +86,15 @@ _STOP = object()
 class InspectionService:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.metrics = DaemonMetrics(VERSION)
+        self.metrics = DaemonMetrics(VERSION, cfg.ingest.sensors, cfg.ingest.max_sensor_labels, cfg.products)
         self.ready = threading.Event()
         self.stopping = threading.Event()
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=cfg.ingest.queue_size)
-        self.out: queue.Queue[Any] = queue.Queue()
+        self.large_queue: queue.Queue[Job] = queue.Queue(maxsize=max(1, cfg.workers.large_actors))
+        self.retry_large: deque[Job] = deque()
+        self.out = EmitLanes(scored_size=held_frames(cfg), errors_size=cfg.publish.error_queue)
+        self.retention = MapRetention(cfg.storage.maps_dir, cfg.storage.maps_max_mb * 2**20,
+                                      cfg.storage.maps_max_age_days * 86400.0)
         self.products: set[str] = set()
         self.cold_start = False
         self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
@@ -109,9 +110,9 @@ class InspectionService:
         self.closed = False  # ingest has unbound its endpoint (stopping)
         self.taken = 0  # messages read from the PULL socket (ingest thread only)
         self.dropped_copies = 0  # resent copies answered by their original's ack (ingest thread only)
-        self.answered = 0  # verdicts and republished verdicts sent (emitter thread only)
         self.reader: LogReader | None = None
         self.delivery: Delivery | None = None
+        self.emitter: Emitter | None = None
         self.fault = os.environ.get(FAULT_ENV, "")
 
     # ---------------------------------------------------------------- life cycle
@@ -135,15 +136,18 @@ class InspectionService:
 
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, self.cfg.ingest.receive_hwm)
+        self.pull.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(self.cfg.ingest.max_points))
         self.pull.setsockopt(zmq.LINGER, 0)
         self.pull.bind(self.cfg.ingest.endpoint)
         self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self.pub.setsockopt(zmq.SNDHWM, pub_hwm(self.cfg))
         self.pub.setsockopt(zmq.LINGER, 2000)
         self.pub.bind(self.cfg.publish.endpoint)
         self.results = ResultLog(self.cfg.storage.results)
         self.reader = LogReader(self.cfg.storage.results)
         self.delivery = Delivery(self.reader, self.metrics)
+        self.metrics.watch_storage({"maps": self.cfg.storage.maps_dir, "results": self.cfg.storage.results.parent})
+        self.emitter = Emitter(self.cfg, self.metrics, self.out, self.results, self.pub, self.retention, self.delivery)
         if self.fault:
             log.warning("TEST FAULT INJECTION ACTIVE: %s=%s", FAULT_ENV, self.fault)
 
@@ -171,7 +175,7 @@ class InspectionService:
         for t in self.threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         running = {t.name for t in self.threads if t.is_alive()}
-        left = self.taken - self.dropped_copies - self.answered
+        left = self.taken - self.dropped_copies - (self.emitter.answered if self.emitter else 0)
         if left or running:
             log.error("stop: %d frame(s) taken and left unanswered after %.0fs (threads still running: %s)",
                       left, timeout, ", ".join(sorted(running)) or "none")
@@ -226,6 +230,8 @@ class InspectionService:
         models = self.cfg.storage.models_dir
         enrolled = enrolled_products(models)
         self.products = set(enrolled)
+        for name in enrolled:
+            self.metrics.allow_product(name)
         self.cold_start = self.cfg.cold_start.enabled and (product_dir(models, ZERO_SHOT_MODEL) / "meta.json").is_file()
         for name in self.cfg.products:
             if name not in enrolled:
@@ -279,7 +285,7 @@ class InspectionService:
         else:
             path = folder / f"{stem}.pcd"
             write_pcd(path, frame.points[frame.valid_mask()])
-        self.metrics.marked_good.labels(product=product).inc()
+        self.metrics.marked_good.labels(product=self.metrics.product_label(product)).inc()
         n = sum(1 for _ in folder.iterdir())
         log.info("marked %s/%s good (%d collected)", product, part_id, n)
         return 200, {"saved": str(path), "collected": n}
@@ -295,6 +301,7 @@ class InspectionService:
             log.exception("reload of %s failed", product)
             return 500, {"error": f"{type(e).__name__}: {e}"}
         self.products.add(product)
+        self.metrics.allow_product(product)
         self.metrics.model_reloads.labels(product=product).inc()
         log.info("product %s now served by model %s", product, versions[0])
         return 200, {"product": product, "model_version": versions[0], "actors": len(versions)}
@@ -314,7 +321,7 @@ class InspectionService:
                 continue
             parts = self.pull.recv_multipart(copy=False)
             self.taken += 1
-            received = time.time()
+            received, mono = time.time(), time.monotonic()
             if self.fault == "ingest-hang" and self.taken == 1:
                 self._fault_hang()
             try:
@@ -323,23 +330,32 @@ class InspectionService:
                 ident = salvage_header(parts)
                 if peek_protocol(parts) == 2:
                     ident["protocol"] = 2
-                self.metrics.frames_received.labels(sensor_id=str(ident.get("sensor_id", "unknown"))).inc()
+                self.metrics.frames_received.labels(sensor_id=self.metrics.sensor_label(ident.get("sensor_id"))).inc()
                 reason, detail = (e.reason, e.detail) if isinstance(e, FrameError) else ("internal_error", repr(e))
-                self._emit_error(ident, reason, detail, received)
+                self._emit_error(ident, reason, detail, received, mono=mono)
                 continue
             m = frame.meta
-            self.metrics.frames_received.labels(sensor_id=m.sensor_id).inc()
+            self.metrics.frames_received.labels(sensor_id=self.metrics.sensor_label(m.sensor_id)).inc()
+            self.metrics.frame_age.observe(max(0.0, received - m.capture_time))
             if not self._accept_new(m):
                 continue
             ident = identity(m)
             if m.product not in self.products and not self.cold_start:
-                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received)
+                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received, mono=mono)
                 continue
-            job = Job(frame=frame, received_at=received)
-            job.timings["decode"] = time.time() - received
-            job.enqueued_at = time.time()
-            if not self._put(job, max_wait):
-                self._emit_error(ident, "overloaded", f"queue full for {max_wait:.1f}s", received)
+            job = Job(frame=frame, received_at=received, received_mono=mono)
+            if self._too_old(job):
+                continue
+            job.timings["decode"] = time.monotonic() - mono
+            job.enqueued_at = time.monotonic()
+            large = self.pool is not None and self.pool.lane_for(frame.n_points) == LARGE
+            if large:  # a large frame never waits: it would hold up the normal frames behind it
+                try:
+                    self.large_queue.put_nowait(job)
+                except queue.Full:
+                    self._emit_error(ident, "overloaded", "the large-frame queue is full", received, mono=mono)
+            elif not self._put(job, max_wait):
+                self._emit_error(ident, "overloaded", f"queue full for {max_wait:.1f}s", received, mono=mono)
                 continue
             self.metrics.queue_depth.set(self.queue.qsize())
 
@@ -367,7 +383,7 @@ class InspectionService:
             return False
         if status == "logged":
             assert original is not None
-            self.out.put(Republish(original))
+            self.out.put(Republish(original), SCORED)
             return False
         return True
 
@@ -399,9 +415,12 @@ class InspectionService:
                 if not batch:
                     break
                 pool.submit(batch)
-            self.metrics.queue_depth.set(self.queue.qsize())
+            while pool.has_capacity(LARGE) and (job := self._next_large()) is not None:
+                pool.submit([job], LARGE)
+            self.metrics.queue_depth.set(self.queue.qsize() + self.large_queue.qsize())
             self.metrics.inflight.set(pool.inflight_frames)
-            if self.ingest_done.is_set() and self.queue.empty() and not retry and not pool.inflight:
+            idle = self.queue.empty() and self.large_queue.empty() and not retry and not self.retry_large
+            if self.ingest_done.is_set() and idle and not pool.inflight:
                 break
             for job, outcome in pool.poll(timeout=0.01):
                 try:
@@ -410,7 +429,7 @@ class InspectionService:
                     log.exception("decision failed for %s", job.frame.meta.part_id)
                     m = job.frame.meta
                     ident = identity(m)
-                    self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings)
+                    self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings, job.received_mono)
             if pool.restarts != restarts_seen:
                 self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
                 restarts_seen = pool.restarts
@@ -427,16 +446,43 @@ class InspectionService:
         wait = self.cfg.workers.batch_wait_ms / 1000.0
         size = self.cfg.workers.max_batch if wait > 0 else max(1, min(self.cfg.workers.max_batch, share))
         batch = [retry.popleft() for _ in range(min(size, len(retry)))]
-        deadline = time.time() + wait
+        deadline = time.monotonic() + wait
         while len(batch) < size:
             try:
-                timeout = deadline - time.time()
+                timeout = deadline - time.monotonic()
                 job = self.queue.get(timeout=timeout) if batch and timeout > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
-            job.timings["queue"] = time.time() - job.enqueued_at
-            batch.append(job)
+            job.timings["queue"] = time.monotonic() - job.enqueued_at
+            if not self._too_old(job):
+                batch.append(job)
         return batch
+
+    def _next_large(self) -> Job | None:
+        """The next frame for the large-frame lane: a retry first, then the large queue."""
+        while True:
+            if self.retry_large:
+                return self.retry_large.popleft()
+            try:
+                job = self.large_queue.get_nowait()
+            except queue.Empty:
+                return None
+            job.timings["queue"] = time.monotonic() - job.enqueued_at
+            if not self._too_old(job):
+                return job
+
+    def _too_old(self, job: Job) -> bool:
+        """Answer ``overloaded`` for a frame older than ``ingest.max_age_ms`` (capture to dequeue).
+
+        The age compares the sensor's capture_time with this host's wall clock: both are
+        timestamps, so the sensors' clocks must be synchronized with the daemon's."""
+        age = time.time() - job.frame.meta.capture_time
+        limit = self.cfg.ingest.max_age_ms / 1000.0
+        if age <= limit:
+            return False
+        detail = f"frame is {age:.1f}s old at dequeue (capture to dequeue), limit {limit:.1f}s"
+        self._emit_error(identity(job.frame.meta), "overloaded", detail, job.received_at, job.timings, job.received_mono)
+        return True
 
     def _update_actor_gauge(self) -> None:
         assert self.pool is not None
@@ -448,16 +494,17 @@ class InspectionService:
         ident = identity(m)
         if isinstance(outcome, ActorDied):
             if job.attempts <= self.cfg.workers.retries:
-                retry.append(job)
+                large = self.pool is not None and self.pool.lane_for(job.frame.n_points) == LARGE
+                (self.retry_large if large else retry).append(job)
             else:
-                self._emit_error(ident, "worker_died", str(outcome), job.received_at, job.timings)
+                self._emit_error(ident, "worker_died", str(outcome), job.received_at, job.timings, job.received_mono)
             return
         if isinstance(outcome, BaseException):
             reason = outcome.reason if isinstance(outcome, FrameError) else "scoring_failed"
             detail = outcome.detail if isinstance(outcome, FrameError) else f"{type(outcome).__name__}: {outcome}"
-            self._emit_error(ident, reason, detail, job.received_at, job.timings)
+            self._emit_error(ident, reason, detail, job.received_at, job.timings, job.received_mono)
             return
-        t0 = time.time()
+        t0, mono0 = time.time(), time.monotonic()
         worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back"))
         timings = {**outcome["timings"], **job.timings}  # the daemon's own stages win a name clash
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
@@ -467,8 +514,8 @@ class InspectionService:
         verdict = decide(score, t) if t is not None else "review"
         if outcome["zero_shot"]:
             self._hold(job.frame)
-            self.metrics.cold_start_verdicts.labels(product=m.product).inc()
-        timings["decision"] = time.time() - t0
+            self.metrics.cold_start_verdicts.labels(product=self.metrics.product_label(m.product)).inc()
+        timings["decision"] = time.monotonic() - mono0
         header = {
             **ident,
             "verdict": verdict,
@@ -485,7 +532,8 @@ class InspectionService:
             "worker_pid": outcome["worker_pid"],
             "attempts": job.attempts,
         }
-        self.out.put((header, np.asarray(outcome["anomaly_map"], dtype=np.float32), job.frame, timings))
+        amap = np.asarray(outcome["anomaly_map"], dtype=np.float32)
+        self.out.put((header, amap, job.frame, timings, job.received_mono), SCORED)
 
     def _hold(self, frame: Frame) -> None:
         """Keep a cold-start frame so an operator can mark it good; the oldest goes first."""
@@ -496,8 +544,15 @@ class InspectionService:
                 self.held.popitem(last=False)
 
     def _emit_error(
-        self, ident: dict[str, Any], reason: str, detail: str, received: float, timings: dict[str, float] | None = None
+        self,
+        ident: dict[str, Any],
+        reason: str,
+        detail: str,
+        received: float,
+        timings: dict[str, float] | None = None,
+        mono: float | None = None,
     ) -> None:
+        """Queue an error verdict in the error lane (behind every scored verdict)."""
         self.metrics.frames_refused.labels(reason=reason).inc()
         header = {
             **ident,
@@ -509,72 +564,11 @@ class InspectionService:
             "error": {"reason": reason, "detail": detail},
             "received_at": received,
         }
-        self.out.put((header, None, None, dict(timings or {})))
+        self.out.put((header, None, None, dict(timings or {}), mono), ERRORS)
 
     def _emit_loop(self) -> None:
-        policy = self.cfg.storage.maps
-        while True:
-            self.beats["emitter"] = time.monotonic()
-            try:
-                item = self.out.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if item is _STOP:
-                return
-            if self.fault == "emitter-die":
-                raise RuntimeError("test fault injection: the emitter dies")
-            if isinstance(item, Republish):
-                self._republish(item.header)
-                continue
-            header, amap, frame, timings = item
-            try:
-                self._emit(header, amap, frame, timings, policy)
-                self.answered += 1
-            except Exception:  # the emitter must survive anything: log it, keep serving
-                log.exception("failed to emit verdict for %s", header.get("part_id"))
-                assert self.delivery is not None
-                self.delivery.release(header)
-
-    def _republish(self, header: dict[str, Any]) -> None:
-        """A resent protocol-2 frame: its original verdict again (without the map part), and its ack."""
-        try:
-            self.pub.send_multipart(encode_verdict({**header, "republished": True}, None), copy=False)
-            self._send_ack(header)
-            self.answered += 1
-        except Exception:
-            log.exception("failed to republish verdict %s", header.get("verdict_id"))
-
-    def _send_ack(self, header: dict[str, Any]) -> None:
-        """After the commit: un-pend a protocol-2 frame and publish its acknowledgement."""
-        assert self.delivery is not None
-        ack = self.delivery.committed(header)
-        if ack is not None:
-            self.pub.send_multipart(ack)
-
-    def _emit(self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], policy: str) -> None:
-        verdict = header["verdict"]
-        t0 = time.time()
-        header["map_path"] = None
-        if amap is not None and (policy == "all" or (policy == "flagged" and verdict != "pass")):
-            header["map_path"] = str(
-                write_maps(
-                    self.cfg.storage.maps_dir, header["product"], str(header["part_id"]), verdict, amap,
-                    frame.points.reshape(-1, 3), header["threshold"] or 0.0,
-                )
-            )
-        t1 = time.time()
-        timings["maps"] = t1 - t0
-        header["decided_at"] = t1
-        header["latency_ms"] = (t1 - header["received_at"]) * 1000.0
-        header["stage_ms"] = {k: round(v * 1000.0, 3) for k, v in timings.items()}
-        header["verdict_id"] = self.results.append(header)
-        t2 = time.time()
-        self.pub.send_multipart(encode_verdict(header, amap), copy=False)
-        self._send_ack(header)
-        t3 = time.time()
-        timings.update(log=t2 - t1, publish=t3 - t2)
-        product = header.get("product") or "_unknown"
-        self.metrics.verdicts.labels(product=product, verdict=verdict).inc()
-        self.metrics.latency.labels(product=product).observe(t3 - header["received_at"])
-        self.metrics.observe_stages(timings)
-
+        """The emitter thread (``daemon.emitter``), beating for /readyz."""
+        if self.fault == "emitter-die":
+            self.out.get()
+            raise RuntimeError("test fault injection: the emitter dies")
+        self.emitter.run(_STOP, beat=lambda: self.beats.__setitem__("emitter", time.monotonic()))

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+"""A product name, anchored with ``\\Z`` (``$`` would accept a trailing newline)."""
 
 
 class FrameError(ValueError):
@@ -80,7 +81,7 @@ class Frame:
                 raise FrameError("unsupported_dtype", f"gt must be uint8, got {self.gt_mask.dtype}")
             if self.gt_mask.shape != lead:
                 raise FrameError("bad_shape", f"gt shape {self.gt_mask.shape} does not match points {lead}")
-        if not PRODUCT_NAME.match(self.meta.product):
+        if not PRODUCT_NAME.fullmatch(self.meta.product):
             raise FrameError("bad_field", f"product {self.meta.product!r} must match {PRODUCT_NAME.pattern}")
 
     @property

@@ -34,10 +34,20 @@ PROTOCOL_VERSION = 1
 FRAME_PROTOCOLS = (1, 2)
 DTYPES: dict[str, np.dtype] = {"float32": np.dtype("<f4"), "uint8": np.dtype("u1")}
 BUFFER_NAMES = ("points", "rgb", "gt")
-DEFAULT_MAX_POINTS = 5_000_000
+DEFAULT_MAX_POINTS = 500_000
+MAX_HEADER_BYTES = 16_384
+"""Part 0 of a frame (and of a verdict's header) may not be longer than this."""
+MAX_SEQ = 2**63 - 1
+MAX_ID_CHARS = 256
+"""Longest ``sensor_id``, ``part_id`` and ``units`` accepted."""
+MAX_TRUTH_DEPTH = 4
+BYTES_PER_POINT = 16
+"""The most bytes one point costs on the wire: float32 XYZ (12), rgb (3), gt (1)."""
 
 #: Every reason a frame can be refused with, in the order the decoder checks them.
 REFUSAL_REASONS = (
+    "message_too_large",
+    "header_too_large",
     "header_not_json",
     "unknown_version",
     "wrong_type",
@@ -59,6 +69,29 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
     "capture_time": (int, float),
     "buffers": list,
 }
+
+
+def max_message_bytes(max_points: int) -> int:
+    """The largest frame message, all parts together, that ``max_points`` allows."""
+    return max_points * BYTES_PER_POINT + MAX_HEADER_BYTES
+
+
+def max_part_bytes(max_points: int) -> int:
+    """The largest single part of a frame message (the points buffer): ZeroMQ's ``MAXMSGSIZE``."""
+    return max(max_points * 12, MAX_HEADER_BYTES)
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value, without recursion (1 for a scalar)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def _buffer_view(part: Any) -> memoryview:
@@ -97,11 +130,16 @@ def encode_frame(frame: Frame) -> list[bytes | memoryview]:
 
 
 def parse_header(part: Any) -> dict[str, Any]:
-    """Part 0 as a JSON object, or ``FrameError('header_not_json')``."""
+    """Part 0 as a JSON object, or ``FrameError`` (``header_too_large``, ``header_not_json``).
+
+    Any failure of the JSON parser is a refusal, a ``RecursionError`` from deep nesting included."""
+    view = _buffer_view(part)
+    if view.nbytes > MAX_HEADER_BYTES:
+        raise FrameError("header_too_large", f"part 0 has {view.nbytes} bytes, limit {MAX_HEADER_BYTES}")
     try:
-        header = json.loads(bytes(_buffer_view(part)).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FrameError("header_not_json", f"part 0 is not UTF-8 JSON: {e}") from None
+        header = json.loads(bytes(view).decode("utf-8"))
+    except (RecursionError, MemoryError, UnicodeDecodeError, ValueError) as e:
+        raise FrameError("header_not_json", f"part 0 is not UTF-8 JSON: {type(e).__name__}: {e}"[:300]) from None
     if not isinstance(header, dict):
         raise FrameError("header_not_json", "part 0 is JSON but not an object")
     return header
@@ -111,9 +149,12 @@ def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> 
     """Validate and decode one frame message. Raises ``FrameError`` with the refusal reason."""
     if not parts:
         raise FrameError("header_not_json", "empty message")
+    total = sum(_buffer_view(p).nbytes for p in parts)
+    if total > max_message_bytes(max_points):
+        raise FrameError("message_too_large", f"{total} bytes, limit {max_message_bytes(max_points)}")
     header = parse_header(parts[0])
     version = header.get("protocol")
-    if isinstance(version, bool) or version not in FRAME_PROTOCOLS:
+    if type(version) is not int or version not in FRAME_PROTOCOLS:
         raise FrameError("unknown_version", f"protocol {version!r}, this daemon speaks {FRAME_PROTOCOLS}")
     if header.get("type", "frame") != "frame":
         raise FrameError("wrong_type", f"type {header.get('type')!r}, expected 'frame'")
@@ -123,14 +164,21 @@ def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> 
         value = header[key]
         if not isinstance(value, typ) or isinstance(value, bool):
             raise FrameError("bad_field", f"{key!r} has type {type(value).__name__}")
-    if not PRODUCT_NAME.match(header["product"]):
+    if not PRODUCT_NAME.fullmatch(header["product"]):
         raise FrameError("bad_field", f"product {header['product']!r} must match {PRODUCT_NAME.pattern}")
+    if not 0 <= header["seq"] <= MAX_SEQ:
+        raise FrameError("bad_field", f"seq must be within 0..{MAX_SEQ}")
     if not math.isfinite(header["capture_time"]):
         raise FrameError("bad_field", "capture_time is not finite")
     units = header.get("units", "mm")
     truth = header.get("truth")
     if not isinstance(units, str) or (truth is not None and not isinstance(truth, dict)):
         raise FrameError("bad_field", "units must be a string and truth an object")
+    for key in ("sensor_id", "part_id"):
+        if not header[key] or len(header[key]) > MAX_ID_CHARS:
+            raise FrameError("bad_field", f"{key!r} must have 1 to {MAX_ID_CHARS} characters")
+    if len(units) > MAX_ID_CHARS or (truth is not None and _depth(truth) > MAX_TRUTH_DEPTH):
+        raise FrameError("bad_field", f"units longer than {MAX_ID_CHARS} or truth nested deeper than {MAX_TRUTH_DEPTH}")
 
     specs = header["buffers"]
     if len(parts) - 1 != len(specs):
@@ -140,9 +188,9 @@ def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> 
         if not isinstance(spec, dict) or not {"name", "dtype", "shape"} <= spec.keys():
             raise FrameError("missing_field", f"buffers[{i}] needs name, dtype and shape")
         name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
-        if name not in BUFFER_NAMES or name in arrays:
+        if not isinstance(name, str) or name not in BUFFER_NAMES or name in arrays:
             raise FrameError("bad_field", f"buffers[{i}].name {name!r} unknown or repeated; known: {BUFFER_NAMES}")
-        if dtype_name not in DTYPES:
+        if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
             raise FrameError("unsupported_dtype", f"{name}: dtype {dtype_name!r}; supported: {sorted(DTYPES)}")
         if (
             not isinstance(shape, list)
@@ -184,17 +232,29 @@ def decode_frame(parts: Sequence[Any], max_points: int = DEFAULT_MAX_POINTS) -> 
 
 
 def salvage_header(parts: Sequence[Any]) -> dict[str, Any]:
-    """Best-effort identity fields of a refused message, for its error verdict."""
+    """Best-effort identity fields of a refused message, for its error verdict. Never raises:
+    whatever cannot be salvaged is left out (a field that would make the verdict itself invalid,
+    such as an out-of-range ``seq`` or a deeply nested ``truth``, included)."""
     try:
         header = parse_header(parts[0]) if parts else {}
-    except FrameError:
+    except Exception:  # noqa: BLE001 (a refused message's identity is optional, its verdict is not)
         return {}
-    out = {}
-    for key in ("sensor_id", "product", "part_id", "seq", "capture_time", "truth"):
-        if key in header and isinstance(header[key], (str, int, float, dict)) and not isinstance(header[key], bool):
-            out[key] = header[key]
-    if not (isinstance(out.get("product"), str) and PRODUCT_NAME.match(out["product"])):
-        out.pop("product", None)
+    out: dict[str, Any] = {}
+    for key in ("sensor_id", "part_id"):
+        if isinstance(header.get(key), str):
+            out[key] = header[key][:MAX_ID_CHARS]
+    product = header.get("product")
+    if isinstance(product, str) and PRODUCT_NAME.fullmatch(product):
+        out["product"] = product
+    seq = header.get("seq")
+    if type(seq) is int and 0 <= seq <= MAX_SEQ:
+        out["seq"] = seq
+    ct = header.get("capture_time")
+    if type(ct) in (int, float) and math.isfinite(ct):
+        out["capture_time"] = float(ct)
+    truth = header.get("truth")
+    if isinstance(truth, dict) and _depth(truth) <= MAX_TRUTH_DEPTH:
+        out["truth"] = truth
     return out
 
 

@@ -73,7 +73,7 @@ def daemon_config(models: Path, root: Path, **sections: dict) -> dict:
             "models_dir": str(models),
         },
         "ray": {"num_cpus": 2, "object_store_mb": 128},
-        "workers": {"actors": 2, "max_inflight_per_actor": 1, "retries": 2},
+        "workers": {"actors": 2, "max_inflight_per_actor": 1, "retries": 2, "large_actors": 0},
     }
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)

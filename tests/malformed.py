@@ -35,6 +35,9 @@ def header_and_buffers(**changes) -> list[bytes]:
 
 #: reason -> function(part_id) -> message parts
 BAD_MESSAGES = {
+    # three 6 MB parts: each under ZeroMQ's per-part MAXMSGSIZE at max_points >= 500 000, together over the cap
+    "message_too_large": lambda pid="p-1": [header_and_buffers(part_id_=pid)[0]] + [bytes(6_000_000)] * 3,
+    "header_too_large": lambda pid="p-1": header_and_buffers(part_id_=pid, padding="x" * 20_000),
     "header_not_json": lambda pid="p-1": [b"\xff\xfe not json", b""],
     "unknown_version": lambda pid="p-1": header_and_buffers(part_id_=pid, protocol=99),
     "wrong_type": lambda pid="p-1": header_and_buffers(part_id_=pid, type="verdict"),

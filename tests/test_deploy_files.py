@@ -28,6 +28,9 @@ COUNTERS = {
     "inspectd_frames_refused_total",
     "inspectd_verdicts_total",
     "inspectd_actor_restarts_total",
+    "inspectd_map_write_failures_total",
+    "inspectd_log_failures_total",
+    "inspectd_maps_pruned_total",
 }
 GAUGES = {
     "inspectd_queue_depth",
@@ -35,15 +38,19 @@ GAUGES = {
     "inspectd_actors",
     "inspectd_ready",
     "inspectd_build_info",
+    "inspectd_emit_queue",
+    "inspectd_storage_free_bytes",
+    "inspectd_storage_size_bytes",
 }
-HISTOGRAMS = {"inspectd_latency_seconds", "inspectd_stage_seconds"}
+HISTOGRAMS = {"inspectd_latency_seconds", "inspectd_stage_seconds", "inspectd_frame_age_seconds"}
 SERIES = (
     COUNTERS
     | GAUGES
     | {f"{h}{suffix}" for h in HISTOGRAMS for suffix in ("_bucket", "_sum", "_count")}
     | {"up"}
 )
-LABELS = {"sensor_id", "reason", "product", "verdict", "stage", "backend", "version", "le", "job", "instance"}
+LABELS = {"sensor_id", "reason", "product", "verdict", "stage", "backend", "version", "le", "job", "instance",
+          "volume", "lane"}
 LABEL_VALUES = {
     "verdict": {"pass", "fail", "review", "error"},
     "stage": {"decode", "queue", "preprocess", "score", "map_back", "decision", "log", "maps", "publish"},

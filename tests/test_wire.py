@@ -88,3 +88,50 @@ def test_a_stopped_stream_reports_exactly_what_it_sent() -> None:
         received += 1
     ctx.destroy(linger=0)
     assert 0 < sent < 1000 and received == sent
+
+
+def test_deeply_nested_header_is_refused_and_salvage_never_raises() -> None:
+    nested = [b"[" * 1000 + b"]" * 1000, b""]
+    with pytest.raises(FrameError) as e:
+        decode_frame(nested)
+    assert e.value.reason == "header_not_json"
+    assert salvage_header(nested) == {}
+    deep_truth = b'{"truth":' + b'{"a":' * 900 + b"1" + b"}" * 901
+    assert salvage_header([deep_truth]) == {}
+    for junk in ([], [b""], [b"\x00" * 10], [b"[]"], [b'{"seq": 1e999}'], [bytes(20_000)]):
+        salvage_header(junk)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"product": "flange\n"},
+        {"protocol": True},
+        {"seq": 2**63},
+        {"seq": -1},
+        {"seq": True},
+        {"sensor_id": "s" * 257},
+        {"part_id": ""},
+        {"truth": {"a": {"b": {"c": {"d": {}}}}}},
+        {"buffers": [{"name": ["points"], "dtype": "float32", "shape": [6, 5, 3]}]},
+        {"buffers": [{"name": "points", "dtype": {"x": 1}, "shape": [6, 5, 3]}]},
+    ],
+)
+def test_hostile_fields_are_refused(change: dict) -> None:
+    with pytest.raises(FrameError) as e:
+        decode_frame(header_and_buffers(**change))
+    assert e.value.reason in {"bad_field", "unknown_version", "unsupported_dtype"}
+
+
+def test_salvage_drops_fields_a_verdict_could_not_carry() -> None:
+    ident = salvage_header(header_and_buffers(seq=2**70, product="flange\n", truth={"a": {"b": {"c": {"d": {}}}}}))
+    assert "seq" not in ident and "product" not in ident and "truth" not in ident
+    assert ident["part_id"] == "p-1"
+
+
+def test_size_caps_follow_max_points() -> None:
+    from sensors.wire import MAX_HEADER_BYTES, max_message_bytes, max_part_bytes
+
+    assert max_part_bytes(1000) == MAX_HEADER_BYTES
+    assert max_part_bytes(1_000_000) == 12_000_000
+    assert max_message_bytes(1_000_000) == 16_000_000 + MAX_HEADER_BYTES
