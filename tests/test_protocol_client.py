@@ -109,7 +109,7 @@ def test_protocol_2_ack_resend_and_replay(daemon: RunningDaemon) -> None:
 
     def frame(seq: int, part_id: str) -> list[bytes]:
         header = {"protocol": 2, "sensor_id": sensor_id, "product": PRODUCT, "part_id": part_id, "seq": seq,
-                  "capture_time": 1795430400.0 + seq,
+                  "capture_time": time.time(),
                   "buffers": [{"name": "points", "dtype": "float32", "shape": [h, w, 3]}]}
         return [json.dumps(header).encode("utf-8"), raw]
 
