@@ -82,6 +82,7 @@ class Republish:
     def __init__(self, header: dict[str, Any]) -> None:
         self.header = header
 
+
 VERSION = "0.1.0"
 _STOP = object()
 
@@ -577,4 +578,3 @@ class InspectionService:
         self.metrics.verdicts.labels(product=product, verdict=verdict).inc()
         self.metrics.latency.labels(product=product).observe(t3 - header["received_at"])
         self.metrics.observe_stages(timings)
-
