@@ -92,6 +92,35 @@ class Daemon:
         return json.loads(self.get_text(path))
 
 
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (Ray's workers start their own sessions, so not just the group)."""
+    parent: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    """The processes of ``pids`` still running (a zombie has exited)."""
+    out = set()
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("Z", "X"):
+            out.add(p)
+    return out
+
+
 def _group_alive(pgid: int) -> bool:
     try:
         os.killpg(pgid, 0)
@@ -183,7 +212,10 @@ def test_kill9_with_a_full_pipeline_then_restart(enrolled_models: Path, scans: P
         wait_for(lambda: sum(rows_by_seq(db, sid).values()) >= 4, 300, "the first verdicts")
         wait_for(lambda: _metric(d1.get_text("/metrics"), "inspectd_queue_depth") >= 4, 120, "a full queue")
         queued = _metric(d1.get_text("/metrics"), "inspectd_queue_depth")
+        ray_procs = descendants(d1.proc.pid)
+        assert len(ray_procs) >= 3  # Ray's GCS, raylet and the two scoring actors at least
         d1.kill()
+        wait_for(lambda: not alive(ray_procs), 60, "the killed daemon's Ray processes to exit")
         committed = sum(rows_by_seq(db, sid).values())
         assert committed < n
         d2 = Daemon(cfg, tmp_path, "second")
