@@ -98,7 +98,16 @@ class PreprocessConfig(Section):
 
 class ColdStartConfig(Section):
     enabled: bool = True
-    """Score products without a model by the cold-start model (``<models_dir>/_zeroshot``), if present."""
+    """Score products without a model by the cold-start model (``<models_dir>/_zeroshot``), if present:
+    only products listed under ``products:`` or matching ``cold_start.products``; any other name
+    without a model is refused with ``unknown_product``."""
+    products: list[str] = []
+    """Names or shell-style patterns (``fnmatch``, e.g. ``bracket-*``) of products the cold-start
+    model may score, in addition to the products listed under ``products:``."""
+    pass_fail: list[str] = []
+    """Names or patterns of cold-start products whose verdicts may be pass / fail. Every other
+    cold-start verdict is ``review`` (with its map): the cold-start model ranks parts below
+    chance on some products (docs/results/zeroshot.md)."""
     keep_frames: int = Field(64, ge=0)
     """Recent cold-start frames held in memory, so an operator can mark them good."""
     collect_dir: Path = Path("out/collected")

@@ -34,7 +34,7 @@ from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
 
 N_ENROLL = 16  # fewer leaves pose-dependent views (e.g. into a bore) uncovered: measured AUROC 0.92 at 8, 0.98 at 16
-N_CALIBRATE = 8
+N_CALIBRATE = 10  # at least daemon.decision.min_parts(0.01) = 9 for the default target FRR
 
 
 def write_demo_config(out: Path, products: list[str], scorer: str = "patchcore-fpfh") -> tuple[Path, Config]:

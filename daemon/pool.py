@@ -64,7 +64,7 @@ class ActorPool:
         self.size = pool_size(cfg)
         models = str(cfg.storage.models_dir.resolve())
         self.actors = [
-            remote.remote(models, products, cfg.workers.threads_per_actor, cfg.workers.backend) for _ in range(self.size)
+            remote.remote(models, cfg.workers.threads_per_actor, cfg.workers.backend) for _ in range(self.size)
         ]
         self.load = [0] * self.size
         self.inflight: dict[ray.ObjectRef, tuple[int, list[Job]]] = {}
@@ -159,8 +159,8 @@ class ActorPool:
                 except RayActorError:
                     self.probes[i] = self.actors[i].info.remote()
 
-    def reload(self, product: str, timeout: float = 60.0) -> list[str]:
-        """Load a product's new model in every actor (hot swap); returns the versions loaded."""
+    def reload(self, product: str, timeout: float = 60.0) -> list[dict[str, str]]:
+        """Load a product's ``current`` model in every actor (hot swap); returns what each loaded."""
         return ray.get([a.reload.remote(product) for a in self.actors], timeout=timeout)
 
     def shutdown(self) -> None:
