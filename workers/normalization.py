@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+
 @dataclass(frozen=True)
 class ScoreNormalizer:
     """``normalize(s) = (s - center) / scale``; ``center`` and ``scale`` come from good parts."""

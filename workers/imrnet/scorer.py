@@ -640,6 +640,7 @@ class IMRNetScorer(Scorer):
 
         if len(clouds) == 0:
             raise ValueError("imrnet needs at least one good training cloud")
+        model, source = self._initial_model()  # first: missing pretrained weights refuse before any work
         self._runners = None  # fit trains and measures on the torch module itself
         t0 = time.perf_counter()
         raw = [self._check(c).astype(np.float64) for c in clouds]
@@ -664,7 +665,6 @@ class IMRNetScorer(Scorer):
         pool = pool_from_clouds([_np(r) for rs in reduced for r in rs[: self.finetune_samplings]])
         t1 = time.perf_counter()
 
-        model, source = self._initial_model()
         settings = TrainSettings.finetune(
             steps=self.finetune_steps, lr=self.finetune_lr, batch_size=self.batch_size, mask_ratio=self.mask_ratio,
             sampler=self.sampler, tau=self.tau, density_ratio=self.density_ratio,
