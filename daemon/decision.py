@@ -37,7 +37,7 @@ FRR_TOLERANCE = 5.0
 """Part-count rule: one standard error of the fitted quantile may raise the FRR at most this much."""
 MAX_MEDIAN_RATIO = 20.0
 """Non-negative scores: a good part scoring more than this × the median is not plausible."""
-NEAR_ZERO_RATIO = 0.05
+NEAR_ZERO_RATIO = 0.01
 """Non-negative scores: below this × the median a part looks like one the scorer was fitted on."""
 MAX_LOO_Z = 10.0
 """Real-valued scores: a good score further than this many standard deviations of the other
@@ -117,6 +117,15 @@ def _named(idx: np.ndarray, part_ids: Sequence[str] | None, scores: np.ndarray) 
     return ", ".join(shown) + (f" and {len(idx) - 5} more" if len(idx) > 5 else "")
 
 
+def check_part_count(n: int, target_frr: float) -> None:
+    """Refuse fewer than ``min_parts(target_frr)`` calibration parts."""
+    need = min_parts(target_frr)
+    if n < need:
+        raise CalibrationRefused(f"{n} good parts are too few for a target false-reject rate of {target_frr:g}: "
+                                 f"it needs at least {need}; add good parts the model was not fitted on, "
+                                 "or raise --target-frr")
+
+
 def _leave_one_out_z(s: np.ndarray) -> np.ndarray:
     """|s_i - median(others)| / std(others), for every i (n ≤ a few hundred: an n×n mask is fine)."""
     n = len(s)
@@ -134,11 +143,7 @@ def check_good_scores(s: np.ndarray, target_frr: float, domain: str, part_ids: S
     if len(bad):
         raise CalibrationRefused(f"non-finite scores for {_named(bad, part_ids, s)}: check these scans "
                                  "(too few valid points?) and remove them from the calibration folder")
-    need = min_parts(target_frr)
-    if len(s) < need:
-        raise CalibrationRefused(f"{len(s)} good parts are too few for a target false-reject rate of {target_frr:g}: "
-                                 f"it needs at least {need}; add good parts the model was not fitted on, "
-                                 "or raise --target-frr")
+    check_part_count(len(s), target_frr)
     med = float(np.median(s))
     if domain == "nonnegative":
         neg = np.flatnonzero(s < 0)

@@ -28,6 +28,7 @@ import yaml
 import zmq
 
 from daemon.config import Config
+from daemon.decision import describe
 from daemon.enrollment import calibrate, enroll
 from daemon.process import DaemonProcess, free_port
 from sensors.simulated import simulated_parts
@@ -98,7 +99,7 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
         rec = calibrate(cfg.storage.models_dir, product, good[N_ENROLL:], cfg.decision.target_frr, progress=False)
         print(
             f"   enrolled {product} on {N_ENROLL} good parts, calibrated on {N_CALIBRATE} others: "
-            f"threshold {rec['threshold']:.4f} ({time.time() - t0:.1f}s)",
+            f"{describe(rec)} ({time.time() - t0:.1f}s)",
             flush=True,
         )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from daemon.decision import CalibrationRefused, calibrate_threshold
+from daemon.decision import CalibrationRefused, calibrate_threshold, check_part_count
 from sensors.frame import Frame, FrameMeta
 from sensors.pointfiles import SCAN_SUFFIXES, read_scan
 from workers.frame_scoring import score_frame
@@ -64,6 +64,8 @@ def enroll(
     With ``holdout`` frames the model is calibrated on them before it is written, so a refused
     calibration (``CalibrationRefused``) leaves no new revision behind. A learned scorer whose
     pretrained weights are missing refuses to fit from random weights unless ``allow_random_init``."""
+    if holdout:
+        check_part_count(len(holdout), target_frr)  # refuse before the fit, not after
     clouds = [prepare(f, preprocess) for f in tqdm(frames, desc=f"prepare {product}", disable=not progress)]
     params = {"voxel_size": preprocess.voxel_size, **(scorer_params or {})}
     scorer = scorer_class(scorer_name)(**params)
@@ -94,9 +96,10 @@ def calibration_record(
 ) -> dict[str, Any]:
     """Score good ``frames`` with ``scorer`` and calibrate; refuses (``CalibrationRefused``) parts
     the scorer was fitted on and the cases of ``daemon.decision.calibrate_threshold``."""
+    check_part_count(len(frames), target_frr)  # before scoring: no minutes of work for a refusal
     if train_part_hashes is None:
-        log.warning("the model of %s does not list its training parts (migrated from format 1): "
-                    "calibration cannot check that these parts were not used to fit it", product)
+        log.warning("the model of %s does not list its training parts (migrated from format 1, or saved by "
+                    "`inspectd train`): calibration cannot check that these parts were not used to fit it", product)
     trained = set(train_part_hashes or [])
     reused = [str(f.meta.part_id) for f in frames if part_hash(f.points) in trained]
     if reused:

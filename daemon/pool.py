@@ -160,8 +160,18 @@ class ActorPool:
                     self.probes[i] = self.actors[i].info.remote()
 
     def reload(self, product: str, timeout: float = 60.0) -> list[dict[str, str]]:
-        """Load a product's ``current`` model in every actor (hot swap); returns what each loaded."""
-        return ray.get([a.reload.remote(product) for a in self.actors], timeout=timeout)
+        """Load a product's ``current`` model in every live actor (hot swap); returns what each
+        loaded. An actor that died meanwhile is skipped: Ray's restart loads ``current`` itself."""
+        refs = [a.reload.remote(product) for a in self.actors]
+        loaded = []
+        for ref in refs:
+            try:
+                loaded.append(ray.get(ref, timeout=timeout))
+            except RayActorError:  # dispatch notices the death on its own; nothing shared is touched here
+                log.warning("an actor died during the reload of %s; its restart loads the current model", product)
+        if not loaded:
+            raise RuntimeError("no actor is alive to load the model")
+        return loaded
 
     def shutdown(self) -> None:
         for a in self.actors:
