@@ -80,9 +80,11 @@ class WorkersConfig(Section):
 
 class DecisionConfig(Section):
     review_band: float = Field(0.1, ge=0, lt=1)
-    """Relative band around the threshold t: pass below t(1-b), fail from t(1+b), review between."""
+    """Band b around the threshold t, relative to its distance from the good-part median m: pass
+    below t - b(t - m), fail from t + b(t - m), review between (any score domain; docs/decision.md)."""
     target_frr: float = Field(0.01, gt=0, lt=0.5)
-    """False-reject rate that ``inspectd calibrate`` aims at on good parts."""
+    """False-reject rate that ``inspectd calibrate`` aims at on good parts; it needs at least
+    ``daemon.decision.min_parts(target_frr)`` calibration parts (9 at 0.01)."""
 
 
 class PreprocessConfig(Section):
