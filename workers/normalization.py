@@ -48,16 +48,16 @@ class ScoreNormalizer:
         return cls(center, scale)
 
     def normalize(self, scores: float | np.ndarray) -> Any:
-        """Raw → normalized (a float for a float, an array for an array; NaN stays NaN)."""
-        return (np.asarray(scores, dtype=np.float64) - self.center) / self.scale if isinstance(
-            scores, np.ndarray
-        ) else (float(scores) - self.center) / self.scale
+        """Raw → normalized: a float for a float, a float64 array for an array (NaN stays NaN)."""
+        if isinstance(scores, np.ndarray):
+            return (scores.astype(np.float64) - self.center) / self.scale
+        return (float(scores) - self.center) / self.scale
 
     def denormalize(self, z: float | np.ndarray) -> Any:
         """Normalized → raw (the inverse of ``normalize``)."""
-        return np.asarray(z, dtype=np.float64) * self.scale + self.center if isinstance(
-            z, np.ndarray
-        ) else float(z) * self.scale + self.center
+        if isinstance(z, np.ndarray):
+            return z.astype(np.float64) * self.scale + self.center
+        return float(z) * self.scale + self.center
 
     def to_dict(self) -> dict[str, float]:
         return {"center": self.center, "scale": self.scale}
