@@ -110,8 +110,9 @@ def _post(url: str, body: dict | None = None) -> dict:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from daemon.config import load_config
-    from daemon.enrollment import calibrate, enroll, load_frames
-    from workers.model_store import ZERO_SHOT_MODEL
+    from daemon.decision import describe
+    from daemon.enrollment import enroll, load_frames
+    from workers.model_store import CALIBRATION_FILE, ZERO_SHOT_MODEL
 
     cfg = load_config(args.config)
     models = Path(args.models or cfg.storage.models_dir)
@@ -122,14 +123,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     k = args.holdout
     if k and len(frames) - k < 1:
         raise ValueError(f"--holdout {k} leaves no part to fit on ({len(frames)} parts)")
-    path = enroll(models, product, frames[: len(frames) - k], args.scorer, cfg.preprocess.params())
+    frr = args.target_frr if args.target_frr is not None else cfg.decision.target_frr
+    path = enroll(models, product, frames[: len(frames) - k], args.scorer, cfg.preprocess.params(),
+                  allow_random_init=args.allow_random_init, holdout=frames[len(frames) - k:] if k else (),
+                  target_frr=frr)
     print(f"enrolled {product} ({args.scorer}, {len(frames) - k} good parts) → {path}")
     if k:
-        rec = calibrate(models, product, frames[-k:], cfg.decision.target_frr)
-        print(f"calibrated {product} on the {k} held-out parts: threshold {rec['threshold']:.5g}")
+        rec = json.loads((path / CALIBRATION_FILE).read_text())
+        print(f"calibrated {product} on the {k} held-out parts: {describe(rec)}")
     if args.notify:
         reply = _post(f"{args.notify.rstrip('/')}/v1/products/{product}/reload")
-        print(f"daemon now serves {product} with model {reply['model_version']} on {reply['actors']} actors")
+        print(f"daemon now serves {product} with model {reply['model_version']} (revision "
+              f"{reply.get('model_revision')}) on {reply['actors']} actors")
     return 0
 
 
@@ -142,14 +147,42 @@ def cmd_mark_good(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from daemon.config import load_config
+    from daemon.decision import describe
     from daemon.enrollment import calibrate, load_frames
 
     cfg = load_config(args.config)
     models = Path(args.models or cfg.storage.models_dir)
     frr = args.target_frr if args.target_frr is not None else cfg.decision.target_frr
     rec = calibrate(models, args.product, load_frames(args.good, args.product), frr)
-    print(f"calibrated {args.product}: threshold {rec['threshold']:.5g} (target FRR {frr}, {rec['n_good']} good parts)")
+    print(f"calibrated {args.product} (revision {rec['revision']}): {describe(rec)}")
+    if args.notify:
+        reply = _post(f"{args.notify.rstrip('/')}/v1/products/{args.product}/reload")
+        print(f"daemon now serves {args.product} revision {reply.get('model_revision')} on {reply['actors']} actors")
     return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from workers.model_store import (
+        CURRENT,
+        LATEST,
+        ZERO_SHOT_MODEL,
+        enrolled_products,
+        has_model,
+        legacy_products,
+        migrate_models_dir,
+        read_pointer,
+    )
+
+    if args.action == "migrate":
+        done = migrate_models_dir(args.dir)
+        print(f"migrated {len(done)} model folder(s) in {args.dir} to format 2" + (f": {', '.join(done)}" if done else ""))
+        return 0
+    old = legacy_products(args.dir)
+    for name in enrolled_products(args.dir) + ([ZERO_SHOT_MODEL] if has_model(args.dir, ZERO_SHOT_MODEL) else []):
+        print(f"{name}: latest {read_pointer(args.dir, name, LATEST)}, served {read_pointer(args.dir, name, CURRENT)}")
+    for name in old:
+        print(f"{name}: old format 1, run `inspectd models migrate {args.dir}`")
+    return 1 if old else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -207,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--good", required=True, action="append", help="folder of good scans (repeatable)")
     e.add_argument("--scorer", default="patchcore-fpfh")
     e.add_argument("--holdout", type=int, default=0, help="keep the last K parts out of the fit and calibrate on them")
+    e.add_argument("--target-frr", type=float, help="false-reject rate for --holdout (default: decision.target_frr)")
+    e.add_argument("--allow-random-init", action="store_true",
+                   help="let a learned scorer fit from random weights when its pretrained weights are missing")
     e.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new model live")
     e.add_argument("--config")
     e.add_argument("--models", help="models folder (default: the config's storage.models_dir)")
@@ -222,9 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--product", required=True)
     c.add_argument("--good", required=True, help="folder of good scans NOT used for enrollment")
     c.add_argument("--target-frr", type=float)
+    c.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new calibration live")
     c.add_argument("--config")
     c.add_argument("--models")
     c.set_defaults(func=cmd_calibrate)
+
+    mo = sub.add_parser("models", help="list or migrate a models folder")
+    mo.add_argument("action", choices=["list", "migrate"])
+    mo.add_argument("dir", help="the models folder (storage.models_dir)")
+    mo.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="enroll, calibrate, start the daemon and a simulated camera, report")
     d.add_argument("--out", default="out/demo")

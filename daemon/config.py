@@ -120,9 +120,11 @@ class WorkersConfig(Section):
 
 class DecisionConfig(Section):
     review_band: float = Field(0.1, ge=0, lt=1)
-    """Relative band around the threshold t: pass below t(1-b), fail from t(1+b), review between."""
+    """Band b around the threshold t, relative to its distance from the good-part median m: pass
+    below t - b(t - m), fail from t + b(t - m), review between (any score domain; docs/decision.md)."""
     target_frr: float = Field(0.01, gt=0, lt=0.5)
-    """False-reject rate that ``inspectd calibrate`` aims at on good parts."""
+    """False-reject rate that ``inspectd calibrate`` aims at on good parts; it needs at least
+    ``daemon.decision.min_parts(target_frr)`` calibration parts (9 at 0.01)."""
 
 
 class PreprocessConfig(Section):
@@ -143,7 +145,16 @@ class PreprocessConfig(Section):
 
 class ColdStartConfig(Section):
     enabled: bool = True
-    """Score products without a model by the cold-start model (``<models_dir>/_zeroshot``), if present."""
+    """Score products without a model by the cold-start model (``<models_dir>/_zeroshot``), if present:
+    only products listed under ``products:`` or matching ``cold_start.products``; any other name
+    without a model is refused with ``unknown_product``."""
+    products: list[str] = []
+    """Names or shell-style patterns (``fnmatch``, e.g. ``bracket-*``) of products the cold-start
+    model may score, in addition to the products listed under ``products:``."""
+    pass_fail: list[str] = []
+    """Names or patterns of cold-start products whose verdicts may be pass / fail. Every other
+    cold-start verdict is ``review`` (with its map): the cold-start model ranks parts below
+    chance on some products (docs/results/zeroshot.md)."""
     keep_frames: int = Field(64, ge=0)
     """Recent cold-start frames held in memory, so an operator can mark them good."""
     collect_dir: Path = Path("out/collected")

@@ -28,13 +28,14 @@ import yaml
 import zmq
 
 from daemon.config import Config
+from daemon.decision import describe
 from daemon.enrollment import calibrate, enroll
 from daemon.process import DaemonProcess, free_port
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
 
 N_ENROLL = 16  # fewer leaves pose-dependent views (e.g. into a bore) uncovered: measured AUROC 0.92 at 8, 0.98 at 16
-N_CALIBRATE = 8
+N_CALIBRATE = 10  # at least daemon.decision.min_parts(0.01) = 9 for the default target FRR
 
 
 def write_demo_config(out: Path, products: list[str], scorer: str = "patchcore-fpfh") -> tuple[Path, Config]:
@@ -98,7 +99,7 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
         rec = calibrate(cfg.storage.models_dir, product, good[N_ENROLL:], cfg.decision.target_frr, progress=False)
         print(
             f"   enrolled {product} on {N_ENROLL} good parts, calibrated on {N_CALIBRATE} others: "
-            f"threshold {rec['threshold']:.4f} ({time.time() - t0:.1f}s)",
+            f"{describe(rec)} ({time.time() - t0:.1f}s)",
             flush=True,
         )
 

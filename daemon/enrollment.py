@@ -2,7 +2,9 @@
 
 Both read a folder of scans (PCD, PLY or XYZ TIFF) of one product. Calibration must use good
 parts the scorer was NOT fitted on: a memory bank scores its own training parts near zero,
-which would put the threshold far too low.
+which would put the threshold far too low. So enrollment stores a content hash of every
+training part in the model, and calibration refuses a part whose hash is among them, besides
+the checks of ``daemon.decision.calibrate_threshold`` (domain, spread, number of parts).
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from daemon.decision import calibrate_threshold
+from daemon.decision import CalibrationRefused, calibrate_threshold, check_part_count
 from sensors.frame import Frame, FrameMeta
 from sensors.pointfiles import SCAN_SUFFIXES, read_scan
 from workers.frame_scoring import score_frame
 from workers.model_store import load_product_model, save_product_model, write_calibration
 from workers.preprocess import PreprocessParams, prepare
-from workers.scorer import hash_training_data, scorer_class
+from workers.scorer import Scorer, hash_training_data, part_hash, scorer_class
 
 log = logging.getLogger("inspectd.enroll")
 
@@ -53,28 +55,76 @@ def enroll(
     preprocess: PreprocessParams,
     scorer_params: dict[str, Any] | None = None,
     progress: bool = True,
+    allow_random_init: bool = False,
+    holdout: Sequence[Frame] = (),
+    target_frr: float = 0.01,
 ) -> Path:
-    """Fit ``scorer_name`` on good ``frames`` and write the product's model folder."""
+    """Fit ``scorer_name`` on good ``frames`` and write a new revision of the product's model.
+
+    With ``holdout`` frames the model is calibrated on them before it is written, so a refused
+    calibration (``CalibrationRefused``) leaves no new revision behind. A learned scorer whose
+    pretrained weights are missing refuses to fit from random weights unless ``allow_random_init``."""
+    if holdout:
+        check_part_count(len(holdout), target_frr)  # refuse before the fit, not after
     clouds = [prepare(f, preprocess) for f in tqdm(frames, desc=f"prepare {product}", disable=not progress)]
     params = {"voxel_size": preprocess.voxel_size, **(scorer_params or {})}
     scorer = scorer_class(scorer_name)(**params)
+    if allow_random_init:
+        scorer.allow_random_init = True
     scorer.fit(clouds, progress=progress)
-    path = save_product_model(models_dir, product, scorer, preprocess, hash_training_data(clouds))
+    hashes = [part_hash(f.points) for f in frames]
+    train_hash = hash_training_data(clouds)
+    record = None
+    if holdout:
+        record = calibration_record(scorer, preprocess, hashes, holdout, target_frr, progress, product)
+        record["model_version"] = f"{scorer.version}+{train_hash[:12]}"
+    path = save_product_model(models_dir, product, scorer, preprocess, train_hash, hashes, record)
+    if record is not None:
+        record["revision"] = path.name
     log.info("enrolled %s with %s on %d good parts → %s", product, scorer_name, len(frames), path)
     return path
+
+
+def calibration_record(
+    scorer: Scorer,
+    preprocess: PreprocessParams,
+    train_part_hashes: list[str] | None,
+    frames: Sequence[Frame],
+    target_frr: float,
+    progress: bool = True,
+    product: str = "",
+) -> dict[str, Any]:
+    """Score good ``frames`` with ``scorer`` and calibrate; refuses (``CalibrationRefused``) parts
+    the scorer was fitted on and the cases of ``daemon.decision.calibrate_threshold``."""
+    check_part_count(len(frames), target_frr)  # before scoring: no minutes of work for a refusal
+    if train_part_hashes is None:
+        log.warning("the model of %s does not list its training parts (migrated from format 1, or saved by "
+                    "`inspectd train`): calibration cannot check that these parts were not used to fit it", product)
+    trained = set(train_part_hashes or [])
+    reused = [str(f.meta.part_id) for f in frames if part_hash(f.points) in trained]
+    if reused:
+        raise CalibrationRefused(
+            f"{len(reused)} of the {len(frames)} calibration parts were used to fit the model "
+            f"({', '.join(reused[:5])}{'…' if len(reused) > 5 else ''}): a model scores its own "
+            "training parts near zero, which would put the threshold far too low; calibrate on other good "
+            "parts (or `inspectd enroll --holdout K`, which keeps K parts out of the fit)")
+    scores = [
+        score_frame(scorer, f, preprocess).object_score
+        for f in tqdm(frames, desc=f"calibrate {product}", disable=not progress)
+    ]
+    return calibrate_threshold(scores, target_frr, scorer.score_domain, [str(f.meta.part_id) for f in frames])
 
 
 def calibrate(
     models_dir: str | Path, product: str, frames: Sequence[Frame], target_frr: float, progress: bool = True
 ) -> dict[str, Any]:
-    """Score held-out good ``frames`` and write the product's threshold (calibration.json)."""
+    """Score held-out good ``frames`` with the product's latest model and write its threshold (a
+    new revision with calibration.json). Raises ``CalibrationRefused`` (a ValueError) saying what to do."""
     model = load_product_model(models_dir, product)
-    scores = [
-        score_frame(model.scorer, f, model.preprocess).object_score
-        for f in tqdm(frames, desc=f"calibrate {product}", disable=not progress)
-    ]
-    record = calibrate_threshold(scores, target_frr)
+    record = calibration_record(model.scorer, model.preprocess, model.meta.get("train_part_hashes"), frames,
+                                target_frr, progress, product)
     record["model_version"] = model.model_version
-    write_calibration(models_dir, product, record)
-    log.info("calibrated %s: threshold %.4g from %d good parts", product, record["threshold"], len(scores))
+    record["calibrated_revision"] = model.revision
+    record["revision"] = write_calibration(models_dir, product, record).name
+    log.info("calibrated %s: threshold %.4g from %d good parts", product, record["threshold"], len(frames))
     return record

@@ -78,7 +78,7 @@ class ActorPool:
         self.size = n_normal + cfg.workers.large_actors
         self.lane_of = [NORMAL] * n_normal + [LARGE] * cfg.workers.large_actors
         models = str(cfg.storage.models_dir.resolve())
-        args = (models, products, cfg.workers.threads_per_actor, cfg.workers.backend)
+        args = (models, cfg.workers.threads_per_actor, cfg.workers.backend)
         self.actors = [(normal if lane == NORMAL else large).remote(*args) for lane in self.lane_of]
         self.load = [0] * self.size
         self.busy_until = [0.0] * self.size
@@ -199,9 +199,19 @@ class ActorPool:
                 except RayActorError:
                     self.probes[i] = self.actors[i].info.remote()
 
-    def reload(self, product: str, timeout: float = 60.0) -> list[str]:
-        """Load a product's new model in every actor (hot swap); returns the versions loaded."""
-        return ray.get([a.reload.remote(product) for a in self.actors], timeout=timeout)
+    def reload(self, product: str, timeout: float = 60.0) -> list[dict[str, str]]:
+        """Load a product's ``current`` model in every live actor (hot swap); returns what each
+        loaded. An actor that died meanwhile is skipped: Ray's restart loads ``current`` itself."""
+        refs = [a.reload.remote(product) for a in self.actors]
+        loaded = []
+        for ref in refs:
+            try:
+                loaded.append(ray.get(ref, timeout=timeout))
+            except RayActorError:  # dispatch notices the death on its own; nothing shared is touched here
+                log.warning("an actor died during the reload of %s; its restart loads the current model", product)
+        if not loaded:
+            raise RuntimeError("no actor is alive to load the model")
+        return loaded
 
     def shutdown(self) -> None:
         for a in self.actors:

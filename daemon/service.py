@@ -24,16 +24,20 @@ it; protocol-2 sensors resend). On SIGTERM ingest unbinds its endpoint (no new f
 what is already in the ZeroMQ pipe, and the threads finish in order (ingest, dispatch,
 emitter) before the log and Ray close; ``stop`` returns how many frames were left unanswered.
 
-Cold start: a product with no model of its own is scored by the cold-start model
-(``<models_dir>/_zeroshot``) and its verdicts say ``"zero_shot": true``. The daemon holds its
+Cold start: a product with no model of its own, listed under ``products:`` or matching
+``cold_start.products``, is scored by the cold-start model (``<models_dir>/_zeroshot``); its
+verdicts say ``"zero_shot": true`` and are ``review`` unless it matches ``cold_start.pass_fail``.
+Any other unknown name is refused with ``unknown_product``. The daemon holds its
 recent frames so an operator can mark good ones (``POST /v1/products/<p>/good``, or
 ``inspectd mark-good``); ``inspectd enroll --notify`` then makes every actor load the new
-model (``POST /v1/products/<p>/reload``). Frames keep flowing meanwhile: each verdict uses
-the model, and that model's threshold, which scored it.
+model (``POST /v1/products/<p>/reload``, which points the product's ``current`` revision at
+the new one, so an actor Ray restarts later loads it too). Frames keep flowing meanwhile:
+each verdict uses the model, and that model's threshold, which scored it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import queue
@@ -49,7 +53,7 @@ import ray
 import zmq
 
 from daemon.config import Config, held_frames, pub_hwm
-from daemon.decision import Thresholds, decide
+from daemon.decision import Thresholds, decide, thresholds_from
 from daemon.delivery import Delivery, Republish, peek_protocol
 from daemon.emitter import Emitter
 from daemon.lanes import ERRORS, SCORED, EmitLanes
@@ -61,7 +65,15 @@ from daemon.resultlog import LogReader, ResultLog
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.wire import decode_frame, max_part_bytes, salvage_header
-from workers.model_store import ZERO_SHOT_MODEL, enrolled_products, product_dir
+from workers.model_store import (
+    CURRENT,
+    ZERO_SHOT_MODEL,
+    check_models_dir,
+    enrolled_products,
+    has_model,
+    read_pointer,
+    switch_current,
+)
 
 #: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
 FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
@@ -99,6 +111,7 @@ class InspectionService:
         self.cold_start = False
         self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
         self.held_lock = threading.Lock()
+        self.reload_lock = threading.Lock()
         self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.is_live, api=self.api)
         self.ctx = zmq.Context()
         self.pool: ActorPool | None = None
@@ -228,11 +241,14 @@ class InspectionService:
     def _load_products(self) -> list[str]:
         """Enrolled products, and whether a cold-start model serves the others."""
         models = self.cfg.storage.models_dir
+        check_models_dir(models)
         enrolled = enrolled_products(models)
         self.products = set(enrolled)
         for name in enrolled:
             self.metrics.allow_product(name)
-        self.cold_start = self.cfg.cold_start.enabled and (product_dir(models, ZERO_SHOT_MODEL) / "meta.json").is_file()
+        self.cold_start = self.cfg.cold_start.enabled and has_model(models, ZERO_SHOT_MODEL)
+        for product in enrolled + ([ZERO_SHOT_MODEL] if has_model(models, ZERO_SHOT_MODEL) else []):
+            switch_current(models, product)  # serve the newest revision; restarted actors load it too
         for name in self.cfg.products:
             if name not in enrolled:
                 log.warning("product %s is configured but not enrolled in %s%s", name, models,
@@ -240,12 +256,23 @@ class InspectionService:
         log.info("products: %s; cold start %s", ", ".join(enrolled) or "(none)", "on" if self.cold_start else "off")
         return enrolled
 
-    def thresholds_for(self, product: str, calibrated: float | None) -> Thresholds | None:
-        """The config's override, else the threshold calibrated with the model that scored."""
+    def thresholds_for(self, product: str, calibration: dict[str, Any] | None) -> Thresholds | None:
+        """The config's override, else the threshold calibrated with the model that scored; the
+        review band is placed with that calibration's good-part median (``daemon.decision``)."""
         pc = self.cfg.products.get(product)
         band = pc.review_band if pc and pc.review_band is not None else self.cfg.decision.review_band
-        thr = pc.threshold if pc and pc.threshold is not None else calibrated
-        return Thresholds(float(thr), band) if thr is not None else None
+        return thresholds_from(calibration, band, pc.threshold if pc else None)
+
+    def routes_to_cold_start(self, product: str) -> bool:
+        """Whether a product without a model may be scored by the cold-start model: it is listed
+        under ``products:`` or matches ``cold_start.products``."""
+        return self.cold_start and (
+            product in self.cfg.products or any(fnmatch.fnmatchcase(product, p) for p in self.cfg.cold_start.products)
+        )
+
+    def cold_start_decides(self, product: str) -> bool:
+        """Whether a cold-start product opted in to pass / fail (else its verdicts are review)."""
+        return any(fnmatch.fnmatchcase(product, p) for p in self.cfg.cold_start.pass_fail)
 
     # ---------------------------------------------------------------- HTTP API
     def api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
@@ -292,19 +319,32 @@ class InspectionService:
 
     def reload(self, product: str) -> tuple[int, dict[str, Any]]:
         """Make every actor load the product's model from disk (enrollment without a restart)."""
-        if not (product_dir(self.cfg.storage.models_dir, product) / "meta.json").is_file():
-            return 404, {"error": f"no model for {product!r} in {self.cfg.storage.models_dir}"}
+        models = self.cfg.storage.models_dir
+        if not has_model(models, product):
+            return 404, {"error": f"no model for {product!r} in {models}"}
         assert self.pool is not None
-        try:
-            versions = self.pool.reload(product)
-        except Exception as e:  # a broken artifact must not take the daemon down
-            log.exception("reload of %s failed", product)
-            return 500, {"error": f"{type(e).__name__}: {e}"}
+        with self.reload_lock:
+            before = read_pointer(models, product, CURRENT)
+            revision = switch_current(models, product)  # from here on a restarted actor loads the new one
+            try:
+                loaded = self.pool.reload(product)
+                if {(x["model_version"], x["model_revision"]) for x in loaded} != {(loaded[0]["model_version"], revision)}:
+                    raise RuntimeError(f"actors loaded different models: {loaded}")
+            except Exception as e:  # a broken artifact must not take the daemon down: back to the old one
+                log.exception("reload of %s failed; serving revision %s again", product, before)
+                if product in self.products and before != revision:
+                    switch_current(models, product, before)
+                    try:
+                        self.pool.reload(product)
+                    except Exception:
+                        log.exception("re-loading revision %s of %s failed too", before, product)
+                return 500, {"error": f"{type(e).__name__}: {e}"}
         self.products.add(product)
         self.metrics.allow_product(product)
         self.metrics.model_reloads.labels(product=product).inc()
-        log.info("product %s now served by model %s", product, versions[0])
-        return 200, {"product": product, "model_version": versions[0], "actors": len(versions)}
+        log.info("product %s now served by model %s (revision %s)", product, loaded[0]["model_version"], revision)
+        return 200, {"product": product, "model_version": loaded[0]["model_version"], "model_revision": revision,
+                     "actors": len(loaded)}
 
     # ---------------------------------------------------------------- threads
     def _ingest_loop(self) -> None:
@@ -340,8 +380,10 @@ class InspectionService:
             if not self._accept_new(m):
                 continue
             ident = identity(m)
-            if m.product not in self.products and not self.cold_start:
-                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled", received, mono=mono)
+            if m.product not in self.products and not self.routes_to_cold_start(m.product):
+                why = " and is not configured for cold start" if self.cold_start else ""
+                self._emit_error(ident, "unknown_product", f"product {m.product!r} is not enrolled{why}", received,
+                                 mono=mono)
                 continue
             job = Job(frame=frame, received_at=received, received_mono=mono)
             if self._too_old(job):
@@ -510,8 +552,12 @@ class InspectionService:
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
         timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
         score = float(outcome["object_score"])
-        t = self.thresholds_for(m.product, outcome["threshold"])
+        cal = {"threshold": outcome["threshold"], "normalization": outcome.get("normalization")}
+        t = self.thresholds_for(m.product, cal)
         verdict = decide(score, t) if t is not None else "review"
+        if outcome["zero_shot"] and not self.cold_start_decides(m.product):
+            verdict = "review"  # the cold-start model is not trusted to pass or fail parts
+        norm = outcome.get("normalization")
         if outcome["zero_shot"]:
             self._hold(job.frame)
             self.metrics.cold_start_verdicts.labels(product=self.metrics.product_label(m.product)).inc()
@@ -525,6 +571,8 @@ class InspectionService:
             "fail_from": t.fail_from if t else None,
             "scorer": outcome["scorer"],
             "model_version": outcome["model_version"],
+            "model_revision": outcome.get("model_revision"),
+            "score_normalized": (score - norm["center"]) / norm["scale"] if norm else None,
             "backend": outcome["backend"],
             "error": None,
             "received_at": job.received_at,

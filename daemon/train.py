@@ -95,7 +95,7 @@ def finetune(args: argparse.Namespace) -> int:
     from daemon.enrollment import load_frames
     from workers.model_store import save_product_model
     from workers.preprocess import prepare
-    from workers.scorer import hash_training_data, scorer_class
+    from workers.scorer import hash_training_data, part_hash, scorer_class
 
     if not args.product or not args.good:
         print("inspectd train: fine-tuning needs --product and --good (or use --pretrain)", file=sys.stderr)
@@ -116,7 +116,8 @@ def finetune(args: argparse.Namespace) -> int:
         scorer.train_checkpoint = state
         scorer.train_resume = bool(args.resume)
     scorer.fit(clouds, progress=not args.no_progress)
-    path = save_product_model(models, args.product, scorer, pp, hash_training_data(clouds))
+    path = save_product_model(models, args.product, scorer, pp, hash_training_data(clouds),
+                              [part_hash(f.points) for f in frames])
     info = getattr(scorer, "fit_info", {})
     print(f"trained {args.product} ({args.scorer}, {len(frames)} good parts) → {path}"
           + (f"; {json.dumps(info, default=str)}" if info else ""))

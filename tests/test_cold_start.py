@@ -1,19 +1,23 @@
-"""Cold start: a product with no model gets zero-shot verdicts; an operator marks good parts;
-``inspectd enroll --notify`` switches it to a trained model while a sensor streams, and no
-frame is lost."""
+"""Cold start: a product with no model, configured for cold start, gets zero-shot verdicts
+(review unless it opted in to pass / fail); any other unknown name gets ``unknown_product``. An
+operator marks good parts; ``inspectd enroll --notify`` switches the product to a trained model
+while a sensor streams, and no frame is lost."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import zmq
 
+from sensors.frame import Frame
 from sensors.publisher import FramePusher
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
@@ -31,14 +35,47 @@ def inspectd(*args: str) -> str:
     return run.stdout
 
 
-def test_cold_start_to_enrolled_without_losing_a_frame(tmp_path: Path) -> None:
-    models = tmp_path / "models"
+@pytest.fixture(scope="module")
+def cold_start_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder holding only the cold-start model, fitted and calibrated on other products."""
+    root = tmp_path_factory.mktemp("cold")
     for product in ("gear", "nut"):
-        inspectd("simulate", str(tmp_path / "aux" / product), "--product", product, "--count", "3", "--seed", "5")
-    inspectd("enroll", "--cold-start", "--scorer", COLD_START_SCORER, "--good", str(tmp_path / "aux" / "gear"),
-             "--good", str(tmp_path / "aux" / "nut"), "--holdout", "2", "--models", str(models))
+        inspectd("simulate", str(root / "aux" / product), "--product", product, "--count", "4", "--seed", "5")
+    inspectd("enroll", "--cold-start", "--scorer", COLD_START_SCORER, "--good", str(root / "aux" / "gear"),
+             "--good", str(root / "aux" / "nut"), "--holdout", "3", "--target-frr", "0.1", "--models", str(root / "models"))
+    return root / "models"
+
+
+def test_cold_start_routing_and_review_verdicts(cold_start_models: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(cold_start_models, models)
+    with launch_daemon(models, tmp_path, products={NEW: {}},
+                       cold_start={"products": ["bolt-*"], "pass_fail": ["bolt-a"]}) as d:
+        ctx = zmq.Context()
+        sub = d.subscriber(ctx)
+        names = [NEW, "wahser", "bolt-a", "bolt-b"]  # configured, misspelled, opted in, pattern only
+        washers = simulated_parts([NEW], len(names), 0.0, seed=3, good_only=True)
+        with FramePusher(d.ingest) as push:
+            for name, f in zip(names, washers, strict=True):  # washer scans sent under each name
+                push.send(Frame(points=f.points, meta=replace(f.meta, product=name), rgb=f.rgb))
+        got = {v.header["product"]: v.header for v in receive_verdicts(sub, len(names), timeout=90)}
+        ctx.destroy(linger=0)
+    assert set(got) == set(names)
+    assert got["wahser"]["verdict"] == "error" and got["wahser"]["error"]["reason"] == "unknown_product"
+    assert "not configured for cold start" in got["wahser"]["error"]["detail"]
+    for name in (NEW, "bolt-b"):  # not opted in to pass / fail: a person decides, with the map
+        h = got[name]
+        assert h["zero_shot"] and h["verdict"] == "review" and h["map_path"], h
+    h = got["bolt-a"]  # opted in: decided by the calibrated thresholds
+    assert h["zero_shot"] and h["verdict"] == ("pass" if h["score"] < h["review_low"] else
+                                               "fail" if h["score"] >= h["fail_from"] else "review")
+
+
+def test_cold_start_to_enrolled_without_losing_a_frame(cold_start_models: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    shutil.copytree(cold_start_models, models)
     collect = tmp_path / "collected"
-    with launch_daemon(models, tmp_path, cold_start={"collect_dir": str(collect)}) as d:
+    with launch_daemon(models, tmp_path, cold_start={"collect_dir": str(collect), "products": [NEW]}) as d:
         ctx = zmq.Context()
         sub = d.subscriber(ctx)
         sensor = subprocess.Popen(
@@ -50,14 +87,15 @@ def test_cold_start_to_enrolled_without_losing_a_frame(tmp_path: Path) -> None:
         assert len(verdicts) == 6
         assert all(v.header["verdict"] != "error" for v in verdicts), [v.header["error"] for v in verdicts]
         assert all(v.header["zero_shot"] and v.header["scorer"] == COLD_START_SCORER for v in verdicts)
+        assert all(v.header["verdict"] == "review" for v in verdicts)  # cold start does not pass or fail parts
         with urllib.request.urlopen(d.http + "/v1/products", timeout=5) as r:
             assert NEW in json.loads(r.read())["held_cold_start"]
 
         ids = [v.header["part_id"] for v in verdicts]
         out = inspectd("mark-good", "--product", NEW, "--daemon", d.http, *sum((["--part-id", i] for i in ids), []))
         assert out.count("marked good") == 6
-        out = inspectd("enroll", "--product", NEW, "--good", str(collect / NEW / "good"), "--holdout", "2",
-                       "--models", str(models), "--notify", d.http)
+        out = inspectd("enroll", "--product", NEW, "--good", str(collect / NEW / "good"), "--holdout", "3",
+                       "--target-frr", "0.1", "--models", str(models), "--notify", d.http)
         assert "daemon now serves" in out
         assert sensor.poll() is None, "the stream ended before the switch: slow it down"
         time.sleep(2.0)  # the sensor keeps streaming across the switch

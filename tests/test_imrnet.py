@@ -307,5 +307,8 @@ def test_pretrained_weights_serve_other_point_and_centre_counts() -> None:
     assert "pretrained at 2048 points" in source
     assert model.config.n_points == 4096 and model.config.n_centers == 256
     wider = IMRNetScorer(n_points=4096, n_centers=256, group_size=16)  # group_size shapes the head: refused
+    with pytest.raises(ValueError, match="other sizes.*--allow-random-init"):
+        wider._initial_model()  # no silent random start
+    wider.allow_random_init = True
     with pytest.warns(UserWarning, match="other sizes"):
         assert wider._initial_model()[1] == "none (size mismatch)"

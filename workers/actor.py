@@ -1,9 +1,12 @@
 """The scoring worker that runs inside a Ray actor: it holds every product's model.
 
 The class is plain Python so it can be tested in-process; the daemon wraps it with
-``ray.remote``. Models are loaded once at start (and again after Ray restarts a dead actor)
-and swapped per product by ``reload``, which is how a product changes scorer without a
-restart. ``score`` returns plain data (no custom classes) so Ray moves results cheaply.
+``ray.remote``. At construction (also when Ray restarts a dead actor with the original
+arguments) it scans ``models_dir`` and loads each product's ``current`` revision, the one the
+daemon has switched to (``workers.model_store``), so a restarted actor serves the same models
+as the others, products enrolled live included. ``reload`` swaps one product's model, which
+is how a product changes model without a restart. ``score`` returns plain data (no custom
+classes) so Ray moves results cheaply.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from sensors.frame import Frame
 from workers.backends import resolve_backend
 from workers.frame_scoring import score_frame
 from workers.model_store import (
+    CURRENT,
     ZERO_SHOT_MODEL,
     ProductModel,
     enrolled_products,
+    has_model,
     load_product_model,
-    product_dir,
 )
 from workers.preprocess import PreparedCloud
 
@@ -36,18 +40,21 @@ class ScoringWorker:
     """Scores frames of every enrolled product in ``models_dir``; a product without a model of
     its own is scored by the cold-start model (``_zeroshot``) when there is one."""
 
-    def __init__(
-        self, models_dir: str, products: list[str] | None = None, threads: int = 1, backend: str = "auto"
-    ) -> None:
+    def __init__(self, models_dir: str, threads: int = 1, backend: str = "auto") -> None:
         torch.set_num_threads(threads)
         self.models_dir = models_dir
         self.requested_backend = backend
         self.backends: dict[str, str] = {}
         self.models: dict[str, ProductModel] = {}
-        for product in products if products is not None else enrolled_products(models_dir):
-            self.reload(product)
-        if (product_dir(models_dir, ZERO_SHOT_MODEL) / "meta.json").is_file():
-            self.reload(ZERO_SHOT_MODEL)
+        self.failed: dict[str, str] = {}
+        """Products whose model did not load at start: their frames get an error, never another model."""
+        names = enrolled_products(models_dir) + ([ZERO_SHOT_MODEL] if has_model(models_dir, ZERO_SHOT_MODEL) else [])
+        for product in names:
+            try:
+                self.reload(product)
+            except Exception as e:  # one broken artifact must not crash-loop the actor
+                log.error("cannot load %s: %s", product, e)
+                self.failed[product] = f"{type(e).__name__}: {e}"
         self.pid = os.getpid()
         self._warm_up()
 
@@ -63,21 +70,24 @@ class ScoringWorker:
             except Exception as e:  # a warm-up failure is not fatal: the real frames will tell
                 log.warning("warm-up of %s failed: %s", product, e)
 
-    def reload(self, product: str) -> str:
-        """(Re)load one product's model from disk; returns its model version."""
-        model = load_product_model(self.models_dir, product)
+    def reload(self, product: str) -> dict[str, str]:
+        """(Re)load one product's ``current`` revision; returns its ``model_version`` and
+        ``model_revision``. A model that fails to load leaves the old one in place."""
+        model = load_product_model(self.models_dir, product, CURRENT)
         backend = resolve_backend(self.requested_backend, model.scorer.backends)
         model.scorer.use_backend(backend, Path(self.models_dir) / ".engine-cache")
         self.models[product] = model
         self.backends[product] = backend
-        log.info("loaded %s: %s %s on %s", product, model.meta["scorer"], model.model_version, backend)
-        return model.model_version
+        self.failed.pop(product, None)
+        log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
+                 model.revision, backend)
+        return {"model_version": model.model_version, "model_revision": model.revision}
 
     def info(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "backend": "+".join(sorted(set(self.backends.values()))) or "none",
-            "products": {p: m.model_version for p, m in self.models.items()},
+            "products": {p: f"{m.model_version}@{m.revision}" for p, m in self.models.items()},
         }
 
     def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
@@ -93,6 +103,8 @@ class ScoringWorker:
     def score(self, frame: Frame) -> dict[str, Any]:
         """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
         started = time.time()
+        if frame.meta.product in self.failed:
+            raise RuntimeError(f"the model of {frame.meta.product!r} failed to load: {self.failed[frame.meta.product]}")
         model = self.models.get(frame.meta.product)
         zero_shot = model is None
         if zero_shot:
@@ -106,8 +118,10 @@ class ScoringWorker:
             "timings": result.timings,
             "scorer": model.meta["scorer"],
             "model_version": model.model_version,
+            "model_revision": model.revision,
             "backend": self.backends[model.product],
             "threshold": (model.calibration or {}).get("threshold"),
+            "normalization": (model.calibration or {}).get("normalization"),
             "zero_shot": zero_shot,
             "n_scored_points": result.n_scored_points,
             "worker_pid": self.pid,

@@ -1,12 +1,20 @@
-"""Where enrolled products live on disk: one self-describing folder per product.
+"""Where enrolled products live on disk: versioned, immutable model folders per product.
 
-    <models_dir>/<product>/model.safetensors   the scorer's fitted tensors
-    <models_dir>/<product>/meta.json           scorer, version, params, train hash, preprocess
-    <models_dir>/<product>/calibration.json    threshold and the good-part scores behind it
+    <models_dir>/<product>/versions/<rev>/model.safetensors   the scorer's fitted tensors
+    <models_dir>/<product>/versions/<rev>/meta.json           format, scorer, params, hashes, preprocess
+    <models_dir>/<product>/versions/<rev>/calibration.json    threshold and the good-part scores behind it
+    <models_dir>/<product>/latest                             the newest revision (enroll, calibrate)
+    <models_dir>/<product>/current                            the revision the daemon serves
+
+A revision (``0001``, ``0002``…) is written to a temporary folder and renamed into place, then
+never changed: ``calibrate`` writes a new revision that shares the model file (hard link).
+``enroll`` and ``calibrate`` move ``latest``; only the daemon moves ``current`` (at start and on
+reload), each pointer replaced atomically. Every actor, also one Ray restarts, loads each
+product's ``current`` revision, so all actors serve what the daemon switched to.
 
 A model keeps the preprocessing it was fitted with (voxel size, plane removal), so serving
-always matches training. A new model is written to a sibling temporary folder and renamed
-into place, so a reader never sees half an artifact.
+always matches training. A models folder of the unversioned format 1 is refused with the
+command that migrates it (``migrate_models_dir``).
 """
 
 from __future__ import annotations
@@ -20,9 +28,21 @@ from pathlib import Path
 from typing import Any
 
 from workers.preprocess import PreprocessParams
-from workers.scorer import META_FILE, Scorer, load_scorer, read_meta
+from workers.scorer import (
+    FORMAT_VERSION,
+    META_FILE,
+    MIGRATE_HINT,
+    MODEL_FILE,
+    ArtifactError,
+    Scorer,
+    load_scorer,
+    read_meta,
+)
 
 CALIBRATION_FILE = "calibration.json"
+VERSIONS = "versions"
+LATEST = "latest"
+CURRENT = "current"
 ZERO_SHOT_MODEL = "_zeroshot"
 """Folder name of the cold-start model: scores products that have no model of their own.
 It cannot clash with a product, whose names start with a letter or digit."""
@@ -37,6 +57,8 @@ class ProductModel:
     calibration: dict[str, Any] | None = None
     """The threshold record of ``inspectd calibrate``; it travels with the model so a verdict
     always uses the threshold of the model that scored the part."""
+    revision: str = ""
+    """The folder under ``versions/`` this model was loaded from."""
 
     @property
     def model_version(self) -> str:
@@ -48,46 +70,182 @@ def product_dir(models_dir: str | Path, product: str) -> Path:
     return Path(models_dir) / product
 
 
+def has_model(models_dir: str | Path, product: str) -> bool:
+    """Whether ``product`` has at least one complete revision."""
+    return (product_dir(models_dir, product) / LATEST).is_file()
+
+
 def enrolled_products(models_dir: str | Path) -> list[str]:
-    """Products with a complete model folder."""
+    """Products with a model (the cold-start model and hidden folders excluded)."""
     root = Path(models_dir)
     if not root.is_dir():
         return []
-    return sorted(p.name for p in root.iterdir() if (p / META_FILE).is_file() and not p.name.startswith((".", "_")))
+    return sorted(p.name for p in root.iterdir() if (p / LATEST).is_file() and not p.name.startswith((".", "_")))
+
+
+def legacy_products(models_dir: str | Path) -> list[str]:
+    """Folders in the unversioned format 1 (``meta.json`` directly in the product folder)."""
+    root = Path(models_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / META_FILE).is_file() and not p.name.startswith("."))
+
+
+def check_models_dir(models_dir: str | Path) -> None:
+    """Raise ``ArtifactError`` with the migrate command if ``models_dir`` holds format-1 folders."""
+    old = legacy_products(models_dir)
+    if old:
+        raise ArtifactError(f"{models_dir} holds models in the old unversioned format 1 ({', '.join(old)}): "
+                            + MIGRATE_HINT.replace("<models_dir>", str(models_dir)))
+
+
+def _write_pointer(path: Path, revision: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(revision + "\n")
+    os.replace(tmp, path)
+
+
+def read_pointer(models_dir: str | Path, product: str, which: str = LATEST) -> str:
+    """The revision named by ``latest`` or ``current`` (``current`` falls back to ``latest``)."""
+    d = product_dir(models_dir, product)
+    if (d / META_FILE).is_file():
+        check_models_dir(models_dir)
+    for name in (which, LATEST):
+        path = d / name
+        if path.is_file():
+            return path.read_text().strip()
+    raise FileNotFoundError(f"no model for {product!r} in {models_dir}")
+
+
+def revision_dir(models_dir: str | Path, product: str, revision: str) -> Path:
+    return product_dir(models_dir, product) / VERSIONS / revision
+
+
+def _publish(models_dir: str | Path, product: str, tmp: Path) -> str:
+    """Rename the finished folder ``tmp`` to the next free revision and point ``latest`` at it."""
+    versions = product_dir(models_dir, product) / VERSIONS
+    while True:
+        taken = [int(p.name) for p in versions.iterdir() if p.name.isdigit()]
+        revision = f"{max(taken, default=0) + 1:04d}"
+        try:
+            os.rename(tmp, versions / revision)
+        except OSError:  # another writer took this number first: try the next one
+            if (versions / revision).exists():
+                continue
+            raise
+        _write_pointer(product_dir(models_dir, product) / LATEST, revision)
+        return revision
+
+
+def _new_tmp(models_dir: str | Path, product: str) -> Path:
+    versions = product_dir(models_dir, product) / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=".tmp-", dir=versions))
 
 
 def save_product_model(
-    models_dir: str | Path, product: str, scorer: Scorer, preprocess: PreprocessParams, train_hash: str
+    models_dir: str | Path,
+    product: str,
+    scorer: Scorer,
+    preprocess: PreprocessParams,
+    train_hash: str,
+    part_hashes: list[str] | None = None,
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the product's model folder atomically (replacing an older one and its calibration)."""
-    final = product_dir(models_dir, product)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{product}-", dir=final.parent))
-    scorer.save(tmp, train_hash, extra={"product": product, "preprocess": asdict(preprocess)})
-    old = final.with_name(f".{product}-old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    """Write a new revision of the product's model (and its calibration, if given); returns its
+    folder (now ``latest``). ``part_hashes`` (``workers.scorer.part_hash`` of each training
+    part) let calibration refuse parts the model was fitted on."""
+    check_models_dir(models_dir)
+    tmp = _new_tmp(models_dir, product)
+    try:
+        extra = {"product": product, "preprocess": asdict(preprocess), "train_part_hashes": part_hashes}
+        scorer.save(tmp, train_hash, extra=extra)
+        if calibration is not None:
+            (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True))
+        revision = _publish(models_dir, product, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return revision_dir(models_dir, product, revision)
 
 
-def load_product_model(models_dir: str | Path, product: str) -> ProductModel:
-    d = product_dir(models_dir, product)
+def load_product_model(models_dir: str | Path, product: str, which: str = LATEST) -> ProductModel:
+    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision."""
+    revision = read_pointer(models_dir, product, which)
+    d = revision_dir(models_dir, product, revision)
     meta = read_meta(d)
+    scorer = load_scorer(d)
     preprocess = PreprocessParams(**meta.get("preprocess", {}))
-    return ProductModel(product, load_scorer(d), preprocess, meta, read_calibration(models_dir, product))
+    cal_path = d / CALIBRATION_FILE
+    calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else None
+    return ProductModel(product, scorer, preprocess, meta, calibration, revision)
 
 
-def read_calibration(models_dir: str | Path, product: str) -> dict[str, Any] | None:
-    path = product_dir(models_dir, product) / CALIBRATION_FILE
+def read_calibration(models_dir: str | Path, product: str, which: str = LATEST) -> dict[str, Any] | None:
+    path = revision_dir(models_dir, product, read_pointer(models_dir, product, which)) / CALIBRATION_FILE
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def write_calibration(models_dir: str | Path, product: str, calibration: dict[str, Any]) -> Path:
-    path = product_dir(models_dir, product) / CALIBRATION_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(calibration, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    """A new revision: the ``latest`` model (hard-linked, not copied) with this calibration."""
+    src = revision_dir(models_dir, product, read_pointer(models_dir, product, LATEST))
+    tmp = _new_tmp(models_dir, product)
+    try:
+        for name in (MODEL_FILE, META_FILE):
+            try:
+                os.link(src / name, tmp / name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(src / name, tmp / name)
+        (tmp / CALIBRATION_FILE).write_text(json.dumps(calibration, indent=2, sort_keys=True))
+        revision = _publish(models_dir, product, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return revision_dir(models_dir, product, revision)
+
+
+def switch_current(models_dir: str | Path, product: str, revision: str | None = None) -> str:
+    """Point ``current`` at ``revision`` (default: ``latest``); the daemon does this at start and
+    on reload, and points it back when the new revision cannot be loaded."""
+    revision = revision or read_pointer(models_dir, product, LATEST)
+    if not revision_dir(models_dir, product, revision).is_dir():
+        raise FileNotFoundError(f"{product!r} has no revision {revision!r} in {models_dir}")
+    _write_pointer(product_dir(models_dir, product) / CURRENT, revision)
+    return revision
+
+
+def migrate_models_dir(models_dir: str | Path) -> list[str]:
+    """Upgrade every format-1 folder in ``models_dir`` to revision 0001 of the versioned layout.
+
+    The artifact gains ``format_version``, the model checksum and ``train_part_hashes: null``
+    (the training parts of an old model are unknown: calibration cannot check reuse for it).
+    Each product is rebuilt in a temporary folder and swapped in by renames."""
+    from workers.scorer import file_sha256
+
+    root = Path(models_dir)
+    done = []
+    for name in legacy_products(root):
+        old = root / name
+        new = Path(tempfile.mkdtemp(prefix=f".migrate-{name}-", dir=root))
+        try:
+            rev = new / VERSIONS / "0001"
+            rev.mkdir(parents=True)
+            for f in (MODEL_FILE, META_FILE, CALIBRATION_FILE):
+                if (old / f).is_file():
+                    shutil.copy2(old / f, rev / f)
+            meta = read_meta(rev)
+            meta.update(format_version=FORMAT_VERSION, model_sha256=file_sha256(rev / MODEL_FILE),
+                        train_part_hashes=meta.get("train_part_hashes"))
+            (rev / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            load_scorer(rev)  # refuse to migrate what would not load
+            _write_pointer(new / LATEST, "0001")
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        retired = root / f".{name}-format1"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(old, retired)
+        os.replace(new, old)
+        shutil.rmtree(retired, ignore_errors=True)
+        done.append(name)
+    return done

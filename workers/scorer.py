@@ -7,8 +7,14 @@ voxel-downsampled); ``workers.frame_scoring`` maps its per-point scores back to 
 pixel or point. PatchCore-FPFH, IMRNet and 3DzAL all plug in here.
 
 Artifacts are a directory holding ``model.safetensors`` (named float/int tensors) and
-``meta.json`` (scorer name, version, parameters, a hash of the training data). Nothing is
-pickled, so a model file from an untrusted source cannot run code when loaded.
+``meta.json`` (artifact ``format_version``, scorer name, version, parameters, a hash of the
+training data, the SHA-256 of ``model.safetensors``). Nothing is pickled, so a model file from
+an untrusted source cannot run code when loaded. Loading is strict: a wrong format version, a
+file whose checksum does not match (truncated, altered) or a state the scorer does not fully
+accept raises ``ArtifactError`` and nothing is returned half-loaded.
+
+Each scorer declares its ``score_domain`` (``"nonnegative"`` for distances, ``"real"`` for
+standardized scores) so that calibration can refuse scores outside it.
 """
 
 from __future__ import annotations
@@ -28,6 +34,14 @@ from workers.preprocess import PreparedCloud
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "meta.json"
+FORMAT_VERSION = 2
+"""Artifact format this code writes and reads. 1: no ``format_version`` key, no checksum, no
+per-part training hashes, unversioned model folders (``inspectd models migrate`` upgrades it)."""
+MIGRATE_HINT = "run `inspectd models migrate <models_dir>` to upgrade it"
+
+
+class ArtifactError(ValueError):
+    """A model artifact cannot be loaded (format version, checksum, state); the message says why."""
 
 
 @dataclass
@@ -46,6 +60,11 @@ class Scorer(ABC):
 
     name: ClassVar[str]
     version: ClassVar[str]
+    allow_random_init: bool = False
+    """A learned scorer whose pretrained weights are missing raises in ``fit`` unless this is set
+    (``inspectd enroll --allow-random-init``); it is a fit-time choice, not saved."""
+    score_domain: ClassVar[str] = "nonnegative"
+    """Where object scores live: ``"nonnegative"`` (distances) or ``"real"`` (may be negative)."""
     backends: ClassVar[tuple[str, ...]] = ("torch-cpu",)
     """Inference backends this scorer can run on (see ``workers.backends``)."""
 
@@ -82,6 +101,8 @@ class Scorer(ABC):
         tensors = {k: np.ascontiguousarray(v) for k, v in self.tensors().items()}
         save_file(tensors, str(d / MODEL_FILE))
         meta = {
+            "format_version": FORMAT_VERSION,
+            "model_sha256": file_sha256(d / MODEL_FILE),
             "scorer": self.name,
             "version": self.version,
             "params": self.params(),
@@ -118,19 +139,64 @@ def available_scorers() -> list[str]:
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    """The artifact's ``meta.json`` as a dict."""
+    """The artifact's ``meta.json`` as a dict (any format version)."""
     path = Path(directory) / META_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no scorer artifact in {directory} (missing {META_FILE})")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}): the artifact is damaged; re-enroll") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} is not a JSON object: the artifact is damaged; re-enroll")
+    return meta
+
+
+def check_format(meta: dict[str, Any], directory: str | Path) -> None:
+    """Raise ``ArtifactError`` unless ``meta`` is of the format this code reads."""
+    version = meta.get("format_version", 1)
+    if version == FORMAT_VERSION:
+        return
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise ArtifactError(f"model artifact {directory} has format version {version}, this inspectd reads "
+                            f"{FORMAT_VERSION}: {MIGRATE_HINT}")
+    raise ArtifactError(f"model artifact {directory} has format version {version!r}, this inspectd reads "
+                        f"{FORMAT_VERSION}: it was written by a newer inspectd; upgrade inspectd or re-enroll")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_scorer(directory: str | Path) -> Scorer:
-    """Load a fitted scorer from an artifact directory written by ``Scorer.save``."""
+    """Load a fitted scorer from an artifact directory written by ``Scorer.save``.
+
+    Strict: the format version must match, ``model.safetensors`` must have the checksum in
+    ``meta.json``, and the scorer must accept the whole state. Any failure is an
+    ``ArtifactError`` naming the directory; nothing half-loaded is returned.
+    """
     meta = read_meta(directory)
+    check_format(meta, directory)
     cls = scorer_class(meta["scorer"])
-    tensors = load_file(str(Path(directory) / MODEL_FILE))
-    return cls.from_state(meta["params"], tensors)
+    path = Path(directory) / MODEL_FILE
+    if not path.is_file():
+        raise ArtifactError(f"model artifact {directory} has no {MODEL_FILE}: re-enroll")
+    if file_sha256(path) != meta.get("model_sha256"):
+        raise ArtifactError(f"{path} does not match the checksum in {META_FILE} (truncated or altered): re-enroll")
+    try:
+        tensors = load_file(str(path))
+        return cls.from_state(meta["params"], tensors)
+    except Exception as e:
+        raise ArtifactError(f"model artifact {directory} cannot be loaded: {type(e).__name__}: {e}") from e
+
+
+def part_hash(points: np.ndarray) -> str:
+    """SHA-256 of one part's raw points (as received), so calibration can spot a training part."""
+    return hashlib.sha256(np.ascontiguousarray(points, dtype=np.float32).tobytes()).hexdigest()
 
 
 def hash_training_data(clouds: Sequence[PreparedCloud]) -> str:

@@ -10,8 +10,9 @@ fit (good parts of one product)
     2. Pose (``align="icp"``, not in the paper, see ``workers.imrnet.align``): every cloud is
        registered to the first good cloud, because the network embeds absolute centre positions.
     3. Fine-tuning (Sec. 5.3): from the shipped pretrained weights
-       (``workers/imrnet/pretrained/imrnet-small.safetensors``; random initialization with a
-       warning when absent or of other weight sizes; other ``n_points`` / ``n_centers`` keep them), ``finetune_steps`` (100) AdamW steps of batch 8 at
+       (``workers/imrnet/pretrained/imrnet-small.safetensors``; absent or of other weight sizes,
+       fitting refuses unless ``allow_random_init`` (``--allow-random-init``) or ``pretrained="none"``;
+       other ``n_points`` / ``n_centers`` keep them), ``finetune_steps`` (100) AdamW steps of batch 8 at
        lr 5e-4 with the masked-patch Chamfer loss (Eq. 12) on the ``finetune_samplings`` (8)
        reductions of each good cloud, centres by ``sampler`` (GPS, Sec. 4.1), mask ratio
        ``mask_ratio``, augmentation ``aug_*`` (``workers.imrnet.training``). ~1–2 min per
@@ -240,6 +241,7 @@ class IMRNetScorer(Scorer):
 
     name = "imrnet"
     version = "1.0.0"
+    score_domain = "real"  # standardized by good-part statistics: good parts score around 0, some below
     backends = ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
 
     def __init__(
@@ -571,6 +573,14 @@ class IMRNetScorer(Scorer):
         cidx = sample_centers(self.sampler, pts, self.config.n_centers, r, self.tau, self.density_ratio, gen)
         return group_patches(pts, cidx, self.config.group_size)
 
+    def _random_init_allowed(self, why: str) -> None:
+        """Fine-tuning from random weights gives a much weaker model: refuse unless allowed."""
+        if not self.allow_random_init:
+            raise ValueError(f"imrnet: {why}; refusing to fine-tune from a random initialization. Train the "
+                             "weights (`inspectd train --scorer imrnet --pretrain`), point `pretrained` at them, "
+                             "or pass --allow-random-init (or pretrained='none') to accept a random start")
+        warnings.warn(f"imrnet: {why}; fine-tuning from a random initialization (allowed)", stacklevel=4)
+
     def _initial_model(self) -> tuple[IMRNet, str]:
         path = None
         if self.pretrained == "auto":
@@ -580,13 +590,11 @@ class IMRNetScorer(Scorer):
         if path is None:
             return IMRNet(self.config), "none (random init, pretrained='none')"
         if not path.is_file():
-            warnings.warn(f"imrnet: no pretrained weights at {path}; fine-tuning from a random initialization "
-                          "(run `inspectd train --scorer imrnet --pretrain`)", stacklevel=3)
+            self._random_init_allowed(f"no pretrained weights at {path}")
             return IMRNet(self.config), "none (missing file)"
         model, meta = load_pretrained(path)
         if any(getattr(model.config, k) != getattr(self.config, k) for k in _CONFIG_KEYS if k not in _TOKEN_KEYS):
-            warnings.warn(f"imrnet: pretrained weights {path} have other sizes ({model.config}); "
-                          "fine-tuning from a random initialization", stacklevel=3)
+            self._random_init_allowed(f"pretrained weights {path} have other sizes ({model.config})")
             return IMRNet(self.config), "none (size mismatch)"
         if model.config != self.config:  # same weights, other point / centre counts: start from them
             resized = IMRNet(self.config)
@@ -632,6 +640,7 @@ class IMRNetScorer(Scorer):
 
         if len(clouds) == 0:
             raise ValueError("imrnet needs at least one good training cloud")
+        model, source = self._initial_model()  # first: missing pretrained weights refuse before any work
         self._runners = None  # fit trains and measures on the torch module itself
         t0 = time.perf_counter()
         raw = [self._check(c).astype(np.float64) for c in clouds]
@@ -656,7 +665,6 @@ class IMRNetScorer(Scorer):
         pool = pool_from_clouds([_np(r) for rs in reduced for r in rs[: self.finetune_samplings]])
         t1 = time.perf_counter()
 
-        model, source = self._initial_model()
         settings = TrainSettings.finetune(
             steps=self.finetune_steps, lr=self.finetune_lr, batch_size=self.batch_size, mask_ratio=self.mask_ratio,
             sampler=self.sampler, tau=self.tau, density_ratio=self.density_ratio,

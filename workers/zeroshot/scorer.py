@@ -445,7 +445,9 @@ class ZeroShotScorer(Scorer):
             scorer.classifier.eval()
         if rgb:
             scorer.rgb_model = ResNet50(width_per_group=int(rgb["layer1.0.conv1.weight"].shape[0]))
-            scorer.rgb_model.load_state_dict(rgb, strict=False)
+            scorer.rgb_model.layer4 = torch.nn.Sequential()  # as fitted: the features stop at layer3
+            scorer.rgb_model.fc = torch.nn.Identity()
+            scorer.rgb_model.load_state_dict(rgb)
             scorer.rgb_model.eval()
         scorer._block_scale = np.asarray(tensors["block_scale"], dtype=np.float32)
         scorer._fpfh_mean = np.asarray(tensors["fpfh_mean"], dtype=np.float32)
@@ -874,9 +876,9 @@ class ZeroShotScorer(Scorer):
             return None
         try:
             model = load_checkpoint(self.rgb_checkpoint)
-        except (OSError, ValueError) as exc:
-            log.warning("3DzAL: RGB branch left out: %s", exc)
-            return None
+        except (OSError, ValueError) as exc:  # the operator asked for the RGB branch: do not drop it silently
+            raise ValueError(f"3DzAL: rgb_checkpoint {self.rgb_checkpoint} cannot be used ({exc}); give a local "
+                             "ImageNet ResNet-50 checkpoint or leave rgb_checkpoint empty") from exc
         log.info("3DzAL: RGB branch on (%s)", self.rgb_checkpoint)
         # keep only what the features use (no layer4 / fc in the artifact)
         model.layer4 = torch.nn.Sequential()
