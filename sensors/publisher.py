@@ -13,17 +13,19 @@ from collections.abc import Callable, Iterable
 
 import zmq
 
+from sensors.curve import ClientKeys, apply_client_keys
 from sensors.frame import Frame
 from sensors.wire import encode_frame
 
 
 class FramePusher:
-    def __init__(self, endpoint: str, hwm: int = 4, send_timeout_ms: int = -1) -> None:
+    def __init__(self, endpoint: str, hwm: int = 4, send_timeout_ms: int = -1, keys: ClientKeys | None = None) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
         self.sock.setsockopt(zmq.LINGER, 10_000)
+        apply_client_keys(self.sock, keys)
         self.sock.connect(endpoint)
 
     def send(self, frame: Frame) -> None:
@@ -47,7 +49,7 @@ class FramePusher:
 
 def stream(
     frames: Iterable[Frame], endpoint: str, rate: float = 0.0, on_sent: Callable[[Frame], None] | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, keys: ClientKeys | None = None,
 ) -> int:
     """Push every frame to ``endpoint`` at ``rate`` frames/s (0 = unpaced); returns the count sent.
 
@@ -56,7 +58,7 @@ def stream(
     sent = 0
     period = 1.0 / rate if rate > 0 else 0.0
     stop = stop or threading.Event()
-    with FramePusher(endpoint) as pusher:
+    with FramePusher(endpoint, keys=keys) as pusher:
         next_at = time.monotonic()
         for frame in frames:
             if period:
