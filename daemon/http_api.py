@@ -1,4 +1,4 @@
-"""The daemon's HTTP side: uvicorn serving a small Starlette app, with limits on everything.
+"""The daemon's HTTP side: uvicorn serving a small ASGI app (Starlette requests and responses).
 
 Routes: ``/metrics`` (Prometheus text), ``/healthz`` (the process answers), ``/readyz`` (200 once
 the actors are up, 503 before) and every path under ``/v1/``, which goes to the service's API
@@ -31,10 +31,8 @@ from typing import Any
 import anyio
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.audit import AuditLog
@@ -97,9 +95,9 @@ class HttpApi:
         if cfg.api_port is not None:
             self.sockets.append(self._bind(cfg.api_port))
             self.api_port = self.sockets[1].getsockname()[1]
-        app = Starlette(routes=[Route("/{path:path}", self._route, methods=["GET", "POST", "PUT", "DELETE"])])
         config = uvicorn.Config(
-            app, http=_limited_protocol(cfg), lifespan="off", log_level="warning", access_log=False,
+            self._asgi, interface="asgi3", proxy_headers=False, http=_limited_protocol(cfg), lifespan="off",
+            log_level="warning", access_log=False,
             timeout_keep_alive=5, h11_max_incomplete_event_size=MAX_HEAD_BYTES, server_header=False,
             timeout_graceful_shutdown=2,
         )
@@ -128,8 +126,20 @@ class HttpApi:
             s.close()
 
     # ------------------------------------------------------------------ requests
+    async def _asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The ASGI app: every path reaches ``_route`` as sent (no router pattern stands in between)."""
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        try:
+            response = await self._route(request)
+        except Exception:  # the reason stays in the daemon's log, never in the reply
+            log.exception("HTTP %s %s failed", request.method, scope.get("path"))
+            response = _error(500, "internal error (see the daemon's log)")
+        await response(scope, receive, send)
+
     async def _route(self, request: Request) -> Response:
-        path = "/" + request.path_params["path"]
+        path = request.scope["path"]
         server = request.scope.get("server")
         on_api_listener = server is None or server[1] == self.api_port
         if path.startswith("/v1/"):
@@ -235,6 +245,7 @@ def _limited_protocol(cfg: HttpConfig) -> type[H11Protocol]:
             self._head_timer = self.loop.call_later(cfg.header_timeout_s, self._head_overdue)
             if len(open_conns) > cfg.max_connections:
                 victim = next((c for c in open_conns.values() if c.cycle is None), self)
+                open_conns.pop(id(victim), None)  # connection_lost comes later: do not pick it twice
                 victim.transport.close()
 
         def _head_overdue(self) -> None:
