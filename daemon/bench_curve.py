@@ -130,8 +130,13 @@ def run_curve_bench(out: Path, name: str, n_frames: int, log: Any = print) -> di
                 d_root = root / mode
                 d_root.mkdir()
                 path, cfg = _daemon_config(d_root, models, security if mode == "curve" else None)
-                daemons[mode] = DaemonProcess(path, d_root / "daemon.log", f"http://127.0.0.1:{cfg['http']['port']}")
-                daemons[mode].start()
+                daemons[mode] = DaemonProcess(path, d_root / "daemon.log", f"http://127.0.0.1:{cfg['http']['port']}",
+                                              ready_timeout=600)
+                try:
+                    daemons[mode].start()
+                except (RuntimeError, TimeoutError):
+                    log(daemons[mode].log_tail())
+                    raise
                 ck = client if mode == "curve" else None
                 sub = ctx.socket(zmq.SUB)
                 apply_client_keys(sub, ck)

@@ -351,7 +351,7 @@ class ZapGate(ThreadAuthenticator):
             self.zap_socket.send_multipart([b"1.0", request_id, b"200", b"OK", user, b""])
             return
         self.zap_socket.send_multipart([b"1.0", request_id, b"400", reason.encode(), b"", b""])
-        log.warning("refused a %s connection from %s: %s%s", domain, address or "?", reason,
+        log.warning("refused a connection to %s from %s: %s%s", domain, address or "?", reason,
                     f" (key {user.decode()})" if user else "")
         self.on_refused(domain, reason)
 
@@ -393,7 +393,7 @@ class ZapGate(ThreadAuthenticator):
             if failed:  # libzmq reports a failed handshake right before its disconnect
                 reason = failed.popleft()
                 if reason:
-                    log.warning("refused a %s connection from %s: %s", domain, peer, reason)
+                    log.warning("refused a connection to %s from %s: %s", domain, peer, reason)
                     self.on_refused(domain, reason)
             else:
                 with self._lock:

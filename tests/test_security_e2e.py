@@ -126,7 +126,7 @@ def test_curve_admits_only_allow_listed_keys(secured: Secured) -> None:
     ctx.destroy(linger=0)
     assert secured.rows("SELECT COUNT(*) FROM verdicts WHERE sensor_id IN ('nokey', 'stranger')") == [(0,)]
     log = (secured.d.root / "daemon.log").read_text()
-    assert "refused a ingest connection from 127.0.0.1" in log
+    assert "refused a connection to ingest from 127.0.0.1" in log
 
 
 def test_revoking_a_key_needs_no_restart(secured: Secured) -> None:
