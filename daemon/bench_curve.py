@@ -63,8 +63,12 @@ def _one(push: FramePusher, sub: zmq.Socket, frame: Frame, tag: str) -> float:
     raise TimeoutError(f"no verdict for {f.meta.part_id}")
 
 
-def transport_ms(parts: list[bytes], keys: tuple[ClientKeys, bytes] | None, pattern: str, n: int = 30) -> float:
-    """Mean ms to move one message (``parts``) over loopback TCP, plain or CURVE (client keys, server secret)."""
+def transport_ms(
+    parts: list[bytes], keys: tuple[ClientKeys, bytes] | None, pattern: str, n: int = 30
+) -> tuple[float, float]:
+    """Median wall ms to move one message (``parts``) over loopback TCP, plain or CURVE (client keys,
+    server secret), and the CPU ms this process (both ends and ZeroMQ's I/O threads) spent per message:
+    CPU time hardly depends on how loaded the machine is, wall time does."""
     ctx = zmq.Context()
     try:
         kinds = (zmq.PUSH, zmq.PULL) if pattern == "push" else (zmq.PUB, zmq.SUB)
@@ -81,12 +85,14 @@ def transport_ms(parts: list[bytes], keys: tuple[ClientKeys, bytes] | None, patt
         sender, receiver = (client, server) if pattern == "push" else (server, client)
         time.sleep(0.5)
         times = []
-        for _ in range(n + 3):
+        for i in range(n + 3):
+            if i == 3:
+                cpu0 = time.process_time()
             t0 = time.perf_counter()
             sender.send_multipart(parts, copy=False)
             receiver.recv_multipart(copy=False)
             times.append(time.perf_counter() - t0)
-        return 1000.0 * float(np.median(times[3:]))
+        return 1000.0 * float(np.median(times[3:])), 1000.0 * (time.process_time() - cpu0) / n
     finally:
         ctx.destroy(linger=0)
 
@@ -112,11 +118,12 @@ def run_curve_bench(out: Path, name: str, n_frames: int, log: Any = print) -> di
                                        np.zeros((400, 400), np.float32))
         legs = {}
         for label, parts, pattern in (("frame_push", frame_parts, "push"), ("verdict_pub", verdict_parts, "pub")):
-            plain = transport_ms(parts, None, pattern)
-            curve = transport_ms(parts, (client, server_secret), pattern)
+            plain, plain_cpu = transport_ms(parts, None, pattern)
+            curve, curve_cpu = transport_ms(parts, (client, server_secret), pattern)
             legs[label] = {"bytes": sum(len(memoryview(p)) for p in parts), "plain_ms": plain, "curve_ms": curve,
-                           "curve_cost_ms": curve - plain}
-            log(f"{label}: plain {plain:.2f} ms, CURVE {curve:.2f} ms")
+                           "curve_cost_ms": curve - plain, "plain_cpu_ms": plain_cpu, "curve_cpu_ms": curve_cpu,
+                           "curve_cost_cpu_ms": curve_cpu - plain_cpu}
+            log(f"{label}: plain {plain:.2f} ms ({plain_cpu:.2f} ms CPU), CURVE {curve:.2f} ms ({curve_cpu:.2f} ms CPU)")
         result["transport"] = legs
 
         log("enrolling the bench product")
@@ -162,6 +169,7 @@ def run_curve_bench(out: Path, name: str, n_frames: int, log: Any = print) -> di
                 d.stop()
     p50 = {m: 1000 * pct(v, 50) for m, v in lat.items()}
     cost = legs["frame_push"]["curve_cost_ms"] + legs["verdict_pub"]["curve_cost_ms"]
+    result["curve_cost_cpu_ms_transport"] = legs["frame_push"]["curve_cost_cpu_ms"] + legs["verdict_pub"]["curve_cost_cpu_ms"]
     result["end_to_end"] = {
         m: {"latency_ms_p50": p50[m], "latency_ms_p99": 1000 * pct(v, 99), "latency_ms_all": [1000 * x for x in v]}
         for m, v in lat.items()
@@ -187,11 +195,12 @@ def render(r: dict[str, Any]) -> str:
         f"| daemon, plain ZeroMQ | {e['plain']['latency_ms_p50']:.1f} | {e['plain']['latency_ms_p99']:.1f} |",
         f"| daemon, CURVE on ingest and verdicts | {e['curve']['latency_ms_p50']:.1f} | "
         f"{e['curve']['latency_ms_p99']:.1f} |", "",
-        "| leg (loopback, median of 30) | bytes | plain ms | CURVE ms | cost ms |", "|---|---:|---:|---:|---:|",
+        "| leg (loopback, median of 30) | bytes | plain ms | CURVE ms | cost ms | cost, CPU ms per message |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label, leg in t.items():
         lines.append(f"| {label} | {leg['bytes']} | {leg['plain_ms']:.2f} | {leg['curve_ms']:.2f} | "
-                     f"{leg['curve_cost_ms']:.2f} |")
+                     f"{leg['curve_cost_ms']:.2f} | {leg.get('curve_cost_cpu_ms', float('nan')):.2f} |")
     lines += [
         "",
         f"CURVE cost, both legs timed alone: **{r['curve_cost_ms_transport']:.2f} ms = "
