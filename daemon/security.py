@@ -24,6 +24,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -267,6 +268,8 @@ class ZapGate(ThreadAuthenticator):
         self.allowed: set[bytes] = set()
         self._signature: object = None
         self._lock = threading.Lock()
+        self._allow_lock = threading.Lock()
+        self._revoked = threading.Event()
         self._monitors: list[tuple[str, zmq.Socket, zmq.Socket]] = []
         self._stop = threading.Event()
         self._monitor_thread: threading.Thread | None = None
@@ -307,23 +310,28 @@ class ZapGate(ThreadAuthenticator):
 
     # ---- allow-list
     def _refresh_allowed(self) -> None:
-        """Re-read the allow-list when a file in it was added, removed or changed."""
+        """Re-read the allow-list when a file in it was added, removed or changed; flag removals."""
         d = self.allow_dir
         if d is None:
             return
-        try:
-            sig = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(d)))
-        except OSError as e:
-            sig = ("error", str(e))
-        if sig == self._signature:
-            return
-        self._signature = sig
-        try:
-            self.allowed = set(zmq.auth.load_certificates(str(d)))
-        except OSError as e:  # a missing directory admits nobody
-            log.error("cannot read the allow-list %s: %s; admitting no key", d, e)
-            self.allowed = set()
-        log.info("allow-list %s: %d key(s)", d, len(self.allowed))
+        with self._allow_lock:
+            try:
+                sig = tuple(sorted((e.name, e.stat().st_mtime_ns, e.stat().st_size) for e in os.scandir(d)))
+            except OSError as e:
+                sig = ("error", str(e))
+            if sig == self._signature:
+                return
+            first = self._signature is None
+            self._signature = sig
+            old = self.allowed
+            try:
+                self.allowed = set(zmq.auth.load_certificates(str(d)))
+            except OSError as e:  # a missing directory admits nobody
+                log.error("cannot read the allow-list %s: %s; admitting no key", d, e)
+                self.allowed = set()
+            log.info("allow-list %s: %d key(s)", d, len(self.allowed))
+            if old - self.allowed and not first:
+                self._revoked.set()
 
     # ---- ZAP
     async def handle_zap_message(self, msg: list[bytes]) -> None:
@@ -363,7 +371,16 @@ class ZapGate(ThreadAuthenticator):
         by_socket = {mon: domain for domain, _, mon in self._monitors}
         peers: dict[int, str] = {}
         failed: dict[str, deque[str]] = {domain: deque() for domain, _, _ in self._monitors}
+        self._refresh_allowed()
+        next_check = time.monotonic() + 1.0
         while not self._stop.is_set():
+            if time.monotonic() >= next_check:  # a revoked key must not keep its open connection
+                next_check = time.monotonic() + 1.0
+                self._refresh_allowed()
+                if self._revoked.is_set():
+                    self._revoked.clear()
+                    cut = sum(_cut(fd, peer) for fd, peer in list(peers.items()))
+                    log.warning("a key left the allow-list: closed %d connection(s); each must authenticate again", cut)
             for mon, _ in poller.poll(200):
                 try:
                     ev = recv_monitor_message(mon)
@@ -398,6 +415,20 @@ class ZapGate(ThreadAuthenticator):
             else:
                 with self._lock:
                     self.live[domain] = max(0, self.live[domain] - 1)
+
+
+def _cut(fd: int, peer: str) -> bool:
+    """Shut down the TCP connection on ZeroMQ's ``fd`` (libzmq then sees it drop and the client must
+    reconnect and pass ZAP again). Only if the fd still belongs to ``peer``: fds are reused."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as s:
+            host, port = s.getpeername()[:2]
+            if f"{host}:{port}" != peer:
+                return False
+            s.shutdown(socket.SHUT_RDWR)
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _peer_of(fd: int) -> str:

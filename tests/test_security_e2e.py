@@ -133,17 +133,32 @@ def test_revoking_a_key_needs_no_restart(secured: Secured) -> None:
     ctx = zmq.Context()
     sub = secured.subscriber(ctx, secured.client("plc"))
     time.sleep(1.0)
-    push(secured.d.ingest, secured.client("revokee"), seed=301, n=1, sensor_id="revokee-1")
-    assert len(receive_verdicts(sub, 1, timeout=60)) == 1
+    pusher = FramePusher(secured.d.ingest, hwm=4, send_timeout_ms=2000, keys=secured.client("revokee"))
+    try:
+        pusher.send(next(simulated_parts([PRODUCT], 1, 0.0, seed=301, sensor_id="revokee-1", good_only=True)))
+        assert [v.header["sensor_id"] for v in receive_verdicts(sub, 1, timeout=60)] == ["revokee-1"]
 
-    (secured.allow / "revokee.key").unlink()
+        before = secured.metric("inspectd_connections_refused_total", socket="ingest", reason="unknown_key")
+        (secured.allow / "revokee.key").unlink()
+        # the open connection is cut within about a second, and its reconnection is refused
+        assert secured.wait_metric(before, "inspectd_connections_refused_total", socket="ingest",
+                                   reason="unknown_key") > before
+        try:
+            pusher.send(next(simulated_parts([PRODUCT], 1, 0.0, seed=302, sensor_id="revokee-2", good_only=True)))
+        except zmq.Again:
+            pass
+        assert receive_verdicts(sub, 1, timeout=5) == []
+    finally:
+        pusher.sock.setsockopt(zmq.LINGER, 0)
+        pusher.close()
     before = secured.metric("inspectd_connections_refused_total", socket="ingest", reason="unknown_key")
-    push(secured.d.ingest, secured.client("revokee"), seed=302, n=1, sensor_id="revokee-2")
+    push(secured.d.ingest, secured.client("revokee"), seed=303, n=1, sensor_id="revokee-3")  # a new connection
     assert secured.wait_metric(before, "inspectd_connections_refused_total", socket="ingest",
                                reason="unknown_key") > before
-    assert receive_verdicts(sub, 1, timeout=3) == []
     ctx.destroy(linger=0)
-    assert secured.rows("SELECT COUNT(*) FROM verdicts WHERE sensor_id = 'revokee-2'") == [(0,)]
+    assert secured.rows("SELECT COUNT(*) FROM verdicts WHERE sensor_id IN ('revokee-2', 'revokee-3')") == [(0,)]
+    log = (secured.d.root / "daemon.log").read_text()
+    assert "a key left the allow-list: closed" in log
     # and back: a key added to the directory is admitted at its next handshake
     shutil.copy(secured.keys / "revokee.key", secured.allow)
 
