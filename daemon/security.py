@@ -269,7 +269,8 @@ class ZapGate(ThreadAuthenticator):
         self._signature: object = None
         self._lock = threading.Lock()
         self._allow_lock = threading.Lock()
-        self._revoked = threading.Event()
+        self._key_hosts: dict[bytes, set[str]] = {}
+        self._revoked_hosts: set[str] = set()
         self._monitors: list[tuple[str, zmq.Socket, zmq.Socket]] = []
         self._stop = threading.Event()
         self._monitor_thread: threading.Thread | None = None
@@ -330,8 +331,9 @@ class ZapGate(ThreadAuthenticator):
                 log.error("cannot read the allow-list %s: %s; admitting no key", d, e)
                 self.allowed = set()
             log.info("allow-list %s: %d key(s)", d, len(self.allowed))
-            if old - self.allowed and not first:
-                self._revoked.set()
+            if not first:
+                for key in old - self.allowed:
+                    self._revoked_hosts |= self._key_hosts.pop(key, set())
 
     # ---- ZAP
     async def handle_zap_message(self, msg: list[bytes]) -> None:
@@ -356,6 +358,9 @@ class ZapGate(ThreadAuthenticator):
         if reason is None and cap is not None and self.connections(domain) >= cap:
             reason = "max_connections"
         if reason is None:
+            if user:
+                with self._allow_lock:
+                    self._key_hosts.setdefault(user, set()).add(address)
             self.zap_socket.send_multipart([b"1.0", request_id, b"200", b"OK", user, b""])
             return
         self.zap_socket.send_multipart([b"1.0", request_id, b"400", reason.encode(), b"", b""])
@@ -377,10 +382,12 @@ class ZapGate(ThreadAuthenticator):
             if time.monotonic() >= next_check:  # a revoked key must not keep its open connection
                 next_check = time.monotonic() + 1.0
                 self._refresh_allowed()
-                if self._revoked.is_set():
-                    self._revoked.clear()
-                    cut = sum(_cut(fd, peer) for fd, peer in list(peers.items()))
-                    log.warning("a key left the allow-list: closed %d connection(s); each must authenticate again", cut)
+                with self._allow_lock:
+                    hosts, self._revoked_hosts = self._revoked_hosts, set()
+                if hosts:
+                    cut = sum(_cut(fd, peer) for fd, peer in list(peers.items()) if peer.rsplit(":", 1)[0] in hosts)
+                    log.warning("a key left the allow-list: closed %d connection(s) from %s; each must "
+                                "authenticate again", cut, ", ".join(sorted(hosts)))
             for mon, _ in poller.poll(200):
                 try:
                     ev = recv_monitor_message(mon)
