@@ -37,6 +37,7 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
+@pytest.mark.slow  # starts an inspectd process
 def test_keys_command_writes_owner_only_secrets(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     run = subprocess.run([sys.executable, "-m", "daemon.cli", "keys", "curve", str(keys), "server", "sensor-1"],
@@ -133,6 +134,7 @@ def test_config_sections(tmp_path: Path) -> None:
     assert "_node_ip_address" not in ray_init_kwargs(Config.model_validate({"ray": {"address": "auto"}}))
 
 
+@pytest.mark.slow  # starts an inspectd process
 def test_run_refuses_an_exposed_bind_at_once(tmp_path: Path) -> None:
     """``inspectd run`` on 0.0.0.0 without security exits non-zero before it starts anything."""
     path = tmp_path / "inspectd.yaml"
@@ -153,6 +155,7 @@ def test_run_refuses_an_exposed_bind_at_once(tmp_path: Path) -> None:
     assert elapsed < 30  # imports only: no Ray, no actors
 
 
+@pytest.mark.slow  # starts an inspectd process
 def test_token_file_readable_by_others_refuses_start(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     create_token(tokens, "operator")
