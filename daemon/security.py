@@ -270,6 +270,7 @@ class ZapGate(ThreadAuthenticator):
         self._lock = threading.Lock()
         self._allow_lock = threading.Lock()
         self._key_hosts: dict[bytes, set[str]] = {}
+        self._last_logged: dict[tuple[str, str, str], float] = {}
         self._revoked_hosts: set[str] = set()
         self._monitors: list[tuple[str, zmq.Socket, zmq.Socket]] = []
         self._stop = threading.Event()
@@ -364,9 +365,18 @@ class ZapGate(ThreadAuthenticator):
             self.zap_socket.send_multipart([b"1.0", request_id, b"200", b"OK", user, b""])
             return
         self.zap_socket.send_multipart([b"1.0", request_id, b"400", reason.encode(), b"", b""])
-        log.warning("refused a connection to %s from %s: %s%s", domain, address or "?", reason,
-                    f" (key {user.decode()})" if user else "")
+        self._refused(domain, address or "?", reason, f" (key {user.decode()})" if user else "")
+
+    def _refused(self, domain: str, peer: str, reason: str, extra: str = "") -> None:
+        """Count every refusal; log it with the peer, at most once per 10 s per host and reason
+        (a refused client retries every 100 ms and must not flood the log)."""
         self.on_refused(domain, reason)
+        key, now = (domain, peer.rsplit(":", 1)[0], reason), time.monotonic()
+        if now - self._last_logged.get(key, -1e9) >= 10.0:
+            if len(self._last_logged) > 10_000:
+                self._last_logged.clear()
+            self._last_logged[key] = now
+            log.warning("refused a connection to %s from %s: %s%s", domain, peer, reason, extra)
 
     # ---- monitor
     def _watch(self) -> None:
@@ -417,8 +427,7 @@ class ZapGate(ThreadAuthenticator):
             if failed:  # libzmq reports a failed handshake right before its disconnect
                 reason = failed.popleft()
                 if reason:
-                    log.warning("refused a connection to %s from %s: %s", domain, peer, reason)
-                    self.on_refused(domain, reason)
+                    self._refused(domain, peer, reason)
             else:
                 with self._lock:
                     self.live[domain] = max(0, self.live[domain] - 1)
