@@ -587,6 +587,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--imrnet-finetune-steps", type=int, default=DEFAULT_IMRNET_FINETUNE_STEPS,
                    help="fine-tuning steps of the imrnet model the bench enrolls (scoring cost does not depend on it)")
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
+    b.add_argument("--curve", action="store_true",
+                   help="measure only what CurveZMQ costs on the daemon path at 400x400 (daemon/bench_curve.py)")
     b.add_argument("--summary", action="store_true",
                    help="measure nothing: print one table over every result JSON in --out")
     b.set_defaults(func=_cmd_bench)
@@ -595,6 +597,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.summary:
         print(summary_table(Path(args.out)), end="")
+        return 0
+    if args.curve:
+        from daemon.bench_curve import render, run_curve_bench
+
+        name = "curve-cost-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
+        print(render(run_curve_bench(Path(args.out), result_name(name, "", ""), args.frames)))
         return 0
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = set(sizes) - set(SIZES)

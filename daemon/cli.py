@@ -9,6 +9,10 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sensors.curve import ClientKeys
 
 DEFAULT_INGEST = "tcp://127.0.0.1:5555"
 
@@ -23,14 +27,22 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError, load_config
-    from daemon.service import InspectionService
 
     try:
         cfg = load_config(args.config)
     except ConfigError as e:
         print(f"inspectd: {e}", file=sys.stderr)
         return 2
-    service = InspectionService(cfg)
+    from daemon.security import SecurityError, prepare_ray_environment
+
+    prepare_ray_environment(cfg)  # before the service imports ray
+    from daemon.service import InspectionService
+
+    try:
+        service = InspectionService(cfg)
+    except SecurityError as e:
+        print(f"inspectd: {e}", file=sys.stderr)
+        return 2
     stop = threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -69,12 +81,13 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop between frames and still report the count
         signal.signal(sig, lambda *_: stop.set())
+    keys = _client_keys(args.config)
     if args.verdicts is None:
-        n = stream(frames, args.endpoint, rate=args.rate, stop=stop)
+        n = stream(frames, args.endpoint, rate=args.rate, stop=stop, keys=keys)
         print(json.dumps({"sensor": args.sensor_id, "sent": n}), flush=True)
         return 0
     st = stream_acked(frames, args.endpoint, args.verdicts, rate=args.rate, wait_s=args.ack_wait,
-                      outbox=args.outbox, ack_timeout_s=args.ack_timeout, stop=stop)
+                      outbox=args.outbox, ack_timeout_s=args.ack_timeout, stop=stop, keys=keys)
     print(json.dumps({"sensor": args.sensor_id, "protocol": 2, "sent": st.sent, "acked": st.acked,
                       "unacked": st.unacked, "resent": st.resent}), flush=True)
     return 1 if st.unacked else 0
@@ -92,13 +105,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _post(url: str, body: dict | None = None) -> dict:
+def _client_keys(config: str | None) -> ClientKeys | None:
+    """The CURVE keys a sensor or subscriber started from this config presents (None: plain)."""
+    if config is None:
+        return None
+    from daemon.config import load_config
+    from daemon.security import client_keys
+
+    return client_keys(load_config(config))
+
+
+def _token(token_file: str | None, config: str | None) -> str | None:
+    """The bearer token for the daemon's API: --token-file, else the config's http.token_file."""
+    if token_file is None and config is not None:
+        from daemon.config import load_config
+
+        path = load_config(config).http.token_file
+        token_file = str(path) if path else None
+    if token_file is None:
+        return None
+    from daemon.security import load_tokens
+
+    return next(iter(load_tokens(Path(token_file))))
+
+
+def _post(url: str, body: dict | None = None, token: str | None = None) -> dict:
     """POST JSON to the daemon's HTTP API; the daemon's error message on failure."""
     import urllib.error
     import urllib.request
 
-    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST", headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
@@ -132,16 +171,38 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         rec = json.loads((path / CALIBRATION_FILE).read_text())
         print(f"calibrated {product} on the {k} held-out parts: {describe(rec)}")
     if args.notify:
-        reply = _post(f"{args.notify.rstrip('/')}/v1/products/{product}/reload")
+        reply = _post(f"{args.notify.rstrip('/')}/v1/products/{product}/reload",
+                      token=_token(args.token_file, args.config))
         print(f"daemon now serves {product} with model {reply['model_version']} (revision "
               f"{reply.get('model_revision')}) on {reply['actors']} actors")
     return 0
 
 
 def cmd_mark_good(args: argparse.Namespace) -> int:
+    from daemon.security import valid_part_id, valid_product
+
+    if not valid_product(args.product):
+        raise ValueError(f"--product {args.product!r} is not a valid product name")
+    bad = [p for p in args.part_id if not valid_part_id(p)]
+    if bad:
+        raise ValueError(f"not valid part ids: {', '.join(map(repr, bad))}")
+    token = _token(args.token_file, args.config)
     for part_id in args.part_id:
-        reply = _post(f"{args.daemon.rstrip('/')}/v1/products/{args.product}/good", {"part_id": part_id})
+        reply = _post(f"{args.daemon.rstrip('/')}/v1/products/{args.product}/good", {"part_id": part_id}, token)
         print(f"{args.product}/{part_id} marked good → {reply['saved']} ({reply['collected']} collected)")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from daemon.security import create_curve_keys, create_token
+
+    if args.kind == "curve":
+        for name in args.names:
+            public, secret = create_curve_keys(args.dir, name)
+            print(f"{name}: public key {public} (copy it into the allow-list), secret key {secret} (0600)")
+    else:
+        create_token(args.file, args.name)
+        print(f"added token {args.name!r} to {args.file} (0600); send it as 'Authorization: Bearer <token>'")
     return 0
 
 
@@ -215,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--split", default="test")
     for q in (sim, rep):
         q.add_argument("--endpoint", default=DEFAULT_INGEST)
+        q.add_argument("--config", help="take the CURVE keys from this config's security section")
         q.add_argument("--rate", type=float, default=0.0, help="frames per second (0: as fast as the daemon accepts)")
         q.add_argument("--sensor-id", default=f"{q.prog.split()[-1]}-0")
         q.add_argument("--verdicts", metavar="ENDPOINT",
@@ -246,13 +308,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new model live")
     e.add_argument("--config")
     e.add_argument("--models", help="models folder (default: the config's storage.models_dir)")
+    e.add_argument("--token-file", help="bearer token for --notify (default: the config's http.token_file)")
     e.set_defaults(func=cmd_enroll)
 
     g = sub.add_parser("mark-good", help="tell the daemon that cold-start parts are good (collects them for enroll)")
     g.add_argument("--product", required=True)
     g.add_argument("--part-id", required=True, action="append")
     g.add_argument("--daemon", default="http://127.0.0.1:9108")
+    g.add_argument("--token-file", help="bearer token file (default: the config's http.token_file)")
+    g.add_argument("--config", help="the daemon's config (for http.token_file)")
     g.set_defaults(func=cmd_mark_good)
+
+    k = sub.add_parser("keys", help="create CurveZMQ key pairs or HTTP API tokens (owner-only permissions)")
+    ksub = k.add_subparsers(dest="kind", required=True)
+    kc = ksub.add_parser("curve", help="a key pair per NAME: DIR/NAME.key (public), DIR/NAME.key_secret (0600)")
+    kc.add_argument("dir")
+    kc.add_argument("names", nargs="+", metavar="NAME")
+    kt = ksub.add_parser("token", help="append a random bearer token 'NAME:TOKEN' to FILE (created 0600)")
+    kt.add_argument("file")
+    kt.add_argument("--name", default="operator")
+    k.set_defaults(func=cmd_keys)
 
     c = sub.add_parser("calibrate", help="set a product's threshold from held-out good parts")
     c.add_argument("--product", required=True)

@@ -36,7 +36,8 @@ class IngestConfig(Section):
     """ZeroMQ receive high-water mark per sender connection, in messages; beyond it that sender's
     sends block. Small, as each message can be ``max_points`` large."""
     max_connections: int = Field(32, ge=1)
-    """Sender connections the memory bound is computed for (enforced by the connection handler)."""
+    """Sender connections admitted at once (each has its own receive buffer); more are refused at the
+    handshake. The memory bound is computed for this many."""
     max_age_ms: int = Field(10_000, ge=1)
     """A frame older than this (capture_time to dequeue) is answered ``overloaded``. Needs sensor
     clocks synchronized with the daemon's (NTP/PTP)."""
@@ -63,7 +64,24 @@ class PublishConfig(Section):
 class HttpConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(9108, ge=0, le=65535)
-    """Serves /metrics, /healthz and /readyz. 0 picks a free port (printed at start)."""
+    """Serves /metrics, /healthz and /readyz (and /v1/, unless api_port is set). 0 picks a free port."""
+    api_port: int | None = Field(None, ge=0, le=65535)
+    """A separate listener (same host) for the /v1/ API; None serves it on ``port``."""
+    token_file: Path | None = None
+    """Bearer tokens for /v1/, one ``name:token`` (or a bare token) per line; must not be
+    world-readable. None: the API is open, which the daemon allows on a loopback host only."""
+    metrics_auth: bool = False
+    """Also require the token on /metrics, /healthz and /readyz."""
+    max_body_bytes: int = Field(65536, ge=1)
+    """Larger request bodies are refused with 413."""
+    header_timeout_s: float = Field(10.0, gt=0)
+    """A connection that has not sent a whole request head by then is closed."""
+    body_timeout_s: float = Field(10.0, gt=0)
+    """A request whose body has not arrived by then is answered 408."""
+    max_connections: int = Field(64, ge=2)
+    """Open connections; beyond it the oldest one still waiting for its request head is closed."""
+    api_threads: int = Field(4, ge=1)
+    """Threads that run /v1/ calls (reload can take a while); further calls wait their turn."""
 
 
 class StorageConfig(Section):
@@ -83,6 +101,8 @@ class StorageConfig(Section):
 class RayConfig(Section):
     address: str | None = None
     """None starts an embedded local Ray; ``auto`` or ``ray://host:10001`` joins a cluster."""
+    node_ip: str = "127.0.0.1"
+    """Address the embedded Ray's servers listen on; loopback keeps them off the network."""
     num_cpus: int | None = Field(None, ge=1)
     object_store_mb: int = Field(512, ge=64)
 
@@ -181,6 +201,26 @@ class MemoryConfig(Section):
     """The daemon's own footprint without frames (Python, numpy, Ray client, ZeroMQ)."""
 
 
+class SecurityConfig(Section):
+    curve: bool = False
+    """CurveZMQ on the ingest and verdict sockets: encrypted, and only allow-listed keys get in."""
+    server_key: Path | None = None
+    """The daemon's key pair (``inspectd keys``): the daemon reads the secret file; clients
+    (sensors, replay, demo, bench) read the public key from the same path or its ``.key`` sibling."""
+    allow_dir: Path | None = None
+    """Allowed client public keys (``*.key``); re-read on each handshake: add or remove a file, no restart."""
+    client_key: Path | None = None
+    """The secret key file the sensors and subscribers started by ``inspectd`` use."""
+    allow_insecure: bool = False
+    """Start even when a non-loopback listener has no authentication (warns at every start)."""
+
+    @model_validator(mode="after")
+    def _curve_needs_keys(self) -> SecurityConfig:
+        if self.curve and (self.server_key is None or self.allow_dir is None):
+            raise ValueError("curve: true needs server_key and allow_dir (create them with 'inspectd keys')")
+        return self
+
+
 class Config(Section):
     ingest: IngestConfig = IngestConfig()
     publish: PublishConfig = PublishConfig()
@@ -191,6 +231,7 @@ class Config(Section):
     decision: DecisionConfig = DecisionConfig()
     cold_start: ColdStartConfig = ColdStartConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    security: SecurityConfig = SecurityConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     """Used by ``inspectd enroll`` for new models; a model keeps the settings it was fitted with."""
     memory: MemoryConfig = MemoryConfig()

@@ -1,7 +1,8 @@
 """``inspectd demo``: the whole line on one machine, end to end, scoring itself.
 
 1. Simulates good parts of each product, enrolls the product on some and calibrates its
-   threshold on others (the same functions as ``inspectd enroll`` / ``calibrate``).
+   threshold on others (the same functions as ``inspectd enroll`` / ``calibrate``), and creates
+   its own CURVE keys and API token (``out/keys``), so the demo runs with security on.
 2. Starts the daemon as its own process (``inspectd run``, embedded local Ray).
 3. Subscribes to the verdicts, then starts a simulated camera as its own process
    (``inspectd sensor sim``) streaming parts of the products, a quarter of them defective.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,6 +33,8 @@ from daemon.config import Config
 from daemon.decision import describe
 from daemon.enrollment import calibrate, enroll
 from daemon.process import DaemonProcess, free_port
+from daemon.security import client_keys, create_curve_keys, create_token
+from sensors.curve import apply_client_keys
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
 
@@ -38,11 +42,28 @@ N_ENROLL = 16  # fewer leaves pose-dependent views (e.g. into a bore) uncovered:
 N_CALIBRATE = 10  # at least daemon.decision.min_parts(0.01) = 9 for the default target FRR
 
 
+def demo_keys(out: Path) -> dict[str, str]:
+    """The demo's own CURVE keys and API token (created once under ``out/keys``): security on, one command."""
+    keys, allow, tokens = out / "keys", out / "keys" / "allowed", out / "keys" / "api_tokens"
+    for name in ("server", "demo-client"):
+        if not (keys / f"{name}.key_secret").exists():
+            create_curve_keys(keys, name)
+    allow.mkdir(mode=0o700, exist_ok=True)
+    shutil.copy(keys / "demo-client.key", allow)
+    if not tokens.exists():
+        create_token(tokens, "demo")
+    return {"server_key": str(keys / "server.key_secret"), "allow_dir": str(allow),
+            "client_key": str(keys / "demo-client.key_secret"), "token_file": str(tokens)}
+
+
 def write_demo_config(out: Path, products: list[str], scorer: str = "patchcore-fpfh") -> tuple[Path, Config]:
+    k = demo_keys(out)
     raw: dict[str, Any] = {
         "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 16},
         "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}"},
-        "http": {"host": "127.0.0.1", "port": free_port()},
+        "http": {"host": "127.0.0.1", "port": free_port(), "token_file": k["token_file"]},
+        "security": {"curve": True, "server_key": k["server_key"], "allow_dir": k["allow_dir"],
+                     "client_key": k["client_key"]},
         "storage": {
             "results": str(out / "results.sqlite"),
             "maps_dir": str(out / "maps"),
@@ -113,6 +134,7 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
     try:
         print(f"   daemon ready in {time.time() - t0:.1f}s; metrics at {metrics_url}/metrics", flush=True)
         sub = ctx.socket(zmq.SUB)
+        apply_client_keys(sub, client_keys(cfg))
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
         sub.setsockopt(zmq.LINGER, 0)
         sub.connect(cfg.publish.endpoint)
@@ -122,7 +144,7 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
             [
                 sys.executable, "-m", "daemon.cli", "sensor", "sim", "--endpoint", cfg.ingest.endpoint,
                 "--products", ",".join(products), "--parts", str(n_parts), "--defect-rate", "0.25",
-                "--seed", str(seed), "--rate", str(rate),
+                "--seed", str(seed), "--rate", str(rate), "--config", str(cfg_path),
             ],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True,
         )

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from daemon.security import inside
+
 _RAMP = np.array(
     [[0.0, 0.0, 0.5], [0.0, 0.3, 1.0], [0.0, 0.8, 0.6], [0.6, 0.9, 0.0], [1.0, 0.8, 0.0], [1.0, 0.2, 0.0], [0.6, 0.0, 0.0]]
 )
@@ -46,10 +48,10 @@ def write_maps(
 ) -> Path:
     """Write ``<maps_dir>/<product>/<YYYY-MM-DD>/<part_id>.{npz,png|ply}``; returns the npz path."""
     day = time.strftime("%Y-%m-%d")
-    folder = Path(maps_dir) / product / day
+    folder = inside(maps_dir, product, day)  # the wire validated the product name; this is the last line
     folder.mkdir(parents=True, exist_ok=True)
     stem = file_stem(part_id)
-    npz = folder / f"{stem}.npz"
+    npz = inside(folder, f"{stem}.npz")
     np.savez_compressed(npz, anomaly_map=anomaly_map, verdict=np.array(verdict), threshold=np.float32(threshold))
     if anomaly_map.ndim == 2:
         Image.fromarray(colorize(anomaly_map, threshold)).save(folder / f"{stem}.png", format="PNG")

@@ -1,23 +1,17 @@
-"""Every Prometheus metric of the daemon, defined in one place, and the HTTP endpoint.
+"""Every Prometheus metric of the daemon, defined in one place.
 
-The HTTP server answers ``/metrics`` (Prometheus text format), ``/healthz`` (the process
-answers) and ``/readyz`` (200 once the actors are up and models loaded, 503 before); every
-path under ``/v1/`` goes to the service's JSON API callback (docs/protocol.md, "HTTP API").
-Metrics live on a private registry per daemon so tests can run several daemons in turn.
+``daemon/http_api.py`` serves them on ``/metrics`` (Prometheus text format). Metrics live on a
+private registry per daemon so tests can run several daemons in turn.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
-from collections.abc import Callable, Iterable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -91,6 +85,12 @@ class DaemonMetrics:
             "inspectd_thread_deaths", "Daemon threads that died of an exception (the daemon then exits 1).",
             ["thread"], registry=r,
         )
+        self.connections_refused = Counter(
+            "inspectd_connections_refused",
+            "ZeroMQ connections refused at the handshake, by socket (ingest, verdicts) and reason.",
+            ["socket", "reason"],
+            registry=r,
+        )
         self.ready = Gauge("inspectd_ready", "1 when actors are up and models loaded.", registry=r)
         build = Gauge("inspectd_build_info", "Version of the running daemon.", ["version"], registry=r)
         build.labels(version=version).set(1)
@@ -163,74 +163,3 @@ def _disk(path: Path) -> tuple[float, float]:
     except OSError:
         return float("nan"), float("nan")
     return float(usage.free), float(usage.total)
-
-
-class MetricsServer:
-    """A small threaded HTTP server for /metrics, /healthz and /readyz."""
-
-    def __init__(
-        self,
-        metrics: DaemonMetrics,
-        host: str,
-        port: int,
-        is_ready: Callable[[], bool],
-        api: Callable[[str, str, Any], tuple[int, dict[str, Any]]] | None = None,
-    ) -> None:
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def _api(self, method: str, path: str) -> None:
-                body: Any = None
-                length = int(self.headers.get("Content-Length") or 0)
-                if length:
-                    try:
-                        body = json.loads(self.rfile.read(length))
-                    except ValueError:
-                        self._send(400, b'{"error": "body is not JSON"}\n', "application/json")
-                        return
-                code, reply = api(method, path, body) if api else (404, {"error": "no API"})
-                self._send(code, json.dumps(reply).encode() + b"\n", "application/json")
-
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                path = self.path.split("?", 1)[0]
-                if path.startswith("/v1/"):
-                    self._api("POST", path)
-                else:
-                    self._send(404, b"not found\n")
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-                path = self.path.split("?", 1)[0]
-                if path.startswith("/v1/"):
-                    self._api("GET", self.path)  # the query string too: the service parses it
-                elif path == "/metrics":
-                    self._send(200, metrics.render(), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._send(200, b"ok\n")
-                elif path == "/readyz":
-                    ok = outer.is_ready()
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-                else:
-                    self._send(404, b"not found\n")
-
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.is_ready = is_ready
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -45,23 +45,32 @@ import re
 import threading
 import time
 from collections import OrderedDict, deque
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 import zmq
 
+from daemon.audit import AuditLog
 from daemon.config import Config, held_frames, pub_hwm
 from daemon.decision import Thresholds, decide, thresholds_from
 from daemon.delivery import Delivery, Republish, peek_protocol
 from daemon.emitter import Emitter
+from daemon.http_api import HttpApi
 from daemon.lanes import ERRORS, SCORED, EmitLanes
 from daemon.maps import MapRetention
-from daemon.metrics import DaemonMetrics, MetricsServer
+from daemon.metrics import DaemonMetrics
 from daemon.pool import LARGE, ActorDied, ActorPool, Job
 from daemon.replay import verdicts_page
 from daemon.resultlog import LogReader, ResultLog
+from daemon.security import (
+    enforce_safe_defaults,
+    inside,
+    ray_init_kwargs,
+    secure_sockets,
+    valid_part_id,
+    valid_product,
+)
 from sensors.frame import Frame, FrameError
 from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.wire import decode_frame, max_part_bytes, salvage_header
@@ -80,7 +89,7 @@ FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
 #: A thread that has not gone round its loop for this long makes /readyz answer 503.
 STALL_S = 10.0
 
-PRODUCT_ROUTE = re.compile(r"^/v1/products/([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/(good|reload)$")
+PRODUCT_ROUTE = re.compile(r"/v1/products/(.+)/(good|reload)\Z", re.DOTALL)
 
 log = logging.getLogger("inspectd.service")
 IDENTITY_FIELDS = ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")
@@ -112,7 +121,9 @@ class InspectionService:
         self.held: OrderedDict[tuple[str, str], Frame] = OrderedDict()
         self.held_lock = threading.Lock()
         self.reload_lock = threading.Lock()
-        self.http = MetricsServer(self.metrics, cfg.http.host, cfg.http.port, self.is_live, api=self.api)
+        enforce_safe_defaults(cfg)
+        self.audit: AuditLog | None = None
+        self.http = HttpApi(cfg.http, self.metrics.render, self.is_live, self.api, audit=lambda: self.audit)
         self.ctx = zmq.Context()
         self.pool: ActorPool | None = None
         self.ingest_done = threading.Event()
@@ -131,15 +142,15 @@ class InspectionService:
     # ---------------------------------------------------------------- life cycle
     def start(self, ready_timeout: float = 120.0) -> None:
         """Serve metrics, start Ray and the actors, bind the sockets, start the threads."""
+        self.audit = AuditLog(self.cfg.storage.results)
         self.http.start()
         log.info("metrics on http://%s:%d/metrics", self.cfg.http.host, self.http.port)
         products = self._load_products()
         if not ray.is_initialized():
             ray.init(
-                address=self.cfg.ray.address,
+                **ray_init_kwargs(self.cfg),
                 num_cpus=self.cfg.ray.num_cpus,
                 object_store_memory=self.cfg.ray.object_store_mb * 2**20 if self.cfg.ray.address is None else None,
-                include_dashboard=False,
                 logging_level=logging.WARNING,
             )
         self.pool = ActorPool(self.cfg, products)
@@ -151,10 +162,12 @@ class InspectionService:
         self.pull.setsockopt(zmq.RCVHWM, self.cfg.ingest.receive_hwm)
         self.pull.setsockopt(zmq.MAXMSGSIZE, max_part_bytes(self.cfg.ingest.max_points))
         self.pull.setsockopt(zmq.LINGER, 0)
-        self.pull.bind(self.cfg.ingest.endpoint)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.SNDHWM, pub_hwm(self.cfg))
         self.pub.setsockopt(zmq.LINGER, 2000)
+        self.gate = secure_sockets(self.ctx, self.cfg, self.pull, self.pub,
+                                   lambda sock, why: self.metrics.connections_refused.labels(socket=sock, reason=why).inc())
+        self.pull.bind(self.cfg.ingest.endpoint)
         self.pub.bind(self.cfg.publish.endpoint)
         self.results = ResultLog(self.cfg.storage.results)
         self.reader = LogReader(self.cfg.storage.results)
@@ -194,6 +207,8 @@ class InspectionService:
                       left, timeout, ", ".join(sorted(running)) or "none")
         else:
             log.info("stop: drained, all %d frame(s) taken were answered", self.taken)
+        if hasattr(self, "gate"):
+            self.gate.stop()
         if "ingest" not in running and hasattr(self, "pull"):
             self.pull.close()
         if "emitter" not in running:
@@ -210,6 +225,8 @@ class InspectionService:
         if not running:
             self.ctx.term()
         self.http.stop()
+        if self.audit is not None:
+            self.audit.close()
         return max(left, 1 if running else 0)
 
     def _supervise(self, name: str, target: Any) -> None:
@@ -289,10 +306,14 @@ class InspectionService:
         if method != "POST" or m is None:
             return 404, {"error": f"no route {method} {path}"}
         product, action = m.groups()
+        if not valid_product(product):
+            return 400, {"error": f"product {product!r} is not a valid product name"}
         if action == "good":
             part_id = body.get("part_id") if isinstance(body, dict) else None
             if not isinstance(part_id, str):
                 return 400, {"error": 'body must be {"part_id": "<id>"}'}
+            if not valid_part_id(part_id):
+                return 400, {"error": f"part id {part_id!r} is not a valid part id"}
             return self.mark_good(product, part_id)
         return self.reload(product)
 
@@ -303,14 +324,14 @@ class InspectionService:
         if frame is None:
             return 404, {"error": f"part {part_id!r} of {product!r} is not held (only the last "
                                   f"{self.cfg.cold_start.keep_frames} cold-start parts are)"}
-        folder = Path(self.cfg.cold_start.collect_dir) / product / "good"
+        folder = inside(self.cfg.cold_start.collect_dir, product, "good")
         folder.mkdir(parents=True, exist_ok=True)
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", part_id)
         if frame.organized:
-            path = folder / f"{stem}.tiff"
+            path = inside(folder, f"{stem}.tiff")
             write_xyz_tiff(path, frame.points)
         else:
-            path = folder / f"{stem}.pcd"
+            path = inside(folder, f"{stem}.pcd")
             write_pcd(path, frame.points[frame.valid_mask()])
         self.metrics.marked_good.labels(product=self.metrics.product_label(product)).inc()
         n = sum(1 for _ in folder.iterdir())
@@ -338,7 +359,7 @@ class InspectionService:
                         self.pool.reload(product)
                     except Exception:
                         log.exception("re-loading revision %s of %s failed too", before, product)
-                return 500, {"error": f"{type(e).__name__}: {e}"}
+                return 500, {"error": f"reload of {product} failed ({type(e).__name__}); the reason is in the daemon's log"}
         self.products.add(product)
         self.metrics.allow_product(product)
         self.metrics.model_reloads.labels(product=product).inc()

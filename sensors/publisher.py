@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from sensors.curve import ClientKeys, apply_client_keys
 from sensors.frame import Frame, FrameError
 from sensors.wire import ack_topic, decode_ack, encode_frame
 
@@ -29,12 +30,13 @@ log = logging.getLogger("inspectd.sensor")
 
 
 class FramePusher:
-    def __init__(self, endpoint: str, hwm: int = 4, send_timeout_ms: int = -1) -> None:
+    def __init__(self, endpoint: str, hwm: int = 4, send_timeout_ms: int = -1, keys: ClientKeys | None = None) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.PUSH)
         self.sock.setsockopt(zmq.SNDHWM, hwm)
         self.sock.setsockopt(zmq.SNDTIMEO, send_timeout_ms)
         self.sock.setsockopt(zmq.LINGER, 10_000)
+        apply_client_keys(self.sock, keys)
         self.sock.connect(endpoint)
 
     def send(self, frame: Frame) -> None:
@@ -80,18 +82,20 @@ class AckedPusher:
 
     def __init__(
         self, endpoint: str, verdicts: str, outbox: int = 64, ack_timeout_s: float = 30.0, hwm: int = 4,
-        stop: threading.Event | None = None,
+        stop: threading.Event | None = None, keys: ClientKeys | None = None,
     ) -> None:
         self.stop = stop or threading.Event()
         self.ctx = zmq.Context()
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.SNDHWM, hwm)
         self.push.setsockopt(zmq.LINGER, 0)  # what is not acknowledged at close is reported, not flushed
+        apply_client_keys(self.push, keys)
         self.monitor = self.push.get_monitor_socket(zmq.EVENT_CONNECTED)
         self.push.connect(endpoint)
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.RCVHWM, 10_000)
         self.sub.setsockopt(zmq.LINGER, 0)
+        apply_client_keys(self.sub, keys)
         self.sub.connect(verdicts)
         self.subscribed: set[str] = set()
         self.poller = zmq.Poller()
@@ -188,25 +192,25 @@ class AckedPusher:
 
 def stream(
     frames: Iterable[Frame], endpoint: str, rate: float = 0.0, on_sent: Callable[[Frame], None] | None = None,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, keys: ClientKeys | None = None,
 ) -> int:
     """Push every frame to ``endpoint`` at ``rate`` frames/s (0 = unpaced); returns the count sent.
 
     Setting ``stop`` ends the stream before the next frame (a sensor told to stop finishes the
     frame it is sending, so the count it reports is exact)."""
-    with FramePusher(endpoint) as pusher:
+    with FramePusher(endpoint, keys=keys) as pusher:
         return _paced(frames, pusher.send, rate, on_sent, stop)
 
 
 def stream_acked(
     frames: Iterable[Frame], endpoint: str, verdicts: str, rate: float = 0.0, wait_s: float = 120.0,
     outbox: int = 64, ack_timeout_s: float = 30.0, stop: threading.Event | None = None,
-    on_sent: Callable[[Frame], None] | None = None,
+    on_sent: Callable[[Frame], None] | None = None, keys: ClientKeys | None = None,
 ) -> DeliveryStats:
     """``stream`` in protocol 2: then wait up to ``wait_s`` for the outstanding acknowledgements
     (``stop`` ends the wait too: what is unacknowledged then is reported as such)."""
     stop = stop or threading.Event()
-    with AckedPusher(endpoint, verdicts, outbox=outbox, ack_timeout_s=ack_timeout_s, stop=stop) as pusher:
+    with AckedPusher(endpoint, verdicts, outbox=outbox, ack_timeout_s=ack_timeout_s, stop=stop, keys=keys) as pusher:
         try:
             _paced(frames, pusher.send, rate, on_sent, stop)
         except InterruptedError:

@@ -345,6 +345,16 @@ def test_example_configs_load(path: Path, host: str) -> None:
     assert cfg.storage.results == Path("/var/lib/inspectd/results.sqlite")
     assert cfg.storage.maps_dir == Path("/var/lib/inspectd/maps")
     assert cfg.storage.models_dir == Path("/var/lib/inspectd/models")
+    # Security on: CURVE with the daemon's key and an allow-list, a token on the API, Ray on loopback,
+    # and nothing the start-up rule would refuse (it refuses an exposed bind without these).
+    from daemon.security import exposure_problems
+
+    assert cfg.security.curve and not cfg.security.allow_insecure
+    assert cfg.security.server_key == Path("/etc/inspectd/secrets/server.key_secret")
+    assert cfg.security.allow_dir == Path("/etc/inspectd/secrets/allowed")
+    assert cfg.http.token_file == Path("/etc/inspectd/secrets/api_tokens")
+    assert cfg.ray.address is None and cfg.ray.node_ip == "127.0.0.1"
+    assert exposure_problems(cfg, environ={}) == []
     # InspectdQueueNearLimit is written against the configured queue size.
     queue_rule = next(r for r in load_rules() if r["alert"] == "InspectdQueueNearLimit")
     m = re.search(r"\*\s*(\d+)\s*$", queue_rule["expr"].strip())
@@ -378,6 +388,8 @@ def test_compose_file() -> None:
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
             if source.startswith((".", "/")) and "${" not in source:
                 assert (COMPOSE.parent / source).exists(), f"{name}: missing {source}"
+    secrets = [v for v in services["inspectd"]["volumes"] if isinstance(v, dict) and v["target"] == "/etc/inspectd/secrets"]
+    assert secrets and secrets[0]["read_only"], "the container config needs its keys and token mounted"
     grafana_mounts = [v.split(":")[1] for v in services["grafana"]["volumes"] if isinstance(v, str)]
     provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/inspectd.yaml").read_text())
     path = provider["providers"][0]["options"]["path"]
