@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+from sensors.frame import UNITS_MM
+
 DEFAULT_INGEST = "tcp://127.0.0.1:5555"
 
 
@@ -59,7 +61,8 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     else:
         from sensors.replay import replay_frames
 
-        frames = replay_frames(args.path, layout=args.layout, product=args.product, split=args.split, sensor_id=args.sensor_id)
+        frames = replay_frames(args.path, layout=args.layout, product=args.product, split=args.split, sensor_id=args.sensor_id,
+                               units=args.units)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop between frames and still report the count
         signal.signal(sig, lambda *_: stop.set())
@@ -168,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--layout", default="folder", choices=["folder", "mvtec3d", "real3d", "anomaly-shapenet"])
     rep.add_argument("--product", help="product name (folder replay; dataset layouts use the class names)")
     rep.add_argument("--split", default="test")
+    rep.add_argument("--units", choices=list(UNITS_MM),
+                     help="units of the stored coordinates (default: mm for a folder, the dataset's for a layout: "
+                     "m for mvtec3d, mm for real3d / anomaly-shapenet)")
     for q in (sim, rep):
         q.add_argument("--endpoint", default=DEFAULT_INGEST)
         q.add_argument("--rate", type=float, default=0.0, help="frames per second (0: as fast as the daemon accepts)")

@@ -15,8 +15,8 @@ third-party loader) reads it like the real thing:
       <class>/validation/good/{xyz, rgb}
       <class>/test/<good|bulge|concavity|hole|crack|break|bending>/{xyz, rgb, gt}/NNN.{tiff,png}
 
-  XYZ TIFFs are float32 H×W×3 (invalid pixels 0, as MVTec), world coordinates in mm (z up,
-  table at z = 0); ``rgb`` is a shaded grey rendering of the XYZ (Lambertian, from the normals
+  XYZ TIFFs are float32 H×W×3 (invalid pixels 0, as MVTec), world coordinates in **metres**
+  as in MVTec 3D-AD (z up, table at z = 0; ``dataset.json`` says ``"units": "m"``); ``rgb`` is a shaded grey rendering of the XYZ (Lambertian, from the normals
   of the organized grid); ``gt`` PNGs are 255 where anomalous (all black for good test parts,
   as published; train/validation have no gt).
 
@@ -388,7 +388,7 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
                     f"of the part's pixels in {tries} tries (fractions {', '.join(f'{x:.3f}' for x in fracs)})"
                 )
     out = Path(job.out)
-    write_xyz_tiff(out / job.rel, pts)
+    write_xyz_tiff(out / job.rel, pts / 1000.0)  # metres, as MVTec 3D-AD
     assert job.rgb_rel is not None
     (out / job.rgb_rel).parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(shade(pts)).save(out / job.rgb_rel)
@@ -514,6 +514,7 @@ def synthesize(
         "generator": "inspectd sensors.synth",
         "generator_version": GENERATOR_VERSION,
         "layout": layout,
+        "units": "m" if layout == "mvtec3d" else "mm",
         "classes": classes,
         "class_selection": "the first N classes of sensors.parts.PART_CLASSES",
         "seed": seed,
