@@ -122,16 +122,21 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from sensors.synth import synthesize
+    from sensors.synth import PRESETS, synthesize
 
-    counts = {k: v for k, v in (("n_train", args.train), ("n_test_good", args.test_good),
-                                 ("n_test_per_defect", args.test_per_defect)) if v is not None}
+    kwargs: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {"n_classes": 4}
+    flags = (("n_classes", args.classes), ("n_train", args.train), ("n_test_good", args.test_good),
+             ("n_test_per_defect", args.test_per_defect), ("n_validation", args.validation),
+             ("n_validation_per_defect", args.validation_per_defect), ("pose", args.pose),
+             ("kinds", _class_list(args.kinds)))
+    kwargs.update({k: v for k, v in flags if v is not None})
     t0 = time.perf_counter()
-    info = synthesize(Path(args.out), args.layout, args.classes, args.seed, progress=not args.no_progress,
-                      workers=args.workers, **counts)
+    info = synthesize(Path(args.out), args.layout, seed=args.seed, progress=not args.no_progress,
+                      workers=args.workers, preset=args.preset, **kwargs)
     dt = time.perf_counter() - t0
     n = info.get("counts", {}).get("total", "?")
-    print(f"wrote a {args.layout} dataset of {len(info['classes'])} classes ({n} samples) to {args.out} in {dt:.1f} s")
+    print(f"wrote a {args.layout} dataset of {len(info['classes'])} classes ({n} samples) to {args.out} in {dt:.1f} s "
+          f"with {info['workers']} worker(s)")
     return 0
 
 
@@ -185,11 +190,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("out", help="output folder (created)")
     s.add_argument("--layout", required=True, choices=LAYOUTS)
-    s.add_argument("--classes", type=int, default=4, help="number of part classes (the first N of the library)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", choices=["bench"],
+                   help="bench: 8 classes (thin-walled, rotationally symmetric, finely featured), 8 defect kinds "
+                   "graded subtle to gross, 4 train / 30 good + 10 per kind test / 10 good + 3 per kind validation "
+                   "parts per class, arbitrary rotation (point clouds) or fixture jitter (camera); flags override")
+    s.add_argument("--classes", type=int,
+                   help="number of part classes: the first N of the library (default 4) or of the preset's")
+    s.add_argument("--seed", type=int, default=0,
+                   help="random seed (bench: choose defaults on seed 1, report seed 0)")
     s.add_argument("--train", type=int, help="good training parts per class")
     s.add_argument("--test-good", type=int, help="good test parts per class")
     s.add_argument("--test-per-defect", type=int, help="defective test parts per defect kind and class")
+    s.add_argument("--validation", type=int, help="good validation parts per class")
+    s.add_argument("--validation-per-defect", type=int, help="defective validation parts per kind and class")
+    s.add_argument("--kinds", nargs="+", help="defect kinds (space- or comma-separated)")
+    s.add_argument("--pose", choices=["z10", "so3"],
+                   help="z10: test parts turned ±10° about z (the default without a preset); so3: any rotation "
+                   "for point clouds, fixture jitter for the camera (the bench preset's)")
     s.add_argument("--workers", type=int, help="processes (default: min(2, CPUs))")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_synth)

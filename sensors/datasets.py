@@ -63,7 +63,7 @@ import numpy as np
 from sensors.frame import Frame, FrameMeta
 from sensors.pointfiles import PointFileError, read_labeled_txt, read_pcd, read_xyz_tiff
 
-__all__ = ["LAYOUTS", "LAYOUT_UNITS", "DatasetError", "Sample", "dataset_units", "list_classes", "list_samples"]
+__all__ = ["GT_DIRS", "LAYOUTS", "LAYOUT_UNITS", "DatasetError", "Sample", "dataset_units", "list_classes", "list_samples"]
 
 LAYOUTS = ("mvtec3d", "real3d", "anomaly-shapenet")
 LAYOUT_UNITS = {"mvtec3d": "m", "real3d": "mm", "anomaly-shapenet": "mm"}
@@ -75,7 +75,7 @@ _SPLITS = {
     "real3d": ("train", "validation", "test"),
     "anomaly-shapenet": ("train", "validation", "test"),
 }
-_GT_DIR = {"real3d": "gt", "anomaly-shapenet": "GT"}
+GT_DIRS = {"real3d": "gt", "anomaly-shapenet": "GT"}
 _GOOD_WORDS = {"real3d": ("good",), "anomaly-shapenet": ("positive", "good")}
 _TIFF = (".tiff", ".tif")
 
@@ -187,7 +187,7 @@ class Sample:
         if self.split != "train" and self.label == 1:
             raise DatasetError(
                 f"{self.path}: anomalous test sample has no label file "
-                f"(expected {self.path.parent.parent / _GT_DIR[self.layout] / (self.stem + '.txt')})"
+                f"(expected {self.path.parent.parent / GT_DIRS[self.layout] / (self.stem + '.txt')})"
             )
         points, extras = read_pcd(self.path)
         return points, extras.get("rgb"), np.zeros(points.shape[0], dtype=np.uint8)
@@ -274,7 +274,7 @@ def _list_mvtec(split_dir: Path, layout: str, cls: str, split: str) -> list[Samp
 
 
 def _list_cloud(split_dir: Path, layout: str, cls: str, split: str) -> list[Sample]:
-    gt_dir = (split_dir if split == "validation" else split_dir.parent) / _GT_DIR[layout]
+    gt_dir = (split_dir if split == "validation" else split_dir.parent) / GT_DIRS[layout]
     samples: list[Sample] = []
     for f in sorted(split_dir.iterdir()):
         if not (f.is_file() and f.suffix.lower() == ".pcd"):

@@ -108,7 +108,10 @@ GENERATOR_VERSION = "1.0.0"
 LAYOUTS = ("mvtec3d", "real3d", "anomaly-shapenet")
 DEFECTS: tuple[str, ...] = ("bulge", "concavity", "hole", "crack", "break", "bending")
 """The six defect kinds of Anomaly-ShapeNet, with the paper's names (folder / file names)."""
-_CARVE_KIND = {"bulge": "bulge", "concavity": "dent", "hole": "hole", "crack": "crack", "break": "break"}
+BENCH_DEFECTS: tuple[str, ...] = (*DEFECTS, "contamination", "missing")
+"""The paper's six kinds plus foreign material on the surface and a missing feature (``--preset bench``)."""
+_CARVE_KIND = {"bulge": "bulge", "concavity": "dent", "hole": "hole", "crack": "crack", "break": "break",
+               "contamination": "contamination", "missing": "missing"}
 """Paper name → ``sensors.defects`` kind (bending is carved by :func:`carve_bending`)."""
 
 POINTS: dict[str, dict[str, dict[str, float]]] = {
@@ -127,15 +130,38 @@ LABEL_TOL_MM = 0.25
 RIM_MM = {"hole": 2.5, "crack": 2.5}
 """Rim of removed material marked anomalous in point clouds (default 1 mm, ``sensors.defects``)."""
 DEFAULT_COUNTS = {"n_train": 4, "n_validation": 2, "n_test_good": 6, "n_test_per_defect": 1}
+BENCH_CLASSES: tuple[str, ...] = ("flange", "bracket", "gear", "bolt", "washer", "hinge", "cap", "pulley")
+"""The bench preset's 8 classes: thin-walled (washer 3 mm, hinge leaves 3 mm, bracket wall 6 mm),
+rotationally symmetric (flange, washer, cap, pulley) and finely featured (gear teeth, bolt
+thread, the cap's knurl, the flange's and hinge's small bosses)."""
+PRESETS: dict[str, dict[str, Any]] = {
+    "bench": {"class_list": BENCH_CLASSES, "n_classes": len(BENCH_CLASSES), "n_train": 4, "n_validation": 10,
+              "n_validation_per_defect": 3, "n_test_good": 30, "n_test_per_defect": 10, "kinds": BENCH_DEFECTS,
+              "pose": "so3", "magnitudes": True},
+}
+"""``inspectd synth --preset NAME``: the arguments of :func:`synthesize` it sets (flags override)."""
+POSES = ("z10", "so3")
+"""``z10``: every camera part and every point-cloud test part turned about z by U(-10°, 10°) and
+shifted U(-5, 5) mm in x, y. ``so3``: point-cloud test and validation parts in a uniformly random
+orientation (any rotation, carved in the canonical pose first), camera parts with fixture
+jitter: the z10 pose plus a tilt of up to 2° about a random horizontal axis, resting on the table."""
+BENCH_FRACTION_RANGE = (0.0005, 0.15)
+"""Anomalous fraction a defective sample must have with graded magnitudes (subtle defects are small)."""
+BENCH_MIN_ANOMALOUS = 10
+"""... and at least this many anomalous points (point clouds; camera: ``simcam.MIN_VISIBLE_GT_PIXELS``)."""
 
 
-def class_names(n_classes: int) -> list[str]:
-    """The first ``n_classes`` part classes of ``sensors.parts.PART_CLASSES``."""
+def class_names(n_classes: int, class_list: Sequence[str] | None = None) -> list[str]:
+    """The first ``n_classes`` part classes of ``class_list`` (default ``sensors.parts.PART_CLASSES``)."""
     from sensors.parts import PART_CLASSES
 
-    if not 1 <= n_classes <= len(PART_CLASSES):
-        raise ValueError(f"--classes must be between 1 and {len(PART_CLASSES)} (the part library), got {n_classes}")
-    return list(PART_CLASSES[:n_classes])
+    pool = list(PART_CLASSES if class_list is None else class_list)
+    unknown = [c for c in pool if c not in PART_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown part class(es) {', '.join(unknown)}; known: {', '.join(PART_CLASSES)}")
+    if not 1 <= n_classes <= len(pool):
+        raise ValueError(f"--classes must be between 1 and {len(pool)}, got {n_classes}")
+    return pool[:n_classes]
 
 
 # --------------------------------------------------------------------------------------------
@@ -152,8 +178,39 @@ def _pose(rng: np.random.Generator) -> np.ndarray:
     return pose
 
 
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random rotation (3×3), from a normalized gaussian quaternion."""
+    q = rng.normal(size=4)
+    w, x, y, z = q / max(float(np.linalg.norm(q)), 1e-12)
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def _so3_pose(rng: np.random.Generator) -> np.ndarray:
+    """4×4: a uniformly random rotation about the part's centre, then a shift U(-5, 5) mm in x, y, z."""
+    pose = np.eye(4)
+    pose[:3, :3] = _random_rotation(rng)
+    pose[:3, 3] = rng.uniform(-POSE_MAX_SHIFT_MM, POSE_MAX_SHIFT_MM, 3)
+    return pose
+
+
+def _fixture_jitter(mesh: Any, rng: np.random.Generator) -> None:
+    """The z10 pose plus a tilt of up to 2° about a random horizontal axis; the part rests on z = 0."""
+    mesh.transform(_pose(rng))
+    az, tilt = rng.uniform(0.0, 2.0 * math.pi), math.radians(rng.uniform(0.0, 2.0))
+    axis = np.array([math.cos(az), math.sin(az), 0.0])
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    tilt_m = np.eye(4)
+    tilt_m[:3, :3] = np.eye(3) + math.sin(tilt) * k + (1 - math.cos(tilt)) * (k @ k)
+    mesh.transform(tilt_m)
+    mesh.translate((0.0, 0.0, -float(np.asarray(mesh.vertices)[:, 2].min())))
+
+
 def carve_bending(mesh: Any, rng: np.random.Generator, fraction: tuple[float, float] = (0.03, 0.07),
-                  tip_mm: tuple[float, float] = (1.5, 3.0)) -> tuple[Any, dict[str, Any]]:
+                  tip_mm: tuple[float, float] = (1.5, 3.0), severity: float | None = None) -> tuple[Any, dict[str, Any]]:
     """Bend the end of a part upwards: the paper's "bending", localized to 1–10 % of the surface.
 
     A vertical plane (normal ``u``, a random horizontal direction) is placed so that the part of
@@ -161,7 +218,9 @@ def carve_bending(mesh: Any, rng: np.random.Generator, fraction: tuple[float, fl
     as ``sensors.defects``' break). The vertices beyond it are rotated about the horizontal axis
     ``u × z`` through the plane's foot on the part's lowest z, by an angle growing linearly with
     their distance from the plane, so the tip rises by U(``tip_mm``) mm (angle clipped to
-    3–25°). Returns ``(mesh, info)`` like ``carve_defect``.
+    3–25°). With ``severity`` in [0, 1] the angle is set instead, 1-10° on a log scale
+    (``sensors.defects.SEVERITY_RANGES``), and ``info["magnitude"]`` records it. ``info["tip_mm"]``
+    is how far the tip moved. Returns ``(mesh, info)`` like ``carve_defect``.
     """
     import open3d as o3d
 
@@ -181,6 +240,10 @@ def carve_bending(mesh: Any, rng: np.random.Generator, fraction: tuple[float, fl
     lever = max(float(s.max()) - s0, 1e-6)
     tip = rng.uniform(*tip_mm)
     angle = float(np.clip(math.asin(min(1.0, tip / lever)), math.radians(3.0), math.radians(25.0)))
+    if severity is not None:
+        from sensors.defects import severity_value
+
+        angle = math.radians(severity_value("bending", severity))
     beyond = s > s0
     axis = np.cross(u, [0.0, 0.0, 1.0])
     axis /= np.linalg.norm(axis)
@@ -204,16 +267,40 @@ def carve_bending(mesh: Any, rng: np.random.Generator, fraction: tuple[float, fl
         "direction": u.tolist(),
         "plane_offset": s0,
         "affected_fraction": float(area[moved[f].any(axis=1)].sum() / area.sum()),
+        "tip_mm": float(lever * math.sin(angle)),
     }
+    if severity is not None:
+        info["magnitude"] = {"quantity": "angle", "unit": "deg", "severity": round(float(severity), 4),
+                             "value": round(math.degrees(angle), 4)}
     return out, info
 
 
-def _carve(base: Any, kind: str, rng: np.random.Generator, visible_from: np.ndarray) -> tuple[Any, dict[str, Any]]:
+def _carve(base: Any, kind: str, rng: np.random.Generator, visible_from: np.ndarray,
+           severity: float | None = None) -> tuple[Any, dict[str, Any]]:
     from sensors.defects import carve_defect
 
     if kind == "bending":
-        return carve_bending(base, rng)
-    return carve_defect(base, _CARVE_KIND[kind], rng, visible_from=tuple(visible_from))
+        return carve_bending(base, rng, severity=severity)
+    return carve_defect(base, _CARVE_KIND[kind], rng, visible_from=tuple(visible_from), severity=severity)
+
+
+def _label_tol(info: dict[str, Any], default: float) -> float:
+    """Ground-truth tolerance: ``default``, or half the defect's displacement when that is smaller
+    (a 0.1 mm bulge is anomalous where it rises by more than 0.05 mm), for graded magnitudes."""
+    mag = info.get("magnitude")
+    if not mag:
+        return default
+    if info.get("kind") == "bending":
+        return min(default, 0.5 * float(info["tip_mm"]))
+    if mag["unit"] == "mm" and info.get("kind") in ("bulge", "dent", "missing", "crack"):
+        return min(default, 0.5 * float(mag["value"]))
+    return default
+
+
+def _fraction_ok(job: _Job, frac: float, n_anomalous: int, min_count: int) -> bool:
+    if job.severity is None:
+        return _in_range(frac)
+    return BENCH_FRACTION_RANGE[0] <= frac <= BENCH_FRACTION_RANGE[1] and n_anomalous >= min_count
 
 
 def _direction(rng: np.random.Generator) -> np.ndarray:
@@ -271,49 +358,61 @@ class _Job:
     gt_rel: str | None  # the label file / gt PNG, relative to out
     rgb_rel: str | None
     seed: int
+    pose: str = "z10"  # z10 | so3 (see POSES)
+    severity: float | None = None  # defect magnitude in [0, 1]; None: the default sizes
+
+
+def _severities(n: int) -> list[float]:
+    """``n`` severities spread evenly over [0, 1] (bin centres), so every magnitude bin is filled."""
+    return [(j + 0.5) / n for j in range(n)]
 
 
 def _plan(out: Path, layout: str, classes: Sequence[str], seed: int, counts: dict[str, int],
-          kinds: Sequence[str]) -> list[_Job]:
+          kinds: Sequence[str], pose: str = "z10", magnitudes: bool = False) -> list[_Job]:
+    from sensors.datasets import GT_DIRS
     from sensors.parts import PART_CLASSES
 
     jobs: list[_Job] = []
     for cls in classes:
         ci = PART_CLASSES.index(cls)
-        entries: list[tuple[str, str]] = [("train", "good")] * counts["n_train"]
+        entries: list[tuple[str, str, float | None]] = [("train", "good", None)] * counts["n_train"]
         if layout == "mvtec3d":
-            entries += [("validation", "good")] * counts["n_validation"]
-        entries += [("test", "good")] * counts["n_test_good"]
-        entries += [("test", k) for k in kinds for _ in range(counts["n_test_per_defect"])]
-        n_test = sum(1 for s, _ in entries if s == "test")
-        # real3d numbers test parts 1..n_test with the kinds interleaved (seeded)
-        numbering = np.random.default_rng([seed, ci, 1 << 20]).permutation(n_test) + 1
+            entries += [("validation", "good", None)] * counts["n_validation"]
+        entries += [("test", "good", None)] * counts["n_test_good"]
+        sev = _severities(counts["n_test_per_defect"])
+        entries += [("test", k, sev[j] if magnitudes else None) for k in kinds for j in range(counts["n_test_per_defect"])]
+        # appended last, so that the sample indices (and the samples) of the splits above do not change
+        if layout != "mvtec3d":
+            entries += [("validation", "good", None)] * counts["n_validation"]
+        vsev = _severities(counts.get("n_validation_per_defect", 0))
+        entries += [("validation", k, vsev[j] if magnitudes else None) for k in kinds for j in range(len(vsev))]
+        # real3d numbers test (validation) parts 1..n with the kinds interleaved (seeded)
+        numbering = {
+            split: iter(np.random.default_rng([seed, ci, salt]).permutation(sum(e[0] == split for e in entries)) + 1)
+            for split, salt in (("test", 1 << 20), ("validation", 1 << 21))
+        }
         per_folder: dict[tuple[str, str], int] = {}
-        t = 0
-        for si, (split, kind) in enumerate(entries):
+        for si, (split, kind, severity) in enumerate(entries):
             k = per_folder.get((split, kind), 0)
             per_folder[(split, kind)] = k + 1
             gt_rel = rgb_rel = None
             if layout == "mvtec3d":
                 d = f"{cls}/{split}/{kind}"
                 rel, rgb_rel = f"{d}/xyz/{k:03d}.tiff", f"{d}/rgb/{k:03d}.png"
-                gt_rel = f"{d}/gt/{k:03d}.png" if split == "test" else None
-            elif layout == "real3d":
+                labelled = split == "test" or (split == "validation" and kind != "good")
+                gt_rel = f"{d}/gt/{k:03d}.png" if labelled else None
+            else:
+                folder = f"{cls}/{split}"
+                gt_dir = f"{cls}/{GT_DIRS[layout]}" if split == "test" else f"{folder}/{GT_DIRS[layout]}"
                 if split == "train":
-                    rel = f"{cls}/train/{k + 1}_template.pcd"
-                else:
-                    stem = f"{numbering[t]}_{kind}"
-                    t += 1
-                    rel = f"{cls}/test/{stem}.pcd"
-                    gt_rel = None if kind == "good" else f"{cls}/gt/{stem}.txt"
-            else:  # anomaly-shapenet
-                if split == "train":
-                    rel = f"{cls}/train/{cls}_template{k}.pcd"
+                    stem = f"{k + 1}_template" if layout == "real3d" else f"{cls}_template{k}"
+                elif layout == "real3d":
+                    stem = f"{next(numbering[split])}_{kind}"
                 else:
                     stem = f"positive{k}" if kind == "good" else f"{kind}{k}"
-                    rel = f"{cls}/test/{stem}.pcd"
-                    gt_rel = None if kind == "good" else f"{cls}/GT/{stem}.txt"
-            jobs.append(_Job(str(out), layout, cls, ci, si, split, kind, rel, gt_rel, rgb_rel, seed))
+                rel = f"{folder}/{stem}.pcd"
+                gt_rel = None if kind == "good" else f"{gt_dir}/{stem}.txt"
+            jobs.append(_Job(str(out), layout, cls, ci, si, split, kind, rel, gt_rel, rgb_rel, seed, pose, severity))
     return jobs
 
 
@@ -327,25 +426,31 @@ def _run_cloud(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
 
     spec = POINTS[job.layout]["train" if job.split == "train" else "test"]
     n, noise = int(spec["n"]), float(spec["noise"])
-    if job.split != "train":
+    so3 = job.pose == "so3" and job.split != "train"
+    if job.split != "train" and not so3:
         base.transform(_pose(rng))
-    tries, fracs = 0, []
+    tries, fracs, info = 0, [], {}
     if job.kind == "good":
         pts, lab = sample_cloud(base, base, n, rng, noise_sigma=noise)
     else:
         while True:
             tries += 1
-            mesh, info = _carve(base, job.kind, rng, _direction(rng))
-            pts, lab = sample_cloud(mesh, base, n, rng, noise_sigma=noise, info=info, tol=LABEL_TOL_MM,
-                                    rim=RIM_MM.get(job.kind, 1.0))
+            mesh, info = _carve(base, job.kind, rng, _direction(rng), job.severity)
+            pts, lab = sample_cloud(mesh, base, n, rng, noise_sigma=noise, info=info,
+                                    tol=_label_tol(info, LABEL_TOL_MM), rim=RIM_MM.get(job.kind, 1.0))
             fracs.append(float(lab.mean()))
-            if _in_range(fracs[-1]):
+            if _fraction_ok(job, fracs[-1], int(lab.sum()), BENCH_MIN_ANOMALOUS):
                 break
             if tries >= MAX_DEFECT_TRIES:
+                lo, hi = FRACTION_RANGE if job.severity is None else BENCH_FRACTION_RANGE
                 raise RuntimeError(
-                    f"{job.cls} {job.kind}: no defect with {FRACTION_RANGE[0]:.0%}-{FRACTION_RANGE[1]:.0%} anomalous "
-                    f"points in {tries} tries (fractions {', '.join(f'{x:.3f}' for x in fracs)})"
+                    f"{job.cls} {job.kind}: no defect with {lo:.2%}-{hi:.0%} anomalous "
+                    f"points in {tries} tries (fractions {', '.join(f'{x:.4f}' for x in fracs)})"
                 )
+    if so3:  # carved and sampled in the canonical pose; the scan sees the part in any orientation
+        pose = _so3_pose(rng)
+        centre = pts.mean(axis=0)
+        pts = ((pts - centre) @ pose[:3, :3].T + centre + pose[:3, 3]).astype(np.float32)
     out = Path(job.out)
     write_pcd(out / job.rel, pts)
     if job.gt_rel is not None:
@@ -354,7 +459,17 @@ def _run_cloud(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
         path.parent.mkdir(parents=True, exist_ok=True)
         table = np.column_stack([pts.astype(np.float64), lab.astype(np.float64)])
         np.savetxt(path, table, fmt=["%.6f", "%.6f", "%.6f", "%d"], delimiter=sep)
-    return {"n_points": int(len(pts)), "anomalous_fraction": round(float(lab.mean()), 6), "tries": tries}
+    return {"n_points": int(len(pts)), "anomalous_fraction": round(float(lab.mean()), 6), "tries": tries,
+            **_magnitude_record(info)}
+
+
+def _magnitude_record(info: dict[str, Any]) -> dict[str, Any]:
+    """``{"magnitude": {...}}`` for a sample with a graded defect (its bin added), else ``{}``."""
+    mag = info.get("magnitude")
+    if not mag:
+        return {}
+    bins = ("subtle", "moderate", "gross")
+    return {"magnitude": {**mag, "bin": bins[min(int(float(mag["severity"]) * 3.0), 2)]}}
 
 
 def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
@@ -364,8 +479,11 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
     from sensors.simcam import MIN_VISIBLE_GT_PIXELS, CameraParams, render
 
     camera = CameraParams()
-    base.transform(_pose(rng))
-    tries, fracs = 0, []
+    if job.pose == "so3":
+        _fixture_jitter(base, rng)
+    else:
+        base.transform(_pose(rng))
+    tries, fracs, info = 0, [], {}
     if job.kind == "good":
         pts, _ = render(base, camera, rng)
         gt = np.zeros(pts.shape[:2], np.uint8)
@@ -373,18 +491,20 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
     else:
         while True:
             tries += 1
-            mesh, _info = _carve(base, job.kind, rng, _camera_direction(rng, tries))
-            pts, gt = render(mesh, camera, rng, reference=base)
+            mesh, info = _carve(base, job.kind, rng, _camera_direction(rng, tries), job.severity)
+            pts, gt = render(mesh, camera, rng, reference=base, gt_tol=_label_tol(info, 0.3))
             valid = np.isfinite(pts).all(axis=-1)
             anomalous = gt.astype(bool)
             part = (valid & (np.nan_to_num(pts[..., 2], nan=0.0) > 0.5)) | anomalous
             frac = float(anomalous.sum() / max(int(part.sum()), 1))
             fracs.append(frac)
-            if _in_range(frac) and int((anomalous & valid).sum()) >= MIN_VISIBLE_GT_PIXELS:
+            visible = int((anomalous & valid).sum())
+            if _fraction_ok(job, frac, visible, MIN_VISIBLE_GT_PIXELS) and visible >= MIN_VISIBLE_GT_PIXELS:
                 break
             if tries >= MAX_DEFECT_TRIES:
+                lo, hi = FRACTION_RANGE if job.severity is None else BENCH_FRACTION_RANGE
                 raise RuntimeError(
-                    f"{job.cls} {job.kind}: no visible defect covering {FRACTION_RANGE[0]:.0%}-{FRACTION_RANGE[1]:.0%} "
+                    f"{job.cls} {job.kind}: no visible defect covering {lo:.2%}-{hi:.0%} "
                     f"of the part's pixels in {tries} tries (fractions {', '.join(f'{x:.3f}' for x in fracs)})"
                 )
     out = Path(job.out)
@@ -396,7 +516,7 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
         (out / job.gt_rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((gt > 0).astype(np.uint8) * 255, mode="L").save(out / job.gt_rel)
     n_valid = int(np.isfinite(pts).all(axis=-1).sum())
-    return {"n_points": n_valid, "anomalous_fraction": round(frac, 6), "tries": tries}
+    return {"n_points": n_valid, "anomalous_fraction": round(frac, 6), "tries": tries, **_magnitude_record(info)}
 
 
 def _run_job(job: _Job) -> dict[str, Any]:
@@ -448,14 +568,24 @@ def synthesize(
     n_validation: int = DEFAULT_COUNTS["n_validation"],
     kinds: Sequence[str] | None = None,
     workers: int | None = None,
+    class_list: Sequence[str] | None = None,
+    n_validation_per_defect: int = 0,
+    pose: str = "z10",
+    magnitudes: bool = False,
+    preset: str | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic dataset in ``layout`` under ``out``; return what ``dataset.json`` holds.
 
-    ``n_classes``: the first N classes of ``sensors.parts.PART_CLASSES``. Per class:
-    ``n_train`` good training parts, ``n_validation`` good validation parts (mvtec3d only),
-    ``n_test_good`` good test parts and ``n_test_per_defect`` defective test parts of each kind
-    in ``kinds`` (default: all six of :data:`DEFECTS`). Defaults: 4 train, 2 validation, 6 good
-    and 6 defective (one per kind) test parts: 16 train + 48 test samples for 4 classes.
+    ``n_classes``: the first N classes of ``class_list`` (default ``sensors.parts.PART_CLASSES``).
+    Per class: ``n_train`` good training parts, ``n_validation`` good validation parts (mvtec3d;
+    the point-cloud layouts get a validation split only with ``n_validation_per_defect`` > 0),
+    ``n_validation_per_defect`` defective validation parts per kind, ``n_test_good`` good test
+    parts and ``n_test_per_defect`` defective test parts of each kind in ``kinds`` (default: all
+    six of :data:`DEFECTS`; :data:`BENCH_DEFECTS` adds two). Defaults: 4 train, 2 validation, 6
+    good and 6 defective (one per kind) test parts: 16 train + 48 test samples for 4 classes.
+    ``pose``: one of :data:`POSES`. ``magnitudes``: grade each kind's defects from subtle to
+    gross (severities spread evenly over [0, 1], recorded per sample in ``dataset.json``).
+    ``preset``: only recorded (``--preset bench`` fills the other arguments, :data:`PRESETS`).
     ``workers``: processes (default ``min(2, CPUs)``, 1 = in this process); the output does not
     depend on it. A previous synth output in ``out`` is replaced; any other non-empty folder
     is refused (``ValueError``).
@@ -465,11 +595,15 @@ def synthesize(
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
     kinds = list(DEFECTS if kinds is None else kinds)
-    bad = [k for k in kinds if k not in DEFECTS]
+    bad = [k for k in kinds if k not in BENCH_DEFECTS]
     if bad:
-        raise ValueError(f"unknown defect kind(s) {', '.join(bad)}; expected some of {', '.join(DEFECTS)}")
-    counts = {"n_train": n_train, "n_validation": n_validation if layout == "mvtec3d" else 0,
-              "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect}
+        raise ValueError(f"unknown defect kind(s) {', '.join(bad)}; expected some of {', '.join(BENCH_DEFECTS)}")
+    if pose not in POSES:
+        raise ValueError(f"unknown pose {pose!r}; expected one of {', '.join(POSES)}")
+    counts = {"n_train": n_train,
+              "n_validation": n_validation if layout == "mvtec3d" or n_validation_per_defect > 0 else 0,
+              "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
+              "n_validation_per_defect": n_validation_per_defect}
     for key, value in counts.items():
         if value < 0:
             raise ValueError(f"{key} must be >= 0, got {value}")
@@ -477,13 +611,13 @@ def synthesize(
         raise ValueError("n_train must be >= 1 (a scorer needs good training parts)")
     if n_test_good + n_test_per_defect * len(kinds) < 1:
         raise ValueError("the test split would be empty")
-    classes = class_names(n_classes)
+    classes = class_names(n_classes, class_list)
     out = Path(out)
     _prepare_out(out)
     # a placeholder until the end, so that an interrupted run is recognized (and replaced) as ours
     (out / "dataset.json").write_text(json.dumps({"generator": "inspectd sensors.synth", "status": "incomplete",
                                                    "classes": classes}) + "\n")
-    jobs = _plan(out, layout, classes, seed, counts, kinds)
+    jobs = _plan(out, layout, classes, seed, counts, kinds, pose, magnitudes)
     n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     n_workers = min(n_workers, len(jobs))
     results: list[dict[str, Any]] = []
@@ -516,22 +650,27 @@ def synthesize(
         "layout": layout,
         "units": "m" if layout == "mvtec3d" else "mm",
         "classes": classes,
-        "class_selection": "the first N classes of sensors.parts.PART_CLASSES",
+        "class_selection": "the first N classes of " + ("sensors.synth.BENCH_CLASSES" if preset == "bench"
+                                                         else "sensors.parts.PART_CLASSES"),
         "seed": seed,
+        "preset": preset,
+        "pose": pose,
+        "magnitudes": "graded subtle to gross (sensors.defects.SEVERITY_RANGES)" if magnitudes else "default sizes",
         "defect_kinds": kinds,
         "counts": {
             "per_class": {"train": counts["n_train"], "validation": counts["n_validation"],
                           "test_good": counts["n_test_good"], "test_defective": counts["n_test_per_defect"] * len(kinds),
-                          "test_per_defect": counts["n_test_per_defect"]},
+                          "test_per_defect": counts["n_test_per_defect"],
+                          "validation_per_defect": counts["n_validation_per_defect"]},
             "train": sum(r["split"] == "train" for r in results),
             "validation": sum(r["split"] == "validation" for r in results),
             "test": sum(r["split"] == "test" for r in results),
             "total": len(results),
         },
-        "anomalous_fraction": {"required": list(FRACTION_RANGE),
+        "anomalous_fraction": {"required": list(BENCH_FRACTION_RANGE if magnitudes else FRACTION_RANGE),
                                "min": min(defective) if defective else None,
                                "max": max(defective) if defective else None},
-        "parameters": _parameters(layout),
+        "parameters": _parameters(layout, pose),
         "samples": [{k: v for k, v in r.items() if k != "seconds"} for r in results],
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -540,13 +679,20 @@ def synthesize(
     return info
 
 
-def _parameters(layout: str) -> dict[str, Any]:
+def _parameters(layout: str, pose: str = "z10") -> dict[str, Any]:
+    z10 = (f"rotation about z U(-{POSE_MAX_DEG}, {POSE_MAX_DEG}) deg, shift U(-{POSE_MAX_SHIFT_MM}, "
+           f"{POSE_MAX_SHIFT_MM}) mm in x, y")
+    if pose == "so3":
+        desc = ("all parts: " + z10 + ", tilt U(0, 2) deg about a random horizontal axis (fixture jitter)"
+                if layout == "mvtec3d" else
+                f"test and validation parts: uniformly random rotation (SO(3)), shift U(-{POSE_MAX_SHIFT_MM}, "
+                f"{POSE_MAX_SHIFT_MM}) mm in x, y, z")
+    else:
+        desc = ("test parts: " if layout != "mvtec3d" else "all parts: ") + z10
     p: dict[str, Any] = {
         "subdivision_max_edge_mm": MAX_EDGE_MM,
         "part_variation": VARIATION,
-        "pose": ("test parts" if layout != "mvtec3d" else "all parts")
-        + f": rotation about z U(-{POSE_MAX_DEG}, {POSE_MAX_DEG}) deg, shift U(-{POSE_MAX_SHIFT_MM}, "
-        f"{POSE_MAX_SHIFT_MM}) mm in x, y",
+        "pose": desc,
         "max_defect_tries": MAX_DEFECT_TRIES,
         "defect_source": {**{k: f"sensors.defects.carve_defect({v!r})" for k, v in _CARVE_KIND.items()},
                           "bending": "sensors.synth.carve_bending"},
