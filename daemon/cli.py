@@ -223,9 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scorer", default="patchcore-fpfh", help="the scorer every demo product is enrolled with")
     d.set_defaults(func=cmd_demo)
 
-    from daemon import bench, evaluation, train
+    from daemon import bench, eval_cli, train
 
-    evaluation.add_commands(sub)
+    eval_cli.add_commands(sub)
     train.add_commands(sub)
     bench.add_commands(sub)
     return p

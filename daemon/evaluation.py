@@ -49,13 +49,12 @@ to the loaded points) or ``map`` (H×W).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +69,23 @@ from daemon.eval_breakdown import (
     pixel_histograms,
     severity_bin,
 )
-from daemon.eval_plots import GalleryItem, draw_gallery, draw_roc_curves, gallery_picks, thin_curve
-from daemon.eval_report import dataset_info, environment, load_average, markdown, markdown_table, metric_notes
+from daemon.eval_plots import GalleryItem, draw_gallery, draw_roc_curves, gallery_picks
+from daemon.eval_report import (
+    AUPRO_FPR_LIMIT,
+    dataset_info,
+    environment,
+    load_average,
+    markdown,
+    metric_notes,
+)
+from daemon.eval_scoring import (
+    ClassRun,
+    class_curves,
+    class_details,
+    sample_magnitudes,
+    score_both,
+    worst_scores,
+)
 from sensors.datasets import LAYOUTS, Sample, dataset_units, list_classes, list_samples
 from sensors.frame import UNITS_MM
 from workers.preprocess import PreprocessParams
@@ -79,7 +93,6 @@ from workers.preprocess import PreprocessParams
 log = logging.getLogger("inspectd.eval")
 
 __all__ = [
-    "add_commands",
     "evaluate",
     "recompute_metrics",
     "preprocess_params",
@@ -88,150 +101,10 @@ __all__ = [
     "REPORT_VERSION",
 ]
 
-AUPRO_FPR_LIMIT = 0.3
+
 REPORT_VERSION = 1
 METRICS = ("i_auroc", "p_auroc", "aupro")
 GALLERY_PER_CLASS = 4
-
-
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
-
-
-def _class_list(values: Sequence[str] | None) -> list[str] | None:
-    """``--classes a b`` or ``--classes a,b`` → ['a', 'b']."""
-    if not values:
-        return None
-    out = [c for v in values for c in v.split(",") if c]
-    return out or None
-
-
-def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs (VALUE parsed as JSON when it is JSON, else a string)."""
-    params: dict[str, Any] = {}
-    for item in items or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"scorer parameter {item!r} must be KEY=VALUE")
-        try:
-            params[key] = json.loads(value)
-        except json.JSONDecodeError:
-            params[key] = value
-    return params
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from sensors.synth import PRESETS, synthesize
-
-    kwargs: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {"n_classes": 4}
-    flags = (("n_classes", args.classes), ("n_train", args.train), ("n_test_good", args.test_good),
-             ("n_test_per_defect", args.test_per_defect), ("n_validation", args.validation),
-             ("n_validation_per_defect", args.validation_per_defect), ("pose", args.pose),
-             ("kinds", _class_list(args.kinds)))
-    kwargs.update({k: v for k, v in flags if v is not None})
-    t0 = time.perf_counter()
-    info = synthesize(Path(args.out), args.layout, seed=args.seed, progress=not args.no_progress,
-                      workers=args.workers, preset=args.preset, **kwargs)
-    dt = time.perf_counter() - t0
-    n = info.get("counts", {}).get("total", "?")
-    print(f"wrote a {args.layout} dataset of {len(info['classes'])} classes ({n} samples) to {args.out} in {dt:.1f} s "
-          f"with {info['workers']} worker(s)")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    report = evaluate(
-        args.dataset,
-        args.layout,
-        args.scorer,
-        classes=_class_list(args.classes),
-        zero_shot=args.zero_shot,
-        out=args.out,
-        scorer_params=parse_params(args.scorer_param),
-        progress=not args.no_progress,
-        voxel_size=args.voxel_size,
-        command=_eval_command(args),
-        units=args.units,
-    )
-    print(markdown_table(report))
-    print(f"\nreport: {Path(args.out) / 'report.json'} and report.md, figures roc_curves.png, gallery.png")
-    return 0
-
-
-def _eval_command(args: argparse.Namespace) -> str:
-    """The ``inspectd eval`` command line equivalent to ``args`` (recorded in the report)."""
-    import shlex
-
-    parts = ["inspectd", "eval", "--dataset", str(args.dataset), "--layout", args.layout, "--scorer", args.scorer]
-    classes = _class_list(args.classes)
-    if classes:
-        parts += ["--classes", *classes]
-    if args.zero_shot:
-        parts.append("--zero-shot")
-    parts += ["--out", str(args.out)]
-    if args.voxel_size != 1.0:
-        parts += ["--voxel-size", f"{args.voxel_size:g}"]
-    if args.units:
-        parts += ["--units", args.units]
-    for item in args.scorer_param or ():
-        parts += ["--scorer-param", item]
-    return shlex.join(parts)
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``synth`` and ``eval`` on the ``inspectd`` parser (each sets ``func``)."""
-    s = sub.add_parser(
-        "synth",
-        help="write a synthetic benchmark dataset (Anomaly-ShapeNet pipeline) in a public layout",
-        description="Procedural parts → uniform subdivision → defect carving (bulge, concavity, hole, crack, "
-        "break, bending) → per-point ground truth, written in the MVTec 3D-AD, Real3D-AD or "
-        "Anomaly-ShapeNet layout. Deterministic for a seed.",
-    )
-    s.add_argument("out", help="output folder (created)")
-    s.add_argument("--layout", required=True, choices=LAYOUTS)
-    s.add_argument("--preset", choices=["bench"],
-                   help="bench: 8 classes (thin-walled, rotationally symmetric, finely featured), 8 defect kinds "
-                   "graded subtle to gross, 4 train / 30 good + 10 per kind test / 10 good + 3 per kind validation "
-                   "parts per class, arbitrary rotation (point clouds) or fixture jitter (camera); flags override")
-    s.add_argument("--classes", type=int,
-                   help="number of part classes: the first N of the library (default 4) or of the preset's")
-    s.add_argument("--seed", type=int, default=0,
-                   help="random seed (bench: choose defaults on seed 1, report seed 0)")
-    s.add_argument("--train", type=int, help="good training parts per class")
-    s.add_argument("--test-good", type=int, help="good test parts per class")
-    s.add_argument("--test-per-defect", type=int, help="defective test parts per defect kind and class")
-    s.add_argument("--validation", type=int, help="good validation parts per class")
-    s.add_argument("--validation-per-defect", type=int, help="defective validation parts per kind and class")
-    s.add_argument("--kinds", nargs="+", help="defect kinds (space- or comma-separated)")
-    s.add_argument("--pose", choices=["z10", "so3"],
-                   help="z10: test parts turned ±10° about z (the default without a preset); so3: any rotation "
-                   "for point clouds, fixture jitter for the camera (the bench preset's)")
-    s.add_argument("--workers", type=int, help="processes (default: min(2, CPUs))")
-    s.add_argument("--no-progress", action="store_true", help="no progress bars")
-    s.set_defaults(func=cmd_synth)
-
-    e = sub.add_parser(
-        "eval",
-        help="fit a scorer per class on a dataset's train split, score its test split, report the metrics",
-        description="Writes OUT/report.json, report.md, roc_curves.png, gallery.png and the per-sample scores "
-        "OUT/scores/<class>/<stem>.npz (mvtec3d: <defect>_<stem>.npz).",
-    )
-    e.add_argument("--dataset", required=True, help="dataset root (the folder holding the class folders)")
-    e.add_argument("--layout", required=True, choices=LAYOUTS)
-    e.add_argument("--scorer", default="patchcore-fpfh")
-    e.add_argument("--classes", nargs="+", help="classes to evaluate (default: all); space- or comma-separated")
-    e.add_argument("--zero-shot", action="store_true",
-                   help="fit on the train splits of all OTHER classes only (3DzAL protocol)")
-    e.add_argument("--out", required=True, help="output folder")
-    e.add_argument("--voxel-size", type=float, default=1.0, help="preprocessing voxel size in mm (default 1.0)")
-    e.add_argument("--units", choices=list(UNITS_MM),
-                   help="units of the dataset's coordinates (default: its dataset.json's, else the layout's: "
-                   "m for mvtec3d, mm for real3d / anomaly-shapenet)")
-    e.add_argument("--scorer-param", action="append", metavar="KEY=VALUE",
-                   help="scorer hyper-parameter (repeatable; VALUE is JSON), e.g. coreset_ratio=0.2")
-    e.add_argument("--no-progress", action="store_true", help="no progress bars")
-    e.set_defaults(func=cmd_eval)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,74 +163,6 @@ class _Prepared:
     clouds: list  # list[PreparedCloud]
     seconds: float
     cpu_seconds: float
-
-
-@dataclass
-class _ClassRun:
-    """What scoring one class's test split produced."""
-
-    obj: list[float] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    maps: list[np.ndarray] = field(default_factory=list)
-    served: list[np.ndarray] = field(default_factory=list)
-    gts: list[np.ndarray] = field(default_factory=list)
-    pts: list[np.ndarray] = field(default_factory=list)
-    secs: list[float] = field(default_factory=list)
-    cpu_secs: list[float] = field(default_factory=list)
-    stages: dict[str, float] = field(default_factory=dict)
-    results: list[SampleResult] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-    pixel_rows: list[int] = field(default_factory=list)
-    """Index into ``obj`` of every sample that has a map (a sample that failed to load has none)."""
-
-
-def _score_both(scorer: Any, frame: Any, pp: PreprocessParams, organized: bool) -> tuple[Any, np.ndarray | None]:
-    """``score_frame``'s result (dense map for organized frames) and, for organized frames, the map
-    the daemon serves (``dense=False``), from one preprocessing and one scoring."""
-    from workers.frame_scoring import FrameScore, map_back, preprocess_device
-    from workers.preprocess import prepare
-
-    t0 = time.perf_counter()
-    cloud = prepare(frame, pp, preprocess_device(scorer))
-    t1 = time.perf_counter()
-    result = scorer.score(cloud)
-    t2 = time.perf_counter()
-    amap = map_back(cloud, result.point_scores, frame, dense=organized)
-    t3 = time.perf_counter()
-    served = map_back(cloud, result.point_scores, frame, dense=False) if organized else None
-    timings = {"preprocess": t1 - t0, "score": t2 - t1, "map_back": t3 - t2, **result.timings}
-    return FrameScore(float(result.object_score), amap, timings, len(cloud.points)), served
-
-
-def _worst_scores(run: _ClassRun) -> None:
-    """Give every failed sample the worst score for it: below every scored sample when it is
-    defective, above every one when it is good; its map (when its frame loaded) likewise per pixel."""
-    ok = [i for i, r in enumerate(run.results) if not r.failed]
-    scored = np.asarray([run.obj[i] for i in ok], np.float64)
-    lo, hi = (float(scored.min()) - 1.0, float(scored.max()) + 1.0) if scored.size else (0.0, 1.0)
-    finite = [m[np.isfinite(m)] for k, m in enumerate(run.maps) if not run.results[run.pixel_rows[k]].failed]
-    vals = np.concatenate(finite) if finite else np.zeros(0)
-    mlo, mhi = (float(vals.min()) - 1.0, float(vals.max()) + 1.0) if vals.size else (0.0, 1.0)
-    for i, r in enumerate(run.results):
-        if r.failed:
-            run.obj[i] = r.object_score = lo if r.label else hi
-    for k, row in enumerate(run.pixel_rows):
-        if run.results[row].failed:
-            worst = np.where(run.gts[k] != 0, np.float32(mlo), np.float32(mhi)).astype(np.float32)
-            run.maps[k] = worst
-            if run.served:
-                run.served[k] = worst
-
-
-def _magnitudes(dataset: Path) -> dict[str, dict[str, Any]]:
-    """Per-sample defect magnitude records of a synthetic dataset (``dataset.json``), by file."""
-    f = dataset / "dataset.json"
-    try:
-        info = json.loads(f.read_text()) if f.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
-    samples = info.get("samples") if isinstance(info, dict) else None
-    return {s["file"]: s["magnitude"] for s in samples or [] if isinstance(s, dict) and s.get("magnitude")}
 
 
 def evaluate(
@@ -423,7 +228,7 @@ def evaluate(
     organized = layout == "mvtec3d"
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = load_average()
-    magnitudes = _magnitudes(dataset)
+    magnitudes = sample_magnitudes(dataset)
 
     cache: dict[str, _Prepared] = {}
     train_failures: list[dict[str, str]] = []
@@ -477,7 +282,7 @@ def evaluate(
         if not tests:
             raise ValueError(f"class {cls!r} of {dataset} has no test samples")
         picks = set(gallery_picks(tests, gallery_per_class))
-        run = _ClassRun()
+        run = ClassRun()
         for i, s in enumerate(tqdm(tests, desc=f"score {cls}", disable=not progress, leave=False)):
             rel = s.path.relative_to(dataset).as_posix()
             mag = magnitudes.get(rel) or {}
@@ -488,7 +293,7 @@ def evaluate(
                 frame = s.load()
                 stage = "score"
                 t0, c0 = time.perf_counter(), time.process_time()
-                fs, served = _score_both(scorer, frame, pp, organized)
+                fs, served = score_both(scorer, frame, pp, organized)
                 run.secs.append(time.perf_counter() - t0)
                 run.cpu_secs.append(time.process_time() - c0)
             except Exception as exc:  # one bad sample must not end the run
@@ -517,7 +322,7 @@ def evaluate(
             if i in picks and fs is not None:
                 view = frame.points[..., 2] if organized else frame.points
                 gallery.append(GalleryItem(cls, f"{s.defect}/{s.stem}", s.label, fs.object_score, run.maps[-1], gt, view))
-        _worst_scores(run)
+        worst_scores(run)
         for k, row in enumerate(run.pixel_rows):
             s = tests[row]
             path = score_file(out, s)
@@ -550,8 +355,8 @@ def evaluate(
             from workers.metrics import aupro
 
             per_class[cls]["aupro_served"] = _nan_to_none(aupro(run.served, run.gts, AUPRO_FPR_LIMIT))
-        details[cls] = _class_details(run, fit_classes, len(clouds), fit_cpu, len(tests), scorer)
-        roc_data[cls], ranges[cls] = _curves(run)
+        details[cls] = class_details(run, fit_classes, len(clouds), fit_cpu, len(tests), scorer)
+        roc_data[cls], ranges[cls] = class_curves(run)
         del run
 
     metrics = METRICS + (("aupro_served",) if organized else ())
@@ -585,48 +390,6 @@ def evaluate(
     draw_gallery(gallery, ranges, organized, out / "gallery.png")
     log.info("eval report written to %s", out / "report.json")
     return report
-
-
-def _class_details(run: _ClassRun, fit_classes: list[str], n_train: int, fit_cpu: float, n_tests: int,
-                   scorer: Any) -> dict[str, Any]:
-    from workers.metrics import auroc
-
-    labels_a = np.asarray(run.labels)
-    obj_a = np.asarray(run.obj, dtype=np.float64)
-    defects = np.asarray([r.defect for r in run.results])
-    good = labels_a == 0
-    per_defect = {}
-    for d in sorted(set(defects.tolist()) - {"good"}):
-        sel = good | (defects == d)
-        per_defect[d] = _nan_to_none(auroc(obj_a[sel], labels_a[sel]))
-    return {
-        "fit_classes": fit_classes,
-        "n_train": n_train,
-        "n_good": int(good.sum()),
-        "n_defective": int((~good).sum()),
-        "n_failed": len(run.failures),
-        "i_auroc_per_defect": per_defect,
-        "score_seconds_max": round(float(np.max(run.secs)), 4) if run.secs else None,
-        "fit_cpu_seconds": round(fit_cpu, 4),
-        "score_cpu_seconds_per_sample": round(float(np.mean(run.cpu_secs)), 4) if run.cpu_secs else None,
-        "score_seconds_per_stage": {k: round(v / max(len(run.secs), 1), 4) for k, v in run.stages.items()},
-        "memory_bank_size": getattr(scorer, "memory_bank_size", None),
-    }
-
-
-def _curves(run: _ClassRun) -> tuple[dict[str, np.ndarray], tuple[float, float]]:
-    """The class's image and pixel ROC curves (thinned) and its map colour range."""
-    from workers.metrics import roc_curve
-
-    flat_s = np.concatenate([np.ravel(a) for a in run.maps]) if run.maps else np.zeros(0, np.float32)
-    flat_g = np.concatenate([np.ravel(g) for g in run.gts]) if run.gts else np.zeros(0, np.uint8)
-    fpr_i, tpr_i, _ = roc_curve(np.asarray(run.obj, np.float64), np.asarray(run.labels))
-    fpr_p, tpr_p, _ = roc_curve(flat_s, flat_g)
-    finite = flat_s[np.isfinite(flat_s)]
-    lo = float(finite.min()) if finite.size else 0.0
-    hi = float(np.quantile(finite, 0.999)) if finite.size else 1.0
-    return {"image": np.stack([fpr_i, tpr_i]), "pixel": thin_curve(fpr_p, tpr_p)}, (lo, hi if hi > lo else lo + 1.0)
-
 
 
 # --------------------------------------------------------------------------------------------

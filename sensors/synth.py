@@ -82,7 +82,6 @@ generator version, parameters and each sample's anomalous fraction.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -92,6 +91,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sensors.synth_geometry import (
+    CARVE_KIND,
+    LABEL_TOL_MM,
+    POSE_MAX_DEG,
+    POSE_MAX_SHIFT_MM,
+    camera_defect_direction,
+    carve,
+    carve_bending,
+    defect_direction,
+    fixture_jitter,
+    label_tol,
+    pose_so3,
+    pose_z10,
+    shade,
+)
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -110,9 +125,6 @@ DEFECTS: tuple[str, ...] = ("bulge", "concavity", "hole", "crack", "break", "ben
 """The six defect kinds of Anomaly-ShapeNet, with the paper's names (folder / file names)."""
 BENCH_DEFECTS: tuple[str, ...] = (*DEFECTS, "contamination", "missing")
 """The paper's six kinds plus foreign material on the surface and a missing feature (``--preset bench``)."""
-_CARVE_KIND = {"bulge": "bulge", "concavity": "dent", "hole": "hole", "crack": "crack", "break": "break",
-               "contamination": "contamination", "missing": "missing"}
-"""Paper name → ``sensors.defects`` kind (bending is carved by :func:`carve_bending`)."""
 
 POINTS: dict[str, dict[str, dict[str, float]]] = {
     "anomaly-shapenet": {"train": {"n": 16000, "noise": 0.05}, "test": {"n": 16000, "noise": 0.05}},
@@ -124,9 +136,6 @@ FRACTION_RANGE = (0.01, 0.10)
 MAX_DEFECT_TRIES = 24
 MAX_EDGE_MM = 1.0
 VARIATION = 0.02
-POSE_MAX_DEG = 10.0
-POSE_MAX_SHIFT_MM = 5.0
-LABEL_TOL_MM = 0.25
 RIM_MM = {"hole": 2.5, "crack": 2.5}
 """Rim of removed material marked anomalous in point clouds (default 1 mm, ``sensors.defects``)."""
 DEFAULT_COUNTS = {"n_train": 4, "n_validation": 2, "n_test_good": 6, "n_test_per_defect": 1}
@@ -165,182 +174,6 @@ def class_names(n_classes: int, class_list: Sequence[str] | None = None) -> list
 
 
 # --------------------------------------------------------------------------------------------
-# geometry
-# --------------------------------------------------------------------------------------------
-
-
-def _pose(rng: np.random.Generator) -> np.ndarray:
-    """4×4: rotation about z by U(−10°, 10°), shift U(−5, 5) mm in x and y."""
-    a = math.radians(rng.uniform(-POSE_MAX_DEG, POSE_MAX_DEG))
-    pose = np.eye(4)
-    pose[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
-    pose[:2, 3] = rng.uniform(-POSE_MAX_SHIFT_MM, POSE_MAX_SHIFT_MM, 2)
-    return pose
-
-
-def _random_rotation(rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random rotation (3×3), from a normalized gaussian quaternion."""
-    q = rng.normal(size=4)
-    w, x, y, z = q / max(float(np.linalg.norm(q)), 1e-12)
-    return np.array([
-        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
-    ])
-
-
-def _so3_pose(rng: np.random.Generator) -> np.ndarray:
-    """4×4: a uniformly random rotation about the part's centre, then a shift U(-5, 5) mm in x, y, z."""
-    pose = np.eye(4)
-    pose[:3, :3] = _random_rotation(rng)
-    pose[:3, 3] = rng.uniform(-POSE_MAX_SHIFT_MM, POSE_MAX_SHIFT_MM, 3)
-    return pose
-
-
-def _fixture_jitter(mesh: Any, rng: np.random.Generator) -> None:
-    """The z10 pose plus a tilt of up to 2° about a random horizontal axis; the part rests on z = 0."""
-    mesh.transform(_pose(rng))
-    az, tilt = rng.uniform(0.0, 2.0 * math.pi), math.radians(rng.uniform(0.0, 2.0))
-    axis = np.array([math.cos(az), math.sin(az), 0.0])
-    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    tilt_m = np.eye(4)
-    tilt_m[:3, :3] = np.eye(3) + math.sin(tilt) * k + (1 - math.cos(tilt)) * (k @ k)
-    mesh.transform(tilt_m)
-    mesh.translate((0.0, 0.0, -float(np.asarray(mesh.vertices)[:, 2].min())))
-
-
-def carve_bending(mesh: Any, rng: np.random.Generator, fraction: tuple[float, float] = (0.03, 0.07),
-                  tip_mm: tuple[float, float] = (1.5, 3.0), severity: float | None = None) -> tuple[Any, dict[str, Any]]:
-    """Bend the end of a part upwards: the paper's "bending", localized to 1–10 % of the surface.
-
-    A vertical plane (normal ``u``, a random horizontal direction) is placed so that the part of
-    the surface beyond it holds a fraction U(``fraction``) of the total area (by triangle area,
-    as ``sensors.defects``' break). The vertices beyond it are rotated about the horizontal axis
-    ``u × z`` through the plane's foot on the part's lowest z, by an angle growing linearly with
-    their distance from the plane, so the tip rises by U(``tip_mm``) mm (angle clipped to
-    3–25°). With ``severity`` in [0, 1] the angle is set instead, 1-10° on a log scale
-    (``sensors.defects.SEVERITY_RANGES``), and ``info["magnitude"]`` records it. ``info["tip_mm"]``
-    is how far the tip moved. Returns ``(mesh, info)`` like ``carve_defect``.
-    """
-    import open3d as o3d
-
-    from sensors.defects import triangle_areas
-
-    v0 = np.asarray(mesh.vertices, dtype=np.float64)
-    f = np.asarray(mesh.triangles, dtype=np.int64)
-    area = triangle_areas(v0, f)
-    az = rng.uniform(0.0, 2.0 * math.pi)
-    u = np.array([math.cos(az), math.sin(az), 0.0])
-    frac = rng.uniform(*fraction)
-    sc = v0[f].mean(axis=1) @ u
-    order = np.argsort(-sc)
-    cum = np.cumsum(area[order])
-    s0 = float(sc[order[min(int(np.searchsorted(cum, frac * cum[-1])), len(order) - 1)]])
-    s = v0 @ u
-    lever = max(float(s.max()) - s0, 1e-6)
-    tip = rng.uniform(*tip_mm)
-    angle = float(np.clip(math.asin(min(1.0, tip / lever)), math.radians(3.0), math.radians(25.0)))
-    if severity is not None:
-        from sensors.defects import severity_value
-
-        angle = math.radians(severity_value("bending", severity))
-    beyond = s > s0
-    axis = np.cross(u, [0.0, 0.0, 1.0])
-    axis /= np.linalg.norm(axis)
-    pivot = s0 * u + np.array([0.0, 0.0, float(v0[:, 2].min())])
-    p = v0[beyond] - pivot
-    phi = angle * (s[beyond] - s0) / lever
-    c, sn = np.cos(phi)[:, None], np.sin(phi)[:, None]
-    rotated = p * c + np.cross(axis, p) * sn + np.outer(p @ axis, axis) * (1.0 - c)
-    v = v0.copy()
-    v[beyond] = rotated + pivot
-    out = o3d.geometry.TriangleMesh(o3d.utility.Vector3dVector(v), o3d.utility.Vector3iVector(f.astype(np.int32)))
-    out.compute_vertex_normals()
-    cut = v0[beyond]
-    centre = cut.mean(axis=0) if len(cut) else v0.mean(axis=0)
-    moved = np.linalg.norm(v - v0, axis=1) > LABEL_TOL_MM
-    info = {
-        "kind": "bending",
-        "centre": centre.tolist(),
-        "radius": float(np.linalg.norm(cut - centre, axis=1).max()) if len(cut) else 0.0,
-        "angle_deg": math.degrees(angle),
-        "direction": u.tolist(),
-        "plane_offset": s0,
-        "affected_fraction": float(area[moved[f].any(axis=1)].sum() / area.sum()),
-        "tip_mm": float(lever * math.sin(angle)),
-    }
-    if severity is not None:
-        info["magnitude"] = {"quantity": "angle", "unit": "deg", "severity": round(float(severity), 4),
-                             "value": round(math.degrees(angle), 4)}
-    return out, info
-
-
-def _carve(base: Any, kind: str, rng: np.random.Generator, visible_from: np.ndarray,
-           severity: float | None = None) -> tuple[Any, dict[str, Any]]:
-    from sensors.defects import carve_defect
-
-    if kind == "bending":
-        return carve_bending(base, rng, severity=severity)
-    return carve_defect(base, _CARVE_KIND[kind], rng, visible_from=tuple(visible_from), severity=severity)
-
-
-def _label_tol(info: dict[str, Any], default: float) -> float:
-    """Ground-truth tolerance: ``default``, or half the defect's displacement when that is smaller
-    (a 0.1 mm bulge is anomalous where it rises by more than 0.05 mm), for graded magnitudes."""
-    mag = info.get("magnitude")
-    if not mag:
-        return default
-    if info.get("kind") == "bending":
-        return min(default, 0.5 * float(info["tip_mm"]))
-    if mag["unit"] == "mm" and info.get("kind") in ("bulge", "dent", "missing", "crack"):
-        return min(default, 0.5 * float(mag["value"]))
-    return default
-
-
-def _fraction_ok(job: _Job, frac: float, n_anomalous: int, min_count: int) -> bool:
-    if job.severity is None:
-        return _in_range(frac)
-    return BENCH_FRACTION_RANGE[0] <= frac <= BENCH_FRACTION_RANGE[1] and n_anomalous >= min_count
-
-
-def _direction(rng: np.random.Generator) -> np.ndarray:
-    """A random unit direction with z ≥ −0.3 (the part rests on its bottom face)."""
-    while True:
-        d = rng.normal(size=3)
-        n = float(np.linalg.norm(d))
-        if n > 1e-9 and d[2] / n >= -0.3:
-            return d / n
-
-
-def _camera_direction(rng: np.random.Generator, attempt: int) -> np.ndarray:
-    """Where a camera part's defect faces: straight up on odd attempts (1, 3, ...), otherwise a
-    face inclined 20-70° from the horizontal. A defect carved on the top face of a small part can
-    cover more than 10 % of what the camera sees of it (``sensors.defects`` sizes defects by the
-    whole surface); on an inclined face the camera sees less of it."""
-    if attempt % 2 == 1:
-        return np.array([0.0, 0.0, 1.0])
-    az = rng.uniform(0.0, 2.0 * math.pi)
-    el = math.radians(rng.uniform(20.0, 70.0))
-    return np.array([math.cos(az) * math.cos(el), math.sin(az) * math.cos(el), math.sin(el)])
-
-
-def shade(points: np.ndarray) -> np.ndarray:
-    """A grey Lambertian rendering (H×W×3 uint8) of an organized XYZ image; invalid pixels black.
-
-    Normals from the cross product of the grid's finite differences; light from above-left.
-    """
-    p = np.asarray(points, dtype=np.float64)
-    du = np.gradient(p, axis=1)
-    dv = np.gradient(p, axis=0)
-    n = np.cross(du, dv)
-    n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
-    light = np.array([-0.3, 0.3, 1.0]) / math.sqrt(1.18)
-    g = 30.0 + 200.0 * np.abs(np.nan_to_num(n @ light))
-    g[~np.isfinite(p).all(axis=-1)] = 0.0
-    return np.repeat(np.clip(g, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-
-
-# --------------------------------------------------------------------------------------------
 # jobs
 # --------------------------------------------------------------------------------------------
 
@@ -360,6 +193,12 @@ class _Job:
     seed: int
     pose: str = "z10"  # z10 | so3 (see POSES)
     severity: float | None = None  # defect magnitude in [0, 1]; None: the default sizes
+
+
+def _fraction_ok(job: _Job, frac: float, n_anomalous: int, min_count: int) -> bool:
+    if job.severity is None:
+        return _in_range(frac)
+    return BENCH_FRACTION_RANGE[0] <= frac <= BENCH_FRACTION_RANGE[1] and n_anomalous >= min_count
 
 
 def _severities(n: int) -> list[float]:
@@ -428,16 +267,16 @@ def _run_cloud(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
     n, noise = int(spec["n"]), float(spec["noise"])
     so3 = job.pose == "so3" and job.split != "train"
     if job.split != "train" and not so3:
-        base.transform(_pose(rng))
+        base.transform(pose_z10(rng))
     tries, fracs, info = 0, [], {}
     if job.kind == "good":
         pts, lab = sample_cloud(base, base, n, rng, noise_sigma=noise)
     else:
         while True:
             tries += 1
-            mesh, info = _carve(base, job.kind, rng, _direction(rng), job.severity)
+            mesh, info = carve(base, job.kind, rng, defect_direction(rng), job.severity)
             pts, lab = sample_cloud(mesh, base, n, rng, noise_sigma=noise, info=info,
-                                    tol=_label_tol(info, LABEL_TOL_MM), rim=RIM_MM.get(job.kind, 1.0))
+                                    tol=label_tol(info, LABEL_TOL_MM), rim=RIM_MM.get(job.kind, 1.0))
             fracs.append(float(lab.mean()))
             if _fraction_ok(job, fracs[-1], int(lab.sum()), BENCH_MIN_ANOMALOUS):
                 break
@@ -448,7 +287,7 @@ def _run_cloud(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
                     f"points in {tries} tries (fractions {', '.join(f'{x:.4f}' for x in fracs)})"
                 )
     if so3:  # carved and sampled in the canonical pose; the scan sees the part in any orientation
-        pose = _so3_pose(rng)
+        pose = pose_so3(rng)
         centre = pts.mean(axis=0)
         pts = ((pts - centre) @ pose[:3, :3].T + centre + pose[:3, 3]).astype(np.float32)
     out = Path(job.out)
@@ -480,9 +319,9 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
 
     camera = CameraParams()
     if job.pose == "so3":
-        _fixture_jitter(base, rng)
+        fixture_jitter(base, rng)
     else:
-        base.transform(_pose(rng))
+        base.transform(pose_z10(rng))
     tries, fracs, info = 0, [], {}
     if job.kind == "good":
         pts, _ = render(base, camera, rng)
@@ -491,8 +330,8 @@ def _run_camera(job: _Job, rng: np.random.Generator, base: Any) -> dict[str, Any
     else:
         while True:
             tries += 1
-            mesh, info = _carve(base, job.kind, rng, _camera_direction(rng, tries), job.severity)
-            pts, gt = render(mesh, camera, rng, reference=base, gt_tol=_label_tol(info, 0.3))
+            mesh, info = carve(base, job.kind, rng, camera_defect_direction(rng, tries), job.severity)
+            pts, gt = render(mesh, camera, rng, reference=base, gt_tol=label_tol(info, 0.3))
             valid = np.isfinite(pts).all(axis=-1)
             anomalous = gt.astype(bool)
             part = (valid & (np.nan_to_num(pts[..., 2], nan=0.0) > 0.5)) | anomalous
@@ -694,7 +533,7 @@ def _parameters(layout: str, pose: str = "z10") -> dict[str, Any]:
         "part_variation": VARIATION,
         "pose": desc,
         "max_defect_tries": MAX_DEFECT_TRIES,
-        "defect_source": {**{k: f"sensors.defects.carve_defect({v!r})" for k, v in _CARVE_KIND.items()},
+        "defect_source": {**{k: f"sensors.defects.carve_defect({v!r})" for k, v in CARVE_KIND.items()},
                           "bending": "sensors.synth.carve_bending"},
     }
     if layout == "mvtec3d":
