@@ -24,9 +24,10 @@ The six defect kinds of Anomaly-ShapeNet, :data:`DEFECT_KINDS`:
 * ``contamination`` (beyond the paper): foreign material stuck on the surface: a sphere half
   sunk into the surface at the site (the part's triangles inside it removed, its own triangles
   below the local tangent plane dropped), so it stands 1.5 radii proud;
-* ``missing`` (beyond the paper): a feature that is not there: the vertex standing out most
-  along the site's direction (a boss, a pin, a tooth tip) and everything within a radius of it
-  are cut flush to a plane some depth below it, as if the feature had never been made.
+* ``missing`` (beyond the paper): a feature that is not there: of the faces whose normal is the
+  one nearest the site's direction, the one standing out most (the top of a boss, a pin, a
+  tooth, a wall) is cut, with everything within a radius of its outermost vertex, flush to a
+  plane some depth below it (parallel to the face), as if the feature had never been made.
 
 Magnitudes: without ``severity`` the sizes are drawn as above (the Anomaly-ShapeNet-like
 defaults). With ``severity`` s in [0, 1] (``inspectd synth --preset bench``) the size that
@@ -49,7 +50,9 @@ from typing import Any
 import numpy as np
 import open3d as o3d
 
-DEFECT_KINDS: tuple[str, ...] = ("bulge", "dent", "hole", "crack", "break", "bending", "contamination", "missing")
+DEFECT_KINDS: tuple[str, ...] = ("bulge", "dent", "hole", "crack", "break", "bending")
+ALL_KINDS: tuple[str, ...] = (*DEFECT_KINDS, "contamination", "missing")
+"""The paper's six and the two beyond it; the simulated camera draws from the six by default."""
 
 LOCAL_KINDS = frozenset({"bulge", "dent", "hole", "crack", "contamination", "missing"})
 """Kinds placed at a visible surface site (the others act on a side of the part)."""
@@ -196,7 +199,7 @@ def carve_defect(
     visible_from=(0.0, 0.0, 1.0),
     severity: float | None = None,
 ) -> tuple[o3d.geometry.TriangleMesh, dict[str, Any]]:
-    """Carve one defect of ``kind`` (one of :data:`DEFECT_KINDS`) into a copy of ``mesh``.
+    """Carve one defect of ``kind`` (one of :data:`ALL_KINDS`) into a copy of ``mesh``.
 
     ``severity`` (optional, in [0, 1]): set the defect's magnitude from subtle to gross (see the
     module doc); ``info["magnitude"]`` then records ``{"quantity", "value", "unit", "severity"}``.
@@ -209,8 +212,8 @@ def carve_defect(
     original coordinates of the triangles that were removed (or collapsed onto the fracture
     plane), used by :func:`label_points` to mark the rim of missing material.
     """
-    if kind not in DEFECT_KINDS:
-        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
+    if kind not in ALL_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(ALL_KINDS)}")
     v0, f = _arrays(mesh)
     v = v0.copy()
     n = vertex_normals(v, f)
@@ -264,14 +267,22 @@ def carve_defect(
             extra = (bv, bf)
             info.update(radius=float(radius), height=float(1.5 * radius))
         elif kind == "missing":
-            top = int(np.argmax(np.where(n @ direction > 0.3, v @ direction, -np.inf)))
-            p, nc = v[top], direction
+            fn = _face_cross(v, f)
+            fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
+            axis = fn[int(np.argmax(fn @ direction))]  # the face normal nearest the direction
+            on_face = np.zeros(len(v), dtype=bool)
+            on_face[f[fn @ axis > 0.95].reshape(-1)] = True
+            top = int(np.argmax(np.where(on_face, v @ axis + 1e-3 * rng.random(len(v)), -np.inf)))
             depth = rng.uniform(1.0, 3.0) if severity is None else severity_value(kind, severity)
             reach = rng.uniform(3.0, 6.0)
+            p = v[top]
+            near = on_face & (np.linalg.norm(v - p, axis=1) < reach)
+            nc = axis
             h = (v - p) @ nc
+            level = float(h[near].max()) - depth
             lateral = np.linalg.norm((v - p) - np.outer(h, nc), axis=1)
-            cut = (lateral < reach) & (h > -depth)
-            v[cut] -= np.outer(h[cut] + depth, nc)
+            cut = (lateral < reach) & (h > level)
+            v[cut] -= np.outer(h[cut] - level, nc)
             info.update(centre=p.tolist(), normal=nc.tolist(), radius=float(reach), depth=float(depth))
         else:  # crack
             length = float(np.clip(rng.uniform(1.5, 2.5) * math.sqrt(0.03 * total_area / math.pi), 8.0, 25.0))

@@ -109,3 +109,19 @@ def test_bootstrap_intervals() -> None:
     assert binned == pytest.approx(p_auroc(maps, gts), abs=0.01)
     lo, hi = p_auroc_interval({"a": hists}, b=300)
     assert lo <= p_auroc(maps, gts) <= hi
+
+
+@pytest.mark.parametrize("kind", ["contamination", "missing"])
+def test_added_defect_kinds_mark_the_part(kind: str) -> None:
+    from sensors.defects import ALL_KINDS, carve_defect, sample_cloud
+    from sensors.parts import make_part, subdivide_uniform
+
+    assert kind in ALL_KINDS
+    base = subdivide_uniform(make_part("bracket", np.random.default_rng(0)), 1.0)
+    for severity in (None, 0.05, 0.95):
+        mesh, info = carve_defect(base, kind, np.random.default_rng(3), (0.3, 0.2, 0.9), severity=severity)
+        tol = 0.25 if severity is None else min(0.25, 0.5 * info["magnitude"]["value"])
+        _, labels = sample_cloud(mesh, base, 16000, np.random.default_rng(1), 0.05, info=info, tol=tol)
+        assert 10 <= labels.sum() < 0.15 * len(labels), (severity, labels.sum())
+        if severity is not None:
+            assert info["magnitude"]["severity"] == severity and info["magnitude"]["unit"] == "mm"
