@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from sensors.curve import ClientKeys
 
+from sensors.frame import UNITS_MM
+
 DEFAULT_INGEST = "tcp://127.0.0.1:5555"
 
 
@@ -77,7 +79,8 @@ def cmd_sensor(args: argparse.Namespace) -> int:
     else:
         from sensors.replay import replay_frames
 
-        frames = replay_frames(args.path, layout=args.layout, product=args.product, split=args.split, sensor_id=args.sensor_id)
+        frames = replay_frames(args.path, layout=args.layout, product=args.product, split=args.split, sensor_id=args.sensor_id,
+                               units=args.units)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop between frames and still report the count
         signal.signal(sig, lambda *_: stop.set())
@@ -274,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--layout", default="folder", choices=["folder", "mvtec3d", "real3d", "anomaly-shapenet"])
     rep.add_argument("--product", help="product name (folder replay; dataset layouts use the class names)")
     rep.add_argument("--split", default="test")
+    rep.add_argument("--units", choices=list(UNITS_MM),
+                     help="units of the stored coordinates (default: mm for a folder, the dataset's for a layout: "
+                     "m for mvtec3d, mm for real3d / anomaly-shapenet)")
     for q in (sim, rep):
         q.add_argument("--endpoint", default=DEFAULT_INGEST)
         q.add_argument("--config", help="take the CURVE keys from this config's security section")
@@ -352,9 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scorer", default="patchcore-fpfh", help="the scorer every demo product is enrolled with")
     d.set_defaults(func=cmd_demo)
 
-    from daemon import bench, evaluation, train
+    from daemon import bench, eval_cli, train
 
-    evaluation.add_commands(sub)
+    eval_cli.add_commands(sub)
     train.add_commands(sub)
     bench.add_commands(sub)
     return p

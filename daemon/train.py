@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.evaluation import parse_params
+from daemon.eval_cli import parse_params
 
 log = logging.getLogger("inspectd.train")
 

@@ -29,6 +29,17 @@ Layouts (``<root>/<class>/...``):
       <class>/test/*.pcd         normal ones have "positive" or "good" in the file name
       <class>/GT/<stem>.txt      same "x y z label" format
 
+A ``validation`` split (good and defective parts for choosing defaults, ``inspectd synth
+--preset bench``) is optional in every layout: mvtec3d ``<class>/validation/<defect|good>/...``
+as its test split; the point-cloud layouts ``<class>/validation/*.pcd`` with their label files in
+``<class>/validation/gt/`` (real3d) or ``<class>/validation/GT/`` (anomaly-shapenet).
+
+Units (:data:`LAYOUT_UNITS`): MVTec 3D-AD stores XYZ in metres (a Zivid camera's frame),
+Real3D-AD and Anomaly-ShapeNet in millimetres. A loaded frame carries its units
+(``meta.units``); the preprocessing converts to mm. :func:`dataset_units` reads the units a
+dataset declares in its ``dataset.json`` (``inspectd synth`` writes one), else the layout's.
+An explicit ``units`` (``--units``) overrides both.
+
 For both point-cloud layouts the sample label comes from the file name ("good"/"positive" →
 0, else 1) and the defect name from the stem (``12_bulge`` / ``ashtray0_bulge3`` → ``bulge``).
 **Points of a test sample with a label file come from that text file, not from the PCD**: the
@@ -52,17 +63,19 @@ import numpy as np
 from sensors.frame import Frame, FrameMeta
 from sensors.pointfiles import PointFileError, read_labeled_txt, read_pcd, read_xyz_tiff
 
-__all__ = ["LAYOUTS", "DatasetError", "Sample", "list_classes", "list_samples"]
+__all__ = ["GT_DIRS", "LAYOUTS", "LAYOUT_UNITS", "DatasetError", "Sample", "dataset_units", "list_classes", "list_samples"]
 
 LAYOUTS = ("mvtec3d", "real3d", "anomaly-shapenet")
+LAYOUT_UNITS = {"mvtec3d": "m", "real3d": "mm", "anomaly-shapenet": "mm"}
+"""The unit each published layout stores its coordinates in."""
 Split = Literal["train", "validation", "test"]
 
 _SPLITS = {
     "mvtec3d": ("train", "validation", "test"),
-    "real3d": ("train", "test"),
-    "anomaly-shapenet": ("train", "test"),
+    "real3d": ("train", "validation", "test"),
+    "anomaly-shapenet": ("train", "validation", "test"),
 }
-_GT_DIR = {"real3d": "gt", "anomaly-shapenet": "GT"}
+GT_DIRS = {"real3d": "gt", "anomaly-shapenet": "GT"}
 _GOOD_WORDS = {"real3d": ("good",), "anomaly-shapenet": ("positive", "good")}
 _TIFF = (".tiff", ".tif")
 
@@ -118,6 +131,8 @@ class Sample:
     """The ground-truth file if one exists (gt PNG / label txt)."""
     rgb_path: Path | None = None
     """MVTec's RGB PNG if one exists."""
+    units: str | None = None
+    """Units of the stored coordinates; None: the layout's (:data:`LAYOUT_UNITS`)."""
 
     def load(self, seq: int = 0, capture_time: float | None = None) -> Frame:
         """Read the sample into a Frame (product = class, part_id = stem, sensor_id = "dataset").
@@ -138,6 +153,7 @@ class Sample:
             part_id=self.stem,
             seq=seq,
             capture_time=time.time() if capture_time is None else capture_time,
+            units=self.units or LAYOUT_UNITS.get(self.layout, "mm"),
             truth={"defective": bool(self.label), "defect": self.defect},
         )
         return Frame(points=points, meta=meta, rgb=rgb, gt_mask=gt)
@@ -168,10 +184,10 @@ class Sample:
         if self.gt_path is not None:  # the label file carries the points aligned with its labels
             points, gt = read_labeled_txt(self.gt_path)
             return points, None, gt
-        if self.split == "test" and self.label == 1:
+        if self.split != "train" and self.label == 1:
             raise DatasetError(
                 f"{self.path}: anomalous test sample has no label file "
-                f"(expected {self.path.parent.parent / _GT_DIR[self.layout] / (self.stem + '.txt')})"
+                f"(expected {self.path.parent.parent / GT_DIRS[self.layout] / (self.stem + '.txt')})"
             )
         points, extras = read_pcd(self.path)
         return points, extras.get("rgb"), np.zeros(points.shape[0], dtype=np.uint8)
@@ -188,8 +204,31 @@ def list_classes(root: str | Path, layout: str) -> list[str]:
     return classes
 
 
-def list_samples(root: str | Path, layout: str, cls: str, split: str) -> list[Sample]:
-    """All samples of one class and split, sorted by (defect, stem) for mvtec3d, by stem otherwise."""
+def dataset_units(root: str | Path, layout: str) -> str:
+    """The units of a dataset's coordinates: what its ``dataset.json`` declares (``"units"``),
+    mm for an ``inspectd synth`` dataset that declares none (written before synth stored
+    MVTec-layout TIFFs in metres), else the layout's (:data:`LAYOUT_UNITS`)."""
+    import json
+
+    _check_layout(layout)
+    meta = Path(root) / "dataset.json"
+    if meta.is_file():
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            info = None
+        if isinstance(info, dict):
+            if isinstance(info.get("units"), str):
+                return info["units"]
+            if str(info.get("generator", "")).startswith("inspectd"):
+                return "mm"
+    return LAYOUT_UNITS[layout]
+
+
+def list_samples(root: str | Path, layout: str, cls: str, split: str, units: str | None = None) -> list[Sample]:
+    """All samples of one class and split, sorted by (defect, stem) for mvtec3d, by stem otherwise.
+
+    ``units``: the units of the stored coordinates, for every sample (default: the layout's)."""
     _check_layout(layout)
     if split not in _SPLITS[layout]:
         raise DatasetError(f"layout {layout!r} has splits {', '.join(_SPLITS[layout])}, not {split!r}")
@@ -197,9 +236,11 @@ def list_samples(root: str | Path, layout: str, cls: str, split: str) -> list[Sa
     _require_dir(root, layout, "dataset root")
     split_dir = root / cls / split
     _require_dir(split_dir, layout, f"class {cls!r} split {split!r}")
-    if layout == "mvtec3d":
-        return _list_mvtec(split_dir, layout, cls, split)
-    return _list_cloud(split_dir, layout, cls, split)
+    samples = _list_mvtec(split_dir, layout, cls, split) if layout == "mvtec3d" else _list_cloud(
+        split_dir, layout, cls, split)
+    for s in samples:
+        s.units = units
+    return samples
 
 
 def _list_mvtec(split_dir: Path, layout: str, cls: str, split: str) -> list[Sample]:
@@ -233,7 +274,7 @@ def _list_mvtec(split_dir: Path, layout: str, cls: str, split: str) -> list[Samp
 
 
 def _list_cloud(split_dir: Path, layout: str, cls: str, split: str) -> list[Sample]:
-    gt_dir = split_dir.parent / _GT_DIR[layout]
+    gt_dir = (split_dir if split == "validation" else split_dir.parent) / GT_DIRS[layout]
     samples: list[Sample] = []
     for f in sorted(split_dir.iterdir()):
         if not (f.is_file() and f.suffix.lower() == ".pcd"):

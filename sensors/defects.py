@@ -20,7 +20,21 @@ The six defect kinds of Anomaly-ShapeNet, :data:`DEFECT_KINDS`:
   plane are projected onto it (a flat fracture face, slightly rough), so the mesh stays closed;
 * ``bending``: the vertices beyond a vertical plane are rotated upwards about a horizontal axis
   on z = 0, by an angle growing linearly with their distance from the plane (up to 4-10°); the
-  plane leaves 8-18 % of the surface beyond it.
+  plane leaves 8-18 % of the surface beyond it;
+* ``contamination`` (beyond the paper): foreign material stuck on the surface: a sphere half
+  sunk into the surface at the site (the part's triangles inside it removed, its own triangles
+  below the local tangent plane dropped), so it stands 1.5 radii proud;
+* ``missing`` (beyond the paper): a feature that is not there: of the faces whose normal is the
+  one nearest the site's direction, the one standing out most (the top of a boss, a pin, a
+  tooth, a wall) is cut, with everything within a radius of its outermost vertex, flush to a
+  plane some depth below it (parallel to the face), as if the feature had never been made.
+
+Magnitudes: without ``severity`` the sizes are drawn as above (the Anomaly-ShapeNet-like
+defaults). With ``severity`` s in [0, 1] (``inspectd synth --preset bench``) the size that
+matters for detection follows s on a log scale from subtle to gross (:data:`SEVERITY_RANGES`:
+bulge / dent amplitude 0.1-3 mm, i.e. down to 2× a 0.05 mm scanner noise; hole radius 1-8 mm;
+crack depth 0.3-1.5 mm; break 1-8 % of the area; bending 1-10°; contamination 1-4 mm
+radius; missing 0.3-3 mm cut depth), and ``info["magnitude"]`` records it.
 
 Local defects are placed on a site visible from ``visible_from`` (vertex normal · direction >
 0.3 and topmost along the direction, by a vertex z-buffer), so a camera looking the other
@@ -37,8 +51,10 @@ import numpy as np
 import open3d as o3d
 
 DEFECT_KINDS: tuple[str, ...] = ("bulge", "dent", "hole", "crack", "break", "bending")
+ALL_KINDS: tuple[str, ...] = (*DEFECT_KINDS, "contamination", "missing")
+"""The paper's six and the two beyond it; the simulated camera draws from the six by default."""
 
-LOCAL_KINDS = frozenset({"bulge", "dent", "hole", "crack"})
+LOCAL_KINDS = frozenset({"bulge", "dent", "hole", "crack", "contamination", "missing"})
 """Kinds placed at a visible surface site (the others act on a side of the part)."""
 
 
@@ -152,6 +168,26 @@ def _offset_for_area(height: np.ndarray, area: np.ndarray, frac: float) -> float
     return float(height[order[min(int(np.searchsorted(cum, frac * cum[-1])), len(order) - 1)]])
 
 
+SEVERITY_RANGES: dict[str, tuple[str, str, float, float]] = {
+    "bulge": ("amplitude", "mm", 0.1, 3.0),
+    "dent": ("depth", "mm", 0.1, 3.0),
+    "hole": ("radius", "mm", 1.0, 8.0),
+    "crack": ("depth", "mm", 0.3, 1.5),
+    "break": ("area_fraction", "1", 0.01, 0.08),
+    "bending": ("angle", "deg", 1.0, 10.0),
+    "contamination": ("radius", "mm", 1.0, 4.0),
+    "missing": ("depth", "mm", 0.3, 3.0),
+}
+"""Per kind: the quantity a severity sets, its unit, and its value at severity 0 and 1 (log scale)."""
+
+
+def severity_value(kind: str, severity: float) -> float:
+    """The magnitude of ``kind`` at ``severity`` in [0, 1] (geometric interpolation, see above)."""
+    _, _, lo, hi = SEVERITY_RANGES[kind]
+    s = float(np.clip(severity, 0.0, 1.0))
+    return float(lo * (hi / lo) ** s)
+
+
 # ---------------------------------------------------------------------------------------------
 # carving
 
@@ -161,8 +197,12 @@ def carve_defect(
     kind: str,
     rng: np.random.Generator,
     visible_from=(0.0, 0.0, 1.0),
+    severity: float | None = None,
 ) -> tuple[o3d.geometry.TriangleMesh, dict[str, Any]]:
-    """Carve one defect of ``kind`` (one of :data:`DEFECT_KINDS`) into a copy of ``mesh``.
+    """Carve one defect of ``kind`` (one of :data:`ALL_KINDS`) into a copy of ``mesh``.
+
+    ``severity`` (optional, in [0, 1]): set the defect's magnitude from subtle to gross (see the
+    module doc); ``info["magnitude"]`` then records ``{"quantity", "value", "unit", "severity"}``.
 
     ``mesh`` should be subdivided (edges of ~1 mm) so the defect has vertices to move.
     Returns ``(defective_mesh, info)``. ``info`` holds ``kind``, ``centre`` (mm, list),
@@ -172,12 +212,13 @@ def carve_defect(
     original coordinates of the triangles that were removed (or collapsed onto the fracture
     plane), used by :func:`label_points` to mark the rim of missing material.
     """
-    if kind not in DEFECT_KINDS:
-        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(DEFECT_KINDS)}")
+    if kind not in ALL_KINDS:
+        raise ValueError(f"unknown defect kind {kind!r}; known: {', '.join(ALL_KINDS)}")
     v0, f = _arrays(mesh)
     v = v0.copy()
     n = vertex_normals(v, f)
     area = triangle_areas(v, f)
+    extra: tuple[np.ndarray, np.ndarray] | None = None
     total_area = float(area.sum())
     direction = _unit(visible_from)
     keep = np.ones(len(f), dtype=bool)
@@ -194,7 +235,7 @@ def carve_defect(
         if kind in ("bulge", "dent"):
             frac = rng.uniform(0.02, 0.06)
             radius = float(np.clip(math.sqrt(frac * total_area / math.pi), 3.0, 12.0))
-            amp = rng.uniform(1.0, 3.0)
+            amp = rng.uniform(1.0, 3.0) if severity is None else severity_value(kind, severity)
             if kind == "dent":
                 amp = -min(amp, 0.6 * thick)
             sigma = radius / 2.0
@@ -204,6 +245,8 @@ def carve_defect(
         elif kind == "hole":
             frac = rng.uniform(0.01, 0.03)
             radius = float(np.clip(math.sqrt(frac * total_area / math.pi), 2.5, 8.0))
+            if severity is not None:
+                radius = severity_value(kind, severity)
             c = v[f].mean(axis=1) - p
             fn = _face_cross(v, f)
             fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
@@ -213,10 +256,41 @@ def carve_defect(
                 & (np.abs(c @ nc) < max(1.0, 0.5 * radius))
             )
             info.update(radius=radius)
+        elif kind == "contamination":
+            radius = rng.uniform(0.8, 3.0) if severity is None else severity_value(kind, severity)
+            centre = p + nc * (0.5 * radius)
+            keep = np.linalg.norm(v[f].mean(axis=1) - centre, axis=1) > radius
+            blob = o3d.geometry.TriangleMesh.create_sphere(radius, resolution=max(8, int(4 * radius)))
+            bv, bf = _arrays(blob)
+            bv += centre
+            bf = bf[(bv[bf].mean(axis=1) - p) @ nc > 0.0]  # below the tangent plane: inside the part
+            extra = (bv, bf)
+            info.update(radius=float(radius), height=float(1.5 * radius))
+        elif kind == "missing":
+            fn = _face_cross(v, f)
+            fn /= np.maximum(np.linalg.norm(fn, axis=1, keepdims=True), 1e-12)
+            axis = fn[int(np.argmax(fn @ direction))]  # the face normal nearest the direction
+            on_face = np.zeros(len(v), dtype=bool)
+            on_face[f[fn @ axis > 0.95].reshape(-1)] = True
+            top = int(np.argmax(np.where(on_face, v @ axis + 1e-3 * rng.random(len(v)), -np.inf)))
+            depth = rng.uniform(1.0, 3.0) if severity is None else severity_value(kind, severity)
+            reach = rng.uniform(3.0, 6.0)
+            p = v[top]
+            near = on_face & (np.linalg.norm(v - p, axis=1) < reach)
+            nc = axis
+            h = (v - p) @ nc
+            level = float(h[near].max()) - depth
+            lateral = np.linalg.norm((v - p) - np.outer(h, nc), axis=1)
+            cut = (lateral < reach) & (h > level)
+            v[cut] -= np.outer(h[cut] - level, nc)
+            info.update(centre=p.tolist(), normal=nc.tolist(), radius=float(reach), depth=float(depth))
         else:  # crack
             length = float(np.clip(rng.uniform(1.5, 2.5) * math.sqrt(0.03 * total_area / math.pi), 8.0, 25.0))
             width = rng.uniform(0.8, 1.5)
-            depth = min(rng.uniform(0.8, 1.5), 0.6 * thick)
+            depth = min(rng.uniform(0.8, 1.5) if severity is None else severity_value(kind, severity), 0.6 * thick)
+            if severity is not None:  # a subtle crack is also shorter and narrower
+                length *= 0.4 + 0.6 * float(severity)
+                width *= 0.5 + 0.5 * float(severity)
             bend = rng.uniform(-0.03, 0.03)
             t, b = _tangent_frame(nc, rng.uniform(0, np.pi))
 
@@ -237,7 +311,7 @@ def carve_defect(
             )
 
     elif kind == "break":
-        frac = rng.uniform(0.03, 0.08)
+        frac = rng.uniform(0.03, 0.08) if severity is None else severity_value(kind, severity)
         az, tilt = rng.uniform(0, 2 * np.pi), math.radians(rng.uniform(15.0, 50.0))
         m = np.array([math.cos(az) * math.cos(tilt), math.sin(az) * math.cos(tilt), math.sin(tilt)])
         s0 = _offset_for_area(v[f].mean(axis=1) @ m, area, frac)
@@ -262,7 +336,7 @@ def carve_defect(
         s = v @ u
         s_max = float(s.max())
         s0 = _offset_for_area(v[f].mean(axis=1) @ u, area, rng.uniform(0.08, 0.18))
-        angle = math.radians(rng.uniform(4.0, 10.0))
+        angle = math.radians(rng.uniform(4.0, 10.0) if severity is None else severity_value(kind, severity))
         pivot = s0 * u + np.array([0.0, 0.0, float(v[:, 2].min())])
         axis = _unit(np.cross(u, [0.0, 0.0, 1.0]))
         beyond = s > s0
@@ -285,6 +359,12 @@ def carve_defect(
     if kind == "break":
         affected |= beyond[f].any(axis=1)
     info["affected_fraction"] = float(area[affected].sum() / total_area)
+    if severity is not None:
+        quantity, unit, _, _ = SEVERITY_RANGES[kind]
+        info["magnitude"] = {"quantity": quantity, "unit": unit, "severity": round(float(severity), 4),
+                             "value": round(severity_value(kind, severity), 4)}
+    if extra is not None:
+        return _mesh(np.concatenate([v, extra[0]]), np.concatenate([f[keep], extra[1] + len(v)])), info
     return _mesh(v, f[keep]), info
 
 

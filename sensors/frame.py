@@ -16,13 +16,20 @@ or an evaluation can score itself. The daemon never reads it to decide.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 PRODUCT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 """A product name, anchored with ``\\Z`` (``$`` would accept a trailing newline)."""
+
+UNITS_MM: dict[str, float] = {"mm": 1.0, "m": 1000.0, "um": 0.001, "in": 25.4}
+"""The length units a frame's coordinates may be in, with their size in millimetres.
+
+Preprocessing works in millimetres only (voxel sizes, plane distances, models), so a frame in
+any other unit is converted once, at the frame → preprocessing boundary (:meth:`Frame.in_mm`).
+ASCII names only (``um``, not ``µm``), so the wire header stays plain."""
 
 
 class FrameError(ValueError):
@@ -83,6 +90,8 @@ class Frame:
                 raise FrameError("bad_shape", f"gt shape {self.gt_mask.shape} does not match points {lead}")
         if not PRODUCT_NAME.fullmatch(self.meta.product):
             raise FrameError("bad_field", f"product {self.meta.product!r} must match {PRODUCT_NAME.pattern}")
+        if self.meta.units not in UNITS_MM:
+            raise FrameError("bad_field", f"units {self.meta.units!r} must be one of {', '.join(UNITS_MM)}")
 
     @property
     def organized(self) -> bool:
@@ -97,6 +106,17 @@ class Frame:
     def n_points(self) -> int:
         """Number of pixels or points, valid or not."""
         return int(np.prod(self.points.shape[:-1]))
+
+    def in_mm(self) -> Frame:
+        """This frame with its coordinates in millimetres (itself when they already are).
+
+        The pixel / point order and the invalid pixels are unchanged, so an anomaly map computed
+        on the converted frame lines up with this one."""
+        if self.meta.units == "mm":
+            return self
+        scale = np.float32(UNITS_MM[self.meta.units])
+        return Frame(points=self.points * scale, meta=replace(self.meta, units="mm"), rgb=self.rgb,
+                     gt_mask=self.gt_mask)
 
     def valid_mask(self) -> np.ndarray:
         """Boolean mask over pixels / points: True where all three coordinates are finite."""

@@ -106,8 +106,8 @@ def test_errors_name_path_and_layout(tmp_path: Path, mvtec: Path) -> None:
         list_classes(tmp_path / "nowhere", "real3d")
     with pytest.raises(DatasetError, match=r"dowel[/\\]test.*'mvtec3d'"):
         list_samples(mvtec, "mvtec3d", "dowel", "test")
-    with pytest.raises(DatasetError, match="splits train, test"):
-        list_samples(mvtec, "real3d", "bagel", "validation")
+    with pytest.raises(DatasetError, match="splits train, validation, test"):
+        list_samples(mvtec, "real3d", "bagel", "val")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"empty.*no class folders.*'anomaly-shapenet'"):
         list_classes(tmp_path / "empty", "anomaly-shapenet")

@@ -58,7 +58,9 @@ def test_eval_end_to_end(layout: str, tmp_path: Path, shapenet2: Path) -> None:
     assert Path(on_disk["dataset"]) == data.resolve()
     assert list(on_disk["classes"]) == [cls]
     row = on_disk["classes"][cls]
-    assert set(row) == CLASS_KEYS and set(on_disk["mean"]) == MEAN_KEYS
+    served = {"aupro_served"} if layout == "mvtec3d" else set()  # the map the daemon serves, beside the dense one
+    assert set(row) == CLASS_KEYS | served and set(on_disk["mean"]) == MEAN_KEYS | served
+    assert on_disk["failures"] == [] and on_disk["units"] == ("m" if layout == "mvtec3d" else "mm")
     assert row["n_test"] == 4 and row["fit_seconds"] > 0 and row["score_seconds_per_sample"] > 0
     for k in MEAN_KEYS:
         assert 0.0 <= row[k] <= 1.0
@@ -86,7 +88,8 @@ def test_eval_end_to_end(layout: str, tmp_path: Path, shapenet2: Path) -> None:
     for name in ("report.md", "roc_curves.png", "gallery.png"):
         assert (out / name).stat().st_size > 0
     md = (out / "report.md").read_text()
-    assert "| Class | I-AUROC | P-AUROC | AUPRO@0.3 | n_test | fit s | s / sample |" in md and "**Mean**" in md
+    assert "| Class | I-AUROC | P-AUROC | AUPRO@0.3 |" in md and "| n_test | fit s | s / sample |" in md
+    assert "**Mean**" in md and "95 % CI" in md and "kind: bulge" in md
 
 
 def test_zero_shot_fits_on_the_other_classes_only(shapenet2: Path, tmp_path: Path,

@@ -55,7 +55,8 @@ def test_round_trip_through_loaders(tiny: tuple[str, Path, dict]) -> None:
             assert f.organized and f.points.shape == (400, 400, 3) and f.rgb is not None
             assert s.gt_path is not None
             assert set(np.unique(np.asarray(Image.open(s.gt_path)))) <= {0, 255}
-            frac = f.gt_mask.sum() / _part_pixels(f.points, f.gt_mask)
+            assert f.meta.units == "m" and np.nanmax(f.points[..., 2]) < 0.2  # metres, as MVTec 3D-AD
+            frac = f.gt_mask.sum() / _part_pixels(f.in_mm().points, f.gt_mask)
         else:
             assert not f.organized and f.points.shape == (16000, 3)
             # the label file holds the PCD's points, in the PCD's order

@@ -1,6 +1,7 @@
 """Turn a raw frame into the cloud a scorer sees, remembering where each point came from.
 
-Steps, all vectorized:
+Steps, all vectorized, in millimetres (a frame in other units is scaled to mm first, see
+``sensors.frame.UNITS_MM``; the point order is kept, so maps line up with the input frame):
 
 1. valid points only (NaN pixels of an organized frame, non-finite rows of a cloud);
 2. optional background-plane removal for camera scenes: a RANSAC plane fit (open3d), then
@@ -158,8 +159,11 @@ def prepare(frame: Frame, params: PreprocessParams, device: str | torch.device |
     """Valid points → foreground → voxels, with the index maps back to the frame.
 
     ``device``: run plane removal and voxels in torch there (see the module doc); ``None``: the
-    CPU path (open3d RANSAC).
+    CPU path (open3d RANSAC). A frame in other units than millimetres is converted first
+    (:meth:`Frame.in_mm`): every length here, and every model, is in mm; the returned
+    ``frame`` is the converted one, with the same pixel / point order as the input.
     """
+    frame = frame.in_mm()
     valid = frame.valid_mask().reshape(-1)
     if not valid.any():
         raise FrameError("no_finite_points", "the frame has no finite point")
