@@ -50,7 +50,7 @@ class FusedScorer(Scorer):
         self,
         voxel_size: float = 1.0,
         template_weight: float = 1.0,
-        patchcore_weight: float = 1.0,
+        patchcore_weight: float = 0.5,
         validation_parts: int = 1,
         point_quantile: float = 0.99,
         refit: bool = True,

@@ -61,6 +61,17 @@ class TemplateScoreResult(ScoreResult):
     registration_failed: bool = False
     review_reason: str | None = None
 
+    def verdict_fields(self) -> dict[str, Any]:
+        """What the verdict header should carry (JSON-ready). ``registration_failed`` means: ``review``."""
+        return {
+            "registration_fitness": round(self.registration_fitness, 4),
+            "registration_rmse": round(self.registration_rmse, 4),
+            "registration_pose": self.pose,
+            "registration_rotation_deg": round(self.rotation_deg, 2),
+            "registration_failed": self.registration_failed,
+            "review_reason": self.review_reason,
+        }
+
 
 @register
 class TemplateScorer(Scorer):
