@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cold-start", action="store_true",
                    help="fit the cold-start model (scores products without a model) on other products' good parts")
     e.add_argument("--good", required=True, action="append", help="folder of good scans (repeatable)")
-    e.add_argument("--scorer", default="patchcore-fpfh")
+    e.add_argument("--scorer", default="fused")
     e.add_argument("--holdout", type=int, default=0, help="keep the last K parts out of the fit and calibrate on them")
     e.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new model live")
     e.add_argument("--config")

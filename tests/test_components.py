@@ -78,7 +78,7 @@ def test_cube_rotations_are_the_24_proper_ones() -> None:
     assert len({r.tobytes() for r in rots}) == 24
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1])
 def test_registration_recovers_an_arbitrary_rotation(seed: int) -> None:
     ref = l_part(0)
     src_canonical = l_part(10 + seed)

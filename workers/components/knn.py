@@ -30,14 +30,14 @@ def knn(ref: np.ndarray | torch.Tensor, query: np.ndarray | torch.Tensor, k: int
     return np.asarray(d).reshape(-1, kk), np.asarray(i).reshape(-1, kk)
 
 
-def smooth_over_neighbours(points: np.ndarray, values: np.ndarray, k: int) -> np.ndarray:
+def smooth_over_neighbours(points: np.ndarray, values: np.ndarray, k: int, tree: cKDTree | None = None) -> np.ndarray:
     """Every value replaced by the mean over its point's ``k`` nearest neighbours (itself included).
 
     Damps per-point noise of an anomaly map while keeping a defect that spans many points.
-    ``k <= 1`` returns ``values`` unchanged.
+    ``k <= 1`` returns ``values`` unchanged. ``tree``: a KD-tree of ``points`` already built.
     """
     k = min(int(k), len(points))
     if k <= 1:
         return np.asarray(values)
-    _, nbr = cKDTree(points).query(points, k=k)
+    _, nbr = (tree if tree is not None else cKDTree(points)).query(points, k=k)
     return np.asarray(values)[nbr].mean(axis=1)

@@ -198,7 +198,7 @@ class TemplateScorer(Scorer):
             rim = rim.reshape(len(gap_score), -1)
             np.maximum.at(missing, rim.ravel(), np.repeat(gap_score, rim.shape[1]))
         t3 = time.perf_counter()
-        smoothed = smooth_over_neighbours(moved, dev, self.smoothing_k)
+        smoothed = smooth_over_neighbours(moved, dev, self.smoothing_k, part_tree)
         scores = np.maximum(smoothed, missing).astype(np.float32)
         k = min(len(scores), max(self.top_min, int(round(self.top_fraction * len(scores)))))
         object_score = float(np.partition(scores, len(scores) - k)[-k:].mean())
