@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--products", default="flange,gear")
     d.add_argument("--rate", type=float, default=2.0)
     d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--scorer", default="patchcore-fpfh", help="the scorer every demo product is enrolled with")
+    d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
     d.set_defaults(func=cmd_demo)
 
     from daemon import bench, evaluation, train
