@@ -306,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cold-start", action="store_true",
                    help="fit the cold-start model (scores products without a model) on other products' good parts")
     e.add_argument("--good", required=True, action="append", help="folder of good scans (repeatable)")
-    e.add_argument("--scorer", default="patchcore-fpfh")
+    e.add_argument("--scorer", default="fused")
     e.add_argument("--holdout", type=int, default=0, help="keep the last K parts out of the fit and calibrate on them")
     e.add_argument("--target-frr", type=float, help="false-reject rate for --holdout (default: decision.target_frr)")
     e.add_argument("--allow-random-init", action="store_true",
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--products", default="flange,gear")
     d.add_argument("--rate", type=float, default=2.0)
     d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--scorer", default="patchcore-fpfh", help="the scorer every demo product is enrolled with")
+    d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
     d.set_defaults(func=cmd_demo)
 
     from daemon import bench, eval_cli, train

@@ -56,7 +56,7 @@ def demo_keys(out: Path) -> dict[str, str]:
             "client_key": str(keys / "demo-client.key_secret"), "token_file": str(tokens)}
 
 
-def write_demo_config(out: Path, products: list[str], scorer: str = "patchcore-fpfh") -> tuple[Path, Config]:
+def write_demo_config(out: Path, products: list[str], scorer: str = "fused") -> tuple[Path, Config]:
     k = demo_keys(out)
     raw: dict[str, Any] = {
         "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 16},
@@ -108,7 +108,7 @@ def summarize(sent: int, verdicts: list[dict[str, Any]], wall: float) -> dict[st
     }
 
 
-def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int, scorer: str = "patchcore-fpfh") -> int:
+def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int, scorer: str = "fused") -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, cfg = write_demo_config(out, products, scorer)
     print(f"== inspectd demo: {n_parts} parts of {', '.join(products)} ({scorer}), output in {out}", flush=True)

@@ -95,7 +95,7 @@ def test_cold_start_to_enrolled_without_losing_a_frame(cold_start_models: Path, 
         out = inspectd("mark-good", "--product", NEW, "--daemon", d.http, *sum((["--part-id", i] for i in ids), []))
         assert out.count("marked good") == 6
         out = inspectd("enroll", "--product", NEW, "--good", str(collect / NEW / "good"), "--holdout", "3",
-                       "--target-frr", "0.1", "--models", str(models), "--notify", d.http)
+                       "--target-frr", "0.1", "--scorer", "patchcore-fpfh", "--models", str(models), "--notify", d.http)
         assert "daemon now serves" in out
         assert sensor.poll() is None, "the stream ended before the switch: slow it down"
         time.sleep(2.0)  # the sensor keeps streaming across the switch

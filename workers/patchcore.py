@@ -59,7 +59,6 @@ Choices (all vectorized; the only Python loop is over the coreset picks):
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,137 +66,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
-from workers import geometry
+from workers.components.fpfh import (
+    MIN_POINTS,
+    check_points,
+    fpfh_features,
+    fpfh_features_torch,
+)
+from workers.components.knn import knn, smooth_over_neighbours
+from workers.components.memory_bank import MemoryBank, coreset_size, greedy_coreset
 from workers.preprocess import PreparedCloud
 from workers.scorer import Scorer, ScoreResult, register
 
-MIN_POINTS = 10
-"""A cloud with fewer points has no meaningful FPFH (neighbourhoods are empty)."""
-NORMAL_MAX_NN = 30
-FEATURE_MAX_NN = 100
-_SEARCH_CHUNK_ELEMENTS = 1 << 19
-"""Query rows × bank rows per distance chunk (512k float32 = 2 MB: cache-resident, fastest here)."""
+__all__ = ["FPFH_IMPLS", "MemoryBankScorer", "fpfh_features", "fpfh_features_torch", "greedy_coreset"]
+
 FPFH_IMPLS = ("auto", "open3d", "torch")
-
-
-def _check_points(points: np.ndarray) -> np.ndarray:
-    pts = np.asarray(points)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"cloud points must be an M×3 array, got shape {pts.shape}")
-    if len(pts) < MIN_POINTS:
-        raise ValueError(f"cloud has {len(pts)} points, need at least {MIN_POINTS} for FPFH")
-    if not np.isfinite(pts).all():
-        raise ValueError("cloud points must all be finite")
-    return pts.astype(np.float64)
-
-
-def fpfh_features(
-    points: np.ndarray,
-    voxel_size: float,
-    normal_radius_factor: float = 2.0,
-    feature_radius_factor: float = 5.0,
-) -> np.ndarray:
-    """FPFH (M×33 float32) of every point, normals oriented away from the centroid (BTF radii)."""
-    import open3d as o3d
-
-    pts = _check_points(points)
-    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
-    pcd.estimate_normals(
-        o3d.geometry.KDTreeSearchParamHybrid(radius=normal_radius_factor * voxel_size, max_nn=NORMAL_MAX_NN)
-    )
-    normals = np.asarray(pcd.normals)
-    flip = np.einsum("ij,ij->i", normals, pts - pts.mean(axis=0)) < 0
-    normals[flip] *= -1.0
-    pcd.normals = o3d.utility.Vector3dVector(normals)
-    feat = o3d.pipelines.registration.compute_fpfh_feature(
-        pcd,
-        o3d.geometry.KDTreeSearchParamHybrid(
-            radius=feature_radius_factor * voxel_size, max_nn=FEATURE_MAX_NN
-        ),
-    )
-    out = np.asarray(feat.data).T.astype(np.float32)
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def fpfh_features_torch(
-    points: torch.Tensor,
-    voxel_size: float,
-    normal_radius_factor: float = 2.0,
-    feature_radius_factor: float = 5.0,
-) -> torch.Tensor:
-    """:func:`fpfh_features` in torch on ``points``' device and dtype (M×33, ``workers.geometry``)."""
-    normals = geometry.estimate_normals(points, normal_radius_factor * voxel_size, NORMAL_MAX_NN, "centroid")
-    feat = geometry.fpfh(points, normals, feature_radius_factor * voxel_size, FEATURE_MAX_NN)
-    return torch.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def greedy_coreset(
-    features: np.ndarray | torch.Tensor,
-    n_select: int,
-    projection_dim: int = 128,
-    seed: int = 0,
-    progress: bool = False,
-) -> np.ndarray:
-    """Indices of a greedy k-center coreset of ``features`` (N×D), PatchCore style.
-
-    Starts from a seeded random element and repeatedly adds the element farthest from the
-    selected set, keeping every element's squared distance to that set up to date with one
-    matrix-vector product per pick. When ``D > projection_dim > 0`` the features are first
-    projected by a seeded Gaussian matrix. Returns at most ``n_select`` distinct indices (fewer
-    when all elements are already covered exactly), in selection order.
-    """
-    from tqdm import tqdm
-
-    x = torch.as_tensor(features, dtype=torch.float32)
-    if x.ndim != 2 or x.shape[0] == 0:
-        raise ValueError(f"features must be a non-empty N×D array, got shape {tuple(x.shape)}")
-    n, d = x.shape
-    n_select = int(min(max(n_select, 1), n))
-    gen = torch.Generator().manual_seed(int(seed))
-    if 0 < projection_dim < d:
-        proj = torch.randn(d, projection_dim, generator=gen) / math.sqrt(projection_dim)
-        x = x @ proj
-    x = x - x.mean(dim=0)
-    sq = (x * x).sum(dim=1)
-    xt = x.T.contiguous()  # D×N: the per-pick row-vector × matrix product streams it fastest
-    start = int(torch.randint(n, (1,), generator=gen))
-    selected = [start]
-    min_d = torch.empty(n)
-    buf = torch.empty(n)
-    min_np = min_d.numpy()  # shares memory; numpy's argmax is much faster than torch's on CPU
-
-    def sq_dist_to(i: int, out: torch.Tensor) -> torch.Tensor:
-        torch.matmul(x[i].unsqueeze(0), xt, out=out.unsqueeze(0))
-        return out.mul_(-2.0).add_(sq).add_(sq[i])
-
-    sq_dist_to(start, min_d)
-    min_d[start] = 0.0
-    for _ in tqdm(range(n_select - 1), desc="coreset", disable=not progress, leave=False):
-        idx = int(min_np.argmax())
-        if min_np[idx] <= 0.0:
-            break
-        selected.append(idx)
-        torch.minimum(min_d, sq_dist_to(idx, buf), out=min_d)
-        min_d[idx] = 0.0
-    return np.asarray(selected, dtype=np.int64)
-
-
-def nearest_distances(query: torch.Tensor, bank_t: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
-    """Exact Euclidean distance from every row of ``query`` (N×D) to its nearest bank element.
-
-    ``bank_t`` is the bank transposed (D×K, contiguous), ``bank_sq`` its rows' squared norms.
-    Chunked ``‖b‖² − 2ab`` matmuls sized to stay cache-resident; ``‖a‖²`` is added after the
-    row minimum, and the result clamped at 0 before the square root.
-    """
-    rows = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, bank_t.shape[1]))
-    out = torch.empty(query.shape[0], device=query.device)
-    for start in range(0, query.shape[0], rows):
-        q = query[start : start + rows]
-        partial = torch.addmm(bank_sq.unsqueeze(0), q, bank_t, beta=1.0, alpha=-2.0)
-        torch.amin(partial, dim=1, out=out[start : start + rows])
-    return out.add_((query * query).sum(dim=1)).clamp_(min=0.0).sqrt_()
 
 
 @register
@@ -240,13 +123,8 @@ class MemoryBankScorer(Scorer):
         self.score_smoothing_k = int(score_smoothing_k)
         self.seed = int(seed)
         self.fpfh_impl = fpfh_impl
-        self._bank: np.ndarray | None = None
-        self._bank_c: torch.Tensor | None = None
-        """K×D, centred on the bank mean (what distances are computed on)."""
-        self._bank_ct: torch.Tensor | None = None
-        """D×K contiguous copy of ``_bank_c`` for the search matmul."""
-        self._bank_sq: torch.Tensor | None = None
-        self._bank_mean: torch.Tensor | None = None
+        self.bank: MemoryBank | None = None
+        """The fitted FPFH memory bank, on this scorer's device."""
         self.device = torch.device("cpu")
 
     # -- state ---------------------------------------------------------------------------------
@@ -266,45 +144,32 @@ class MemoryBankScorer(Scorer):
         }
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self._bank is None:
+        if self.bank is None:
             raise RuntimeError("patchcore-fpfh is not fitted: nothing to save")
-        return {"memory_bank": self._bank}
+        return {"memory_bank": self.bank.array}
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> MemoryBankScorer:
         if "memory_bank" not in tensors:
             raise ValueError("patchcore-fpfh state has no 'memory_bank' tensor")
         scorer = cls(**params)
-        scorer._set_bank(tensors["memory_bank"])
+        scorer.bank = MemoryBank(tensors["memory_bank"], scorer.device)
         return scorer
-
-    def _set_bank(self, bank: np.ndarray) -> None:
-        bank = np.ascontiguousarray(bank, dtype=np.float32)
-        if bank.ndim != 2 or bank.shape[0] == 0:
-            raise ValueError(f"memory bank must be a non-empty K×D array, got shape {bank.shape}")
-        if not np.isfinite(bank).all():
-            raise ValueError("memory bank holds non-finite values")
-        self._bank = bank
-        t = torch.from_numpy(bank.copy()).to(self.device)
-        self._bank_mean = t.mean(dim=0)
-        self._bank_c = (t - self._bank_mean).contiguous()
-        self._bank_ct = self._bank_c.T.contiguous()
-        self._bank_sq = (self._bank_c * self._bank_c).sum(dim=1)
 
     def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
         """Keep the bank on the CUDA device for ``torch-cuda``; features are uploaded per frame."""
         super().use_backend(backend, cache_dir)
         self.device = torch.device("cuda" if backend == "torch-cuda" else "cpu")
-        if self._bank is not None:
-            self._set_bank(self._bank)
+        if self.bank is not None:
+            self.bank = self.bank.to(self.device)
 
     @property
     def fitted(self) -> bool:
-        return self._bank is not None
+        return self.bank is not None
 
     @property
     def memory_bank_size(self) -> int:
-        return 0 if self._bank is None else int(self._bank.shape[0])
+        return 0 if self.bank is None else len(self.bank)
 
     # -- fit / score ---------------------------------------------------------------------------
 
@@ -334,15 +199,13 @@ class MemoryBankScorer(Scorer):
             return torch.from_numpy(feat).to(self.device)
         pts = self._device_points(cloud)
         if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < MIN_POINTS or not bool(torch.isfinite(pts).all()):
-            _check_points(pts.cpu().numpy())
+            check_points(pts.cpu().numpy())
         feat = fpfh_features_torch(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
         return feat.float()
 
     def coreset_size(self, n: int) -> int:
         """How many bank elements the coreset keeps out of ``n``."""
-        if self.coreset_ratio >= 1.0:
-            return min(n, self.coreset_max)
-        return min(n, self.coreset_max, max(1, int(self.coreset_ratio * n)))
+        return coreset_size(n, self.coreset_ratio, self.coreset_max)
 
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
         from tqdm import tqdm
@@ -356,27 +219,26 @@ class MemoryBankScorer(Scorer):
         if n_keep < len(bank):
             idx = greedy_coreset(bank, n_keep, self.coreset_projection_dim, self.seed, progress)
             bank = bank[idx]
-        self._set_bank(bank)
+        self.bank = MemoryBank(bank, self.device)
 
     def score(self, cloud: PreparedCloud) -> ScoreResult:
-        if self._bank_ct is None or self._bank_sq is None or self._bank_mean is None:
+        if self.bank is None:
             raise RuntimeError("patchcore-fpfh is not fitted: call fit() or load an artifact first")
         t0 = time.perf_counter()
         feat = self._features_t(cloud)
         t1 = time.perf_counter()
-        q = feat - self._bank_mean
-        scores_t = nearest_distances(q, self._bank_ct, self._bank_sq)
+        q = self.bank.centre(feat)
+        scores_t = self.bank.nearest_distances(q)
         t2 = time.perf_counter()
         k = min(self.score_smoothing_k, len(scores_t))
         if k > 1:
             if self.device.type == "cpu":  # scipy's KD-tree; brute force is for devices
-                _, nbr = cKDTree(cloud.points).query(cloud.points, k=k)
-                nbr_t = torch.from_numpy(nbr)
+                scores_t = torch.from_numpy(smooth_over_neighbours(cloud.points, scores_t.numpy(), k))
             else:
-                _, nbr_t = geometry.knn(*[self._device_points(cloud)] * 2, k)
-            scores_t = scores_t[nbr_t].mean(dim=1)
+                _, nbr_t = knn(*[self._device_points(cloud)] * 2, k)
+                scores_t = scores_t[nbr_t].mean(dim=1)
         star = int(torch.argmax(scores_t))
-        object_score = float(scores_t[star]) * self._reweight(q[star])
+        object_score = float(scores_t[star]) * self.bank.reweight(q[star], self.reweight_neighbors)
         scores = scores_t.float().cpu().numpy()
         t3 = time.perf_counter()
         return ScoreResult(
@@ -384,21 +246,3 @@ class MemoryBankScorer(Scorer):
             point_scores=scores,
             timings={"features": t1 - t0, "search": t2 - t1, "smooth": t3 - t2},
         )
-
-    def _sq_dist_to_bank(self, v: torch.Tensor) -> torch.Tensor:
-        """Squared distances (K,) from one centred feature to every bank element."""
-        assert self._bank_c is not None and self._bank_sq is not None
-        return torch.addmv(self._bank_sq, self._bank_c, v, beta=1.0, alpha=-2.0).add_(v.dot(v))
-
-    def _reweight(self, m_test: torch.Tensor) -> float:
-        """PatchCore's weight w for the maximal point's feature (1 when reweighting is off)."""
-        assert self._bank_c is not None
-        b = min(self.reweight_neighbors, self._bank_c.shape[0])
-        if b <= 1:
-            return 1.0
-        m_star = int(torch.argmin(self._sq_dist_to_bank(m_test)))
-        d2_anchor = self._sq_dist_to_bank(self._bank_c[m_star])
-        d2_anchor[m_star] = -1.0  # m* is its own nearest neighbour: first in N_b(m*)
-        support = torch.topk(d2_anchor, b, largest=False, sorted=True).indices
-        d = (self._bank_c[support] - m_test).norm(dim=1)
-        return float(1.0 - torch.softmax(d, dim=0)[0])

@@ -17,9 +17,9 @@ Pipeline (paper section → module):
    (τ = 0.07) + 100 × the disentanglement loss against FPFH; normalcy classifier g_φ:
    PointNet++ trained with BCE (``workers.zeroshot.training``, ``workers.zeroshot.pointnet2``).
 4. Memory bank (Sec. 3.3) of the concatenated patch features [FPFH ‖ learned (‖ RGB)], thinned
-   by PatchCore's greedy coreset (``workers.patchcore.greedy_coreset``).
+   by PatchCore's greedy coreset (``workers.components.memory_bank.greedy_coreset``).
 5. Scores (Sec. 3.4): distance score with PatchCore's reweighting (Eq. 4–6,
-   ``workers.patchcore`` search and reweighting), classification score S_abnormal of the
+   ``workers.components.memory_bank`` search and reweighting), classification score S_abnormal of the
    ε-perturbed patch (Eq. 8–10), combined λ_d·distance + λ_c·classification (Eq. 11–12);
    patch maps upsampled and blurred (Eq. 7) and mapped to the cloud's points.
 
@@ -71,7 +71,7 @@ Device path (issue 6, ``geometry_impl``): ``"numpy"`` is the CPU pipeline every 
 docs/results/zeroshot.md was measured with: open3d FPFH, the organized 784-cell layout in numpy,
 cKDTree patches, numpy pooling, maps mapped to points with numpy / scipy. ``"torch"`` is the same
 pipeline in torch on the scorer's device (``_score_t``): FPFH by ``workers.geometry``
-(``patchcore.fpfh_features_torch``: grid neighbour search, batched PCA normals, histograms),
+(``workers.components.fpfh.fpfh_features_torch``: grid neighbour search, batched PCA normals, histograms),
 the organized cells / centres by torch index arithmetic, FPS centres of clouds by
 ``geometry.farthest_point_sample`` (same start and picks as the CPU path), patch points by
 ``geometry.knn``, pooling, feature combination, bank search and reweighting, f_θ, Eq. 8's
@@ -131,15 +131,8 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from workers.backends import NetworkRunner
-from workers.patchcore import (
-    MIN_POINTS,
-    MemoryBankScorer,
-    _check_points,
-    fpfh_features,
-    fpfh_features_torch,
-    greedy_coreset,
-    nearest_distances,
-)
+from workers.components.fpfh import MIN_POINTS, check_points, fpfh_features, fpfh_features_torch
+from workers.components.memory_bank import MemoryBank, greedy_coreset
 from workers.preprocess import PreparedCloud
 from workers.scorer import Scorer, ScoreResult, register
 from workers.zeroshot.patches import (
@@ -378,7 +371,7 @@ class ZeroShotScorer(Scorer):
         self.encoder: PointNet2 | None = None
         self.classifier: PointNet2 | None = None
         self.rgb_model: ResNet50 | None = None
-        self._bank: MemoryBankScorer | None = None
+        self._bank: MemoryBank | None = None
         self._block_scale: np.ndarray | None = None
         self._fpfh_mean: np.ndarray | None = None
         self._dist_scale: float = 1.0
@@ -410,10 +403,10 @@ class ZeroShotScorer(Scorer):
         return {k: getattr(self, k) for k in keys}
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self._bank is None or self._bank._bank is None or self._block_scale is None or self._fpfh_mean is None:
+        if self._bank is None or self._block_scale is None or self._fpfh_mean is None:
             raise RuntimeError("zeroshot is not fitted: nothing to save")
         out: dict[str, np.ndarray] = {
-            "memory_bank": self._bank._bank,
+            "memory_bank": self._bank.array,
             "block_scale": self._block_scale.astype(np.float32),
             "fpfh_mean": self._fpfh_mean.astype(np.float32),
             "dist_scale": np.asarray([self._dist_scale], dtype=np.float32),
@@ -461,8 +454,7 @@ class ZeroShotScorer(Scorer):
         return scorer
 
     def _set_bank(self, bank: np.ndarray) -> None:
-        self._bank = MemoryBankScorer(voxel_size=self.voxel_size, reweight_neighbors=self.reweight_neighbors)
-        self._bank._set_bank(bank)
+        self._bank = MemoryBank(bank, "cuda" if self.backend == "torch-cuda" else "cpu")
 
     # -- backends ------------------------------------------------------------------------------
 
@@ -476,7 +468,7 @@ class ZeroShotScorer(Scorer):
         self._dev_encoder = self._dev_classifier = None
         self._runners = {}
         if self._bank is not None:
-            self._bank.use_backend("torch-cuda" if backend == "torch-cuda" else "torch-cpu")
+            self._bank = self._bank.to("cuda" if backend == "torch-cuda" else "cpu")
         if backend == "torch-cuda":
             if self.encoder is not None:
                 self._dev_encoder = copy.deepcopy(self.encoder).to(self.device).eval()
@@ -552,7 +544,7 @@ class ZeroShotScorer(Scorer):
 
     @property
     def memory_bank_size(self) -> int:
-        return 0 if self._bank is None else self._bank.memory_bank_size
+        return 0 if self._bank is None else len(self._bank)
 
     # -- features ------------------------------------------------------------------------------
 
@@ -587,14 +579,14 @@ class ZeroShotScorer(Scorer):
             pts = torch.from_numpy(np.asarray(cloud.points))
         pts = pts.to(device=device, dtype=dtype)
         if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < MIN_POINTS or not bool(torch.isfinite(pts).all()):
-            _check_points(np.asarray(cloud.points))  # raises with the CPU path's message
+            check_points(np.asarray(cloud.points))  # raises with the CPU path's message
         return pts
 
     def _prepare_t(
         self, cloud: PreparedCloud, timings: dict[str, float] | None = None, device: torch.device | None = None
     ) -> _DevicePrepared:
         """:meth:`_prepare` in torch on ``device`` (default: the scorer's): FPFH by
-        ``workers.geometry`` (``patchcore.fpfh_features_torch``), patches by ``extract_patches_t``."""
+        ``workers.geometry`` (``workers.components.fpfh.fpfh_features_torch``), patches by ``extract_patches_t``."""
         dev = self.device if device is None else device
         t0 = time.perf_counter()
         pts = self._geometry_points(cloud, dev)
@@ -777,12 +769,10 @@ class ZeroShotScorer(Scorer):
 
     def _distance_scale(self, bank: np.ndarray, kept: np.ndarray) -> float:
         """Mean distance of the left-out training patches to the coreset (see the module docstring)."""
-        assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
-        assert self._bank._bank_mean is not None
+        assert self._bank is not None
         rest = np.setdiff1d(np.arange(len(bank)), kept)
         if len(rest):
-            q = torch.from_numpy(bank[rest]) - self._bank._bank_mean
-            d = nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq)
+            d = self._bank.nearest_distances(self._bank.centre(torch.from_numpy(bank[rest]))).cpu()
         else:
             if len(bank) < 2:
                 return 1.0
@@ -892,16 +882,15 @@ class ZeroShotScorer(Scorer):
     ) -> tuple[np.ndarray, np.ndarray, float]:
         """(distance score per patch / dist_scale, S_abnormal per patch (zeros without a
         classifier), PatchCore's weight w of the maximal patch)."""
-        assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
-        assert self._bank._bank_mean is not None
+        assert self._bank is not None
         inner: dict[str, float] = {}
         blocks = self._blocks([prep], inner)
         t0 = time.perf_counter()
         feats = self._combine(blocks)
-        q = torch.from_numpy(feats).to(self._bank._bank_mean.device) - self._bank._bank_mean
-        dist = nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq).cpu().numpy() / self._dist_scale
+        q = self._bank.centre(torch.from_numpy(feats))
+        dist = self._bank.nearest_distances(q).cpu().numpy() / self._dist_scale
         star = int(np.argmax(dist))
-        w = self._bank._reweight(q[star])
+        w = self._bank.reweight(q[star], self.reweight_neighbors)
         t1 = time.perf_counter()
         if self.use_classifier and self.classifier is not None:
             cls = self._abnormal(self._normalize(prep.xyz))
@@ -923,17 +912,16 @@ class ZeroShotScorer(Scorer):
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """:meth:`patch_scores` on the device: (distance / dist_scale, S_abnormal) as float32
         tensors on the scorer's device, and PatchCore's weight w."""
-        assert self._bank is not None and self._bank._bank_ct is not None and self._bank._bank_sq is not None
-        assert self._bank._bank_mean is not None
+        assert self._bank is not None
         dev = prep.xyz.device
         inner: dict[str, float] = {}
         blocks = self._blocks_t(prep, inner)
         t0 = time.perf_counter()
         feats = self._combine_t(blocks)
-        q = feats.to(self._bank._bank_mean.device) - self._bank._bank_mean
-        dist = (nearest_distances(q, self._bank._bank_ct, self._bank._bank_sq) / self._dist_scale).to(dev)
+        q = self._bank.centre(feats)
+        dist = (self._bank.nearest_distances(q) / self._dist_scale).to(dev)
         star = int(torch.argmax(dist))
-        w = self._bank._reweight(q[star])
+        w = self._bank.reweight(q[star], self.reweight_neighbors)
         t1 = time.perf_counter()
         if self.use_classifier and self.classifier is not None:
             cls = self._abnormal_t(self._normalize(prep.xyz))

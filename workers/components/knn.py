@@ -1,0 +1,43 @@
+"""Exact k nearest neighbours, for numpy arrays and torch tensors alike.
+
+numpy in: scipy's C++ KD-tree (the fastest exact search on a CPU here); torch in:
+``workers.geometry.knn`` on the tensors' device (grid + brute force, the GPU path). Both return
+what ``cKDTree(ref).query(query, k)`` returns, as 2-D arrays even for ``k == 1``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from workers import geometry
+
+
+def knn(ref: np.ndarray | torch.Tensor, query: np.ndarray | torch.Tensor, k: int,
+        workers: int = 1) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
+    """``(distances, indices)`` (Q×k, ascending) of the ``k`` points of ``ref`` nearest each query.
+
+    ``k`` is capped at ``len(ref)``. ``workers`` is scipy's thread count (numpy path only).
+    """
+    if isinstance(ref, torch.Tensor) or isinstance(query, torch.Tensor):
+        r = torch.as_tensor(ref)
+        q = torch.as_tensor(query).to(device=r.device, dtype=r.dtype)
+        return geometry.knn(r, q, k)
+    ref_np = np.asarray(ref, dtype=np.float64)
+    kk = int(min(max(k, 1), len(ref_np)))
+    d, i = cKDTree(ref_np).query(np.asarray(query, dtype=np.float64), k=kk, workers=workers)
+    return np.asarray(d).reshape(-1, kk), np.asarray(i).reshape(-1, kk)
+
+
+def smooth_over_neighbours(points: np.ndarray, values: np.ndarray, k: int, tree: cKDTree | None = None) -> np.ndarray:
+    """Every value replaced by the mean over its point's ``k`` nearest neighbours (itself included).
+
+    Damps per-point noise of an anomaly map while keeping a defect that spans many points.
+    ``k <= 1`` returns ``values`` unchanged. ``tree``: a KD-tree of ``points`` already built.
+    """
+    k = min(int(k), len(points))
+    if k <= 1:
+        return np.asarray(values)
+    _, nbr = (tree if tree is not None else cKDTree(points)).query(points, k=k)
+    return np.asarray(values)[nbr].mean(axis=1)

@@ -1,0 +1,127 @@
+"""The golden part: good parts registered to one another, fused into one reference surface, with a tolerance map.
+
+:func:`build_reference` registers every good part onto the first one (global hypotheses + ICP,
+``workers.components.registration``), fuses all of them into voxel centroids of ``voxel_size``
+(the reference points), estimates the reference normals, then registers every part once more
+onto that fused surface and fuses again (the first anchor's own noise no longer sets the frame).
+
+:func:`tolerance_map` measures, for every reference point, the signed point-to-plane deviation
+of the good parts' points that fall nearest to it: their mean (a systematic offset, e.g. the
+voxel-centroid bias on a curved face) and spread, and how many good parts cover it at all
+(visibility: a camera sees only part of a product; a point cloud should cover all of it). The
+spread is floored by the pooled robust spread of all deviations, so a location seen by few
+points cannot get a near-zero tolerance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+
+from workers import geometry
+from workers.components.registration import Registrar, estimate_normals
+
+NORMAL_K = 16
+
+
+@dataclass
+class Reference:
+    """The fused reference surface and its tolerance map (all arrays N×… over reference points)."""
+
+    points: np.ndarray
+    normals: np.ndarray
+    offset: np.ndarray
+    """Mean signed deviation of good parts at each reference point."""
+    spread: np.ndarray
+    """Tolerance: standard deviation of the signed deviation (floored), > 0."""
+    visibility: np.ndarray
+    """Fraction of good parts with a point within ``cover_dist`` of each reference point."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "reference_points": self.points.astype(np.float32),
+            "reference_normals": self.normals.astype(np.float32),
+            "tolerance_offset": self.offset.astype(np.float32),
+            "tolerance_spread": self.spread.astype(np.float32),
+            "visibility": self.visibility.astype(np.float32),
+        }
+
+    @classmethod
+    def from_arrays(cls, t: dict[str, np.ndarray]) -> Reference:
+        keys = ("reference_points", "reference_normals", "tolerance_offset", "tolerance_spread", "visibility")
+        missing = [k for k in keys if k not in t]
+        if missing:
+            raise ValueError(f"template state lacks {missing}")
+        pts = np.asarray(t["reference_points"], dtype=np.float64)
+        n = len(pts)
+        if pts.ndim != 2 or pts.shape[1] != 3 or n < 10 or any(len(t[k]) != n for k in keys):
+            raise ValueError("template state: reference arrays have inconsistent shapes")
+        if not all(np.isfinite(np.asarray(t[k])).all() for k in keys):
+            raise ValueError("template state holds non-finite values")
+        spread = np.asarray(t["tolerance_spread"], dtype=np.float64)
+        if (spread <= 0).any():
+            raise ValueError("template state: tolerance spread must be positive")
+        return cls(pts, np.asarray(t["reference_normals"], dtype=np.float64),
+                   np.asarray(t["tolerance_offset"], dtype=np.float64), spread,
+                   np.asarray(t["visibility"], dtype=np.float64))
+
+
+def fuse(clouds: Sequence[np.ndarray], voxel_size: float) -> np.ndarray:
+    """Voxel centroids (float64) of all ``clouds`` together."""
+    pts = torch.from_numpy(np.concatenate([np.asarray(c, dtype=np.float64) for c in clouds]))
+    return geometry.voxel_downsample(pts, voxel_size)[0].numpy().astype(np.float64)
+
+
+def signed_deviation(points: np.ndarray, reference: np.ndarray, normals: np.ndarray,
+                     tree: cKDTree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signed point-to-plane deviation, Euclidean distance, index of the nearest reference point)."""
+    d, j = tree.query(points, workers=1)
+    signed = np.einsum("ij,ij->i", points - reference[j], normals[j])
+    return signed, d, j
+
+
+def build_reference(clouds: Sequence[np.ndarray], voxel_size: float, registrar_kw: dict,
+                    rounds: int = 2) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[float]]:
+    """Fuse good parts into a reference: (points, normals, registered parts, registration fitness per part)."""
+    parts = [np.asarray(c, dtype=np.float64) for c in clouds]
+    anchor = parts[0]
+    fitness: list[float] = []
+    registered = parts
+    for _ in range(max(1, rounds)):
+        reg = Registrar(anchor, **registrar_kw)
+        results = [reg.register(p) for p in parts]
+        registered = [p @ r.transform[:3, :3].T + r.transform[:3, 3] for p, r in zip(parts, results, strict=True)]
+        fitness = [r.fitness for r in results]
+        anchor = fuse(registered, voxel_size)
+    normals = estimate_normals(anchor, NORMAL_K)
+    return anchor, normals, registered, fitness
+
+
+def tolerance_map(registered: Sequence[np.ndarray], points: np.ndarray, normals: np.ndarray,
+                  cover_dist: float, floor_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offset, spread, visibility) per reference point from the registered good parts."""
+    tree = cKDTree(points)
+    n = len(points)
+    s1 = np.zeros(n)
+    s2 = np.zeros(n)
+    cnt = np.zeros(n)
+    cover = np.zeros(n)
+    pooled = []
+    for part in registered:  # one iteration per good part, vectorized over its points
+        signed, _, j = signed_deviation(part, points, normals, tree)
+        s1 += np.bincount(j, signed, n)
+        s2 += np.bincount(j, signed * signed, n)
+        cnt += np.bincount(j, minlength=n)
+        pooled.append(signed)
+        d, _ = cKDTree(part).query(points, distance_upper_bound=cover_dist, workers=1)
+        cover += np.isfinite(d)
+    offset = np.where(cnt > 0, s1 / np.maximum(cnt, 1), 0.0)
+    var = np.where(cnt > 1, s2 / np.maximum(cnt, 1) - offset * offset, 0.0).clip(min=0.0)
+    allp = np.concatenate(pooled)
+    floor = max(1.4826 * float(np.median(np.abs(allp - np.median(allp)))), floor_min)
+    spread = np.sqrt(var + floor * floor)
+    return offset, spread, cover / max(1, len(registered))

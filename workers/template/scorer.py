@@ -1,0 +1,222 @@
+"""``template``: compare each part with its golden part (registration + tolerance-normalized deviation).
+
+Enrollment (:func:`workers.template.reference.build_reference`): the good parts are registered
+to one another and fused into a reference surface (points + normals); a tolerance map keeps, per
+reference point, the mean and spread of the good parts' signed deviation and how many of them
+cover it.
+
+Scoring a part:
+
+1. Registration onto the reference (``workers.components.registration.Registrar``): PCA-frame
+   hypotheses (any rotation) and the identity (fixtured camera views), batched coarse ICP, then
+   point-to-plane ICP. Its fitness, RMSE and the estimated pose go into the result
+   (:class:`TemplateScoreResult`). Fitness under ``min_fitness`` means the part could not be
+   registered: the object score becomes :data:`FAILED_SCORE` and ``registration_failed`` is set,
+   with a reason; the daemon should give such a part ``review`` (never ``pass``).
+2. Deviation per point: ``max(|signed − offset|, distance − voxel_size) / spread`` at its nearest
+   reference point: the signed point-to-plane distance normalized by the tolerance map, or, for a
+   point off the reference (extra material, a bent end beyond the reference's edge), its
+   Euclidean distance less one voxel of sampling slack.
+3. Missing material: a reference point that good parts cover (``visibility >= min_visibility``)
+   but that has no part point within ``missing_dist`` is missing; its gap (distance to the part,
+   less ``missing_dist``, over its spread) is given to the ``rim_k`` part points nearest it (the
+   rim of a hole, which is what a point cloud's ground truth can mark).
+4. Deviations are averaged over ``smoothing_k`` spatial neighbours (missing-material scores are
+   not: a hole's rim is thin); the object score is the mean of the highest ``top_fraction`` of
+   the point scores (at least ``top_min`` points).
+
+Everything is vectorized numpy over points (scipy KD-trees); no training beyond the fusion.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from workers.components.knn import smooth_over_neighbours
+from workers.components.registration import Registrar, Registration, rotation_angle_deg
+from workers.preprocess import PreparedCloud
+from workers.scorer import Scorer, ScoreResult, register
+from workers.template.reference import Reference, build_reference, signed_deviation, tolerance_map
+
+FAILED_SCORE = 1.0e6
+"""Object score of a part that could not be registered: above any threshold, so never a pass."""
+MIN_POINTS = 10
+
+
+@dataclass
+class TemplateScoreResult(ScoreResult):
+    """A :class:`ScoreResult` plus what registration found (for the verdict header)."""
+
+    registration_fitness: float = 0.0
+    registration_rmse: float = 0.0
+    pose: list[list[float]] = field(default_factory=list)
+    """4×4 rigid transform taking the part onto the reference, row-major."""
+    rotation_deg: float = 0.0
+    registration_failed: bool = False
+    review_reason: str | None = None
+
+    def verdict_fields(self) -> dict[str, Any]:
+        """What the verdict header should carry (JSON-ready). ``registration_failed`` means: ``review``."""
+        return {
+            "registration_fitness": round(self.registration_fitness, 4),
+            "registration_rmse": round(self.registration_rmse, 4),
+            "registration_pose": self.pose,
+            "registration_rotation_deg": round(self.rotation_deg, 2),
+            "registration_failed": self.registration_failed,
+            "review_reason": self.review_reason,
+        }
+
+
+@register
+class TemplateScorer(Scorer):
+    """Golden-part comparison with a tolerance map. See the module docstring."""
+
+    name = "template"
+    version = "1.0.0"
+
+    def __init__(
+        self,
+        voxel_size: float = 1.0,
+        coarse_dist_factor: float = 5.0,
+        fine_dist_factor: float = 2.0,
+        min_fitness: float = 0.6,
+        missing_dist_factor: float = 2.0,
+        min_visibility: float = 0.75,
+        smoothing_k: int = 8,
+        rim_k: int = 8,
+        top_fraction: float = 0.005,
+        top_min: int = 5,
+        fusion_rounds: int = 2,
+        seed: int = 0,
+    ) -> None:
+        if voxel_size <= 0 or coarse_dist_factor <= 0 or fine_dist_factor <= 0 or missing_dist_factor <= 0:
+            raise ValueError("voxel_size and the distance factors must be positive")
+        if not 0.0 <= min_fitness <= 1.0 or not 0.0 <= min_visibility <= 1.0 or not 0.0 < top_fraction <= 1.0:
+            raise ValueError("min_fitness and min_visibility must be in [0, 1], top_fraction in (0, 1]")
+        self.voxel_size = float(voxel_size)
+        self.coarse_dist_factor = float(coarse_dist_factor)
+        self.fine_dist_factor = float(fine_dist_factor)
+        self.min_fitness = float(min_fitness)
+        self.missing_dist_factor = float(missing_dist_factor)
+        self.min_visibility = float(min_visibility)
+        self.smoothing_k = int(smoothing_k)
+        self.rim_k = int(rim_k)
+        self.top_fraction = float(top_fraction)
+        self.top_min = int(top_min)
+        self.fusion_rounds = int(fusion_rounds)
+        self.seed = int(seed)
+        self.reference: Reference | None = None
+        self._registrar: Registrar | None = None
+        self._tree: cKDTree | None = None
+        self.fit_fitness: list[float] = []
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, Any]:
+        keys = ("voxel_size", "coarse_dist_factor", "fine_dist_factor", "min_fitness", "missing_dist_factor",
+                "min_visibility", "smoothing_k", "rim_k", "top_fraction", "top_min", "fusion_rounds", "seed")
+        return {k: getattr(self, k) for k in keys}
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        if self.reference is None:
+            raise RuntimeError("template is not fitted: nothing to save")
+        return self.reference.arrays()
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> TemplateScorer:
+        scorer = cls(**params)
+        scorer._set_reference(Reference.from_arrays(tensors))
+        return scorer
+
+    def _registrar_kw(self) -> dict[str, Any]:
+        return {"coarse_dist": self.coarse_dist_factor * self.voxel_size,
+                "fine_dist": self.fine_dist_factor * self.voxel_size, "seed": self.seed}
+
+    def _set_reference(self, ref: Reference) -> None:
+        self.reference = ref
+        self._registrar = Registrar(ref.points, ref.normals, **self._registrar_kw())
+        self._tree = self._registrar.tree
+
+    @property
+    def fitted(self) -> bool:
+        return self.reference is not None
+
+    # -- fit / score ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _points(cloud: PreparedCloud) -> np.ndarray:
+        pts = np.asarray(cloud.points, dtype=np.float64)
+        if pts.ndim != 2 or pts.shape[1] != 3 or len(pts) < MIN_POINTS or not np.isfinite(pts).all():
+            raise ValueError(f"template needs a finite M×3 cloud of at least {MIN_POINTS} points, "
+                             f"got shape {pts.shape}")
+        return pts
+
+    def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
+        if len(clouds) == 0:
+            raise ValueError("template needs at least one good training cloud")
+        parts = [self._points(c) for c in clouds]
+        points, normals, registered, fitness = build_reference(parts, self.voxel_size, self._registrar_kw(),
+                                                               self.fusion_rounds)
+        offset, spread, vis = tolerance_map(registered, points, normals,
+                                            self.missing_dist_factor * self.voxel_size, 0.02 * self.voxel_size)
+        self.fit_fitness = fitness
+        self._set_reference(Reference(points, normals, offset, spread, vis))
+
+    def register_part(self, cloud: PreparedCloud) -> Registration:
+        """The registration of ``cloud`` onto the reference (pose, fitness, RMSE)."""
+        if self._registrar is None:
+            raise RuntimeError("template is not fitted: call fit() or load an artifact first")
+        return self._registrar.register(self._points(cloud))
+
+    def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
+        if self.reference is None or self._tree is None or self._registrar is None:
+            raise RuntimeError("template is not fitted: call fit() or load an artifact first")
+        ref = self.reference
+        pts = self._points(cloud)
+        t0 = time.perf_counter()
+        reg = self._registrar.register(pts)
+        moved = pts @ reg.transform[:3, :3].T + reg.transform[:3, 3]
+        t1 = time.perf_counter()
+        signed, dist, j = signed_deviation(moved, ref.points, ref.normals, self._tree)
+        dev = np.maximum(np.abs(signed - ref.offset[j]), dist - self.voxel_size) / ref.spread[j]
+        t2 = time.perf_counter()
+        missing_dist = self.missing_dist_factor * self.voxel_size
+        seen = ref.visibility >= self.min_visibility
+        part_tree = cKDTree(moved)
+        gap, _ = part_tree.query(ref.points[seen], workers=1)
+        miss = gap > missing_dist
+        missing = np.zeros(len(moved))
+        if miss.any():
+            gap_score = (gap[miss] - missing_dist) / ref.spread[seen][miss]
+            _, rim = part_tree.query(ref.points[seen][miss], k=min(self.rim_k, len(moved)), workers=1)
+            rim = rim.reshape(len(gap_score), -1)
+            np.maximum.at(missing, rim.ravel(), np.repeat(gap_score, rim.shape[1]))
+        t3 = time.perf_counter()
+        smoothed = smooth_over_neighbours(moved, dev, self.smoothing_k, part_tree)
+        scores = np.maximum(smoothed, missing).astype(np.float32)
+        k = min(len(scores), max(self.top_min, int(round(self.top_fraction * len(scores)))))
+        object_score = float(np.partition(scores, len(scores) - k)[-k:].mean())
+        failed = reg.fitness < self.min_fitness
+        reason = None
+        if failed:
+            reason = (f"registration failed: fitness {reg.fitness:.3f} < {self.min_fitness:.3f} "
+                      f"(rmse {reg.rmse:.3f})")
+            object_score = FAILED_SCORE
+        t4 = time.perf_counter()
+        return TemplateScoreResult(
+            object_score=object_score,
+            point_scores=scores,
+            timings={"registration": t1 - t0, "deviation": t2 - t1, "missing": t3 - t2, "smooth": t4 - t3},
+            registration_fitness=reg.fitness,
+            registration_rmse=reg.rmse,
+            pose=reg.transform.tolist(),
+            rotation_deg=rotation_angle_deg(reg.transform),
+            registration_failed=failed,
+            review_reason=reason,
+        )
