@@ -49,9 +49,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensor_watch(args: argparse.Namespace) -> int:
+    """``inspectd sensor watch DIR``: the hot-folder adapter, until SIGTERM / SIGINT."""
+    from sensors.watch import HotFolder
+
+    folder = HotFolder(args.path, args.product, args.endpoint, settle_s=args.settle, sensor_id=args.sensor_id)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"inspectd sensor watch: watching {folder.folder}", flush=True)
+    counts = folder.run(stop)
+    print(json.dumps({"sensor": args.sensor_id, **counts}), flush=True)
+    return 0
+
+
 def cmd_sensor(args: argparse.Namespace) -> int:
     from sensors.publisher import stream
 
+    if args.source == "watch":
+        return cmd_sensor_watch(args)
     if args.source == "sim":
         from sensors.simulated import simulated_parts
 
@@ -168,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--layout", default="folder", choices=["folder", "mvtec3d", "real3d", "anomaly-shapenet"])
     rep.add_argument("--product", help="product name (folder replay; dataset layouts use the class names)")
     rep.add_argument("--split", default="test")
+    wat = ssub.add_parser("watch", help="hot folder: send each complete PCD / PLY / XYZ-TIFF file written there")
+    wat.add_argument("path")
+    wat.add_argument("--product", required=True)
+    wat.add_argument("--settle", type=float, default=1.0,
+                     help="seconds a file's size must stay unchanged before it is taken (renamed files: at once)")
+    wat.add_argument("--endpoint", default=DEFAULT_INGEST)
+    wat.add_argument("--sensor-id", default="watch-0")
     for q in (sim, rep):
         q.add_argument("--endpoint", default=DEFAULT_INGEST)
         q.add_argument("--rate", type=float, default=0.0, help="frames per second (0: as fast as the daemon accepts)")
