@@ -8,7 +8,7 @@ complete: it was renamed into the folder (a moved event; writers that write ``x.
 Each taken file is read with ``sensors.pointfiles.read_scan`` and pushed to the daemon through
 ``sensors.publisher.FramePusher`` (``part_id`` = file stem). Then it moves to ``done/``; a file
 that cannot be read moves to ``failed/`` with a ``<name>.reason.txt`` beside it and is never sent:
-the adapter answers it itself (see docs/mes-integration.md, "Hot folder").
+the adapter answers it itself (docs/hot-folder.md says why).
 
 The journal ``.inspectd-watch.jsonl`` in the folder makes this restart-safe. Before a frame is
 sent the adapter appends ``taken`` with the frame's sequence number (fsync), after the send
