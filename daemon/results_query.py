@@ -156,17 +156,40 @@ def map_files(map_path: str | None) -> list[Path]:
     return [f for f in (p.with_suffix(s) for s in MAP_SUFFIXES) if f.is_file()]
 
 
+def _oldest_first(conn: sqlite3.Connection, before: float | None, batch: int) -> Iterator[list[tuple]]:
+    """``(id, decided_at, map_path)`` rows, oldest first, ``batch`` at a time. Oldest = lowest id:
+    the daemon inserts verdicts in the order it decides them. Keyset pages on the primary key:
+    memory stays bounded, and deleting a page already read does not disturb the next one."""
+    last = -1
+    while True:
+        sql = "SELECT id, decided_at, map_path FROM verdicts WHERE id > ?"
+        args: list[Any] = [last]
+        if before is not None:
+            sql += " AND decided_at < ?"
+            args.append(before)
+        page = conn.execute(sql + " ORDER BY id LIMIT ?", [*args, batch]).fetchall()
+        if not page:
+            return
+        yield page
+        last = page[-1][0]
+
+
+def _used_bytes(conn: sqlite3.Connection) -> int:
+    """Bytes of the database's pages in use (the file minus its free pages, WAL included)."""
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return int(pages * conn.execute("PRAGMA page_size").fetchone()[0])
+
+
 def prune(
     log: str | Path, older_than_s: float | None = None, max_bytes: int | None = None,
     dry_run: bool = False, now: float | None = None, batch: int = 500,
 ) -> dict[str, Any]:
-    """Delete rows decided more than ``older_than_s`` ago, then the oldest rows until the log file
-    plus the map files of the remaining rows fit in ``max_bytes``; delete the map files of every
-    deleted row. Rows are deleted oldest first, in batches (each its own short transaction, so the
-    running daemon's writes wait at most one batch). Returns what it removed (or would, ``dry_run``).
-
-    Byte accounting: the maps' sizes on disk plus the database's pages in use (SQLite reuses the
-    pages of deleted rows; ``VACUUM`` would shrink the file, which ``vacuum`` in the CLI runs)."""
+    """Delete rows decided more than ``older_than_s`` ago, then the oldest rows until the log's
+    pages in use plus the map files of the remaining rows fit in ``max_bytes``; delete the map
+    files of every deleted row. Rows go oldest first, in batches, each its own short transaction
+    (the running daemon's writes wait at most one batch). Returns what it removed (or would,
+    with ``dry_run``). A deleted row is counted as the log's average row size, so the database
+    part of the budget is an estimate; SQLite reuses freed pages (``vacuum`` shrinks the file)."""
     if older_than_s is None and max_bytes is None:
         raise ValueError("give --older-than and/or --max-bytes")
     p = Path(log)
@@ -174,44 +197,52 @@ def prune(
         raise FileNotFoundError(f"no result log at {p}")
     now = time.time() if now is None else now
     conn = sqlite3.connect(str(p), timeout=30, isolation_level=None)
-    try:
-        page = conn.execute("PRAGMA page_size").fetchone()[0]
-        rows = conn.execute("SELECT id, decided_at, map_path FROM verdicts ORDER BY decided_at, id").fetchall()
-        n_rows = len(rows)
-        db_used = (conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]) * page
-        row_bytes = db_used / n_rows if n_rows else 0.0
-        sizes = [sum(f.stat().st_size for f in map_files(m)) for _, _, m in rows]
-        cut = 0
-        if older_than_s is not None:
-            limit = now - older_than_s
-            while cut < n_rows and rows[cut][1] < limit:
-                cut += 1
-        if max_bytes is not None:
-            total = db_used + sum(sizes)
-            total -= sum(sizes[:cut]) + row_bytes * cut
-            while cut < n_rows and total > max_bytes:
-                total -= sizes[cut] + row_bytes
-                cut += 1
-        doomed = rows[:cut]
-        report = {
-            "rows_deleted": len(doomed),
-            "maps_deleted": sum(len(map_files(m)) for _, _, m in doomed),
-            "map_bytes_freed": int(sum(sizes[:cut])),
-            "rows_left": n_rows - len(doomed),
-            "oldest_left": iso(rows[cut][1]) if cut < n_rows else None,
-            "dry_run": dry_run,
-        }
-        if dry_run:
-            return report
-        for i in range(0, len(doomed), batch):
-            chunk = doomed[i : i + batch]
+    report = {"rows_deleted": 0, "maps_deleted": 0, "map_bytes_freed": 0}
+
+    def drop(rows: list[tuple]) -> int:
+        """Delete ``rows`` and then their maps (a crash leaves an orphan map, never a row without
+        its map); returns the map bytes freed."""
+        files = [f for _, _, m in rows for f in map_files(m)]
+        freed = sum(f.stat().st_size for f in files)
+        report["rows_deleted"] += len(rows)
+        report["maps_deleted"] += len(files)
+        report["map_bytes_freed"] += freed
+        if not dry_run:
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany("DELETE FROM verdicts WHERE id = ?", [(r[0],) for r in chunk])
+            conn.executemany("DELETE FROM verdicts WHERE id = ?", [(r[0],) for r in rows])
             conn.execute("COMMIT")
-            for _, _, m in chunk:  # after the commit: a crash leaves orphan maps, never rows without maps
-                for f in map_files(m):
-                    f.unlink(missing_ok=True)
-        return report
+            for f in files:
+                f.unlink(missing_ok=True)
+        return freed
+
+    try:
+        n_rows = conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
+        row_bytes = _used_bytes(conn) / n_rows if n_rows else 0.0
+        total = _used_bytes(conn) + sum(
+            f.stat().st_size for (m,) in conn.execute("SELECT map_path FROM verdicts WHERE map_path IS NOT NULL")
+            for f in map_files(m)
+        )
+        oldest_left = None
+        if older_than_s is not None:
+            for page in _oldest_first(conn, now - older_than_s, batch):
+                total -= drop(page) + row_bytes * len(page)
+        if max_bytes is not None:
+            for page in _oldest_first(conn, None, batch):
+                if dry_run:  # rows an age prune would have deleted are still there: skip them
+                    page = [r for r in page if older_than_s is None or r[1] >= now - older_than_s]
+                doomed = []
+                for row in page:
+                    if total <= max_bytes:
+                        break
+                    doomed.append(row)
+                    total -= sum(f.stat().st_size for f in map_files(row[2])) + row_bytes
+                if doomed:
+                    drop(doomed)
+                if total <= max_bytes:
+                    break
+        if not dry_run:
+            oldest_left = iso(conn.execute("SELECT MIN(decided_at) FROM verdicts").fetchone()[0])
+        return {**report, "rows_left": n_rows - report["rows_deleted"], "oldest_left": oldest_left, "dry_run": dry_run}
     finally:
         conn.close()
 

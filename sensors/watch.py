@@ -78,9 +78,13 @@ class _Events(FileSystemEventHandler):
 
 
 class Journal:
-    """Append-only JSON lines, one record per state change, fsynced; compacted when opened."""
+    """Append-only JSON lines, one record per state change, fsynced; compacted when opened and
+    every ``COMPACT_EVERY`` records, so its size follows the files in the folder, not the history."""
+
+    COMPACT_EVERY = 2000
 
     def __init__(self, folder: Path) -> None:
+        self.folder = folder
         self.path = folder / JOURNAL
         self.entries: dict[str, dict[str, Any]] = {}
         self.last_seq = -1
@@ -93,11 +97,10 @@ class Journal:
                 self.last_seq = max(self.last_seq, int(rec.get("seq", -1)))
                 if "name" in rec:
                     self.entries[rec["name"]] = rec
-        self._compact(folder)
-        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held open for the adapter's life)
+        self._compact()
 
-    def _compact(self, folder: Path) -> None:
-        keep = {n: r for n, r in self.entries.items() if (folder / n).exists()}
+    def _compact(self) -> None:
+        keep = {n: r for n, r in self.entries.items() if (self.folder / n).exists()}
         tmp = self.path.with_suffix(".compact")
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(json.dumps({"seq": self.last_seq}) + "\n")
@@ -106,7 +109,14 @@ class Journal:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        dir_fd = os.open(self.folder, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
         self.entries = keep
+        self._appended = 0
+        self._fh = open(self.path, "a", encoding="utf-8")  # held open until the next compaction or close
 
     def record(self, name: str, state: str, **fields: Any) -> dict[str, Any]:
         rec = {"name": name, "state": state, "t": time.time(), **fields}
@@ -116,6 +126,10 @@ class Journal:
         self.entries[name] = rec
         if "seq" in rec:
             self.last_seq = max(self.last_seq, int(rec["seq"]))
+        self._appended += 1
+        if self._appended >= self.COMPACT_EVERY:
+            self._fh.close()
+            self._compact()
         return rec
 
     def forget(self, name: str) -> None:

@@ -18,7 +18,7 @@ import zmq
 from daemon.process import free_port
 from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.simulated import simulated_parts
-from sensors.watch import JOURNAL, HotFolder
+from sensors.watch import JOURNAL, HotFolder, Journal
 from sensors.wire import decode_frame
 
 from conftest import PRODUCT, RunningDaemon, receive_verdicts
@@ -131,6 +131,20 @@ def test_journal_prevents_resend_and_continues_seq(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "done").iterdir()) == ["a.pcd", "b.pcd"]
     lines = [json.loads(x) for x in (tmp_path / JOURNAL).read_text().splitlines()]
     assert max(r.get("seq", -1) for r in lines) == 1
+
+
+def test_journal_stays_small_and_keeps_the_last_seq(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Journal, "COMPACT_EVERY", 4)
+    (tmp_path / "here.pcd").write_bytes(b"x")
+    j = Journal(tmp_path)
+    j.record("here.pcd", "taken", seq=0, size=1, mtime_ns=1)
+    for i in range(1, 11):  # files that have left the folder
+        j.record(f"gone-{i}.pcd", "sent", seq=i)
+    j.close()
+    assert len((tmp_path / JOURNAL).read_text().splitlines()) <= 6
+    j = Journal(tmp_path)
+    assert j.last_seq == 10 and set(j.entries) == {"here.pcd"} and j.entries["here.pcd"]["state"] == "taken"
+    j.close()
 
 
 def start_watcher(folder: Path, daemon: RunningDaemon) -> subprocess.Popen:
