@@ -188,8 +188,8 @@ def prune(
     pages in use plus the map files of the remaining rows fit in ``max_bytes``; delete the map
     files of every deleted row. Rows go oldest first, in batches, each its own short transaction
     (the running daemon's writes wait at most one batch). Returns what it removed (or would,
-    with ``dry_run``). A deleted row is counted as the log's average row size, so the database
-    part of the budget is an estimate; SQLite reuses freed pages (``vacuum`` shrinks the file)."""
+    with ``dry_run``). The database part is measured after each batch (pages in use; SQLite reuses
+    freed pages, ``vacuum`` shrinks the file); a dry run estimates it at the average row size."""
     if older_than_s is None and max_bytes is None:
         raise ValueError("give --older-than and/or --max-bytes")
     p = Path(log)
@@ -217,29 +217,41 @@ def prune(
 
     try:
         n_rows = conn.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0]
-        row_bytes = _used_bytes(conn) / n_rows if n_rows else 0.0
-        total = _used_bytes(conn) + sum(
+        db = float(_used_bytes(conn))
+        row_bytes = db / n_rows if n_rows else 0.0
+        maps_total = sum(
             f.stat().st_size for (m,) in conn.execute("SELECT map_path FROM verdicts WHERE map_path IS NOT NULL")
             for f in map_files(m)
         )
         oldest_left = None
-        if older_than_s is not None:
-            for page in _oldest_first(conn, now - older_than_s, batch):
-                total -= drop(page) + row_bytes * len(page)
+        cutoff = now - older_than_s if older_than_s is not None else None
+        if cutoff is not None:
+            for page in _oldest_first(conn, cutoff, batch):
+                maps_total -= drop(page)
+                db -= row_bytes * len(page)
         if max_bytes is not None:
-            for page in _oldest_first(conn, None, batch):
-                if dry_run:  # rows an age prune would have deleted are still there: skip them
-                    page = [r for r in page if older_than_s is None or r[1] >= now - older_than_s]
+            if not dry_run:
+                db = _used_bytes(conn)
+            last = -1
+            while maps_total + db > max_bytes:
+                page = conn.execute("SELECT id, decided_at, map_path FROM verdicts WHERE id > ? ORDER BY id LIMIT ?",
+                                    (last, batch)).fetchall()
+                if not page:
+                    break
                 doomed = []
                 for row in page:
-                    if total <= max_bytes:
+                    if maps_total + db <= max_bytes:
                         break
+                    last = row[0]
+                    if dry_run and cutoff is not None and row[1] < cutoff:
+                        continue  # counted by the age pass already
                     doomed.append(row)
-                    total -= sum(f.stat().st_size for f in map_files(row[2])) + row_bytes
+                    maps_total -= sum(f.stat().st_size for f in map_files(row[2]))
+                    db -= row_bytes
                 if doomed:
                     drop(doomed)
-                if total <= max_bytes:
-                    break
+                if not dry_run:
+                    db = _used_bytes(conn)  # measured: the pages SQLite actually freed
         if not dry_run:
             oldest_left = iso(conn.execute("SELECT MIN(decided_at) FROM verdicts").fetchone()[0])
         return {**report, "rows_left": n_rows - report["rows_deleted"], "oldest_left": oldest_left, "dry_run": dry_run}
