@@ -106,8 +106,7 @@ def messages() -> list[tuple[str, object]]:
         sensor = "line-2" if product == "gear" else "line-1"
         out.append(("frame", replace(f, meta=replace(f.meta, product=product, part_id=f"{product}-{i:03d}", seq=i,
                                                       sensor_id=sensor))))
-        if i % 2 == 0:
-            out.append(("bad", BAD_MESSAGES["header_not_json"]()))
+        out.append(("bad", BAD_MESSAGES["header_not_json"]()))  # enough of one reason for InspectdFramesRefused
     out += [("bad", make(f"bad-{reason}")) for reason, make in BAD_MESSAGES.items()]
     return out
 
