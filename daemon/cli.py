@@ -69,9 +69,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensor_watch(args: argparse.Namespace) -> int:
+    """``inspectd sensor watch DIR``: the hot-folder adapter, until SIGTERM / SIGINT."""
+    from sensors.watch import HotFolder
+
+    folder = HotFolder(args.path, args.product, args.endpoint, settle_s=args.settle, sensor_id=args.sensor_id,
+                       verdicts=args.verdicts, keys=_client_keys(args.config))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"inspectd sensor watch: watching {folder.folder}", flush=True)
+    counts = folder.run(stop)
+    print(json.dumps({"sensor": args.sensor_id, **counts}), flush=True)
+    return 0
+
+
 def cmd_sensor(args: argparse.Namespace) -> int:
     from sensors.publisher import stream, stream_acked
 
+    if args.source == "watch":
+        return cmd_sensor_watch(args)
     if args.source == "sim":
         from sensors.simulated import simulated_parts
 
@@ -256,6 +273,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     scorer=args.scorer)
 
 
+def cmd_results(args: argparse.Namespace) -> int:
+    """``inspectd results``: export verdicts from the result log; ``results prune``: retention."""
+    from daemon import results_query as rq
+
+    if not args.log:
+        raise ValueError("give --log PATH (the daemon's storage.results)")
+    if args.action == "prune":
+        report = rq.prune(
+            args.log,
+            older_than_s=rq.parse_duration(args.older_than) if args.older_than else None,
+            max_bytes=rq.parse_size(args.max_bytes) if args.max_bytes else None,
+            dry_run=args.dry_run,
+        )
+        if args.vacuum and not args.dry_run:
+            report["file_bytes_freed"] = rq.vacuum(args.log)
+        print(json.dumps(report), flush=True)
+        return 0
+    filters = rq.Filters(
+        since=rq.parse_time(args.since) if args.since else None,
+        until=rq.parse_time(args.until) if args.until else None,
+        product=args.product, verdict=args.verdict, part_id=args.part_id, limit=args.limit,
+    )
+    rq.export(rq.query(args.log, filters), args.format)
+    return 0
+
+
+def add_results_command(sub: argparse._SubParsersAction) -> None:
+    """``inspectd results [--filters] [--format]`` and ``inspectd results prune``."""
+    r = sub.add_parser("results", help="export verdicts from the result log (CSV / JSON lines); 'prune' for retention")
+    r.add_argument("--log", help="the result log (the daemon's storage.results); opened read-only")
+    r.add_argument("--since", help="from this time: ISO 8601 (UTC unless an offset is given), Unix seconds, or 2h (ago)")
+    r.add_argument("--until", help="before this time (same forms as --since)")
+    r.add_argument("--product")
+    r.add_argument("--verdict", choices=["pass", "review", "fail", "error"])
+    r.add_argument("--part-id")
+    r.add_argument("--format", default="csv", choices=["csv", "jsonl"])
+    r.add_argument("--limit", type=int)
+    r.set_defaults(func=cmd_results, action=None)
+    rsub = r.add_subparsers(dest="action")
+    pr = rsub.add_parser("prune", help="delete old rows and their anomaly maps by age and/or total size")
+    pr.add_argument("--log", default=argparse.SUPPRESS, help="the result log (the daemon's storage.results)")
+    pr.add_argument("--older-than", help="delete verdicts decided longer ago than this, e.g. 30d, 12h")
+    pr.add_argument("--max-bytes", help="then delete the oldest until log + maps fit, e.g. 20G, 500M")
+    pr.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    pr.add_argument("--vacuum", action="store_true", help="afterwards rewrite the log file to its used size")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspectd", description="3D inspection daemon: pass / fail / review with anomaly maps.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -280,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--units", choices=list(UNITS_MM),
                      help="units of the stored coordinates (default: mm for a folder, the dataset's for a layout: "
                      "m for mvtec3d, mm for real3d / anomaly-shapenet)")
+    wat = ssub.add_parser("watch", help="hot folder: send each complete PCD / PLY / XYZ-TIFF file written there")
+    wat.add_argument("path")
+    wat.add_argument("--product", required=True)
+    wat.add_argument("--settle", type=float, default=1.0,
+                     help="seconds a file's size must stay unchanged before it is taken (renamed files: at once)")
+    wat.add_argument("--endpoint", default=DEFAULT_INGEST)
+    wat.add_argument("--sensor-id", default="watch-0")
+    wat.add_argument("--config", help="take the CURVE keys from this config's security section")
+    wat.add_argument("--verdicts", metavar="ENDPOINT",
+                     help="the daemon's verdict endpoint: speak protocol 2 (acknowledged, resent after a restart)")
     for q in (sim, rep):
         q.add_argument("--endpoint", default=DEFAULT_INGEST)
         q.add_argument("--config", help="take the CURVE keys from this config's security section")
@@ -357,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
     d.set_defaults(func=cmd_demo)
+
+    add_results_command(sub)
 
     from daemon import bench, eval_cli, train
 
