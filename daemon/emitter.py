@@ -83,7 +83,7 @@ class Emitter:
             self._publish(header, amap, timings)
         except Exception as e:  # e.g. a header that cannot be encoded: publish its identity only
             log.exception("failed to publish verdict for %s", header.get("part_id"))
-            self.pub.send_multipart(encode_verdict(self._fallback(header, "internal_error", repr(e)), None))
+            self._publish(self._fallback(header, "internal_error", repr(e)), None, {})
         self.answered += 1
         if self.delivery is None:
             return
@@ -163,14 +163,15 @@ class Emitter:
         return header, amap
 
     def _publish(self, header: dict[str, Any], amap: np.ndarray | None, timings: dict[str, float]) -> None:
-        """Send the verdict (its map only with ``publish.maps: inline``) and count it."""
-        t0 = time.monotonic()
-        inline = amap if self.cfg.publish.maps == "inline" else None
-        self.pub.send_multipart(encode_verdict(header, inline), copy=False)
-        timings["publish"] = time.monotonic() - t0
+        """Count the verdict, then send it (its map only with ``publish.maps: inline``): a
+        subscriber that has the verdict finds it counted in /metrics."""
+        message = encode_verdict(header, amap if self.cfg.publish.maps == "inline" else None)
         product = self.metrics.product_label(header.get("product"))
         self.metrics.verdicts.labels(product=product, verdict=header["verdict"]).inc()
         start = header.get("capture_time", header.get("received_at"))
         if isinstance(start, (int, float)):
             self.metrics.latency.labels(product=product).observe(max(0.0, time.time() - start))
+        t0 = time.monotonic()
+        self.pub.send_multipart(message, copy=False)
+        timings["publish"] = time.monotonic() - t0
         self.metrics.observe_stages(timings)
