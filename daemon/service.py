@@ -578,6 +578,9 @@ class InspectionService:
         verdict = decide(score, t) if t is not None else "review"
         if outcome["zero_shot"] and not self.cold_start_decides(m.product):
             verdict = "review"  # the cold-start model is not trusted to pass or fail parts
+        fields = outcome.get("verdict_fields") or {}
+        if fields.get("registration_failed"):
+            verdict = "review"  # the part could not be aligned to its reference: a person decides
         norm = outcome.get("normalization")
         if outcome["zero_shot"]:
             self._hold(job.frame)
@@ -600,6 +603,7 @@ class InspectionService:
             "zero_shot": outcome["zero_shot"],
             "worker_pid": outcome["worker_pid"],
             "attempts": job.attempts,
+            **fields,
         }
         amap = np.asarray(outcome["anomaly_map"], dtype=np.float32)
         self.out.put((header, amap, job.frame, timings, job.received_mono), SCORED)

@@ -124,6 +124,7 @@ class ScoringWorker:
             "normalization": (model.calibration or {}).get("normalization"),
             "zero_shot": zero_shot,
             "n_scored_points": result.n_scored_points,
+            "verdict_fields": result.verdict_fields,
             "worker_pid": self.pid,
             "started_at": started,
         }

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,9 @@ class FrameScore:
     anomaly_map: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
     n_scored_points: int = 0
+    verdict_fields: dict[str, Any] = field(default_factory=dict)
+    """What the scorer adds to the verdict header (e.g. the template's registration fitness and
+    pose, and ``registration_failed``, which the daemon turns into ``review``)."""
 
 
 def map_back(cloud: PreparedCloud, point_scores: np.ndarray, frame: Frame, dense: bool = False) -> np.ndarray:
@@ -101,4 +105,5 @@ def score_frame(
     amap = map_back(cloud, result.point_scores, frame, dense)
     t3 = time.perf_counter()
     timings = {"preprocess": t1 - t0, "score": t2 - t1, "map_back": t3 - t2, **result.timings}
-    return FrameScore(float(result.object_score), amap, timings, len(cloud.points))
+    fields = result.verdict_fields() if hasattr(result, "verdict_fields") else {}
+    return FrameScore(float(result.object_score), amap, timings, len(cloud.points), fields)
