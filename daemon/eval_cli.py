@@ -141,7 +141,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--dataset", required=True, help="dataset root (the folder holding the class folders)")
     e.add_argument("--layout", required=True, choices=LAYOUTS)
-    e.add_argument("--scorer", default="patchcore-fpfh")
+    e.add_argument("--scorer", default="fused")
     e.add_argument("--classes", nargs="+", help="classes to evaluate (default: all); space- or comma-separated")
     e.add_argument("--zero-shot", action="store_true",
                    help="fit on the train splits of all OTHER classes only (3DzAL protocol)")
