@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,12 +21,34 @@ from sensors.frame import UNITS_MM
 DEFAULT_INGEST = "tcp://127.0.0.1:5555"
 
 
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line (journald, Loki, any log shipper): time, level, logger, message,
+    and the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "pid": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(verbose: bool, log_format: str = "text") -> None:
+    """Log to stderr, as text or as JSON lines (``--log-format json``, or ``INSPECTD_LOG_FORMAT=json``)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        formatter: logging.Formatter = JsonLogFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -323,6 +347,8 @@ def add_results_command(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspectd", description="3D inspection daemon: pass / fail / review with anomaly maps.")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("INSPECTD_LOG_FORMAT", "text"),
+                   help="stderr log lines as text or as JSON objects (journald, Loki); env INSPECTD_LOG_FORMAT")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run the daemon")
@@ -444,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as e:
