@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +67,11 @@ def enroll(
     pretrained weights are missing refuses to fit from random weights unless ``allow_random_init``."""
     if holdout:
         check_part_count(len(holdout), target_frr)  # refuse before the fit, not after
+    scorer_type = scorer_class(scorer_name)
+    preprocess = replace(preprocess, **scorer_type.preprocess_overrides)
     clouds = [prepare(f, preprocess) for f in tqdm(frames, desc=f"prepare {product}", disable=not progress)]
     params = {"voxel_size": preprocess.voxel_size, **(scorer_params or {})}
-    scorer = scorer_class(scorer_name)(**params)
+    scorer = scorer_type(**params)
     if allow_random_init:
         scorer.allow_random_init = True
     scorer.fit(clouds, progress=progress)

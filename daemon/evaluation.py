@@ -54,7 +54,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,7 +224,7 @@ def evaluate(
     cls_type = scorer_class(scorer_name)
     params = dict(scorer_params or {})
     params.pop("voxel_size", None)
-    pp = preprocess_params(layout, voxel_size)
+    pp = replace(preprocess_params(layout, voxel_size), **cls_type.preprocess_overrides)
     organized = layout == "mvtec3d"
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = load_average()

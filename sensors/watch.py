@@ -283,7 +283,7 @@ class HotFolder:
             points, rgb = read_scan(path)
             seq = int(rec["seq"]) if same and rec["state"] == "taken" else self.journal.last_seq + 1
             meta = FrameMeta(sensor_id=self.sensor_id, product=self.product, part_id=path.stem, seq=seq,
-                             capture_time=st.st_mtime)
+                             capture_time=time.time())  # taken now: a file left while the adapter was down is not "old"
             frame = Frame(points=points, meta=meta, rgb=rgb)
         except Exception as exc:  # any reader error: the file is refused, the adapter goes on
             self._fail(name, f"{type(exc).__name__}: {exc}")

@@ -61,6 +61,14 @@ ALERTS_MAY_BE_EMPTY = {
         "histogram_quantile(0.99, sum by (job, instance, product, le) (rate(inspectd_latency_seconds_bucket[5m])))",
         "p99 above the 2 s placeholder budget depends on this machine's load; the latency itself must be there",
     ),
+    "InspectdDiskSpaceLow": (
+        "inspectd_storage_free_bytes / inspectd_storage_size_bytes",
+        "this machine's disk is not 90 % full (tests/test_hostile_input.py fills a disk with /dev/full instead)",
+    ),
+    "InspectdResultLogFailing": (
+        "inspectd_log_failures_total",
+        "the log commits here; tests/test_hostile_input.py makes a commit fail and checks the counter",
+    ),
 }
 """Alert → (probe that must return data, why the alert's own condition may not hold in this test).
 InspectdDown is checked after the daemon is stopped."""
@@ -127,8 +135,11 @@ def test_every_panel_and_alert_returns_data_from_a_live_prometheus(enrolled_mode
 
             def send() -> None:
                 with FramePusher(daemon.ingest) as push:
-                    for kind, msg in stream:
-                        push.send(msg) if kind == "frame" else push.send_parts(msg)
+                    for kind, msg in stream:  # a frame is captured when it is sent (older ones are 'overloaded')
+                        if kind == "frame":
+                            push.send(replace(msg, meta=replace(msg.meta, capture_time=time.time())))
+                        else:
+                            push.send_parts(msg)
                         time.sleep(0.15)
 
             sender = threading.Thread(target=send, daemon=True)

@@ -39,7 +39,7 @@ def test_live_enroll_then_actor_kill_serves_the_new_model_everywhere(enrolled_mo
     with launch_daemon(models, tmp_path) as d:
         ctx = zmq.Context()
         sub = d.subscriber(ctx)
-        out = inspectd("enroll", "--product", NEW, "--good", str(good), "--holdout", "4", "--target-frr", "0.05",
+        out = inspectd("enroll", "--product", NEW, "--good", str(good), "--holdout", "4", "--target-frr", "0.05", "--scorer", "patchcore-fpfh",
                        "--models", str(models), "--notify", d.http)
         assert "daemon now serves" in out
         enrolled_version = out.split(" with model ")[1].split()[0]

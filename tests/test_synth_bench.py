@@ -73,8 +73,8 @@ def test_bench_layout_manifest_and_poses(bench: Path) -> None:
 
 def test_eval_breakdown_per_kind_and_magnitude(bench: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
-    assert main(["eval", "--dataset", str(bench), "--layout", "real3d", "--out", str(out), "--voxel-size", "2",
-                 "--scorer-param", "coreset_ratio=0.1", "--no-progress"]) == 0
+    assert main(["eval", "--dataset", str(bench), "--layout", "real3d", "--scorer", "patchcore-fpfh", "--out", str(out),
+                 "--voxel-size", "2", "--scorer-param", "coreset_ratio=0.1", "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
     br = report["breakdown"]
     assert set(br["per_defect"]) == set(BENCH_DEFECTS)

@@ -45,7 +45,8 @@ from workers.zeroshot.training import abnormal_probability, perturb, supcon_loss
 
 PX = 96
 HALF = 30.0  # the image spans ±30 mm
-PP = PreprocessParams(remove_plane=True, plane_distance=0.5, voxel_size=1.0)
+PP = PreprocessParams(remove_plane=True, plane_distance=0.5, voxel_size=1.0, organized="voxel")
+"""As the scorer is enrolled (``ZeroShotScorer.preprocess_overrides``)."""
 
 
 def height(shape: str, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -67,6 +67,9 @@ class Scorer(ABC):
     """Where object scores live: ``"nonnegative"`` (distances) or ``"real"`` (may be negative)."""
     backends: ClassVar[tuple[str, ...]] = ("torch-cpu",)
     """Inference backends this scorer can run on (see ``workers.backends``)."""
+    preprocess_overrides: ClassVar[dict[str, Any]] = {}
+    """``PreprocessParams`` fields this scorer is always enrolled and evaluated with, whatever the
+    config says (a model keeps its preprocessing, so it is served with them too)."""
 
     def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
         """Move inference to ``backend`` (one of ``backends``, already checked to be available)."""
