@@ -41,7 +41,6 @@ import fnmatch
 import logging
 import os
 import queue
-import re
 import threading
 import time
 from collections import OrderedDict, deque
@@ -51,6 +50,7 @@ import numpy as np
 import ray
 import zmq
 
+from daemon.api import ServiceApi
 from daemon.audit import AuditLog
 from daemon.config import Config, held_frames, pub_hwm
 from daemon.decision import Thresholds, decide, thresholds_from
@@ -61,26 +61,19 @@ from daemon.lanes import ERRORS, SCORED, EmitLanes
 from daemon.maps import MapRetention
 from daemon.metrics import DaemonMetrics
 from daemon.pool import LARGE, ActorDied, ActorPool, Job
-from daemon.replay import verdicts_page
 from daemon.resultlog import LogReader, ResultLog
 from daemon.security import (
     enforce_safe_defaults,
-    inside,
     ray_init_kwargs,
     secure_sockets,
-    valid_part_id,
-    valid_product,
 )
 from sensors.frame import Frame, FrameError
-from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.wire import decode_frame, max_part_bytes, salvage_header
 from workers.model_store import (
-    CURRENT,
     ZERO_SHOT_MODEL,
     check_models_dir,
     enrolled_products,
     has_model,
-    read_pointer,
     switch_current,
 )
 
@@ -88,8 +81,6 @@ from workers.model_store import (
 FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
 #: A thread that has not gone round its loop for this long makes /readyz answer 503.
 STALL_S = 10.0
-
-PRODUCT_ROUTE = re.compile(r"/v1/products/(.+)/(good|reload)\Z", re.DOTALL)
 
 log = logging.getLogger("inspectd.service")
 IDENTITY_FIELDS = ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")
@@ -104,7 +95,7 @@ VERSION = "0.1.0"
 _STOP = object()
 
 
-class InspectionService:
+class InspectionService(ServiceApi):
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.metrics = DaemonMetrics(VERSION, cfg.ingest.sensors, cfg.ingest.max_sensor_labels, cfg.products)
@@ -290,82 +281,6 @@ class InspectionService:
     def cold_start_decides(self, product: str) -> bool:
         """Whether a cold-start product opted in to pass / fail (else its verdicts are review)."""
         return any(fnmatch.fnmatchcase(product, p) for p in self.cfg.cold_start.pass_fail)
-
-    # ---------------------------------------------------------------- HTTP API
-    def api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
-        """``GET /v1/products``, ``GET /v1/verdicts?...``, ``POST /v1/products/<p>/good`` and
-        ``POST /v1/products/<p>/reload``. ``path`` may carry a query string."""
-        path, _, query = path.partition("?")
-        if method == "GET" and path == "/v1/verdicts":
-            return verdicts_page(self.reader, query)
-        if method == "GET" and path == "/v1/products":
-            with self.held_lock:
-                held = sorted({p for p, _ in self.held})
-            return 200, {"enrolled": sorted(self.products), "cold_start": self.cold_start, "held_cold_start": held}
-        m = PRODUCT_ROUTE.match(path)
-        if method != "POST" or m is None:
-            return 404, {"error": f"no route {method} {path}"}
-        product, action = m.groups()
-        if not valid_product(product):
-            return 400, {"error": f"product {product!r} is not a valid product name"}
-        if action == "good":
-            part_id = body.get("part_id") if isinstance(body, dict) else None
-            if not isinstance(part_id, str):
-                return 400, {"error": 'body must be {"part_id": "<id>"}'}
-            if not valid_part_id(part_id):
-                return 400, {"error": f"part id {part_id!r} is not a valid part id"}
-            return self.mark_good(product, part_id)
-        return self.reload(product)
-
-    def mark_good(self, product: str, part_id: str) -> tuple[int, dict[str, Any]]:
-        """Write a held frame to ``<collect_dir>/<product>/good/`` for a later ``inspectd enroll``."""
-        with self.held_lock:
-            frame = self.held.get((product, part_id))
-        if frame is None:
-            return 404, {"error": f"part {part_id!r} of {product!r} is not held (only the last "
-                                  f"{self.cfg.cold_start.keep_frames} cold-start parts are)"}
-        folder = inside(self.cfg.cold_start.collect_dir, product, "good")
-        folder.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", part_id)
-        if frame.organized:
-            path = inside(folder, f"{stem}.tiff")
-            write_xyz_tiff(path, frame.points)
-        else:
-            path = inside(folder, f"{stem}.pcd")
-            write_pcd(path, frame.points[frame.valid_mask()])
-        self.metrics.marked_good.labels(product=self.metrics.product_label(product)).inc()
-        n = sum(1 for _ in folder.iterdir())
-        log.info("marked %s/%s good (%d collected)", product, part_id, n)
-        return 200, {"saved": str(path), "collected": n}
-
-    def reload(self, product: str) -> tuple[int, dict[str, Any]]:
-        """Make every actor load the product's model from disk (enrollment without a restart)."""
-        models = self.cfg.storage.models_dir
-        if not has_model(models, product):
-            return 404, {"error": f"no model for {product!r} in {models}"}
-        assert self.pool is not None
-        with self.reload_lock:
-            before = read_pointer(models, product, CURRENT)
-            revision = switch_current(models, product)  # from here on a restarted actor loads the new one
-            try:
-                loaded = self.pool.reload(product)
-                if {(x["model_version"], x["model_revision"]) for x in loaded} != {(loaded[0]["model_version"], revision)}:
-                    raise RuntimeError(f"actors loaded different models: {loaded}")
-            except Exception as e:  # a broken artifact must not take the daemon down: back to the old one
-                log.exception("reload of %s failed; serving revision %s again", product, before)
-                if product in self.products and before != revision:
-                    switch_current(models, product, before)
-                    try:
-                        self.pool.reload(product)
-                    except Exception:
-                        log.exception("re-loading revision %s of %s failed too", before, product)
-                return 500, {"error": f"reload of {product} failed ({type(e).__name__}); the reason is in the daemon's log"}
-        self.products.add(product)
-        self.metrics.allow_product(product)
-        self.metrics.model_reloads.labels(product=product).inc()
-        log.info("product %s now served by model %s (revision %s)", product, loaded[0]["model_version"], revision)
-        return 200, {"product": product, "model_version": loaded[0]["model_version"], "model_revision": revision,
-                     "actors": len(loaded)}
 
     # ---------------------------------------------------------------- threads
     def _ingest_loop(self) -> None:

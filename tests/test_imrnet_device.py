@@ -1,4 +1,4 @@
-"""IMRNet's device path (issue 6): ``geometry_impl="torch"`` runs the whole of ``score`` in torch on
+"""IMRNet's device path: ``geometry_impl="torch"`` runs the whole of ``score`` in torch on
 the scorer's device. Here: the CPU default stays the numpy path bit for bit, the torch path on CPU
 tensors agrees with it, the torch ICP recovers a known pose, and (with a GPU) the same on CUDA.
 

@@ -1,4 +1,4 @@
-"""3DzAL (``zeroshot``) device path (issue 6): ``geometry_impl="torch"`` against the numpy path.
+"""3DzAL (``zeroshot``) device path: ``geometry_impl="torch"`` against the numpy path.
 
 The numpy path (``geometry_impl="numpy"``, what ``"auto"`` resolves to on the CPU) is the reference
 the results in docs/results/zeroshot.md were measured with: the default must stay it, bit for bit.
