@@ -132,6 +132,9 @@ class WorkersConfig(Section):
     """Actors kept for large frames, so they never hold up normal ones (0: large frames share the pool)."""
     large_cpus_per_actor: float = Field(0.0, ge=0)
     """Ray CPUs a large-frame actor reserves; 0 makes it an idle reserve that fits any machine."""
+    large_nice: int = Field(19, ge=0, le=19)
+    """CPU niceness of the large-frame actors' threads: at 19 the kernel gives normal parts the
+    CPU first whenever both want it, so a 1M-point cloud slows them by little (0: equal share)."""
 
     def deadline_s(self, n_points: int) -> float:
         """The scoring deadline of one frame of ``n_points`` points, in seconds."""

@@ -6,7 +6,8 @@ service retries them (``workers.retries``) before answering with an error verdic
 costs latency, never a verdict. A death is counted once per actor incarnation.
 
 Two lanes: frames above ``workers.large_points`` go to their own actors
-(``workers.large_actors``), one at a time, so a large cloud never holds up normal parts. Every
+(``workers.large_actors``), one at a time, at a lower CPU priority (``workers.large_nice``), so
+a large cloud never holds up normal parts. Every
 call has a deadline (``WorkersConfig.deadline_s`` summed over its frames, on the monotonic
 clock); a call past it is answered ``scoring_timeout`` and its actor is recycled (killed and
 restarted by Ray), which frees the CPU the runaway frame held.
@@ -79,7 +80,8 @@ class ActorPool:
         self.lane_of = [NORMAL] * n_normal + [LARGE] * cfg.workers.large_actors
         models = str(cfg.storage.models_dir.resolve())
         args = (models, cfg.workers.threads_per_actor, cfg.workers.backend)
-        self.actors = [(normal if lane == NORMAL else large).remote(*args) for lane in self.lane_of]
+        self.actors = [normal.remote(*args) if lane == NORMAL else large.remote(*args, cfg.workers.large_nice)
+                       for lane in self.lane_of]
         self.load = [0] * self.size
         self.busy_until = [0.0] * self.size
         self.inflight: dict[ray.ObjectRef, tuple[int, list[Job], float]] = {}

@@ -88,10 +88,8 @@ def test_large_clouds_do_not_hold_up_normal_parts(enrolled_models: Path, tmp_pat
                       f"{verdicts[p]['latency_ms']:.0f} ms (deadline {deadline_ms:.0f} ms)"
                       for p in ("big-dense", "big-spread")))
     assert all(verdicts[f.meta.part_id]["verdict"] != "error" for f in normal)
-    # The target is 2x; on 2 shared cores (large actor, normal actor and the daemon) runs measured
-    # 1.67x, 1.80x and 2.22x, so the build guards against the failure that matters, normal parts
-    # queued behind a large cloud (its scoring takes many seconds: 10x and more), at 3x.
-    assert statistics.median(during) <= 3 * statistics.median(before)
+    # the large actors run at niceness workers.large_nice, so normal parts get the CPU first
+    assert statistics.median(during) <= 2 * statistics.median(before)
     for p in ("big-dense", "big-spread"):
         h = verdicts[p]
         assert h["verdict"] != "error" or h["error"]["reason"] == "scoring_timeout", h

@@ -36,11 +36,30 @@ from workers.preprocess import PreparedCloud
 log = logging.getLogger("inspectd.worker")
 
 
+def lower_priority(nice: int) -> None:
+    """Raise the niceness of every thread of this process to at least ``nice``.
+
+    Linux keeps niceness per thread, and ``os.nice`` changes only the calling one, while an actor
+    scores on Ray's and torch's threads too. Raising niceness needs no privilege."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tasks = Path(f"/proc/{os.getpid()}/task")
+    tids = [int(t.name) for t in tasks.iterdir()] if tasks.is_dir() else [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) < nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError:  # the thread ended meanwhile
+            pass
+
+
 class ScoringWorker:
     """Scores frames of every enrolled product in ``models_dir``; a product without a model of
     its own is scored by the cold-start model (``_zeroshot``) when there is one."""
 
-    def __init__(self, models_dir: str, threads: int = 1, backend: str = "auto") -> None:
+    def __init__(self, models_dir: str, threads: int = 1, backend: str = "auto", nice: int = 0) -> None:
+        self.nice = nice
+        lower_priority(nice)  # before torch starts its thread pool, which then inherits it
         torch.set_num_threads(threads)
         self.models_dir = models_dir
         self.requested_backend = backend
@@ -57,6 +76,7 @@ class ScoringWorker:
                 self.failed[product] = f"{type(e).__name__}: {e}"
         self.pid = os.getpid()
         self._warm_up()
+        lower_priority(nice)  # threads started since (Ray's, torch's) too
 
     def _warm_up(self) -> None:
         """Score a small synthetic cloud once per model, so the first real part does not pay
