@@ -26,11 +26,13 @@ class ServiceApi:
     """``api(method, path, body) -> (status, JSON reply)``, the callback the HTTP server calls."""
 
     def api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
-        """``GET /v1/products``, ``GET /v1/verdicts?...``, ``POST /v1/products/<p>/good`` and
+        """``GET /v1/products``, ``GET /v1/actors``, ``GET /v1/verdicts?...``, ``POST /v1/products/<p>/good`` and
         ``POST /v1/products/<p>/reload``. ``path`` may carry a query string."""
         path, _, query = path.partition("?")
         if method == "GET" and path == "/v1/verdicts":
             return verdicts_page(self.reader, query)
+        if method == "GET" and path == "/v1/actors":
+            return 200, {"actors": self.pool.actor_table() if self.pool is not None else []}
         if method == "GET" and path == "/v1/products":
             with self.held_lock:
                 held = sorted({p for p, _ in self.held})
@@ -98,4 +100,4 @@ class ServiceApi:
         self.metrics.model_reloads.labels(product=product).inc()
         log.info("product %s now served by model %s (revision %s)", product, loaded[0]["model_version"], revision)
         return 200, {"product": product, "model_version": loaded[0]["model_version"], "model_revision": revision,
-                     "actors": len(loaded)}
+                     "actors": len(loaded), "nodes": sorted({str(x.get("node_id")) for x in loaded})}

@@ -1,6 +1,10 @@
 """The pool of Ray actors that score frames, sized to the cluster, restarted when they die.
 
-Each actor is a ``workers.actor.ScoringWorker`` holding every product's model. Ray restarts a
+Each actor is a ``workers.actor.ScoringWorker`` holding every product's model. The models reach
+the actors through Ray, not a filesystem: the pool reads each product's ``current`` revision,
+``ray.put``s its bytes and publishes the reference in a ``ModelRegistry`` actor kept on the
+daemon's node; actors load from there, so they may run on any node of a cluster (they are
+spread over the nodes, ``SPREAD``). Ray restarts a
 dead actor (``max_restarts=-1``); its in-flight frames come back here as failures and the
 service retries them (``workers.retries``) before answering with an error verdict, so a crash
 costs latency, never a verdict. A death is counted once per actor incarnation.
@@ -23,10 +27,13 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from daemon.config import Config
 from sensors.frame import FrameError
 from workers.actor import ScoringWorker
+from workers.model_registry import ModelRegistry
+from workers.model_store import CURRENT, ZERO_SHOT_MODEL, has_model, read_bundle
 
 log = logging.getLogger("inspectd.pool")
 
@@ -72,30 +79,56 @@ class ActorPool:
         self.cfg = cfg
         self.products = products
         self.max_inflight = cfg.workers.max_inflight_per_actor
-        options = {"num_gpus": cfg.workers.gpus_per_actor, "max_restarts": -1, "max_task_retries": 0}
+        options = {"num_gpus": cfg.workers.gpus_per_actor, "max_restarts": -1, "max_task_retries": 0,
+                   "scheduling_strategy": "SPREAD"}
         normal = ray.remote(ScoringWorker).options(num_cpus=cfg.workers.cpus_per_actor, **options)
         large = ray.remote(ScoringWorker).options(num_cpus=cfg.workers.large_cpus_per_actor, **options)
         n_normal = pool_size(cfg)
         self.size = n_normal + cfg.workers.large_actors
         self.lane_of = [NORMAL] * n_normal + [LARGE] * cfg.workers.large_actors
-        models = str(cfg.storage.models_dir.resolve())
-        args = (models, cfg.workers.threads_per_actor, cfg.workers.backend)
-        self.actors = [normal.remote(*args) if lane == NORMAL else large.remote(*args, cfg.workers.large_nice)
-                       for lane in self.lane_of]
+        self.models_dir = cfg.storage.models_dir.resolve()
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.registry = ray.remote(ModelRegistry).options(num_cpus=0, max_restarts=0, scheduling_strategy=here).remote()
+        for product in products + ([ZERO_SHOT_MODEL] if has_model(self.models_dir, ZERO_SHOT_MODEL) else []):
+            try:
+                self.publish(product)
+            except Exception as e:  # its frames are refused; the other products are served
+                log.error("cannot read the model of %s: %s", product, e)
+        args = (self.registry, cfg.workers.threads_per_actor, cfg.workers.backend)
+        cache = str(self.models_dir / ".engine-cache")
+        self.actors = [normal.remote(*args, cache_dir=cache) if lane == NORMAL
+                       else large.remote(*args, cfg.workers.large_nice, cache_dir=cache) for lane in self.lane_of]
         self.load = [0] * self.size
         self.busy_until = [0.0] * self.size
         self.inflight: dict[ray.ObjectRef, tuple[int, list[Job], float]] = {}
         self.pids: list[int | None] = [None] * self.size
+        self.nodes: list[str | None] = [None] * self.size
+        """The Ray node each actor runs on (as of its last start)."""
         self.probes: dict[int, ray.ObjectRef] = {}
         self.backend_of: list[str] = []
         self.restarts = 0
+
+    def publish(self, product: str) -> str:
+        """Put the product's ``current`` revision into Ray's object store and serve it from the
+        registry (a restarted actor loads it from there); returns the revision."""
+        bundle = read_bundle(self.models_dir, product, CURRENT)
+        ray.get(self.registry.publish.remote(product, [ray.put(bundle)]))
+        return bundle["revision"]
 
     def wait_ready(self, timeout: float) -> list[dict[str, Any]]:
         """Block until every actor has loaded its models; returns their ``info()``."""
         infos = ray.get([a.info.remote() for a in self.actors], timeout=timeout)
         self.pids = [i["pid"] for i in infos]
+        self.nodes = [i["node_id"] for i in infos]
         self.backend_of = [i["backend"] for i in infos]
+        for i, info in enumerate(infos):
+            log.info("actor %d (%s lane) pid %d on node %s", i, self.lane_of[i], info["pid"], info["node_id"])
         return infos
+
+    def actor_table(self) -> list[dict[str, Any]]:
+        """Each actor's lane, pid and Ray node (None while it restarts), for ``GET /v1/actors``."""
+        return [{"actor": i, "lane": self.lane_of[i], "alive": self.pids[i] is not None, "pid": self.pids[i],
+                 "node_id": self.nodes[i]} for i in range(self.size)]
 
     def alive_by_backend(self) -> dict[str, int]:
         """Alive actors per inference backend (for the ``inspectd_actors`` gauge)."""
@@ -197,13 +230,18 @@ class ActorPool:
             if ref in ready:
                 del self.probes[i]
                 try:
-                    self.pids[i] = ray.get(ref)["pid"]
+                    info = ray.get(ref)
                 except RayActorError:
                     self.probes[i] = self.actors[i].info.remote()
+                    continue
+                self.pids[i], self.nodes[i] = info["pid"], info["node_id"]
+                log.info("actor %d restarted: pid %d on node %s", i, info["pid"], info["node_id"])
 
     def reload(self, product: str, timeout: float = 60.0) -> list[dict[str, str]]:
-        """Load a product's ``current`` model in every live actor (hot swap); returns what each
-        loaded. An actor that died meanwhile is skipped: Ray's restart loads ``current`` itself."""
+        """Publish a product's ``current`` model and load it in every live actor (hot swap);
+        returns what each loaded, and where. An actor that died meanwhile is skipped: Ray's
+        restart loads the published model itself."""
+        self.publish(product)
         refs = [a.reload.remote(product) for a in self.actors]
         loaded = []
         for ref in refs:
@@ -216,5 +254,5 @@ class ActorPool:
         return loaded
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, self.registry]:
             ray.kill(a, no_restart=True)

@@ -150,11 +150,13 @@ def enforce_safe_defaults(cfg: Config) -> None:
 
 
 def prepare_ray_environment(cfg: Config) -> None:
-    """Keep an embedded Ray on ``ray.node_ip``; call before ``ray`` is imported.
+    """Keep an embedded Ray on ``ray.node_ip``, and the daemon's Ray client on loopback when it
+    joins a cluster on this machine (``ray.address`` on loopback); call before ``ray`` is imported.
 
     On Linux Ray ignores a loopback ``_node_ip_address`` and picks the host's outward address
     (and binds every interface) unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read at import."""
-    if cfg.ray.address is None and is_loopback_host(cfg.ray.node_ip):
+    embedded = cfg.ray.address is None and is_loopback_host(cfg.ray.node_ip)
+    if embedded or (cfg.ray.address not in (None, "auto") and not ray_is_remote(cfg.ray.address)):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 

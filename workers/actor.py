@@ -1,18 +1,22 @@
 """The scoring worker that runs inside a Ray actor: it holds every product's model.
 
 The class is plain Python so it can be tested in-process; the daemon wraps it with
-``ray.remote``. At construction (also when Ray restarts a dead actor with the original
-arguments) it scans ``models_dir`` and loads each product's ``current`` revision, the one the
-daemon has switched to (``workers.model_store``), so a restarted actor serves the same models
-as the others, products enrolled live included. ``reload`` swaps one product's model, which
-is how a product changes model without a restart. ``score`` returns plain data (no custom
-classes) so Ray moves results cheaply.
+``ray.remote``. Its models come from a *source*: in the daemon a ``ModelRegistry`` actor
+(``workers.model_registry``) holding each product's current revision as bytes in Ray's object
+store, so an actor on any node of a cluster loads them with no shared filesystem; in-process
+(tests, tools) a models folder, read the same way (``model_store.read_bundle``). At
+construction (also when Ray restarts a dead actor with the original arguments) it loads each
+product's current revision from its source, so a restarted actor serves the same models as the
+others, products enrolled live included. ``reload`` swaps one product's model, which is how a
+product changes model without a restart. ``score`` returns plain data (no custom classes) so
+Ray moves results cheaply.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +33,8 @@ from workers.model_store import (
     ProductModel,
     enrolled_products,
     has_model,
-    load_product_model,
+    load_bundle,
+    read_bundle,
 )
 from workers.preprocess import PreparedCloud
 
@@ -53,30 +58,71 @@ def lower_priority(nice: int) -> None:
             pass
 
 
-class ScoringWorker:
-    """Scores frames of every enrolled product in ``models_dir``; a product without a model of
-    its own is scored by the cold-start model (``_zeroshot``) when there is one."""
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    import ray
 
-    def __init__(self, models_dir: str, threads: int = 1, backend: str = "auto", nice: int = 0) -> None:
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+class ScoringWorker:
+    """Scores frames of every product its model source serves; a product without a model of
+    its own is scored by the cold-start model (``_zeroshot``) when there is one.
+
+    ``models``: a models folder (in-process use) or a ``ModelRegistry`` actor handle (the daemon).
+    ``cache_dir``: where engines built at load time are kept (default: ``<models>/.engine-cache``
+    for a folder, else a temporary folder of this node)."""
+
+    def __init__(self, models: Any, threads: int = 1, backend: str = "auto", nice: int = 0,
+                 cache_dir: str | None = None) -> None:
         self.nice = nice
         lower_priority(nice)  # before torch starts its thread pool, which then inherits it
         torch.set_num_threads(threads)
-        self.models_dir = models_dir
+        self.source = models
+        self.cache_dir = self._cache_dir(models, cache_dir)
         self.requested_backend = backend
         self.backends: dict[str, str] = {}
         self.models: dict[str, ProductModel] = {}
         self.failed: dict[str, str] = {}
         """Products whose model did not load at start: their frames get an error, never another model."""
-        names = enrolled_products(models_dir) + ([ZERO_SHOT_MODEL] if has_model(models_dir, ZERO_SHOT_MODEL) else [])
-        for product in names:
+        for product in self._products():
             try:
                 self.reload(product)
             except Exception as e:  # one broken artifact must not crash-loop the actor
                 log.error("cannot load %s: %s", product, e)
                 self.failed[product] = f"{type(e).__name__}: {e}"
         self.pid = os.getpid()
+        self.node_id = node_id()
         self._warm_up()
         lower_priority(nice)  # threads started since (Ray's, torch's) too
+
+    @staticmethod
+    def _cache_dir(models: Any, cache_dir: str | None) -> Path:
+        if isinstance(models, (str, Path)):
+            return Path(models) / ".engine-cache"
+        if cache_dir is not None and Path(cache_dir).parent.is_dir():
+            return Path(cache_dir)
+        return Path(tempfile.gettempdir()) / "inspectd-engine-cache"
+
+    def _products(self) -> list[str]:
+        """Products the source serves (the cold-start model included)."""
+        if isinstance(self.source, (str, Path)):
+            zero = [ZERO_SHOT_MODEL] if has_model(self.source, ZERO_SHOT_MODEL) else []
+            return enrolled_products(self.source) + zero
+        import ray
+
+        return ray.get(self.source.products.remote())
+
+    def _bundle(self, product: str) -> dict[str, Any]:
+        """The product's current revision as bytes (``model_store.read_bundle``), from the source."""
+        if isinstance(self.source, (str, Path)):
+            return read_bundle(self.source, product, CURRENT)
+        import ray
+
+        ref = ray.get(self.source.get.remote(product))
+        if ref is None:
+            raise FileNotFoundError(f"no model for {product!r} is published")
+        return ray.get(ref[0])
 
     def _warm_up(self) -> None:
         """Score a small synthetic cloud once per model, so the first real part does not pay
@@ -90,22 +136,24 @@ class ScoringWorker:
             except Exception as e:  # a warm-up failure is not fatal: the real frames will tell
                 log.warning("warm-up of %s failed: %s", product, e)
 
-    def reload(self, product: str) -> dict[str, str]:
-        """(Re)load one product's ``current`` revision; returns its ``model_version`` and
-        ``model_revision``. A model that fails to load leaves the old one in place."""
-        model = load_product_model(self.models_dir, product, CURRENT)
+    def reload(self, product: str) -> dict[str, Any]:
+        """(Re)load one product's current revision from the source; returns its ``model_version``,
+        ``model_revision`` and this actor's ``node_id``. A model that fails to load leaves the old one in place."""
+        model = load_bundle(self._bundle(product))
         backend = resolve_backend(self.requested_backend, model.scorer.backends)
-        model.scorer.use_backend(backend, Path(self.models_dir) / ".engine-cache")
+        model.scorer.use_backend(backend, self.cache_dir)
         self.models[product] = model
         self.backends[product] = backend
         self.failed.pop(product, None)
         log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
                  model.revision, backend)
-        return {"model_version": model.model_version, "model_revision": model.revision}
+        return {"model_version": model.model_version, "model_revision": model.revision,
+                "node_id": getattr(self, "node_id", None) or node_id()}
 
     def info(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
+            "node_id": self.node_id,
             "backend": "+".join(sorted(set(self.backends.values()))) or "none",
             "products": {p: f"{m.model_version}@{m.revision}" for p, m in self.models.items()},
         }

@@ -37,6 +37,7 @@ from workers.scorer import (
     Scorer,
     load_scorer,
     read_meta,
+    scorer_from_bytes,
 )
 
 CALIBRATION_FILE = "calibration.json"
@@ -169,16 +170,42 @@ def save_product_model(
     return revision_dir(models_dir, product, revision)
 
 
-def load_product_model(models_dir: str | Path, product: str, which: str = LATEST) -> ProductModel:
-    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision."""
+def read_bundle(models_dir: str | Path, product: str, which: str = LATEST) -> dict[str, Any]:
+    """The product's ``latest`` or ``current`` revision as plain data: ``product``, ``revision``
+    and ``files`` (file name → bytes: the model, its meta and calibration).
+
+    This is what travels to the scoring actors through Ray's object store (``ray.put`` of a dict
+    of bytes), so an actor on another node needs no shared filesystem; :func:`load_bundle` checks
+    and loads it there."""
     revision = read_pointer(models_dir, product, which)
     d = revision_dir(models_dir, product, revision)
-    meta = read_meta(d)
-    scorer = load_scorer(d)
+    read_meta(d)  # a missing or unreadable meta.json fails here, with the folder named
+    files = {name: (d / name).read_bytes() for name in (MODEL_FILE, META_FILE, CALIBRATION_FILE) if (d / name).is_file()}
+    return {"product": product, "revision": revision, "files": files}
+
+
+def load_bundle(bundle: dict[str, Any]) -> ProductModel:
+    """Load a model from :func:`read_bundle`'s data, with the checks of ``load_scorer`` (format
+    version, checksum, whole state); JSON and safetensors only, nothing unpickled."""
+    product, revision, files = bundle["product"], bundle["revision"], bundle["files"]
+    where = f"{product}/{VERSIONS}/{revision}"
+    if MODEL_FILE not in files or META_FILE not in files:
+        raise ArtifactError(f"model artifact {where} lacks {MODEL_FILE} or {META_FILE}: re-enroll")
+    try:
+        meta = json.loads(files[META_FILE])
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{where}/{META_FILE} is not valid JSON ({e}): the artifact is damaged; re-enroll") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{where}/{META_FILE} is not a JSON object: the artifact is damaged; re-enroll")
+    scorer = scorer_from_bytes(meta, files[MODEL_FILE], where)
     preprocess = PreprocessParams(**meta.get("preprocess", {}))
-    cal_path = d / CALIBRATION_FILE
-    calibration = json.loads(cal_path.read_text()) if cal_path.is_file() else None
+    calibration = json.loads(files[CALIBRATION_FILE]) if CALIBRATION_FILE in files else None
     return ProductModel(product, scorer, preprocess, meta, calibration, revision)
+
+
+def load_product_model(models_dir: str | Path, product: str, which: str = LATEST) -> ProductModel:
+    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision."""
+    return load_bundle(read_bundle(models_dir, product, which))
 
 
 def read_calibration(models_dir: str | Path, product: str, which: str = LATEST) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, save_file
 
 from workers.preprocess import PreparedCloud
 
@@ -184,17 +184,28 @@ def load_scorer(directory: str | Path) -> Scorer:
     """
     meta = read_meta(directory)
     check_format(meta, directory)
-    cls = scorer_class(meta["scorer"])
     path = Path(directory) / MODEL_FILE
     if not path.is_file():
         raise ArtifactError(f"model artifact {directory} has no {MODEL_FILE}: re-enroll")
-    if file_sha256(path) != meta.get("model_sha256"):
-        raise ArtifactError(f"{path} does not match the checksum in {META_FILE} (truncated or altered): re-enroll")
+    return scorer_from_bytes(meta, path.read_bytes(), directory)
+
+
+def scorer_from_bytes(meta: dict[str, Any], model: bytes, where: str | Path) -> Scorer:
+    """Rebuild a fitted scorer from ``meta.json``'s content and the bytes of ``model.safetensors``.
+
+    The same checks as :func:`load_scorer` (format version, checksum, whole state), for an
+    artifact that arrives as bytes (a Ray actor on another node gets it through the object
+    store); ``where`` names it in errors. safetensors parses the bytes: nothing is unpickled."""
+    check_format(meta, where)
+    cls = scorer_class(meta["scorer"])
+    if hashlib.sha256(model).hexdigest() != meta.get("model_sha256"):
+        raise ArtifactError(f"{where}/{MODEL_FILE} does not match the checksum in {META_FILE} (truncated or altered): "
+                            "re-enroll")
     try:
-        tensors = load_file(str(path))
+        tensors = load(bytes(model))
         return cls.from_state(meta["params"], tensors)
     except Exception as e:
-        raise ArtifactError(f"model artifact {directory} cannot be loaded: {type(e).__name__}: {e}") from e
+        raise ArtifactError(f"model artifact {where} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def part_hash(points: np.ndarray) -> str:

@@ -1,0 +1,34 @@
+"""Which model revision each product is served with, as Ray object references to its bytes.
+
+The daemon reads a product's ``current`` revision from its models folder (``model_store.read_bundle``),
+``ray.put``s it and publishes the reference here; every scoring actor, on whatever node, loads
+its models from these references (``ScoringWorker``), so no node but the daemon's needs the
+models folder. A registry outlives the actors' restarts: Ray restarts a dead actor with its
+original constructor arguments, which include this registry's handle, not the models, so a
+restarted actor asks here and gets the product's current revision, a live enrollment included.
+
+The daemon keeps the registry on its own node (it must outlive any worker node); references
+are held in one-element lists, so Ray passes them through without resolving them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ModelRegistry:
+    """Product → ``[ObjectRef]`` of its current bundle (a Ray actor; plain Python otherwise)."""
+
+    def __init__(self) -> None:
+        self.refs: dict[str, list[Any]] = {}
+
+    def publish(self, product: str, ref: list[Any]) -> None:
+        """Serve ``ref`` (a one-element list holding the ObjectRef of the bundle) for ``product``."""
+        self.refs[product] = ref
+
+    def products(self) -> list[str]:
+        return sorted(self.refs)
+
+    def get(self, product: str) -> list[Any] | None:
+        """The current bundle's reference (in a list), or None if the product is not published."""
+        return self.refs.get(product)
