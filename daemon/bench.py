@@ -589,6 +589,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
     b.add_argument("--curve", action="store_true",
                    help="measure only what CurveZMQ costs on the daemon path at 400x400 (daemon/bench_curve.py)")
+    b.add_argument("--batch", default=None, metavar="1,4,8",
+                   help="measure only batching: per-frame time at these batch sizes against batch 1, in-process "
+                        "(daemon/bench_batch.py); --name defaults to batching-{host}")
     b.add_argument("--summary", action="store_true",
                    help="measure nothing: print one table over every result JSON in --out")
     b.set_defaults(func=_cmd_bench)
@@ -609,6 +612,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown sizes {sorted(unknown)}; known: {SIZES}")
     scorers = [s for s in args.scorer.split(",") if s]
+    if args.batch:
+        from daemon.bench_batch import render as render_batch
+        from daemon.bench_batch import run_batch_bench
+
+        name = "batching-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
+        batches = sorted({int(b) for b in args.batch.split(",") if b})
+        report = run_batch_bench(Path(args.out), result_name(name, "", ""), scorers, sizes, args.frames, batches,
+                                 args.backend)
+        print(render_batch(report))
+        return 0
     backends = [b for b in args.backend.split(",") if b]
     if ("all" in scorers and len(scorers) > 1) or ("all" in backends and len(backends) > 1):
         raise ValueError("'all' stands alone")

@@ -26,7 +26,7 @@ import torch
 
 from sensors.frame import Frame
 from workers.backends import resolve_backend
-from workers.frame_scoring import score_frame
+from workers.frame_scoring import FrameScore, score_frame, score_frames
 from workers.model_store import (
     CURRENT,
     ZERO_SHOT_MODEL,
@@ -159,27 +159,55 @@ class ScoringWorker:
         }
 
     def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
-        """Score several frames in one call; a frame that fails gives its exception, not the batch's."""
-        out: list[dict[str, Any] | BaseException] = []
-        for frame in frames:
+        """Score several frames in one call; a frame that fails gives its exception, not the batch's.
+
+        Frames of one model are scored together (``workers.frame_scoring.score_frames``) where
+        the scorer's batching was measured to pay on its device (``Scorer.batches``); elsewhere,
+        and for a single frame, one by one."""
+        started = time.time()
+        out: list[dict[str, Any] | BaseException | None] = [None] * len(frames)
+        groups: dict[str, list[int]] = {}
+        for i, frame in enumerate(frames):
             try:
-                out.append(self.score(frame))
+                model, _ = self._model_for(frame)
             except Exception as e:
-                out.append(e)
-        return out
+                out[i] = e
+                continue
+            groups.setdefault(model.product, []).append(i)
+        for members in groups.values():
+            model, zero_shot = self._model_for(frames[members[0]])
+            if len(members) > 1 and model.scorer.batches:
+                results: list[Any] = score_frames(model.scorer, [frames[i] for i in members], model.preprocess)
+                for i, r in zip(members, results, strict=True):
+                    out[i] = r if isinstance(r, Exception) else self._reply(model, r, zero_shot, started)
+                continue
+            for i in members:
+                try:
+                    out[i] = self.score(frames[i])
+                except Exception as e:
+                    out[i] = e
+        return [r for r in out if r is not None]
+
+    def _model_for(self, frame: Frame) -> tuple[ProductModel, bool]:
+        """The model that scores ``frame`` and whether it is the cold-start model."""
+        if frame.meta.product in self.failed:
+            raise RuntimeError(f"the model of {frame.meta.product!r} failed to load: {self.failed[frame.meta.product]}")
+        model = self.models.get(frame.meta.product)
+        if model is not None:
+            return model, False
+        model = self.models.get(ZERO_SHOT_MODEL)
+        if model is None:
+            raise KeyError(f"product {frame.meta.product!r} has no model and there is no cold-start model")
+        return model, True
 
     def score(self, frame: Frame) -> dict[str, Any]:
         """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
         started = time.time()
-        if frame.meta.product in self.failed:
-            raise RuntimeError(f"the model of {frame.meta.product!r} failed to load: {self.failed[frame.meta.product]}")
-        model = self.models.get(frame.meta.product)
-        zero_shot = model is None
-        if zero_shot:
-            model = self.models.get(ZERO_SHOT_MODEL)
-        if model is None:
-            raise KeyError(f"product {frame.meta.product!r} has no model and there is no cold-start model")
-        result = score_frame(model.scorer, frame, model.preprocess)
+        model, zero_shot = self._model_for(frame)
+        return self._reply(model, score_frame(model.scorer, frame, model.preprocess), zero_shot, started)
+
+    def _reply(self, model: ProductModel, result: FrameScore, zero_shot: bool, started: float) -> dict[str, Any]:
+        """What the daemon gets for one frame: plain data only, so Ray moves it cheaply."""
         return {
             "object_score": result.object_score,
             "anomaly_map": result.anomaly_map,

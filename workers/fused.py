@@ -31,7 +31,7 @@ import numpy as np
 
 from workers.patchcore import MemoryBankScorer
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, register
+from workers.scorer import Scorer, ScoreResult, register
 from workers.template import FAILED_SCORE, TemplateScorer, TemplateScoreResult
 
 COMPONENTS = ("template", "patchcore")
@@ -122,6 +122,11 @@ class FusedScorer(Scorer):
         return self.scales is not None
 
     @property
+    def batches(self) -> bool:
+        """Batching shares work in the patchcore component only: it follows that component's device."""
+        return self.patchcore.batches
+
+    @property
     def memory_bank_size(self) -> int:
         return self.patchcore.memory_bank_size
 
@@ -149,14 +154,27 @@ class FusedScorer(Scorer):
             self.patchcore.fit(clouds, progress)
 
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
+        return self.score_many([cloud])[0]
+
+    def score_many(self, clouds: Sequence[PreparedCloud]) -> list[TemplateScoreResult]:
+        """Score a batch: the template part by part (a registration each), the patchcore
+        component as one batch (``MemoryBankScorer.score_many``: one bank search for all)."""
         if self.scales is None:
             raise RuntimeError("fused is not fitted: call fit() or load an artifact first")
-        t0 = time.perf_counter()
-        t = self.template.score(cloud)
+        t_res, t_s = [], []
+        for cloud in clouds:
+            t0 = time.perf_counter()
+            t_res.append(self.template.score(cloud))
+            t_s.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        p = self.patchcore.score(cloud)
-        t2 = time.perf_counter()
+        p_res = self.patchcore.score_many(clouds)
+        p_s = (time.perf_counter() - t1) / max(1, len(clouds))
+        return [self._combine(t, p, ts, p_s) for t, p, ts in zip(t_res, p_res, t_s, strict=True)]
+
+    def _combine(self, t: TemplateScoreResult, p: ScoreResult, t_seconds: float, p_seconds: float) -> TemplateScoreResult:
+        """One part's fused result from its two components' (see the module docstring)."""
         s = self.scales
+        assert s is not None
         obj = self.template_weight * t.object_score / s[0] + self.patchcore_weight * p.object_score / s[2]
         pts = (self.template_weight * t.point_scores.astype(np.float64) / s[1]
                + self.patchcore_weight * p.point_scores.astype(np.float64) / s[3])
@@ -164,7 +182,7 @@ class FusedScorer(Scorer):
             obj = FAILED_SCORE
         timings = {f"template_{k}": v for k, v in t.timings.items()}
         timings.update({f"patchcore_{k}": v for k, v in p.timings.items()})
-        timings.update({"template": t1 - t0, "patchcore": t2 - t1})
+        timings.update({"template": t_seconds, "patchcore": p_seconds})
         return TemplateScoreResult(
             object_score=float(obj),
             point_scores=pts.astype(np.float32),

@@ -222,14 +222,37 @@ class MemoryBankScorer(Scorer):
         self.bank = MemoryBank(bank, self.device)
 
     def score(self, cloud: PreparedCloud) -> ScoreResult:
+        return self.score_many([cloud])[0]
+
+    def score_many(self, clouds: Sequence[PreparedCloud]) -> list[ScoreResult]:
+        """Score a batch: FPFH per part (a radius search within each part), then ONE bank search
+        over the features of every part together (one matmul stream instead of one per part),
+        then smoothing and reweighting per part. ``search`` timings are the batch's shared
+        search time split by feature rows."""
         if self.bank is None:
             raise RuntimeError("patchcore-fpfh is not fitted: call fit() or load an artifact first")
-        t0 = time.perf_counter()
-        feat = self._features_t(cloud)
+        feats, feat_s = [], []
+        for cloud in clouds:
+            t0 = time.perf_counter()
+            feats.append(self._features_t(cloud))
+            feat_s.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        q = self.bank.centre(feat)
-        scores_t = self.bank.nearest_distances(q)
-        t2 = time.perf_counter()
+        q_all = self.bank.centre(torch.cat(feats) if len(feats) > 1 else feats[0])
+        d_all = self.bank.nearest_distances(q_all)
+        search = time.perf_counter() - t1
+        sizes = [len(f) for f in feats]
+        out = []
+        for cloud, q, d, fs in zip(clouds, q_all.split(sizes), d_all.split(sizes), feat_s, strict=True):
+            t2 = time.perf_counter()
+            object_score, scores = self._finish(cloud, q, d)
+            timings = {"features": fs, "search": search * len(q) / max(1, len(q_all)),
+                       "smooth": time.perf_counter() - t2}
+            out.append(ScoreResult(object_score=object_score, point_scores=scores, timings=timings))
+        return out
+
+    def _finish(self, cloud: PreparedCloud, q: torch.Tensor, scores_t: torch.Tensor) -> tuple[float, np.ndarray]:
+        """Smooth one part's nearest-bank distances over its neighbours, then PatchCore's object
+        score (the top point reweighted by its bank neighbourhood); returns it and the point scores."""
         k = min(self.score_smoothing_k, len(scores_t))
         if k > 1:
             if self.device.type == "cpu":  # scipy's KD-tree; brute force is for devices
@@ -239,10 +262,4 @@ class MemoryBankScorer(Scorer):
                 scores_t = scores_t[nbr_t].mean(dim=1)
         star = int(torch.argmax(scores_t))
         object_score = float(scores_t[star]) * self.bank.reweight(q[star], self.reweight_neighbors)
-        scores = scores_t.float().cpu().numpy()
-        t3 = time.perf_counter()
-        return ScoreResult(
-            object_score=object_score,
-            point_scores=scores,
-            timings={"features": t1 - t0, "search": t2 - t1, "smooth": t3 - t2},
-        )
+        return object_score, scores_t.float().cpu().numpy()

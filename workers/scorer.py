@@ -71,6 +71,23 @@ class Scorer(ABC):
     """``PreprocessParams`` fields this scorer is always enrolled and evaluated with, whatever the
     config says (a model keeps its preprocessing, so it is served with them too)."""
 
+    batch_devices: ClassVar[tuple[str, ...]] = ()
+    """Device types (``"cpu"``, ``"cuda"``) where ``score_many`` shares work over a batch and was
+    measured to pay (``inspectd bench --batch``). Elsewhere the worker scores a batch part by part
+    (``batches`` is False), so ``workers.max_batch`` only saves Ray round trips there."""
+
+    @property
+    def batches(self) -> bool:
+        """Whether a batch of parts is scored with ``score_many`` on this scorer's device."""
+        device = str(getattr(self, "device", "cpu")).split(":")[0]
+        return device in self.batch_devices
+
+    def score_many(self, clouds: Sequence[PreparedCloud]) -> list[ScoreResult]:
+        """Score several parts, results in order. The default scores them one by one; a scorer
+        that can share work over a batch (one bank search over every part's features) overrides it.
+        One part's failure fails the call: the caller falls back to ``score`` per part."""
+        return [self.score(c) for c in clouds]
+
     def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
         """Move inference to ``backend`` (one of ``backends``, already checked to be available)."""
         if backend not in self.backends:
