@@ -22,7 +22,9 @@ from workers.model_store import (
     LATEST,
     check_models_dir,
     enrolled_products,
+    load_bundle,
     load_product_model,
+    read_bundle,
     read_pointer,
     revision_dir,
     save_product_model,
@@ -88,6 +90,25 @@ def test_truncated_artifact_is_refused_and_the_worker_keeps_its_model(tmp_path: 
     frame = next(iter(simulated_parts([PRODUCT], 1, 0.0, seed=3, good_only=True)))
     with pytest.raises(RuntimeError, match="failed to load"):
         restarted.score(frame)
+
+
+def test_a_model_shipped_as_bytes_is_checked_like_a_file(tmp_path: Path) -> None:
+    """What reaches an actor through Ray's object store: the same checksum and format checks."""
+    store(tmp_path, 1)
+    bundle = read_bundle(tmp_path, PRODUCT, CURRENT)
+    assert set(bundle["files"]) == {MODEL_FILE, META_FILE} and bundle["revision"] == "0001"
+    model = load_bundle(bundle)
+    assert model.revision == "0001" and model.model_version == load_product_model(tmp_path, PRODUCT).model_version
+    data = bundle["files"][MODEL_FILE]
+    cut = {**bundle, "files": {**bundle["files"], MODEL_FILE: data[: len(data) // 2]}}
+    with pytest.raises(ArtifactError, match="checksum.*truncated"):
+        load_bundle(cut)
+    meta = json.loads(bundle["files"][META_FILE])
+    newer = {**bundle, "files": {**bundle["files"], META_FILE: json.dumps({**meta, "format_version": 99}).encode()}}
+    with pytest.raises(ArtifactError, match="format version 99"):
+        load_bundle(newer)
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_bundle({**bundle, "files": {**bundle["files"], META_FILE: b"\x80 not json"}})
 
 
 def test_wrong_format_version_is_refused(tmp_path: Path) -> None:
