@@ -592,6 +592,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--batch", default=None, metavar="1,4,8",
                    help="measure only batching: per-frame time at these batch sizes against batch 1, in-process "
                         "(daemon/bench_batch.py); --name defaults to batching-{host}")
+    b.add_argument("--nodes", default=None, metavar="1,2",
+                   help="measure only the daemon's throughput on a local Ray cluster of this many scoring nodes "
+                        "(daemon/bench_cluster.py; first --scorer and --sizes); --name defaults to cluster-nodes-{host}")
     b.add_argument("--summary", action="store_true",
                    help="measure nothing: print one table over every result JSON in --out")
     b.set_defaults(func=_cmd_bench)
@@ -612,6 +615,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"unknown sizes {sorted(unknown)}; known: {SIZES}")
     scorers = [s for s in args.scorer.split(",") if s]
+    if args.nodes:
+        from daemon.bench_cluster import render as render_nodes
+        from daemon.bench_cluster import run_cluster_bench
+
+        name = "cluster-nodes-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
+        counts = sorted({int(n) for n in args.nodes.split(",") if n})
+        print(render_nodes(run_cluster_bench(Path(args.out), result_name(name, "", ""), counts, scorers[0], sizes[0],
+                                             args.frames)))
+        return 0
     if args.batch:
         from daemon.bench_batch import render as render_batch
         from daemon.bench_batch import run_batch_bench
