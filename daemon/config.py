@@ -116,7 +116,9 @@ class WorkersConfig(Section):
     max_inflight_per_actor: int = Field(1, ge=1)
     """Frames sent to one actor before it answers; 1 keeps waiting frames in the daemon's queue."""
     max_batch: int = Field(4, ge=1)
-    """Frames sent to one actor in one call when several are waiting (fewer Ray round trips)."""
+    """Frames sent to one actor in one call when several are waiting (fewer Ray round trips). The
+    actor scores them together only where that was measured to pay (``Scorer.batch_devices``: not
+    on the CPU); elsewhere it scores them one by one."""
     batch_wait_ms: int = Field(0, ge=0)
     """How long dispatch may hold a partial batch for more frames (bounded added latency)."""
     retries: int = Field(1, ge=0)

@@ -31,7 +31,8 @@ Any other unknown name is refused with ``unknown_product``. The daemon holds its
 recent frames so an operator can mark good ones (``POST /v1/products/<p>/good``, or
 ``inspectd mark-good``); ``inspectd enroll --notify`` then makes every actor load the new
 model (``POST /v1/products/<p>/reload``, which points the product's ``current`` revision at
-the new one, so an actor Ray restarts later loads it too). Frames keep flowing meanwhile:
+the new one and ships it to the actors through Ray, ``daemon.pool``, so an actor Ray restarts
+later, on any node, loads it too). Frames keep flowing meanwhile:
 each verdict uses the model, and that model's threshold, which scored it.
 """
 
