@@ -85,6 +85,7 @@ class ScoringWorker:
         self.models: dict[str, ProductModel] = {}
         self.failed: dict[str, str] = {}
         """Products whose model did not load at start: their frames get an error, never another model."""
+        self.node_id = node_id()
         for product in self._products():
             try:
                 self.reload(product)
@@ -92,7 +93,6 @@ class ScoringWorker:
                 log.error("cannot load %s: %s", product, e)
                 self.failed[product] = f"{type(e).__name__}: {e}"
         self.pid = os.getpid()
-        self.node_id = node_id()
         self._warm_up()
         lower_priority(nice)  # threads started since (Ray's, torch's) too
 
@@ -148,7 +148,7 @@ class ScoringWorker:
         log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
                  model.revision, backend)
         return {"model_version": model.model_version, "model_revision": model.revision,
-                "node_id": getattr(self, "node_id", None) or node_id()}
+                "node_id": self.node_id}
 
     def info(self) -> dict[str, Any]:
         return {
