@@ -93,9 +93,10 @@ class MemoryBankScorer(Scorer):
     """The bank search and reweighting run on the backend's device; FPFH too unless ``fpfh_impl="open3d"``."""
     batch_devices = ("cuda",)
     """A batch shares one bank search (``score_many``). On the CPU that was measured not to pay
-    (bench/results/batching-2core.md: FPFH and smoothing dominate, the search is a few per cent),
-    so the CPU scores part by part; on a GPU one search replaces a kernel stream per part
-    (not measured yet: no GPU was at hand; ``inspectd bench --batch 1,4,8 --backend torch-cuda``)."""
+    (bench/results/batching-2core.md: 0.98-1.08x the CPU time per frame at batch 4, within the
+    shared machine's noise; FPFH, preprocessing and smoothing dominate a frame), so the CPU scores
+    part by part. On a GPU one search replaces a kernel stream per part; not measured yet (no GPU
+    was at hand): ``inspectd bench --batch 1,4,8 --backend torch-cuda``."""
 
     def __init__(
         self,
