@@ -3,9 +3,9 @@ Ray processes (GCS, raylet, object store) on loopback, built with ``ray.cluster_
 as Ray's own tests do. The head has no CPUs, so every scoring actor runs on a worker node.
 
 Checked: the actors run on the worker nodes (``GET /v1/actors``, by Ray node id); their models
-reach them through Ray's object store (the worker nodes never read the models folder: a product
-enrolled live is served by an actor that was placed before it existed); a live
-``inspectd enroll --notify`` reaches the actors on both nodes; killing a worker node's processes
+reach them through Ray's object store (the daemon gives its actors the model registry, never the
+models folder's path); a live ``inspectd enroll --notify`` reaches the actors on both nodes (a
+product that did not exist when they were placed is scored on both); killing a worker node's processes
 (its raylet included) mid-stream moves its actor to the other node, and every frame sent gets
 exactly one verdict, none an error. Everything started here is stopped at the end.
 """
