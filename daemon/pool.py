@@ -10,7 +10,8 @@ Two lanes: frames above ``workers.large_points`` go to their own actors
 a large cloud never holds up normal parts. Every
 call has a deadline (``WorkersConfig.deadline_s`` summed over its frames, on the monotonic
 clock); a call past it is answered ``scoring_timeout`` and its actor is recycled (killed and
-restarted by Ray), which frees the CPU the runaway frame held.
+restarted by Ray), which frees the CPU the runaway frame held. A frame of a product with a
+shadow model (``shadowed``) is scored twice in its call, so its deadline counts twice.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class ActorPool:
         self.probes: dict[int, ray.ObjectRef] = {}
         self.backend_of: list[str] = []
         self.restarts = 0
+        self.shadowed: set[str] = set()
+        """Products whose frames the actors also score with a shadow model (twice the deadline)."""
 
     def wait_ready(self, timeout: float) -> list[dict[str, Any]]:
         """Block until every actor has loaded its models; returns their ``info()``."""
@@ -129,7 +132,8 @@ class ActorPool:
             job.attempts += 1
         # a call queued behind others on the same actor starts its clock when they are due
         start = max(time.monotonic(), self.busy_until[i] if self.load[i] else 0.0)
-        deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points) for job in jobs)
+        deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points)
+                               * (2 if job.frame.meta.product in self.shadowed else 1) for job in jobs)
         self.busy_until[i] = deadline
         ref = self.actors[i].score_batch.remote([job.frame for job in jobs])
         self.inflight[ref] = (i, jobs, deadline)

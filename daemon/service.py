@@ -67,6 +67,7 @@ from daemon.security import (
     ray_init_kwargs,
     secure_sockets,
 )
+from daemon.shadow import judge_shadow
 from sensors.frame import Frame, FrameError
 from sensors.wire import decode_frame, max_part_bytes, salvage_header
 from workers.model_store import (
@@ -74,8 +75,8 @@ from workers.model_store import (
     check_models_dir,
     enrolled_products,
     has_model,
-    switch_current,
 )
+from workers.model_versions import read_shadow, start_revision
 
 #: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
 FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
@@ -145,6 +146,7 @@ class InspectionService(ServiceApi):
                 logging_level=logging.WARNING,
             )
         self.pool = ActorPool(self.cfg, products)
+        self.pool.shadowed = {p for p in products if read_shadow(self.cfg.storage.models_dir, p)}
         infos = self.pool.wait_ready(ready_timeout)
         self._update_actor_gauge()
         log.info("%d scoring actors ready (%s)", self.pool.size, ", ".join(sorted({i["backend"] for i in infos})))
@@ -256,7 +258,7 @@ class InspectionService(ServiceApi):
             self.metrics.allow_product(name)
         self.cold_start = self.cfg.cold_start.enabled and has_model(models, ZERO_SHOT_MODEL)
         for product in enrolled + ([ZERO_SHOT_MODEL] if has_model(models, ZERO_SHOT_MODEL) else []):
-            switch_current(models, product)  # serve the newest revision; restarted actors load it too
+            start_revision(models, product)  # the newest, unless rolled back from; restarted actors load it too
         for name in self.cfg.products:
             if name not in enrolled:
                 log.warning("product %s is configured but not enrolled in %s%s", name, models,
@@ -521,7 +523,10 @@ class InspectionService(ServiceApi):
             **fields,
         }
         amap = np.asarray(outcome["anomaly_map"], dtype=np.float32)
-        self.out.put((header, amap, job.frame, timings, job.received_mono), SCORED)
+        shadow = outcome.get("shadow")
+        if shadow is not None:  # scored beside the live model: recorded, never deciding
+            shadow = judge_shadow(shadow, header, lambda c: self.thresholds_for(m.product, c), self.metrics)
+        self.out.put((header, amap, job.frame, timings, job.received_mono, shadow), SCORED)
 
     def _hold(self, frame: Frame) -> None:
         """Keep a cold-start frame so an operator can mark it good; the oldest goes first."""

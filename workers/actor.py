@@ -5,8 +5,10 @@ The class is plain Python so it can be tested in-process; the daemon wraps it wi
 arguments) it scans ``models_dir`` and loads each product's ``current`` revision, the one the
 daemon has switched to (``workers.model_store``), so a restarted actor serves the same models
 as the others, products enrolled live included. ``reload`` swaps one product's model, which
-is how a product changes model without a restart. ``score`` returns plain data (no custom
-classes) so Ray moves results cheaply.
+is how a product changes model without a restart, and loads or drops its shadow model
+(``workers.model_versions``), which scores every frame after the live one without deciding
+(``workers.shadow``). ``score`` returns plain data (no custom classes) so Ray moves results
+cheaply.
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ from workers.model_store import (
     enrolled_products,
     has_model,
     load_product_model,
+    read_pointer,
 )
+from workers.model_versions import read_shadow
 from workers.preprocess import PreparedCloud
+from workers.shadow import score_shadow
 
 log = logging.getLogger("inspectd.worker")
 
@@ -67,6 +72,8 @@ class ScoringWorker:
         self.models: dict[str, ProductModel] = {}
         self.failed: dict[str, str] = {}
         """Products whose model did not load at start: their frames get an error, never another model."""
+        self.shadows: dict[str, ProductModel] = {}
+        """Each product's shadow model, scored after the live one on every frame, never deciding."""
         names = enrolled_products(models_dir) + ([ZERO_SHOT_MODEL] if has_model(models_dir, ZERO_SHOT_MODEL) else [])
         for product in names:
             try:
@@ -84,30 +91,63 @@ class ScoringWorker:
         rng = np.random.default_rng(0)
         pts = rng.uniform(0, 20, size=(500, 3)).astype(np.float32)
         cloud = PreparedCloud(points=pts, source_flat=np.arange(500), voxel_of_source=np.arange(500))
-        for product, model in self.models.items():
+        for product, model in [*self.models.items(), *self.shadows.items()]:
             try:
                 model.scorer.score(cloud)
             except Exception as e:  # a warm-up failure is not fatal: the real frames will tell
                 log.warning("warm-up of %s failed: %s", product, e)
 
-    def reload(self, product: str) -> dict[str, str]:
-        """(Re)load one product's ``current`` revision; returns its ``model_version`` and
-        ``model_revision``. A model that fails to load leaves the old one in place."""
-        model = load_product_model(self.models_dir, product, CURRENT)
+    def reload(self, product: str) -> dict[str, str | None]:
+        """(Re)load one product's ``current`` revision (kept when already loaded: revisions never
+        change), then its ``shadow`` revision, or drop the shadow when the pointer is gone.
+        Returns ``model_version``, ``model_revision``, ``shadow_revision`` and ``shadow_error``.
+        A live model that fails to load leaves the old one in place; a shadow that fails is
+        dropped and named in ``shadow_error``, the live model untouched."""
+        loaded = self.models.get(product)
+        if loaded is None or loaded.revision != read_pointer(self.models_dir, product, CURRENT):
+            model = self._load(product)
+            self.models[product] = model
+            self.failed.pop(product, None)
+            log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
+                     model.revision, self.backends[product])
+        shadow_error = self._reload_shadow(product)
+        model, shadow = self.models[product], self.shadows.get(product)
+        return {"model_version": model.model_version, "model_revision": model.revision,
+                "shadow_revision": shadow.revision if shadow else None, "shadow_error": shadow_error}
+
+    def _load(self, product: str, revision: str | None = None) -> ProductModel:
+        """Load the ``current`` revision (or ``revision``) on the backend this actor uses."""
+        model = load_product_model(self.models_dir, product, CURRENT, revision)
         backend = resolve_backend(self.requested_backend, model.scorer.backends)
         model.scorer.use_backend(backend, Path(self.models_dir) / ".engine-cache")
-        self.models[product] = model
-        self.backends[product] = backend
-        self.failed.pop(product, None)
-        log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
-                 model.revision, backend)
-        return {"model_version": model.model_version, "model_revision": model.revision}
+        if revision is None:
+            self.backends[product] = backend
+        return model
+
+    def _reload_shadow(self, product: str) -> str | None:
+        """Follow the ``shadow`` pointer; returns why the shadow could not be loaded, if it could not."""
+        revision = read_shadow(self.models_dir, product)
+        held = self.shadows.get(product)
+        if revision is None:
+            self.shadows.pop(product, None)
+            return None
+        if held is not None and held.revision == revision:
+            return None
+        try:
+            self.shadows[product] = self._load(product, revision)
+        except Exception as e:  # a broken shadow never touches the live model
+            self.shadows.pop(product, None)
+            log.error("cannot load the shadow revision %s of %s: %s", revision, product, e)
+            return f"{type(e).__name__}: {e}"[:500]
+        log.info("shadow of %s: revision %s (%s)", product, revision, self.shadows[product].model_version)
+        return None
 
     def info(self) -> dict[str, Any]:
         return {
             "pid": self.pid,
             "backend": "+".join(sorted(set(self.backends.values()))) or "none",
             "products": {p: f"{m.model_version}@{m.revision}" for p, m in self.models.items()},
+            "shadows": {p: f"{m.model_version}@{m.revision}" for p, m in self.shadows.items()},
         }
 
     def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
@@ -132,7 +172,9 @@ class ScoringWorker:
         if model is None:
             raise KeyError(f"product {frame.meta.product!r} has no model and there is no cold-start model")
         result = score_frame(model.scorer, frame, model.preprocess)
+        shadow = None if zero_shot else self.shadows.get(frame.meta.product)
         return {
+            "shadow": score_shadow(shadow, frame) if shadow is not None else None,
             "object_score": result.object_score,
             "anomaly_map": result.anomaly_map,
             "timings": result.timings,

@@ -169,9 +169,12 @@ def save_product_model(
     return revision_dir(models_dir, product, revision)
 
 
-def load_product_model(models_dir: str | Path, product: str, which: str = LATEST) -> ProductModel:
-    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision."""
-    revision = read_pointer(models_dir, product, which)
+def load_product_model(
+    models_dir: str | Path, product: str, which: str = LATEST, revision: str | None = None
+) -> ProductModel:
+    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision, or
+    the given ``revision`` (a shadow, ``workers.model_versions``)."""
+    revision = revision or read_pointer(models_dir, product, which)
     d = revision_dir(models_dir, product, revision)
     meta = read_meta(d)
     scorer = load_scorer(d)
