@@ -65,6 +65,7 @@ CREATE TABLE IF NOT EXISTS shadow_scores (
     decided_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS shadow_pair ON shadow_scores (product, shadow_revision, live_revision);
+CREATE INDEX IF NOT EXISTS shadow_verdict ON shadow_scores (verdict_id);
 """
 SHADOW_FIELDS = ("verdict_id", "product", "part_id", "live_version", "live_revision", "live_score", "live_verdict",
                  "shadow_version", "shadow_revision", "shadow_score", "shadow_verdict", "shadow_error",

@@ -485,7 +485,7 @@ class InspectionService(ServiceApi):
             self._emit_error(ident, reason, detail, job.received_at, job.timings, job.received_mono)
             return
         t0, mono0 = time.time(), time.monotonic()
-        worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back"))
+        worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back", "shadow"))
         timings = {**outcome["timings"], **job.timings}  # the daemon's own stages win a name clash
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
         timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
