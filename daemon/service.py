@@ -32,7 +32,9 @@ recent frames so an operator can mark good ones (``POST /v1/products/<p>/good``,
 ``inspectd mark-good``); ``inspectd enroll --notify`` then makes every actor load the new
 model (``POST /v1/products/<p>/reload``, which points the product's ``current`` revision at
 the new one, so an actor Ray restarts later loads it too). Frames keep flowing meanwhile:
-each verdict uses the model, and that model's threshold, which scored it.
+each verdict uses the model, and that model's threshold, which scored it. A product may also
+have a shadow model, scored beside the live one without deciding, then promoted or rolled
+back (``daemon.model_updates``, ``daemon.shadow``, docs/model-updates.md).
 """
 
 from __future__ import annotations

@@ -95,6 +95,14 @@ def test_worker_scores_the_shadow_after_the_live_model(tmp_path: Path) -> None:
     assert out["model_revision"] == r1 and out["threshold"] == 0.3  # the live result is the live model's
     s = out["shadow"]
     assert s["model_revision"] == r2 and s["threshold"] == 0.2 and s["error"] is None and s["object_score"] >= 0
+
+    def boom(cloud: object) -> None:
+        raise RuntimeError("shadow broke")
+
+    worker.shadows[PRODUCT].scorer.score = boom  # a shadow failing on a frame: recorded, live result intact
+    failed = worker.score(frame)
+    assert failed["shadow"]["error"] == "RuntimeError: shadow broke" and failed["shadow"]["object_score"] is None
+    assert failed["object_score"] == out["object_score"] and failed["model_revision"] == r1
     clear_shadow(tmp_path, PRODUCT)
     assert worker.reload(PRODUCT)["shadow_revision"] is None and worker.score(frame)["shadow"] is None
 

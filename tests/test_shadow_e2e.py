@@ -145,6 +145,17 @@ def test_shadow_promote_rollback_while_streaming(enrolled_models: Path, tmp_path
             assert f"(revision {live})" in out
             back = line.wait_for(3, t_back)
             assert {v["model_revision"] for v in back} == {live}
+
+            # refused switches change nothing: nothing left to roll back to, a shadow that cannot load
+            assert main(["rollback", "--product", PRODUCT, "--daemon", d.http]) == 2
+            broken = models / PRODUCT / "versions" / "0099"
+            shutil.copytree(models / PRODUCT / "versions" / live, broken)
+            (broken / "model.safetensors").write_bytes(b"truncated")
+            assert main(["shadow", "start", "--product", PRODUCT, "--revision", "0099", "--daemon", d.http]) == 2
+            assert not (models / PRODUCT / "shadow").exists()
+            assert get_json(f"{d.http}/v1/shadow?product={PRODUCT}")[0] == 404
+            t_refused = time.time()
+            assert {v["model_revision"] for v in line.wait_for(2, t_refused)} == {live}
         finally:
             line.finish()
 
