@@ -54,10 +54,14 @@ class ModelUpdates:
     def promote(self, product: str) -> Reply:
         """Serve the product's shadow revision; it is then no longer a shadow."""
         models = self.cfg.storage.models_dir
-        shadow = read_shadow(models, product) if has_model(models, product) else None
-        if shadow is None:
-            return 409, {"error": f"{product!r} has no shadow model to promote (inspectd enroll --shadow)"}
-        return self._switch(product, "promote", lambda: serve(models, product, shadow, action="promote"))
+
+        def move() -> str:
+            shadow = read_shadow(models, product)  # read under the reload lock
+            if shadow is None:
+                raise _Refused(409, f"{product!r} has no shadow model to promote (inspectd enroll --shadow)")
+            return serve(models, product, shadow, action="promote")
+
+        return self._switch(product, "promote", move)
 
     def rollback(self, product: str) -> Reply:
         """Serve the revision served before the current one (the history on disk)."""
@@ -90,10 +94,10 @@ class ModelUpdates:
     def stop_shadow(self, product: str) -> Reply:
         """Stop scoring the product with its shadow model (the live model is untouched)."""
         models = self.cfg.storage.models_dir
-        if not has_model(models, product) or read_shadow(models, product) is None:
-            return 409, {"error": f"{product!r} has no shadow model"}
 
         def move() -> str:
+            if read_shadow(models, product) is None:
+                raise _Refused(409, f"{product!r} has no shadow model")
             clear_shadow(models, product)
             return read_pointer(models, product, CURRENT)
 

@@ -153,6 +153,8 @@ def test_shadow_promote_rollback_while_streaming(enrolled_models: Path, tmp_path
             (broken / "model.safetensors").write_bytes(b"truncated")
             assert main(["shadow", "start", "--product", PRODUCT, "--revision", "0099", "--daemon", d.http]) == 2
             assert not (models / PRODUCT / "shadow").exists()
+            assert main(["promote", "--product", PRODUCT, "--daemon", d.http]) == 2  # no shadow to promote
+            assert main(["shadow", "stop", "--product", PRODUCT, "--daemon", d.http]) == 2
             assert get_json(f"{d.http}/v1/shadow?product={PRODUCT}")[0] == 404
             t_refused = time.time()
             assert {v["model_revision"] for v in line.wait_for(2, t_refused)} == {live}
