@@ -1,5 +1,6 @@
 """The daemon's JSON API behind ``daemon.http_api``: products, verdict replay, marking a held
-cold-start part good, and switching a product to its newest model revision without a restart.
+cold-start part good, and the live model switches of ``daemon.model_updates`` (reload, shadow,
+promote, rollback) with the shadow's report.
 
 ``ServiceApi`` is a part of ``InspectionService`` (``daemon.service``), kept in its own module so
 each file reads on its own; it uses the service's config, pool, result-log reader and held
@@ -12,22 +13,23 @@ import logging
 import re
 from typing import Any
 
+from daemon.model_updates import ModelUpdates
 from daemon.replay import verdicts_page
 from daemon.security import inside, valid_part_id, valid_product
 from sensors.pointfiles import write_pcd, write_xyz_tiff
-from workers.model_store import CURRENT, has_model, read_pointer, switch_current
 
-PRODUCT_ROUTE = re.compile(r"/v1/products/(.+)/(good|reload)\Z", re.DOTALL)
+PRODUCT_ROUTE = re.compile(r"/v1/products/(.+)/(good|reload|shadow|unshadow|promote|rollback)\Z", re.DOTALL)
 
 log = logging.getLogger("inspectd.service")
 
 
-class ServiceApi:
+class ServiceApi(ModelUpdates):
     """``api(method, path, body) -> (status, JSON reply)``, the callback the HTTP server calls."""
 
     def api(self, method: str, path: str, body: Any) -> tuple[int, dict[str, Any]]:
-        """``GET /v1/products``, ``GET /v1/actors``, ``GET /v1/verdicts?...``, ``POST /v1/products/<p>/good`` and
-        ``POST /v1/products/<p>/reload``. ``path`` may carry a query string."""
+        """``GET /v1/products``, ``GET /v1/actors``, ``GET /v1/verdicts?...``, ``GET /v1/shadow?product=P``,
+        ``POST /v1/products/<p>/good`` and ``POST /v1/products/<p>/<reload|shadow|unshadow|promote|rollback>``.
+        ``path`` may carry a query string."""
         path, _, query = path.partition("?")
         if method == "GET" and path == "/v1/verdicts":
             return verdicts_page(self.reader, query)
@@ -37,6 +39,8 @@ class ServiceApi:
             with self.held_lock:
                 held = sorted({p for p, _ in self.held})
             return 200, {"enrolled": sorted(self.products), "cold_start": self.cold_start, "held_cold_start": held}
+        if method == "GET" and path == "/v1/shadow":
+            return self.shadow_status(query)
         m = PRODUCT_ROUTE.match(path)
         if method != "POST" or m is None:
             return 404, {"error": f"no route {method} {path}"}
@@ -50,7 +54,11 @@ class ServiceApi:
             if not valid_part_id(part_id):
                 return 400, {"error": f"part id {part_id!r} is not a valid part id"}
             return self.mark_good(product, part_id)
-        return self.reload(product)
+        if action == "shadow":
+            return self.start_shadow(product, body)
+        if action == "unshadow":
+            return self.stop_shadow(product)
+        return {"reload": self.reload, "promote": self.promote, "rollback": self.rollback}[action](product)
 
     def mark_good(self, product: str, part_id: str) -> tuple[int, dict[str, Any]]:
         """Write a held frame to ``<collect_dir>/<product>/good/`` for a later ``inspectd enroll``."""
@@ -72,32 +80,3 @@ class ServiceApi:
         n = sum(1 for _ in folder.iterdir())
         log.info("marked %s/%s good (%d collected)", product, part_id, n)
         return 200, {"saved": str(path), "collected": n}
-
-    def reload(self, product: str) -> tuple[int, dict[str, Any]]:
-        """Make every actor load the product's model from disk (enrollment without a restart)."""
-        models = self.cfg.storage.models_dir
-        if not has_model(models, product):
-            return 404, {"error": f"no model for {product!r} in {models}"}
-        assert self.pool is not None
-        with self.reload_lock:
-            before = read_pointer(models, product, CURRENT)
-            revision = switch_current(models, product)  # from here on a restarted actor loads the new one
-            try:
-                loaded = self.pool.reload(product)
-                if {(x["model_version"], x["model_revision"]) for x in loaded} != {(loaded[0]["model_version"], revision)}:
-                    raise RuntimeError(f"actors loaded different models: {loaded}")
-            except Exception as e:  # a broken artifact must not take the daemon down: back to the old one
-                log.exception("reload of %s failed; serving revision %s again", product, before)
-                if product in self.products and before != revision:
-                    switch_current(models, product, before)
-                    try:
-                        self.pool.reload(product)
-                    except Exception:
-                        log.exception("re-loading revision %s of %s failed too", before, product)
-                return 500, {"error": f"reload of {product} failed ({type(e).__name__}); the reason is in the daemon's log"}
-        self.products.add(product)
-        self.metrics.allow_product(product)
-        self.metrics.model_reloads.labels(product=product).inc()
-        log.info("product %s now served by model %s (revision %s)", product, loaded[0]["model_version"], revision)
-        return 200, {"product": product, "model_version": loaded[0]["model_version"], "model_revision": revision,
-                     "actors": len(loaded), "nodes": sorted({str(x.get("node_id")) for x in loaded})}

@@ -173,15 +173,16 @@ def _token(token_file: str | None, config: str | None) -> str | None:
     return next(iter(load_tokens(Path(token_file))))
 
 
-def _post(url: str, body: dict | None = None, token: str | None = None) -> dict:
-    """POST JSON to the daemon's HTTP API; the daemon's error message on failure."""
+def _post(url: str, body: dict | None = None, token: str | None = None, method: str = "POST") -> dict:
+    """POST JSON to the daemon's HTTP API (or GET, without a body); the daemon's error message on failure."""
     import urllib.error
     import urllib.request
 
     headers = {"Content-Type": "application/json"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(url, data=json.dumps(body or {}).encode(), method="POST", headers=headers)
+    data = json.dumps(body or {}).encode() if method == "POST" else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())
@@ -214,7 +215,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if k:
         rec = json.loads((path / CALIBRATION_FILE).read_text())
         print(f"calibrated {product} on the {k} held-out parts: {describe(rec)}")
-    if args.notify:
+    if args.shadow:
+        from daemon.models_cli import enroll_shadow
+
+        enroll_shadow(models, product, path.name, args.notify, _token(args.token_file, args.config))
+    elif args.notify:
         reply = _post(f"{args.notify.rstrip('/')}/v1/products/{product}/reload",
                       token=_token(args.token_file, args.config))
         print(f"daemon now serves {product} with model {reply['model_version']} (revision "
@@ -264,30 +269,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         reply = _post(f"{args.notify.rstrip('/')}/v1/products/{args.product}/reload")
         print(f"daemon now serves {args.product} revision {reply.get('model_revision')} on {reply['actors']} actors")
     return 0
-
-
-def cmd_models(args: argparse.Namespace) -> int:
-    from workers.model_store import (
-        CURRENT,
-        LATEST,
-        ZERO_SHOT_MODEL,
-        enrolled_products,
-        has_model,
-        legacy_products,
-        migrate_models_dir,
-        read_pointer,
-    )
-
-    if args.action == "migrate":
-        done = migrate_models_dir(args.dir)
-        print(f"migrated {len(done)} model folder(s) in {args.dir} to format 2" + (f": {', '.join(done)}" if done else ""))
-        return 0
-    old = legacy_products(args.dir)
-    for name in enrolled_products(args.dir) + ([ZERO_SHOT_MODEL] if has_model(args.dir, ZERO_SHOT_MODEL) else []):
-        print(f"{name}: latest {read_pointer(args.dir, name, LATEST)}, served {read_pointer(args.dir, name, CURRENT)}")
-    for name in old:
-        print(f"{name}: old format 1, run `inspectd models migrate {args.dir}`")
-    return 1 if old else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -412,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--allow-random-init", action="store_true",
                    help="let a learned scorer fit from random weights when its pretrained weights are missing")
     e.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new model live")
+    e.add_argument("--shadow", action="store_true",
+                   help="load the new model beside the live one, scoring without deciding (then `inspectd promote`)")
     e.add_argument("--config")
     e.add_argument("--models", help="models folder (default: the config's storage.models_dir)")
     e.add_argument("--token-file", help="bearer token for --notify (default: the config's http.token_file)")
@@ -444,11 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models")
     c.set_defaults(func=cmd_calibrate)
 
-    mo = sub.add_parser("models", help="list or migrate a models folder")
-    mo.add_argument("action", choices=["list", "migrate"])
-    mo.add_argument("dir", help="the models folder (storage.models_dir)")
-    mo.set_defaults(func=cmd_models)
-
     d = sub.add_parser("demo", help="enroll, calibrate, start the daemon and a simulated camera, report")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--parts", type=int, default=40)
@@ -460,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_results_command(sub)
 
-    from daemon import bench, eval_cli, train
+    from daemon import bench, eval_cli, models_cli, train
 
+    models_cli.add_commands(sub)
     eval_cli.add_commands(sub)
     train.add_commands(sub)
     bench.add_commands(sub)

@@ -9,6 +9,10 @@ within the retention budget (bytes and age).
 Protocol 2 (``daemon.delivery``): once a verdict is committed its frame is acknowledged on the
 PUB socket; a verdict that could not be committed releases its frame, so a resend is taken as
 new; a resent frame already in the log gets its original verdict again (``Republish``).
+
+A verdict scored beside a shadow model comes with its shadow row (``daemon.shadow``), written
+to the log's ``shadow_scores`` table once the verdict is committed; a failure there is logged
+and never touches the verdict.
 """
 
 from __future__ import annotations
@@ -71,14 +75,22 @@ class Emitter:
                 self.metrics.maps_pruned.inc(self.retention.prune())
 
     def emit_one(
-        self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], mono: float | None
+        self, header: dict[str, Any], amap: np.ndarray | None, frame: Any, timings: dict[str, float], mono: float | None,
+        shadow: dict[str, Any] | None = None,
     ) -> None:
-        """Record and publish one verdict; whatever fails, exactly one verdict is published."""
+        """Record and publish one verdict (and its shadow row, if any); whatever fails, exactly
+        one verdict is published."""
         try:
             header, amap = self._record(header, amap, frame, timings, mono)
         except Exception as e:  # a bug in recording: the frame is still answered
             log.exception("failed to record verdict for %s", header.get("part_id"))
             header, amap = self._fallback(header, "internal_error", repr(e)), None
+        if shadow is not None and header.get("verdict_id") is not None and header["verdict"] != "error":
+            try:
+                self.results.append_shadow({**shadow, "verdict_id": header["verdict_id"],
+                                            "decided_at": header["decided_at"]})
+            except Exception:  # the shadow's record is lost, the live verdict goes out as it is
+                log.exception("cannot record the shadow score of %s", header.get("part_id"))
         try:
             self._publish(header, amap, timings)
         except Exception as e:  # e.g. a header that cannot be encoded: publish its identity only

@@ -21,6 +21,8 @@ from prometheus_client import (
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SHADOW_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
+"""Scores in good-part standard deviations above the good-part median (``score_normalized``)."""
 AGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 OTHER = "other"
 """The label value of every sensor id or product outside the bounded sets."""
@@ -70,6 +72,20 @@ class DaemonMetrics:
         )
         self.marked_good = Counter("inspectd_marked_good", "Parts an operator marked good.", ["product"], registry=r)
         self.model_reloads = Counter("inspectd_model_reloads", "Live model switches.", ["product"], registry=r)
+        self.shadow_agreement = Counter(
+            "inspectd_shadow_agreement",
+            "Frames a shadow model scored beside the live one, by whether its would-be verdict agreed (yes, no).",
+            ["product", "agree"], registry=r,
+        )
+        self.shadow_errors = Counter(
+            "inspectd_shadow_errors", "Frames a shadow model failed to score (the live verdict stands).",
+            ["product"], registry=r,
+        )
+        self.shadow_score = Histogram(
+            "inspectd_shadow_score",
+            "Normalized object scores of the frames a shadow model scored, by model (live, shadow).",
+            ["product", "model"], buckets=SHADOW_BUCKETS, registry=r,
+        )
         self.seq_gaps = Counter(
             "inspectd_seq_gaps", "Jumps in a sensor's seq (frames that never reached the daemon).", registry=r
         )

@@ -14,7 +14,8 @@ Two lanes: frames above ``workers.large_points`` go to their own actors
 a large cloud never holds up normal parts. Every
 call has a deadline (``WorkersConfig.deadline_s`` summed over its frames, on the monotonic
 clock); a call past it is answered ``scoring_timeout`` and its actor is recycled (killed and
-restarted by Ray), which frees the CPU the runaway frame held.
+restarted by Ray), which frees the CPU the runaway frame held. A frame of a product with a
+shadow model (``shadowed``) is scored twice in its call, so its deadline counts twice.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sensors.frame import FrameError
 from workers.actor import ScoringWorker
 from workers.model_registry import ModelRegistry
 from workers.model_store import CURRENT, ZERO_SHOT_MODEL, has_model, read_bundle
+from workers.model_versions import read_shadow
 
 log = logging.getLogger("inspectd.pool")
 
@@ -107,12 +109,23 @@ class ActorPool:
         self.probes: dict[int, ray.ObjectRef] = {}
         self.backend_of: list[str] = []
         self.restarts = 0
+        self.shadowed: set[str] = set()
+        """Products whose frames the actors also score with a shadow model (twice the deadline)."""
 
     def publish(self, product: str) -> str:
-        """Put the product's ``current`` revision into Ray's object store and serve it from the
-        registry (a restarted actor loads it from there); returns the revision."""
+        """Put the product's ``current`` revision, and its shadow revision if it has one, into
+        Ray's object store and serve them from the registry (a restarted actor loads them from
+        there); returns the current revision."""
         bundle = read_bundle(self.models_dir, product, CURRENT)
-        ray.get(self.registry.publish.remote(product, [ray.put(bundle)]))
+        shadow = read_shadow(self.models_dir, product)
+        shadow_ref = None
+        if shadow is not None:
+            try:
+                shadow_ref = [ray.put(read_bundle(self.models_dir, product, revision=shadow))]
+            except Exception as e:  # the actors report it (shadow_error); the live model is untouched
+                log.error("cannot read the shadow revision %s of %s: %s", shadow, product, e)
+                shadow_ref = [ray.put({"product": product, "revision": shadow, "files": {}})]
+        ray.get(self.registry.publish.remote(product, [ray.put(bundle)], shadow_ref))
         return bundle["revision"]
 
     def wait_ready(self, timeout: float) -> list[dict[str, Any]]:
@@ -162,7 +175,8 @@ class ActorPool:
             job.attempts += 1
         # a call queued behind others on the same actor starts its clock when they are due
         start = max(time.monotonic(), self.busy_until[i] if self.load[i] else 0.0)
-        deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points) for job in jobs)
+        deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points)
+                               * (2 if job.frame.meta.product in self.shadowed else 1) for job in jobs)
         self.busy_until[i] = deadline
         ref = self.actors[i].score_batch.remote([job.frame for job in jobs])
         self.inflight[ref] = (i, jobs, deadline)
@@ -238,7 +252,7 @@ class ActorPool:
                 log.info("actor %d restarted: pid %d on node %s", i, info["pid"], info["node_id"])
 
     def reload(self, product: str, timeout: float = 60.0) -> list[dict[str, str]]:
-        """Publish a product's ``current`` model and load it in every live actor (hot swap);
+        """Publish a product's ``current`` (and shadow) model and load it in every live actor (hot swap);
         returns what each loaded, and where. An actor that died meanwhile is skipped: Ray's
         restart loads the published model itself."""
         self.publish(product)

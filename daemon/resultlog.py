@@ -45,6 +45,32 @@ CREATE INDEX IF NOT EXISTS verdicts_sensor_seq ON verdicts (sensor_id, seq);
 CREATE INDEX IF NOT EXISTS verdicts_decided ON verdicts (decided_at);
 """
 
+#: Scores of a product's shadow model, one row per verdict it scored beside the live model.
+SHADOW_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shadow_scores (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    verdict_id      INTEGER NOT NULL,
+    product         TEXT NOT NULL,
+    part_id         TEXT,
+    live_version    TEXT,
+    live_revision   TEXT,
+    live_score      REAL,
+    live_verdict    TEXT NOT NULL,
+    shadow_version  TEXT,
+    shadow_revision TEXT NOT NULL,
+    shadow_score    REAL,
+    shadow_verdict  TEXT NOT NULL,
+    shadow_error    TEXT,
+    shadow_seconds  REAL,
+    decided_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shadow_pair ON shadow_scores (product, shadow_revision, live_revision);
+CREATE INDEX IF NOT EXISTS shadow_verdict ON shadow_scores (verdict_id);
+"""
+SHADOW_FIELDS = ("verdict_id", "product", "part_id", "live_version", "live_revision", "live_score", "live_verdict",
+                 "shadow_version", "shadow_revision", "shadow_score", "shadow_verdict", "shadow_error",
+                 "shadow_seconds", "decided_at")
+
 #: The most rows one replay page returns.
 MAX_PAGE = 1000
 
@@ -62,6 +88,7 @@ class ResultLog:
         if "protocol" not in columns:
             self.conn.execute("ALTER TABLE verdicts ADD COLUMN protocol INTEGER")
         self.conn.executescript(MIGRATIONS)
+        self.conn.executescript(SHADOW_SCHEMA)
 
     def append(self, header: dict[str, Any]) -> int:
         """Insert one verdict and commit; returns its row id."""
@@ -90,6 +117,14 @@ class ResultLog:
                 json.dumps(header, default=str),
                 int(header.get("protocol") or 1),
             ),
+        )
+        return int(cur.lastrowid)
+
+    def append_shadow(self, record: dict[str, Any]) -> int:
+        """Insert one shadow score (``SHADOW_FIELDS``, ``verdict_id`` the live verdict's row)."""
+        cur = self.conn.execute(
+            f"INSERT INTO shadow_scores ({', '.join(SHADOW_FIELDS)}) VALUES ({', '.join('?' * len(SHADOW_FIELDS))})",
+            tuple(record.get(k) for k in SHADOW_FIELDS),
         )
         return int(cur.lastrowid)
 
@@ -160,6 +195,30 @@ class LogReader:
             header["verdict_id"] = row_id
             out.append(header)
         return out
+
+    def shadow_rows(
+        self, product: str, shadow_revision: str, live_revision: str, disagreeing: bool = False, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """The newest shadow rows of one live/shadow pair (only those whose verdicts differ with
+        ``disagreeing``), newest first, at most ``limit``."""
+        where = "product = ? AND shadow_revision = ? AND live_revision = ?"
+        if disagreeing:
+            where += " AND shadow_error IS NULL AND live_verdict != shadow_verdict"
+        sql = f"SELECT {', '.join(SHADOW_FIELDS)} FROM shadow_scores WHERE {where} ORDER BY id DESC LIMIT ?"
+        with self.lock:
+            rows = self.conn.execute(sql, (product, shadow_revision, live_revision, max(1, limit))).fetchall()
+        return [dict(zip(SHADOW_FIELDS, row, strict=True)) for row in rows]
+
+    def shadow_counts(self, product: str, shadow_revision: str, live_revision: str) -> dict[str, int]:
+        """``compared`` (both scored), ``agreed`` (same verdict) and ``errors`` (the shadow failed)."""
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT SUM(shadow_error IS NULL), SUM(shadow_error IS NULL AND live_verdict = shadow_verdict),"
+                " SUM(shadow_error IS NOT NULL) FROM shadow_scores"
+                " WHERE product = ? AND shadow_revision = ? AND live_revision = ?",
+                (product, shadow_revision, live_revision),
+            ).fetchone()
+        return {"compared": int(row[0] or 0), "agreed": int(row[1] or 0), "errors": int(row[2] or 0)}
 
     def close(self) -> None:
         with self.lock:

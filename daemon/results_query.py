@@ -198,6 +198,7 @@ def prune(
     now = time.time() if now is None else now
     conn = sqlite3.connect(str(p), timeout=30, isolation_level=None)
     report = {"rows_deleted": 0, "maps_deleted": 0, "map_bytes_freed": 0}
+    shadows = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shadow_scores'").fetchone()
 
     def drop(rows: list[tuple]) -> int:
         """Delete ``rows`` and then their maps (a crash leaves an orphan map, never a row without
@@ -210,6 +211,8 @@ def prune(
         if not dry_run:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("DELETE FROM verdicts WHERE id = ?", [(r[0],) for r in rows])
+            if shadows:  # a shadow model's scores go with the verdict they were recorded beside
+                conn.executemany("DELETE FROM shadow_scores WHERE verdict_id = ?", [(r[0],) for r in rows])
             conn.execute("COMMIT")
             for f in files:
                 f.unlink(missing_ok=True)

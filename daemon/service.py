@@ -33,7 +33,9 @@ recent frames so an operator can mark good ones (``POST /v1/products/<p>/good``,
 model (``POST /v1/products/<p>/reload``, which points the product's ``current`` revision at
 the new one and ships it to the actors through Ray, ``daemon.pool``, so an actor Ray restarts
 later, on any node, loads it too). Frames keep flowing meanwhile:
-each verdict uses the model, and that model's threshold, which scored it.
+each verdict uses the model, and that model's threshold, which scored it. A product may also
+have a shadow model, scored beside the live one without deciding, then promoted or rolled
+back (``daemon.model_updates``, ``daemon.shadow``, docs/model-updates.md).
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ from daemon.security import (
     ray_init_kwargs,
     secure_sockets,
 )
+from daemon.shadow import judge_shadow
 from sensors.frame import Frame, FrameError
 from sensors.wire import decode_frame, max_part_bytes, salvage_header
 from workers.model_store import (
@@ -75,8 +78,8 @@ from workers.model_store import (
     check_models_dir,
     enrolled_products,
     has_model,
-    switch_current,
 )
+from workers.model_versions import read_shadow, start_revision
 
 #: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
 FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
@@ -146,6 +149,7 @@ class InspectionService(ServiceApi):
                 logging_level=logging.WARNING,
             )
         self.pool = ActorPool(self.cfg, products)
+        self.pool.shadowed = {p for p in products if read_shadow(self.cfg.storage.models_dir, p)}
         infos = self.pool.wait_ready(ready_timeout)
         self._update_actor_gauge()
         log.info("%d scoring actors ready (%s)", self.pool.size, ", ".join(sorted({i["backend"] for i in infos})))
@@ -257,7 +261,7 @@ class InspectionService(ServiceApi):
             self.metrics.allow_product(name)
         self.cold_start = self.cfg.cold_start.enabled and has_model(models, ZERO_SHOT_MODEL)
         for product in enrolled + ([ZERO_SHOT_MODEL] if has_model(models, ZERO_SHOT_MODEL) else []):
-            switch_current(models, product)  # serve the newest revision; restarted actors load it too
+            start_revision(models, product)  # the newest, unless rolled back from; restarted actors load it too
         for name in self.cfg.products:
             if name not in enrolled:
                 log.warning("product %s is configured but not enrolled in %s%s", name, models,
@@ -484,7 +488,7 @@ class InspectionService(ServiceApi):
             self._emit_error(ident, reason, detail, job.received_at, job.timings, job.received_mono)
             return
         t0, mono0 = time.time(), time.monotonic()
-        worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back"))
+        worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back", "shadow"))
         timings = {**outcome["timings"], **job.timings}  # the daemon's own stages win a name clash
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
         timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
@@ -522,7 +526,10 @@ class InspectionService(ServiceApi):
             **fields,
         }
         amap = np.asarray(outcome["anomaly_map"], dtype=np.float32)
-        self.out.put((header, amap, job.frame, timings, job.received_mono), SCORED)
+        shadow = outcome.get("shadow")
+        if shadow is not None:  # scored beside the live model: recorded, never deciding
+            shadow = judge_shadow(shadow, header, lambda c: self.thresholds_for(m.product, c), self.metrics)
+        self.out.put((header, amap, job.frame, timings, job.received_mono, shadow), SCORED)
 
     def _hold(self, frame: Frame) -> None:
         """Keep a cold-start frame so an operator can mark it good; the oldest goes first."""

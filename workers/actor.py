@@ -8,8 +8,10 @@ store, so an actor on any node of a cluster loads them with no shared filesystem
 construction (also when Ray restarts a dead actor with the original arguments) it loads each
 product's current revision from its source, so a restarted actor serves the same models as the
 others, products enrolled live included. ``reload`` swaps one product's model, which is how a
-product changes model without a restart. ``score`` returns plain data (no custom classes) so
-Ray moves results cheaply.
+product changes model without a restart, and loads or drops its shadow model
+(``workers.model_versions``), which scores every frame after the live one without deciding
+(``workers.shadow``). ``score`` returns plain data (no custom classes) so Ray moves results
+cheaply.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from workers.model_store import (
     load_bundle,
     read_bundle,
 )
+from workers.model_versions import read_shadow
 from workers.preprocess import PreparedCloud
+from workers.shadow import score_shadow
 
 log = logging.getLogger("inspectd.worker")
 
@@ -85,6 +89,8 @@ class ScoringWorker:
         self.models: dict[str, ProductModel] = {}
         self.failed: dict[str, str] = {}
         """Products whose model did not load at start: their frames get an error, never another model."""
+        self.shadows: dict[str, ProductModel] = {}
+        """Each product's shadow model, scored after the live one on every frame, never deciding."""
         self.node_id = node_id()
         for product in self._products():
             try:
@@ -113,14 +119,20 @@ class ScoringWorker:
 
         return ray.get(self.source.products.remote())
 
-    def _bundle(self, product: str) -> dict[str, Any]:
-        """The product's current revision as bytes (``model_store.read_bundle``), from the source."""
+    def _bundle(self, product: str, shadow: bool = False) -> dict[str, Any] | None:
+        """The product's current revision as bytes (``model_store.read_bundle``), or with
+        ``shadow`` its shadow revision (None when it has none), from the source."""
         if isinstance(self.source, (str, Path)):
-            return read_bundle(self.source, product, CURRENT)
+            if not shadow:
+                return read_bundle(self.source, product, CURRENT)
+            revision = read_shadow(self.source, product)
+            return None if revision is None else read_bundle(self.source, product, revision=revision)
         import ray
 
-        ref = ray.get(self.source.get.remote(product))
+        ref = ray.get(self.source.get.remote(product, shadow))
         if ref is None:
+            if shadow:
+                return None
             raise FileNotFoundError(f"no model for {product!r} is published")
         return ray.get(ref[0])
 
@@ -130,25 +142,63 @@ class ScoringWorker:
         rng = np.random.default_rng(0)
         pts = rng.uniform(0, 20, size=(500, 3)).astype(np.float32)
         cloud = PreparedCloud(points=pts, source_flat=np.arange(500), voxel_of_source=np.arange(500))
-        for product, model in self.models.items():
+        for product, model in [*self.models.items(), *self.shadows.items()]:
             try:
                 model.scorer.score(cloud)
             except Exception as e:  # a warm-up failure is not fatal: the real frames will tell
                 log.warning("warm-up of %s failed: %s", product, e)
 
     def reload(self, product: str) -> dict[str, Any]:
-        """(Re)load one product's current revision from the source; returns its ``model_version``,
-        ``model_revision`` and this actor's ``node_id``. A model that fails to load leaves the old one in place."""
-        model = load_bundle(self._bundle(product))
-        backend = resolve_backend(self.requested_backend, model.scorer.backends)
-        model.scorer.use_backend(backend, self.cache_dir)
-        self.models[product] = model
-        self.backends[product] = backend
-        self.failed.pop(product, None)
-        log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
-                 model.revision, backend)
+        """(Re)load one product's current revision from the source (kept when already loaded:
+        revisions never change), then its shadow revision, or drop the shadow when none is served.
+        Returns ``model_version``, ``model_revision``, ``shadow_revision``, ``shadow_error`` and
+        this actor's ``node_id``. A live model that fails to load leaves the old one in place; a
+        shadow that fails is dropped and named in ``shadow_error``, the live model untouched."""
+        bundle = self._bundle(product)
+        loaded = self.models.get(product)
+        if loaded is None or loaded.revision != bundle["revision"]:
+            model = self._load(bundle)
+            self.models[product] = model
+            self.backends[product] = self._backend_of(model)
+            self.failed.pop(product, None)
+            log.info("loaded %s: %s %s (revision %s) on %s", product, model.meta["scorer"], model.model_version,
+                     model.revision, self.backends[product])
+        shadow_error = self._reload_shadow(product)
+        model, shadow = self.models[product], self.shadows.get(product)
         return {"model_version": model.model_version, "model_revision": model.revision,
+                "shadow_revision": shadow.revision if shadow else None, "shadow_error": shadow_error,
                 "node_id": self.node_id}
+
+    def _load(self, bundle: dict[str, Any]) -> ProductModel:
+        """Load a bundle on the backend this actor uses."""
+        model = load_bundle(bundle)
+        model.scorer.use_backend(self._backend_of(model), self.cache_dir)
+        return model
+
+    def _backend_of(self, model: ProductModel) -> str:
+        return resolve_backend(self.requested_backend, model.scorer.backends)
+
+    def _reload_shadow(self, product: str) -> str | None:
+        """Follow the source's shadow revision; returns why the shadow could not be loaded, if it could not."""
+        try:
+            bundle = self._bundle(product, shadow=True)
+        except Exception as e:  # a shadow that cannot even be read never touches the live model
+            self.shadows.pop(product, None)
+            return f"{type(e).__name__}: {e}"[:500]
+        held = self.shadows.get(product)
+        if bundle is None:
+            self.shadows.pop(product, None)
+            return None
+        if held is not None and held.revision == bundle["revision"]:
+            return None
+        try:
+            self.shadows[product] = self._load(bundle)
+        except Exception as e:  # a broken shadow never touches the live model
+            self.shadows.pop(product, None)
+            log.error("cannot load the shadow revision %s of %s: %s", bundle["revision"], product, e)
+            return f"{type(e).__name__}: {e}"[:500]
+        log.info("shadow of %s: revision %s (%s)", product, bundle["revision"], self.shadows[product].model_version)
+        return None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -156,6 +206,7 @@ class ScoringWorker:
             "node_id": self.node_id,
             "backend": "+".join(sorted(set(self.backends.values()))) or "none",
             "products": {p: f"{m.model_version}@{m.revision}" for p, m in self.models.items()},
+            "shadows": {p: f"{m.model_version}@{m.revision}" for p, m in self.shadows.items()},
         }
 
     def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
@@ -179,7 +230,7 @@ class ScoringWorker:
             if len(members) > 1 and model.scorer.batches:
                 results: list[Any] = score_frames(model.scorer, [frames[i] for i in members], model.preprocess)
                 for i, r in zip(members, results, strict=True):
-                    out[i] = r if isinstance(r, Exception) else self._reply(model, r, zero_shot, started)
+                    out[i] = r if isinstance(r, Exception) else self._reply(model, r, zero_shot, started, frames[i])
                 continue
             for i in members:
                 try:
@@ -204,11 +255,18 @@ class ScoringWorker:
         """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
         started = time.time()
         model, zero_shot = self._model_for(frame)
-        return self._reply(model, score_frame(model.scorer, frame, model.preprocess), zero_shot, started)
+        return self._reply(model, score_frame(model.scorer, frame, model.preprocess), zero_shot, started, frame)
 
-    def _reply(self, model: ProductModel, result: FrameScore, zero_shot: bool, started: float) -> dict[str, Any]:
-        """What the daemon gets for one frame: plain data only, so Ray moves it cheaply."""
+    def _reply(self, model: ProductModel, result: FrameScore, zero_shot: bool, started: float,
+               frame: Frame) -> dict[str, Any]:
+        """What the daemon gets for one frame: plain data only, so Ray moves it cheaply. The
+        product's shadow model, if any, scores the frame here, after the live one."""
+        shadow_model = None if zero_shot else self.shadows.get(frame.meta.product)
+        shadow = score_shadow(shadow_model, frame) if shadow_model is not None else None
+        if shadow is not None:  # what the shadow adds to this verdict's latency
+            result.timings["shadow"] = shadow["seconds"]
         return {
+            "shadow": shadow,
             "object_score": result.object_score,
             "anomaly_map": result.anomaly_map,
             "timings": result.timings,

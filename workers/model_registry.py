@@ -17,18 +17,25 @@ from typing import Any
 
 
 class ModelRegistry:
-    """Product → ``[ObjectRef]`` of its current bundle (a Ray actor; plain Python otherwise)."""
+    """Product → ``[ObjectRef]`` of its current bundle, and of its shadow bundle when it has one
+    (a Ray actor; plain Python otherwise)."""
 
     def __init__(self) -> None:
         self.refs: dict[str, list[Any]] = {}
+        self.shadow_refs: dict[str, list[Any]] = {}
 
-    def publish(self, product: str, ref: list[Any]) -> None:
-        """Serve ``ref`` (a one-element list holding the ObjectRef of the bundle) for ``product``."""
+    def publish(self, product: str, ref: list[Any], shadow_ref: list[Any] | None = None) -> None:
+        """Serve ``ref`` (a one-element list holding the ObjectRef of the bundle) for ``product``,
+        and ``shadow_ref`` as its shadow model (None: no shadow)."""
         self.refs[product] = ref
+        if shadow_ref is None:
+            self.shadow_refs.pop(product, None)
+        else:
+            self.shadow_refs[product] = shadow_ref
 
     def products(self) -> list[str]:
         return sorted(self.refs)
 
-    def get(self, product: str) -> list[Any] | None:
-        """The current bundle's reference (in a list), or None if the product is not published."""
-        return self.refs.get(product)
+    def get(self, product: str, shadow: bool = False) -> list[Any] | None:
+        """The current (or shadow) bundle's reference (in a list), or None if there is none."""
+        return (self.shadow_refs if shadow else self.refs).get(product)

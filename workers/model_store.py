@@ -170,14 +170,17 @@ def save_product_model(
     return revision_dir(models_dir, product, revision)
 
 
-def read_bundle(models_dir: str | Path, product: str, which: str = LATEST) -> dict[str, Any]:
-    """The product's ``latest`` or ``current`` revision as plain data: ``product``, ``revision``
+def read_bundle(
+    models_dir: str | Path, product: str, which: str = LATEST, revision: str | None = None
+) -> dict[str, Any]:
+    """The product's ``latest`` or ``current`` revision (or the given ``revision``: a shadow,
+    ``workers.model_versions``) as plain data: ``product``, ``revision``
     and ``files`` (file name → bytes: the model, its meta and calibration).
 
     This is what travels to the scoring actors through Ray's object store (``ray.put`` of a dict
     of bytes), so an actor on another node needs no shared filesystem; :func:`load_bundle` checks
     and loads it there."""
-    revision = read_pointer(models_dir, product, which)
+    revision = revision or read_pointer(models_dir, product, which)
     d = revision_dir(models_dir, product, revision)
     read_meta(d)  # a missing or unreadable meta.json fails here, with the folder named
     files = {name: (d / name).read_bytes() for name in (MODEL_FILE, META_FILE, CALIBRATION_FILE) if (d / name).is_file()}
@@ -203,9 +206,12 @@ def load_bundle(bundle: dict[str, Any]) -> ProductModel:
     return ProductModel(product, scorer, preprocess, meta, calibration, revision)
 
 
-def load_product_model(models_dir: str | Path, product: str, which: str = LATEST) -> ProductModel:
-    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision."""
-    return load_bundle(read_bundle(models_dir, product, which))
+def load_product_model(
+    models_dir: str | Path, product: str, which: str = LATEST, revision: str | None = None
+) -> ProductModel:
+    """Load the product's ``latest`` (enroll, calibrate) or ``current`` (serving) revision, or
+    the given ``revision`` (a shadow, ``workers.model_versions``)."""
+    return load_bundle(read_bundle(models_dir, product, which, revision))
 
 
 def read_calibration(models_dir: str | Path, product: str, which: str = LATEST) -> dict[str, Any] | None:
