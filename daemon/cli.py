@@ -459,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     add_results_command(sub)
+    from daemon.review import cli as labels_cli
+
+    labels_cli.add_commands(sub)
 
     from daemon import bench, eval_cli, train
 
