@@ -55,6 +55,7 @@ for (const b of document.querySelectorAll(".tab")) {
 function showTab(name) {
   for (const b of document.querySelectorAll(".tab")) b.classList.toggle("active", b.dataset.tab === name);
   for (const s of document.querySelectorAll(".tab-page")) s.hidden = s.id !== `tab-${name}`;
+  $("#part").hidden = true;
   if (name === "product") loadProducts();
 }
 
@@ -143,7 +144,7 @@ async function openPart(id) {
   $("#kind").value = "";
   const view = p.view;
   state.view = view.kind === "points" ? pointView : view.kind === "image" ? imageView : null;
-  for (const x of [pointView, imageView]) x.markMode = $("#mark-mode").checked;
+  for (const x of [pointView, imageView]) { x.markMode = $("#mark-mode").checked; x.active = x === state.view; }
   $("#view-note").textContent = view.kind === "none" ? view.why :
     `${view.above_threshold ?? "?"} ${view.kind === "points" ? `of ${view.n_total} points` : "pixels"} at or above the threshold` +
     (view.kind === "points" ? "; drag to rotate, wheel to zoom" : "");
@@ -217,8 +218,8 @@ async function loadProducts() {
 }
 $("#p-select").addEventListener("change", (e) => loadProduct(e.target.value));
 
-function rateText(r) {
-  if (!r.n) return "no confirmed parts yet";
+function rateText(r, what) {
+  if (!r.n) return `no ${what} parts yet`;
   return `${(100 * r.rate).toFixed(1)} % (${r.k} of ${r.n}; 95 % CI ${(100 * r.ci95[0]).toFixed(1)}–${(100 * r.ci95[1]).toFixed(1)} %)`;
 }
 
@@ -231,8 +232,8 @@ async function loadProduct(name) {
     <tr><th>verdicts</th><td>pass ${c.pass}, review ${c.review}, fail ${c.fail}, error ${c.error}</td></tr>
     <tr><th>review queue</th><td>${p.queue.waiting} waiting, oldest ${ago(p.queue.oldest_wait_s)}</td></tr>
     <tr><th>labelled</th><td>${p.labelled.good} good, ${p.labelled.defective} defective</td></tr>
-    <tr><th>false rejects</th><td id="p-frr">${rateText(p.false_reject)} of confirmed-good parts failed</td></tr>
-    <tr><th>escapes</th><td id="p-escape">${rateText(p.escape)} of confirmed-defective parts passed</td></tr>
+    <tr><th>false rejects</th><td id="p-frr">${rateText(p.false_reject, "confirmed-good")}${p.false_reject.n ? " of confirmed-good parts failed" : ""}</td></tr>
+    <tr><th>escapes</th><td id="p-escape">${rateText(p.escape, "confirmed-defective")}${p.escape.n ? " of confirmed-defective parts passed" : ""}</td></tr>
     </table><p class="muted">Rates over the parts people labelled: mostly review parts, so they describe the review band more than the whole line.</p>`;
   drawHistogram(p.histogram);
   try {
@@ -265,7 +266,9 @@ function drawHistogram(h) {
   if (h.threshold !== null) {
     ctx.strokeStyle = "#000"; ctx.setLineDash([4, 3]);
     ctx.beginPath(); ctx.moveTo(x(h.threshold), 15); ctx.lineTo(x(h.threshold), 20 + H); ctx.stroke();
-    ctx.setLineDash([]); ctx.fillText("threshold", x(h.threshold) + 3, 28);
+    ctx.setLineDash([]);
+    const tx = x(h.threshold);
+    ctx.fillText("threshold", tx > cv.width - 90 ? tx - 62 : tx + 3, 28);
   }
 }
 

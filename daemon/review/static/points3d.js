@@ -1,6 +1,7 @@
 // A small canvas renderer for coloured point clouds: rotate (drag), zoom (wheel), and mark
 // points by painting over them (mark mode). No library: orthographic projection, points
-// sorted back to front, one filled square per point.
+// sorted back to front, one filled square per point. Both views share the part view's canvas;
+// only the one whose ``active`` is set answers the mouse.
 "use strict";
 
 class PointView {
@@ -15,12 +16,13 @@ class PointView {
     this.projected = null;
     let drag = null;
     canvas.addEventListener("mousedown", (e) => {
+      if (!this.active) return;
       drag = { x: e.offsetX, y: e.offsetY };
       if (this.markMode) this.paint(e.offsetX, e.offsetY);
     });
     window.addEventListener("mouseup", () => { drag = null; });
     canvas.addEventListener("mousemove", (e) => {
-      if (!drag) return;
+      if (!drag || !this.active) return;
       if (this.markMode) { this.paint(e.offsetX, e.offsetY); return; }
       this.yaw += (e.offsetX - drag.x) * 0.01;
       this.pitch += (e.offsetY - drag.y) * 0.01;
@@ -28,6 +30,7 @@ class PointView {
       this.draw();
     });
     canvas.addEventListener("wheel", (e) => {
+      if (!this.active) return;
       e.preventDefault();
       this.zoom = Math.min(20, Math.max(0.2, this.zoom * (e.deltaY < 0 ? 1.15 : 1 / 1.15)));
       this.draw();
@@ -98,9 +101,9 @@ class ImageView {
     this.onMark = () => {};
     this.img = null; this.showBase = false;
     let down = false;
-    canvas.addEventListener("mousedown", (e) => { down = true; if (this.markMode) this.paint(e.offsetX, e.offsetY); });
+    canvas.addEventListener("mousedown", (e) => { down = this.active; if (down && this.markMode) this.paint(e.offsetX, e.offsetY); });
     window.addEventListener("mouseup", () => { down = false; });
-    canvas.addEventListener("mousemove", (e) => { if (down && this.markMode) this.paint(e.offsetX, e.offsetY); });
+    canvas.addEventListener("mousemove", (e) => { if (down && this.active && this.markMode) this.paint(e.offsetX, e.offsetY); });
   }
 
   set(view) {
