@@ -184,6 +184,10 @@ class ReviewApi:
             label = self.metrics.product_label(product)
             m, o = per.get(label, (0, now))
             per[label] = (m + n, min(o, oldest))
+        for label in set(per) - self._seen:  # decision series exist (at 0) before the first decision
+            self.metrics.review_wait.labels(product=label)
+            for kind in ("good", "defective"):
+                self.metrics.labels_stored.labels(product=label, label=kind)
         for label in self._seen | set(per):
             n, oldest = per.get(label, (0, now))
             self.metrics.review_queue.labels(product=label).set(n)
