@@ -145,3 +145,13 @@ def test_labels_cli(tmp_path: Path) -> None:
     out = tmp_path / "labels.csv"
     inspectd("export", "--format", "csv", "--out", str(out))
     assert out.read_text().splitlines()[1].startswith("flange,p-9,s1,1,defective,hole")
+
+
+def test_region_runs_expand_and_are_bounded() -> None:
+    from daemon.review.api import MAX_REGION, region_of
+
+    assert region_of({"region_runs": [[10, 3], [2, 1]], "region": [11, 40]}) == [2, 10, 11, 12, 40]
+    assert region_of({}) is None and region_of({"region": []}) is None
+    for bad in ({"region_runs": [[1, -1]]}, {"region_runs": [[1]]}, {"region_runs": "1-3"},
+                {"region_runs": [[0, MAX_REGION + 1]]}, {"region": "0,1"}):
+        assert isinstance(region_of(bad), str), bad

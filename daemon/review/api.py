@@ -30,6 +30,7 @@ from sensors.frame import Frame
 PART_ROUTE = re.compile(r"/v1/review/parts/(\d{1,18})(/label)?\Z")
 PRODUCT_ROUTE = re.compile(r"/v1/review/products/([^/]+)\Z")
 METRICS_EVERY_S = 2.0
+MAX_REGION = 4_000_000
 log = logging.getLogger("inspectd.review")
 
 #: ``collect(product, part_id, points_mm)`` writes a good cold-start part for enrollment; returns its path.
@@ -44,6 +45,22 @@ def _q(query: dict[str, list[str]], name: str) -> str | None:
 def _num(query: dict[str, list[str]], name: str, kind: type = float) -> Any:
     v = _q(query, name)
     return None if v in (None, "") else kind(v)
+
+
+def region_of(body: dict[str, Any]) -> list[int] | None | str:
+    """The marked indices from ``region`` (a list) or ``region_runs`` (``[[start, length], ...]``,
+    compact for painted image areas); a string says what is wrong."""
+    region, runs = body.get("region"), body.get("region_runs")
+    if runs:
+        if not isinstance(runs, list) or not all(
+                isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and x >= 0 for x in r) for r in runs):
+            return "region_runs must be a list of [start, length] pairs of non-negative integers"
+        if sum(r[1] for r in runs) > MAX_REGION:
+            return f"a region holds at most {MAX_REGION} indices"
+        region = [i for start, n in runs for i in range(start, start + n)] + list(region or [])
+    if region is not None and (not isinstance(region, list) or len(region) > MAX_REGION):
+        return "region must be a list of point or pixel indices"
+    return sorted(set(region)) if region else None
 
 
 class ReviewApi:
@@ -125,11 +142,12 @@ class ReviewApi:
         """Store a person's decision on one verdict; a good cold-start part is also collected."""
         if not isinstance(body, dict) or body.get("label") not in ("good", "defective"):
             return 400, {"error": 'body must be {"label": "good"|"defective", "kind": str?, "region": [int]?}'}
-        kind, region = body.get("kind") or None, body.get("region") or None
+        kind = body.get("kind") or None
         if kind is not None and not isinstance(kind, str):
             return 400, {"error": "kind must be a string"}
-        if region is not None and (not isinstance(region, list) or len(region) > 5_000_000):
-            return 400, {"error": "region must be a list of point or pixel indices"}
+        region = region_of(body)
+        if isinstance(region, str):
+            return 400, {"error": region}
         points, _ = self._points(header)
         if points is None:
             return 409, {"error": "the scan of this part is no longer kept (no map file, not held): it cannot be labelled"}

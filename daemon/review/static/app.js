@@ -166,13 +166,23 @@ $("#mark-mode").addEventListener("change", (e) => { pointView.markMode = imageVi
 $("#region-clear").addEventListener("click", () => state.view && state.view.clearMarks());
 $("#show-base").addEventListener("change", (e) => { imageView.showBase = e.target.checked; imageView.draw(); });
 
+// Sorted indices as [start, length] runs: a painted image area stays small on the wire.
+function runs(sorted) {
+  const out = [];
+  for (const i of sorted) {
+    const last = out[out.length - 1];
+    if (last && last[0] + last[1] === i) last[1] += 1; else out.push([i, 1]);
+  }
+  return out;
+}
+
 async function decide(label) {
   if (!state.part) return;
   const body = { label };
   if (label === "defective") {
     const kind = $("#kind").value.trim();
     if (kind) body.kind = kind;
-    if (state.view && state.view.marked.size) body.region = [...state.view.marked].sort((a, b) => a - b);
+    if (state.view && state.view.marked.size) body.region_runs = runs([...state.view.marked].sort((a, b) => a - b));
   }
   try {
     const r = await api(`/v1/review/parts/${state.part.verdict.verdict_id}/label`, body);
