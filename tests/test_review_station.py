@@ -66,12 +66,14 @@ def distinct_colours(page: Page) -> int:
 
 
 def parts() -> list[Frame]:
-    """Two cold-start point clouds, two organized cold-start frames, one enrolled part (forced to pass)."""
-    scans = sorted(simulated_parts([PRODUCT], 5, 0.4, seed=31), key=lambda f: not (f.meta.truth or {}).get("defective"))
+    """Two cold-start point clouds, two organized cold-start frames, one enrolled part (forced to pass);
+    bolt-0 and washer-1 are scans of defective parts."""
+    scans = list(simulated_parts([PRODUCT], 6, 0.5, seed=31))
+    bad = [f for f in scans if (f.meta.truth or {}).get("defective")]
+    good = [f for f in scans if not (f.meta.truth or {}).get("defective")]
     out = []
-    for i, (product, part_id) in enumerate([(CLOUDS, "bolt-0"), (CLOUDS, "bolt-1"), (COLD, "washer-0"),
-                                            (COLD, "washer-1"), (PRODUCT, "flange-0")]):
-        f = scans[i]
+    for f, product, part_id in [(bad[0], CLOUDS, "bolt-0"), (good[0], CLOUDS, "bolt-1"), (good[1], COLD, "washer-0"),
+                                (bad[1], COLD, "washer-1"), (good[2], PRODUCT, "flange-0")]:
         points = f.points if product == COLD else f.valid_points()[::8].copy()
         out.append(Frame(points=points, meta=replace(f.meta, product=product, part_id=part_id),
                          rgb=f.rgb if product == COLD else None))
@@ -146,10 +148,17 @@ def test_review_station_in_a_browser(enrolled_models: Path, tmp_path: Path) -> N
         page.click("#btn-defective")
         page.wait_for_selector("#decision-result:has-text('stored: defective (dent) by operator')")
 
-        # an organized cold-start frame: the heat map on the image; "good" collects it for enrollment
-        page.click("#queue-table tbody tr:has-text('washer-0')")
+        # organized cold-start frames: the heat map on the image; "good" collects a part for enrollment
+        page.click("#queue-table tbody tr:has-text('washer-1')")
+        page.wait_for_selector("#part-title:has-text('washer-1')")
         page.wait_for_selector("#view-canvas[data-kind=image]")
         page.wait_for_function("() => document.querySelector('#view-note').textContent.includes('pixels')")
+        page.wait_for_timeout(300)  # the two PNGs decode
+        assert distinct_colours(page) > 20
+        page.screenshot(path=str(shots / "review-station-image.png"))
+        page.click("#queue-table tbody tr:has-text('washer-0')")
+        page.wait_for_selector("#part-title:has-text('washer-0')")
+        page.wait_for_selector("#view-canvas[data-kind=image]")
         page.click("#btn-good")
         page.wait_for_selector("#decision-result:has-text('collected for enrollment')")
         page.wait_for_function("() => document.querySelector('#queue-count').textContent === '2'", timeout=20000)
@@ -173,7 +182,8 @@ def test_review_station_in_a_browser(enrolled_models: Path, tmp_path: Path) -> N
         page.wait_for_selector("#p-escape:has-text('1 of 1')")
         page.wait_for_selector("#shadow-body:has-text('no shadow model')")
         page.select_option("#p-select", CLOUDS)
-        page.wait_for_selector("#product-body:has-text('1 defective')")
+        page.wait_for_selector("#product-body:has-text('cold start')")
+        assert "1 defective" in page.inner_text("#product-body")
         page.screenshot(path=str(shots / "review-station-product.png"), full_page=True)
         assert not errors, errors
         browser.close()

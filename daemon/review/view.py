@@ -1,8 +1,9 @@
 """The part view's data: the anomaly map drawn on the part, ready for the browser.
 
 * Organized frames: a PNG of the depth image (grey) with the anomaly map as a heat map over it
-  (the map's colour where the score is above half the threshold, blended so the part shows
-  through), plus the depth image alone; clicks on it are pixel indices ``row * width + col``.
+  (the map's colour on every measured pixel, more opaque as the score rises, so the part shows
+  through where it looks normal), plus the depth image alone; clicks on it are pixel indices
+  ``row * width + col``.
 * Point clouds: up to ``MAX_POINTS`` valid points (an even subsample of larger clouds) with
   their scores and colours; ``index`` gives each one's index in the scan, which is what a
   marked region stores.
@@ -67,10 +68,12 @@ def organized_view(amap: np.ndarray, points: np.ndarray | None, threshold: float
         lo, hi = (float(z[ok].min()), float(z[ok].max())) if ok.any() else (0.0, 1.0)
         grey = np.where(ok, 40 + 200 * (z - lo) / max(hi - lo, 1e-6), 0.0)
     else:
+        ok = np.isfinite(amap)
         grey = np.full((h, w), 96.0)
     base = np.repeat(grey[..., None], 3, axis=2)
     scale = 2.0 * threshold if threshold > 0 else max(float(np.nanmax(amap, initial=0.0)), 1e-12)
-    alpha = np.clip(np.nan_to_num(amap / scale, nan=0.0) * 1.6 - 0.2, 0.0, 0.85)[..., None]
+    level = np.clip(np.nan_to_num(amap / scale, nan=0.0), 0.0, 1.0)
+    alpha = np.where(ok & np.isfinite(amap), 0.35 + 0.5 * level, 0.0)[..., None]
     overlay = base * (1 - alpha) + heat * alpha
     return {"kind": "image", "width": int(w), "height": int(h),
             "base": _png(base.astype(np.uint8)), "overlay": _png(overlay.clip(0, 255).astype(np.uint8)),

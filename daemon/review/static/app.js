@@ -234,7 +234,9 @@ function rateText(r, what) {
 }
 
 async function loadProduct(name) {
+  const ticket = (state.productTicket = (state.productTicket || 0) + 1);  // answers of an older choice are dropped
   const p = await api(`/v1/review/products/${encodeURIComponent(name)}`);
+  if (ticket !== state.productTicket) return;
   const c = p.counts;
   $("#product-body").innerHTML = `<table class="facts">
     <tr><th>model</th><td>${esc(p.model_version)} (revision ${esc(p.model_revision)}), scorer ${esc(p.scorer)}${p.zero_shot ? " — cold start" : ""}</td></tr>
@@ -248,11 +250,13 @@ async function loadProduct(name) {
   drawHistogram(p.histogram);
   try {
     const s = await api(`/v1/shadow?product=${encodeURIComponent(name)}`);
+    if (ticket !== state.productTicket) return;
     $("#shadow-body").innerHTML = `<h3>Shadow model</h3><p>live ${esc(s.live_version)}, shadow ${esc(s.shadow_version)}:
       ${s.n} parts, agreement ${(100 * s.agreement).toFixed(1)} %, ${s.disagreements.length} disagreements</p>` +
       `<table class="rows"><tr><th>part</th><th>live</th><th>shadow</th></tr>${s.disagreements.slice(0, 20).map((d) =>
         `<tr><td>${esc(d.part_id)}</td><td>${esc(d.live_verdict)} ${fmt(d.live_score)}</td><td>${esc(d.shadow_verdict)} ${fmt(d.shadow_score)}</td></tr>`).join("")}</table>`;
   } catch (err) {
+    if (ticket !== state.productTicket) return;
     $("#shadow-body").innerHTML = err.status === 404 ? '<p class="muted">no shadow model for this product</p>' : "";
   }
 }
