@@ -275,7 +275,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from daemon.demo import run_demo
 
     return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed,
-                    scorer=args.scorer)
+                    scorer=args.scorer, serve=args.serve)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -434,9 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rate", type=float, default=2.0)
     d.add_argument("--seed", type=int, default=7)
     d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
+    d.add_argument("--serve", action="store_true",
+                   help="after the summary, keep the daemon and its review station running until Ctrl-C")
     d.set_defaults(func=cmd_demo)
 
     add_results_command(sub)
+    from daemon.review import cli as labels_cli
+
+    labels_cli.add_commands(sub)
 
     from daemon import bench, eval_cli, models_cli, train
 

@@ -96,6 +96,8 @@ class StorageConfig(Section):
     """Map files older than this are deleted."""
     models_dir: Path = Path("models")
     """One folder per product, written by ``inspectd enroll`` and ``inspectd calibrate``."""
+    data_dir: Path = Path("out")
+    """Operator labels: the scans a person judged, under ``<data_dir>/labels/<product>/<good|defective>/``."""
 
 
 class RayConfig(Section):

@@ -7,7 +7,9 @@
 3. Subscribes to the verdicts, then starts a simulated camera as its own process
    (``inspectd sensor sim``) streaming parts of the products, a quarter of them defective.
 4. Prints one line per verdict and a summary against the simulator's ground truth, scrapes
-   the metrics endpoint while parts flow, stops the daemon (SIGTERM, drained) and ends.
+   the metrics endpoint while parts flow, prints the review station's address, stops the daemon
+   (SIGTERM, drained) and ends; with ``serve`` (``inspectd demo --serve``) the daemon and its
+   review station keep running until Ctrl-C.
 
 Everything lands under the output folder: config, models, result log, anomaly maps,
 ``metrics.txt`` (a scrape taken mid-run) and ``summary.json``.
@@ -18,8 +20,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -108,7 +112,44 @@ def summarize(sent: int, verdicts: list[dict[str, Any]], wall: float) -> dict[st
     }
 
 
-def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int, scorer: str = "fused") -> int:
+def print_summary(summary: dict[str, Any], out: Path) -> None:
+    print("== summary", flush=True)
+    print(f"   frames sent {summary['frames_sent']}, verdicts {summary['verdicts_received']}, lost {summary['lost']}, "
+          f"errors {summary['errors']}")
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    print(f"   defective {summary['defective_parts']}: detection rate {pct(summary['detection_rate'])} (fail or review), "
+          f"{pct(summary['detection_rate_fail_only'])} fail")
+    print(f"   good {summary['good_parts']}: false-reject rate {pct(summary['false_reject_rate'])}, "
+          f"sent to review {pct(summary['review_rate_good'])}")
+    print(f"   latency capture→verdict p50 {summary['latency_ms_p50']:.0f} ms, p99 {summary['latency_ms_p99']:.0f} ms; "
+          f"throughput {summary['throughput_parts_per_s']:.2f} parts/s over {summary['wall_seconds']:.1f}s")
+    print(f"   metrics scraped while running: {'yes' if summary['metrics_scraped'] else 'no'} ({out / 'metrics.txt'}); "
+          f"maps in {out / 'maps'}; log {out / 'results.sqlite'}", flush=True)
+
+
+def serve_station(url: str, token_file: Path, serve: bool) -> None:
+    """Print the review station's address; with ``serve``, wait for Ctrl-C (or SIGTERM) meanwhile."""
+    print(f"   review station: {url}/review/ (sign in with the token after 'demo:' in {token_file})", flush=True)
+    if not serve:
+        print("   (inspectd demo --serve keeps it running)", flush=True)
+        return
+    print("   serving until Ctrl-C", flush=True)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: int, scorer: str = "fused",
+             serve: bool = False) -> int:
     out.mkdir(parents=True, exist_ok=True)
     cfg_path, cfg = write_demo_config(out, products, scorer)
     print(f"== inspectd demo: {n_parts} parts of {', '.join(products)} ({scorer}), output in {out}", flush=True)
@@ -179,28 +220,14 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
                 print("   no verdict for 120 s, giving up waiting", flush=True)
                 break
         wall = time.time() - started
+        summary = summarize(sent or 0, verdicts, wall)
+        summary["metrics_scraped"] = scraped
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary, out)
+        serve_station(metrics_url, Path(cfg.http.token_file or ""), serve)
     finally:
         if sensor is not None and sensor.poll() is None:
             sensor.kill()
         daemon.stop()
         ctx.destroy(linger=0)
-
-    summary = summarize(sent or 0, verdicts, wall)
-    summary["metrics_scraped"] = scraped
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print("== summary", flush=True)
-    print(f"   frames sent {summary['frames_sent']}, verdicts {summary['verdicts_received']}, lost {summary['lost']}, "
-          f"errors {summary['errors']}")
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.0f}%"
-
-    print(f"   defective {summary['defective_parts']}: detection rate {pct(summary['detection_rate'])} (fail or review), "
-          f"{pct(summary['detection_rate_fail_only'])} fail")
-    print(f"   good {summary['good_parts']}: false-reject rate {pct(summary['false_reject_rate'])}, "
-          f"sent to review {pct(summary['review_rate_good'])}")
-    print(f"   latency capture→verdict p50 {summary['latency_ms_p50']:.0f} ms, p99 {summary['latency_ms_p99']:.0f} ms; "
-          f"throughput {summary['throughput_parts_per_s']:.2f} parts/s over {wall:.1f}s")
-    print(f"   metrics scraped while running: {'yes' if scraped else 'no'} ({out / 'metrics.txt'}); "
-          f"maps in {out / 'maps'}; log {out / 'results.sqlite'}")
     return 0 if summary["lost"] == 0 and daemon.returncode == 0 else 1

@@ -31,6 +31,7 @@ from daemon.lanes import ERRORS, SCORED, EmitLanes
 from daemon.maps import MapRetention, write_maps
 from daemon.metrics import DaemonMetrics
 from daemon.resultlog import ResultLog
+from daemon.review.feed import Feed
 from sensors.wire import encode_verdict
 
 log = logging.getLogger("inspectd.emitter")
@@ -42,11 +43,13 @@ class Emitter:
 
     def __init__(
         self, cfg: Config, metrics: DaemonMetrics, lanes: EmitLanes, results: ResultLog, pub: zmq.Socket,
-        retention: MapRetention, delivery: Delivery | None = None,
+        retention: MapRetention, delivery: Delivery | None = None, feed: Feed | None = None,
     ) -> None:
         self.cfg, self.metrics, self.lanes, self.results, self.pub = cfg, metrics, lanes, results, pub
         self.retention = retention
         self.delivery = delivery
+        self.feed = feed
+        """The review station's live feed (bounded per browser: never blocks this thread)."""
         self.answered = 0
         """Verdicts and republished verdicts sent (read by the service at stop)."""
         self._map_failures = 0
@@ -97,6 +100,11 @@ class Emitter:
             log.exception("failed to publish verdict for %s", header.get("part_id"))
             self._publish(self._fallback(header, "internal_error", repr(e)), None, {})
         self.answered += 1
+        if self.feed is not None:
+            try:
+                self.feed.publish(header)
+            except Exception:  # the live feed is a convenience: the verdict is out already
+                log.exception("live feed failed for %s", header.get("part_id"))
         if self.delivery is None:
             return
         if header.get("verdict_id") is None:  # not committed: a resend must be taken as new
@@ -136,7 +144,7 @@ class Emitter:
         try:
             npz = write_maps(
                 self.cfg.storage.maps_dir, header["product"], str(header["part_id"]), header["verdict"], amap,
-                frame.points.reshape(-1, 3), header["threshold"] or 0.0,
+                frame.in_mm().points.reshape(-1, 3), header["threshold"] or 0.0,
             )
         except Exception as e:
             self.metrics.map_write_failures.inc()

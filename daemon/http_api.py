@@ -14,6 +14,9 @@ callback ``api(method, path_with_query, body) -> (status, json dict)`` (docs/pro
   still waiting for its request head is dropped), and a bounded number of threads running API calls.
 * Every POST (the state-changing calls), accepted or refused, is written to the audit table.
 * Error bodies are ``{"error": reason}``; no traceback ever leaves the process.
+* The review station: its static page under ``/review/`` (no data in it, so no token; served
+  with the API), its JSON under ``/v1/review/`` (the token, like every ``/v1/`` route) and the
+  live feed ``GET /v1/review/events`` (server-sent events from ``daemon.review.feed``).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from daemon.audit import AuditLog
 from daemon.config import HttpConfig
+from daemon.review.feed import Feed
+from daemon.review.web import events, static_file
 from daemon.security import load_tokens, token_name
 
 log = logging.getLogger("inspectd.http")
-ApiCallback = Callable[[str, str, Any], tuple[int, dict[str, Any]]]
+ApiCallback = Callable[[str, str, Any, str], tuple[int, dict[str, Any]]]
 MAX_HEAD_BYTES = 16384
 
 
@@ -85,8 +90,10 @@ class HttpApi:
         is_ready: Callable[[], bool],
         api: ApiCallback,
         audit: Callable[[], AuditLog | None] = lambda: None,
+        feed: Feed | None = None,
     ) -> None:
         self.cfg, self.render_metrics, self.is_ready, self.api, self.audit = cfg, render_metrics, is_ready, api, audit
+        self.feed = feed
         self.tokens = Tokens(cfg.token_file) if cfg.token_file is not None else None
         self.limiter: anyio.CapacityLimiter | None = None
         self.sockets = [self._bind(cfg.port)]
@@ -146,6 +153,10 @@ class HttpApi:
             if not on_api_listener:
                 return _error(404, f"the API is served on port {self.api_port}")
             return await self._api(request, path)
+        if path == "/review" or path.startswith("/review/"):
+            if not on_api_listener:
+                return _error(404, f"the review station is served on port {self.api_port}")
+            return static_file(request.method, path)
         if self.cfg.api_port is not None and on_api_listener:
             return _error(404, f"metrics and health are served on port {self.port}")
         if request.method != "GET":
@@ -173,13 +184,15 @@ class HttpApi:
         peer = f"{request.client.host}:{request.client.port}" if request.client else "?"
         if who is None:
             status, reply = 401, {"error": "missing or wrong bearer token (Authorization: Bearer <token>)"}
+        elif path == "/v1/review/events" and request.method == "GET" and self.feed is not None:
+            return events(self.feed, lambda: self.server.should_exit)
         else:
-            status, reply = await self._call(request, full)
+            status, reply = await self._call(request, full, who)
         if request.method != "GET":
             await self._audit(who or "unauthenticated", peer, f"{request.method} {full}", status, reply)
         return _unauthorized() if status == 401 else JSONResponse(reply, status_code=status)
 
-    async def _call(self, request: Request, full: str) -> tuple[int, dict[str, Any]]:
+    async def _call(self, request: Request, full: str, who: str) -> tuple[int, dict[str, Any]]:
         try:
             body = await self._body(request)
         except TooLarge:
@@ -193,7 +206,8 @@ class HttpApi:
         if self.limiter is None:
             self.limiter = anyio.CapacityLimiter(self.cfg.api_threads)
         try:
-            status, reply = await anyio.to_thread.run_sync(self.api, request.method, full, body, limiter=self.limiter)
+            status, reply = await anyio.to_thread.run_sync(self.api, request.method, full, body, who,
+                                                           limiter=self.limiter)
         except Exception:  # the reason stays in the daemon's log, never in the reply
             log.exception("API call %s %s failed", request.method, full)
             return 500, {"error": "internal error (see the daemon's log)"}

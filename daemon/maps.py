@@ -1,5 +1,7 @@
 """Anomaly maps as files an operator can open: npz always, plus a PNG (organized frames) or a
-colored PLY (point clouds).
+colored PLY (point clouds). The npz also keeps the scan's points (float32, mm, in the frame's
+order, (H*W, 3) for organized frames), so the review station can draw the map on the part and
+store the scan when a person labels it.
 
 Colors: the score divided by twice the threshold, clipped to [0, 1], through a blue → green →
 yellow → red ramp, so the threshold sits at the middle of the scale whatever the product's
@@ -46,13 +48,15 @@ def colorize(values: np.ndarray, threshold: float) -> np.ndarray:
 def write_maps(
     maps_dir: Path, product: str, part_id: str, verdict: str, anomaly_map: np.ndarray, points: np.ndarray, threshold: float
 ) -> Path:
-    """Write ``<maps_dir>/<product>/<YYYY-MM-DD>/<part_id>.{npz,png|ply}``; returns the npz path."""
+    """Write ``<maps_dir>/<product>/<YYYY-MM-DD>/<part_id>.{npz,png|ply}``; returns the npz path.
+    ``points`` are the frame's points in mm, (N, 3)."""
     day = time.strftime("%Y-%m-%d")
     folder = inside(maps_dir, product, day)  # the wire validated the product name; this is the last line
     folder.mkdir(parents=True, exist_ok=True)
     stem = file_stem(part_id)
     npz = inside(folder, f"{stem}.npz")
-    np.savez_compressed(npz, anomaly_map=anomaly_map, verdict=np.array(verdict), threshold=np.float32(threshold))
+    np.savez_compressed(npz, anomaly_map=anomaly_map, verdict=np.array(verdict), threshold=np.float32(threshold),
+                        points=np.asarray(points, dtype=np.float32).reshape(-1, 3))
     if anomaly_map.ndim == 2:
         Image.fromarray(colorize(anomaly_map, threshold)).save(folder / f"{stem}.png", format="PNG")
     else:

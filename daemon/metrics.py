@@ -24,6 +24,7 @@ STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 SHADOW_BUCKETS = (-2.0, -1.0, 0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0)
 """Scores in good-part standard deviations above the good-part median (``score_normalized``)."""
 AGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+REVIEW_BUCKETS = (10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 4 * 3600.0, 8 * 3600.0, 24 * 3600.0, 72 * 3600.0)
 OTHER = "other"
 """The label value of every sensor id or product outside the bounded sets."""
 
@@ -130,6 +131,21 @@ class DaemonMetrics:
         )
         self.storage_size = Gauge(
             "inspectd_storage_size_bytes", "Size of the file system of maps or results.", ["volume"], registry=r
+        )
+        self.review_queue = Gauge(
+            "inspectd_review_queue_parts", "Parts waiting for a person's decision (review and cold-start "
+            "verdicts of the last 7 days without a label).", ["product"], registry=r,
+        )
+        self.review_oldest = Gauge(
+            "inspectd_review_oldest_wait_seconds", "How long the oldest part in the review queue has waited.",
+            ["product"], registry=r,
+        )
+        self.review_wait = Histogram(
+            "inspectd_review_wait_seconds", "Verdict to a person's decision on it.", ["product"],
+            buckets=REVIEW_BUCKETS, registry=r,
+        )
+        self.labels_stored = Counter(
+            "inspectd_labels", "Operator decisions stored, by label (good, defective).", ["product", "label"], registry=r
         )
 
     def watch_storage(self, volumes: dict[str, Path]) -> None:

@@ -70,6 +70,14 @@ CREATE INDEX IF NOT EXISTS shadow_verdict ON shadow_scores (verdict_id);
 SHADOW_FIELDS = ("verdict_id", "product", "part_id", "live_version", "live_revision", "live_score", "live_verdict",
                  "shadow_version", "shadow_revision", "shadow_score", "shadow_verdict", "shadow_error",
                  "shadow_seconds", "decided_at")
+#: Rows a person must look at (the review station's queue): ``review`` verdicts and every
+#: cold-start verdict. Logs written before the column gain it, filled once from the header.
+REVIEW_MIGRATION = """
+ALTER TABLE verdicts ADD COLUMN needs_review INTEGER;
+UPDATE verdicts SET needs_review = 1
+ WHERE verdict = 'review' OR json_extract(header_json, '$.zero_shot') IN (1, 'true');
+"""
+REVIEW_INDEX = "CREATE INDEX IF NOT EXISTS verdicts_needs_review ON verdicts (decided_at) WHERE needs_review = 1"
 
 #: The most rows one replay page returns.
 MAX_PAGE = 1000
@@ -89,6 +97,9 @@ class ResultLog:
             self.conn.execute("ALTER TABLE verdicts ADD COLUMN protocol INTEGER")
         self.conn.executescript(MIGRATIONS)
         self.conn.executescript(SHADOW_SCHEMA)
+        if "needs_review" not in columns:
+            self.conn.executescript(f"BEGIN; {REVIEW_MIGRATION} COMMIT;")
+        self.conn.execute(REVIEW_INDEX)
 
     def append(self, header: dict[str, Any]) -> int:
         """Insert one verdict and commit; returns its row id."""
@@ -96,7 +107,7 @@ class ResultLog:
         cur = self.conn.execute(
             "INSERT INTO verdicts (part_id, product, sensor_id, seq, verdict, score, threshold, scorer,"
             " model_version, error_reason, error_detail, capture_time, received_at, decided_at, latency_ms,"
-            " map_path, header_json, protocol) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            " map_path, header_json, protocol, needs_review) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 header.get("part_id"),
                 header.get("product"),
@@ -116,6 +127,7 @@ class ResultLog:
                 header.get("map_path"),
                 json.dumps(header, default=str),
                 int(header.get("protocol") or 1),
+                1 if header["verdict"] == "review" or header.get("zero_shot") else None,
             ),
         )
         return int(cur.lastrowid)

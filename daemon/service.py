@@ -65,6 +65,8 @@ from daemon.maps import MapRetention
 from daemon.metrics import DaemonMetrics
 from daemon.pool import LARGE, ActorDied, ActorPool, Job
 from daemon.resultlog import LogReader, ResultLog
+from daemon.review.api import ReviewApi
+from daemon.review.feed import Feed
 from daemon.security import (
     enforce_safe_defaults,
     ray_init_kwargs,
@@ -118,7 +120,10 @@ class InspectionService(ServiceApi):
         self.reload_lock = threading.Lock()
         enforce_safe_defaults(cfg)
         self.audit: AuditLog | None = None
-        self.http = HttpApi(cfg.http, self.metrics.render, self.is_live, self.api, audit=lambda: self.audit)
+        self.feed = Feed()
+        self.review = ReviewApi(cfg, self.metrics, self.held_frame, self.collect_good)
+        self.http = HttpApi(cfg.http, self._render_metrics, self.is_live, self.api, audit=lambda: self.audit,
+                            feed=self.feed)
         self.ctx = zmq.Context()
         self.pool: ActorPool | None = None
         self.ingest_done = threading.Event()
@@ -167,9 +172,11 @@ class InspectionService(ServiceApi):
         self.pub.bind(self.cfg.publish.endpoint)
         self.results = ResultLog(self.cfg.storage.results)
         self.reader = LogReader(self.cfg.storage.results)
+        self.review.open()
         self.delivery = Delivery(self.reader, self.metrics)
         self.metrics.watch_storage({"maps": self.cfg.storage.maps_dir, "results": self.cfg.storage.results.parent})
-        self.emitter = Emitter(self.cfg, self.metrics, self.out, self.results, self.pub, self.retention, self.delivery)
+        self.emitter = Emitter(self.cfg, self.metrics, self.out, self.results, self.pub, self.retention, self.delivery,
+                               self.feed)
         if self.fault:
             log.warning("TEST FAULT INJECTION ACTIVE: %s=%s", FAULT_ENV, self.fault)
 
@@ -221,6 +228,7 @@ class InspectionService(ServiceApi):
         if not running:
             self.ctx.term()
         self.http.stop()
+        self.review.close()
         if self.audit is not None:
             self.audit.close()
         return max(left, 1 if running else 0)

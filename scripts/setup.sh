@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Creates the virtual environment and installs inspectd with its test tools.
 # System libraries: open3d needs libusb-1.0-0 and libgomp1; the Prometheus integration
-# test uses Debian's `prometheus`. As root they are installed with apt-get; otherwise
-# this script says what is missing and goes on (the Prometheus test then skips, naming it).
+# test uses Debian's `prometheus`, the review station's browser test Debian's `chromium`.
+# As root they are installed with apt-get; otherwise this script says what is missing and
+# goes on (those tests then skip, naming it).
 set -euo pipefail
 VENV=${1:-.venv}
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
@@ -12,6 +13,7 @@ have_lib() { ldconfig -p 2>/dev/null | grep -q "$1"; }
 have_lib libusb-1.0.so.0 || missing+=(libusb-1.0-0)
 have_lib libgomp.so.1 || missing+=(libgomp1)
 command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing system packages: ${missing[*]}"

@@ -1,6 +1,6 @@
 """Every Grafana panel and every alert expression, evaluated by a real Prometheus that scraped a
-real daemon while it gave pass, review, fail and error verdicts, refused malformed frames and
-lost a scoring actor.
+real daemon while it gave pass, review, fail and error verdicts, refused malformed frames,
+lost a scoring actor, and a person labelled a review part at the review station's API.
 
 Verdicts are made deterministic by serving one enrolled model under four product names whose
 configured thresholds force the outcome (``flange`` keeps its calibrated threshold). The picture
@@ -11,6 +11,7 @@ that way), else to the test's temporary folder.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +66,14 @@ ALERTS_MAY_BE_EMPTY = {
     "InspectdDiskSpaceLow": (
         "inspectd_storage_free_bytes / inspectd_storage_size_bytes",
         "this machine's disk is not 90 % full (tests/test_hostile_input.py fills a disk with /dev/full instead)",
+    ),
+    "InspectdReviewQueueLong": (
+        "inspectd_review_queue_parts",
+        "the stream leaves 5 review parts waiting; the threshold is 50 (deploy/prometheus/alerts_test.yml fires it)",
+    ),
+    "InspectdReviewWaitLong": (
+        "inspectd_review_oldest_wait_seconds",
+        "the oldest review part waits about a minute here; the threshold is 4 h (alerts_test.yml fires it)",
     ),
     "InspectdResultLogFailing": (
         "inspectd_log_failures_total",
@@ -160,6 +170,12 @@ def test_every_panel_and_alert_returns_data_from_a_live_prometheus(enrolled_mode
             assert {v["verdict"] for v in verdicts} == {"pass", "review", "fail", "error"}
             assert killed
             assert wait_for(base, "sum(inspectd_actor_restarts_total) > 0", 30)
+            review = next(v for v in verdicts if v["verdict"] == "review")  # a person decides on one part
+            req = urllib.request.Request(f"{daemon.http}/v1/review/parts/{review['verdict_id']}/label",
+                                         data=b'{"label": "good"}', method="POST")
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert json.loads(r.read())["label"] == "good"
+            assert wait_for(base, "sum(inspectd_labels_total) > 0", 30)
             time.sleep(3.0)  # two more scrapes
             end = time.time()
 

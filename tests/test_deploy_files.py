@@ -31,6 +31,7 @@ COUNTERS = {
     "inspectd_map_write_failures_total",
     "inspectd_log_failures_total",
     "inspectd_maps_pruned_total",
+    "inspectd_labels_total",
 }
 GAUGES = {
     "inspectd_queue_depth",
@@ -41,8 +42,11 @@ GAUGES = {
     "inspectd_emit_queue",
     "inspectd_storage_free_bytes",
     "inspectd_storage_size_bytes",
+    "inspectd_review_queue_parts",
+    "inspectd_review_oldest_wait_seconds",
 }
-HISTOGRAMS = {"inspectd_latency_seconds", "inspectd_stage_seconds", "inspectd_frame_age_seconds"}
+HISTOGRAMS = {"inspectd_latency_seconds", "inspectd_stage_seconds", "inspectd_frame_age_seconds",
+              "inspectd_review_wait_seconds"}
 SERIES = (
     COUNTERS
     | GAUGES
@@ -50,7 +54,7 @@ SERIES = (
     | {"up"}
 )
 LABELS = {"sensor_id", "reason", "product", "verdict", "stage", "backend", "version", "le", "job", "instance",
-          "volume", "lane"}
+          "volume", "lane", "label"}
 LABEL_VALUES = {
     "verdict": {"pass", "fail", "review", "error"},
     "stage": {"decode", "queue", "preprocess", "score", "map_back", "decision", "log", "maps", "publish"},

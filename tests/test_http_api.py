@@ -36,7 +36,7 @@ def served(tmp_path: Path) -> Iterator[tuple[HttpApi, Path, AuditLog, list]]:
     audit = AuditLog(tmp_path / "results.sqlite")
     calls: list = []
 
-    def api(method: str, path: str, body: object) -> tuple[int, dict]:
+    def api(method: str, path: str, body: object, who: str) -> tuple[int, dict]:
         calls.append((method, path, body))
         if path.startswith("/v1/boom"):
             raise RuntimeError("/secret/path/in/a/traceback")
