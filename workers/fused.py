@@ -31,7 +31,7 @@ import numpy as np
 
 from workers.patchcore import MemoryBankScorer
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, register
+from workers.scorer import Scorer, ScoreResult, register
 from workers.template import FAILED_SCORE, TemplateScorer, TemplateScoreResult
 
 COMPONENTS = ("template", "patchcore")
@@ -156,6 +156,12 @@ class FusedScorer(Scorer):
         t1 = time.perf_counter()
         p = self.patchcore.score(cloud)
         t2 = time.perf_counter()
+        return self.fuse(t, p, {"template": t1 - t0, "patchcore": t2 - t1})
+
+    def fuse(self, t: TemplateScoreResult, p: ScoreResult, stage_times: dict[str, float]) -> TemplateScoreResult:
+        """The fused result of the two components' results (``stage_times``: seconds per component)."""
+        if self.scales is None:
+            raise RuntimeError("fused is not fitted: call fit() or load an artifact first")
         s = self.scales
         obj = self.template_weight * t.object_score / s[0] + self.patchcore_weight * p.object_score / s[2]
         pts = (self.template_weight * t.point_scores.astype(np.float64) / s[1]
@@ -164,7 +170,7 @@ class FusedScorer(Scorer):
             obj = FAILED_SCORE
         timings = {f"template_{k}": v for k, v in t.timings.items()}
         timings.update({f"patchcore_{k}": v for k, v in p.timings.items()})
-        timings.update({"template": t1 - t0, "patchcore": t2 - t1})
+        timings.update(stage_times)
         return TemplateScoreResult(
             object_score=float(obj),
             point_scores=pts.astype(np.float32),

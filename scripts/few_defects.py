@@ -1,0 +1,207 @@
+"""How much a few operator-confirmed defects improve detection: the ``fused-defects`` head with
+N = 0, 1, 3, 10 confirmed defects per kind, on kinds seen in the confirmations and kinds not seen.
+
+Two steps, so that the expensive part (fitting, FPFH, registration) runs once and every head
+setting and every N reuses it:
+
+    python scripts/few_defects.py describe --dataset D --pool P --layout real3d --split test \\
+        --seen bulge,crack,hole,bending --out CACHE
+    python scripts/few_defects.py report --cache CACHE [--grid] [--head '{"weight": 1}'] --out RESULT.json
+
+``describe``: per class of D, fits ``fused-defects`` on D's train split (good parts only), then
+describes (``FusedDefectsScorer.describe``: fused scores + head descriptors) the confirmation pool
+(P's ``test`` split, only the ``--seen`` kinds, the first ``--pool-per-kind`` of each kind in a
+seeded random order, so N = 1 is a part of random magnitude and the sets are nested: 1 ⊂ 3 ⊂ 10)
+and D's ``--split`` (the parts scored). Confirmations are the operator's marks: the ground-truth
+region of each pool part. ``report``: for each N, the bank from the first N pool parts per seen
+kind, every scored part's object score with the head (exactly what ``FusedDefectsScorer.score``
+returns), I-AUROC per kind with bootstrap 95 % intervals (daemon.eval_breakdown), and the
+**gain** over N = 0 per kind and for the seen / unseen groups with a paired bootstrap interval
+(the same resampled parts for both). ``--grid`` evaluates a grid of head parameters instead
+(for tuning on seed 1's validation split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from daemon.eval_breakdown import SampleResult, breakdown, severity_bin
+from daemon.eval_scoring import sample_magnitudes
+from daemon.evaluation import preprocess_params
+from sensors.datasets import list_classes, list_samples
+from workers.defect_head import HeadParams, bank_entries, evidence, voxel_mask
+from workers.fused_defects import FusedDefectsScorer
+from workers.preprocess import prepare
+
+NS = (0, 1, 3, 10)
+BOOT = 2000
+
+
+def _describe_to(path: Path, scorer: FusedDefectsScorer, sample, pp, extra: dict) -> None:
+    frame = sample.load()
+    cloud = prepare(frame, pp)
+    base, desc = scorer.describe(cloud)
+    region = voxel_mask(cloud.source_flat, cloud.voxel_of_source, len(cloud.points), frame.gt_mask.reshape(-1) != 0)
+    np.savez(path, points=cloud.points.astype(np.float32), desc=desc.astype(np.float32),
+             base=base.point_scores.astype(np.float32), region=region, obj=np.float64(base.object_score),
+             failed=np.bool_(base.registration_failed), label=np.int64(sample.label), **extra)
+
+
+def cmd_describe(a: argparse.Namespace) -> None:
+    out = Path(a.out)
+    pp = preprocess_params(a.layout)
+    seen = a.seen.split(",")
+    mags = sample_magnitudes(Path(a.dataset))
+    rng = np.random.default_rng(a.seed)
+    classes = list_classes(a.dataset, a.layout)[: a.classes] if a.classes else list_classes(a.dataset, a.layout)
+    meta = {"dataset": a.dataset, "pool": a.pool, "split": a.split, "seen": seen, "classes": classes, "fit_s": {}}
+    for cls in classes:
+        t0 = time.process_time()
+        train = [s.load() for s in list_samples(a.dataset, a.layout, cls, "train")]
+        scorer = FusedDefectsScorer(voxel_size=pp.voxel_size)
+        scorer.fit([prepare(f, pp) for f in train])
+        meta["fit_s"][cls] = round(time.process_time() - t0, 1)
+        (out / cls / "pool").mkdir(parents=True, exist_ok=True)
+        (out / cls / "eval").mkdir(parents=True, exist_ok=True)
+        pool = list_samples(a.pool, a.layout, cls, "test")
+        for kind in seen:
+            of_kind = [s for s in pool if s.defect == kind]
+            order = rng.permutation(len(of_kind))[: a.pool_per_kind]
+            for rank, i in enumerate(order):
+                _describe_to(out / cls / "pool" / f"{kind}_{rank:02d}.npz", scorer, of_kind[i], pp,
+                             {"defect": kind, "rank": np.int64(rank)})
+        for s in list_samples(a.dataset, a.layout, cls, a.split):
+            rel = str(s.path.relative_to(Path(a.dataset)))
+            sev = (mags.get(rel) or {}).get("severity")
+            _describe_to(out / cls / "eval" / f"{s.stem}.npz", scorer, s, pp,
+                         {"defect": s.defect, "bin": severity_bin(sev) or ""})
+        print(f"{cls}: described in {time.process_time() - t0:.0f} s CPU", flush=True)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _load(cache: Path) -> tuple[dict, dict]:
+    meta = json.loads((cache / "meta.json").read_text())
+    data = {}
+    for cls in meta["classes"]:
+        pool = [dict(np.load(p)) for p in sorted((cache / cls / "pool").glob("*.npz"))]
+        ev = [(p.stem, dict(np.load(p))) for p in sorted((cache / cls / "eval").glob("*.npz"))]
+        data[cls] = (pool, ev)
+    return meta, data
+
+
+def scores_for(data: dict, n: int, head: HeadParams) -> list[SampleResult]:
+    """Every scored part's object score with a bank of ``n`` confirmed defects per seen kind."""
+    out = []
+    for cls, (pool, ev) in data.items():
+        chosen = [p for p in pool if int(p["rank"]) < n]
+        entries = [bank_entries(p["desc"], p["base"], p["region"], head) for p in chosen]
+        bank = np.concatenate(entries) if entries else np.zeros((0, 34), np.float32)
+        for stem, e in ev:
+            obj = float(e["obj"])
+            if len(bank) and not bool(e["failed"]):
+                obj += evidence(e["points"], e["desc"], e["base"], bank, head)[0]
+            out.append(SampleResult(cls, stem, str(e["defect"]), int(e["label"]), obj, str(e.get("bin", "")) or None))
+    return out
+
+
+def paired_gain(base: list[SampleResult], new: list[SampleResult], select, seed: int = 0) -> dict:
+    """Mean over classes of I-AUROC(new) − I-AUROC(base) for the defective parts ``select`` picks,
+    with a paired bootstrap 95 % interval (good and defective parts resampled within each class)."""
+    rng = np.random.default_rng(seed)
+    diffs, reps = [], []
+    for cls in sorted({r.cls for r in base}):
+        rows = [(b, n) for b, n in zip(base, new, strict=True) if b.cls == cls]
+        g = [(b.object_score, n.object_score) for b, n in rows if b.label == 0]
+        d = [(b.object_score, n.object_score) for b, n in rows if b.label == 1 and select(b)]
+        if not g or not d:
+            continue
+        ga, da = np.array(g), np.array(d)
+        cs = [(da[None, :, j] > ga[:, None, j]) + 0.5 * (da[None, :, j] == ga[:, None, j]) for j in (0, 1)]
+        c = cs[1].astype(np.float64) - cs[0].astype(np.float64)
+        wg = rng.multinomial(len(g), np.full(len(g), 1 / len(g)), size=BOOT).astype(np.float64)
+        wd = rng.multinomial(len(d), np.full(len(d), 1 / len(d)), size=BOOT).astype(np.float64)
+        diffs.append(float(c.mean()))
+        reps.append(np.einsum("bi,ij,bj->b", wg, c, wd) / (len(g) * len(d)))
+    if not diffs:
+        return {"gain": None, "ci95": [None, None]}
+    r = np.mean(reps, axis=0)
+    lo, hi = np.quantile(r, [0.025, 0.975])
+    return {"gain": round(float(np.mean(diffs)), 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "within_noise": bool(lo <= 0 <= hi)}
+
+
+def evaluate(meta: dict, data: dict, head: HeadParams, ns=NS) -> dict:
+    seen = set(meta["seen"])
+    base = scores_for(data, 0, head)
+    kinds = sorted({r.defect for r in base if r.label == 1})
+    res = {"head": asdict(head), "seen": sorted(seen), "unseen": [k for k in kinds if k not in seen], "by_n": {}}
+    for n in ns:
+        new = base if n == 0 else scores_for(data, n, head)
+        bd = breakdown(new)
+        groups = {"all": lambda r: True, "seen": lambda r: r.defect in seen, "unseen": lambda r: r.defect not in seen}
+        groups.update({k: (lambda r, k=k: r.defect == k) for k in kinds})
+        res["by_n"][n] = {
+            "i_auroc": bd["i_auroc"], "per_defect": bd["per_defect"],
+            "gain": {name: paired_gain(base, new, sel) for name, sel in groups.items()} if n else {},
+            "group_i_auroc": {name: breakdown([r for r in new if r.label == 0 or sel(r)], b=200)["i_auroc"]["mean"]
+                              for name, sel in list(groups.items())[:3]},
+        }
+    return res
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    meta, data = _load(Path(a.cache))
+    head = HeadParams(**json.loads(a.head or "{}"))
+    if a.grid:
+        rows = []
+        for w, r, mb in itertools.product((0.5, 1.0, 2.0), (0.5, 1.0, 2.0), (1.0, 1.5)):
+            h = replace(head, weight=w, radius=r, min_base=mb)
+            base = scores_for(data, 0, h)
+            row = {"weight": w, "radius": r, "min_base": mb}
+            for n in NS[1:]:
+                new = scores_for(data, n, h)
+                for name, sel in (("seen", lambda x: x.defect in meta["seen"]), ("unseen", lambda x: x.defect not in meta["seen"])):
+                    row[f"{name}_{n}"] = paired_gain(base, new, sel)["gain"]
+            row["score"] = round(float(np.mean([row[f"{g}_{n}"] for g in ("seen", "unseen") for n in NS[1:]])), 4)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        result = {"meta": meta, "grid": sorted(rows, key=lambda x: -x["score"])}
+    else:
+        result = {"meta": meta, **evaluate(meta, data, head)}
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {a.out}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("describe")
+    d.add_argument("--dataset", required=True)
+    d.add_argument("--pool", required=True, help="dataset whose test split holds the confirmation pool")
+    d.add_argument("--layout", default="real3d")
+    d.add_argument("--split", default="test")
+    d.add_argument("--seen", default="bulge,crack,hole,bending")
+    d.add_argument("--pool-per-kind", type=int, default=max(NS))
+    d.add_argument("--classes", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--out", required=True)
+    d.set_defaults(func=cmd_describe)
+    r = sub.add_parser("report")
+    r.add_argument("--cache", required=True)
+    r.add_argument("--head", help="HeadParams overrides as JSON")
+    r.add_argument("--grid", action="store_true", help="evaluate the tuning grid (weight × radius × min_base)")
+    r.add_argument("--out", required=True)
+    r.set_defaults(func=cmd_report)
+    a = p.parse_args()
+    a.func(a)
+
+
+if __name__ == "__main__":
+    main()
