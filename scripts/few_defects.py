@@ -36,7 +36,15 @@ from daemon.eval_breakdown import SampleResult, breakdown, severity_bin
 from daemon.eval_scoring import sample_magnitudes
 from daemon.evaluation import preprocess_params
 from sensors.datasets import list_classes, list_samples
-from workers.defect_head import HeadParams, bank_entries, evidence, voxel_mask
+from workers.components.memory_bank import MemoryBank
+from workers.defect_head import (
+    HeadParams,
+    bank_distance,
+    bank_entries,
+    evidence_from_distance,
+    neighbours,
+    voxel_mask,
+)
 from workers.fused_defects import FusedDefectsScorer
 from workers.preprocess import prepare
 
@@ -92,21 +100,36 @@ def _load(cache: Path) -> tuple[dict, dict]:
     for cls in meta["classes"]:
         pool = [dict(np.load(p)) for p in sorted((cache / cls / "pool").glob("*.npz"))]
         ev = [(p.stem, dict(np.load(p))) for p in sorted((cache / cls / "eval").glob("*.npz"))]
+        for _, e in ev:
+            e["nbr"] = neighbours(e["points"], HeadParams().smoothing_k)
         data[cls] = (pool, ev)
     return meta, data
 
 
-def scores_for(data: dict, n: int, head: HeadParams) -> list[SampleResult]:
-    """Every scored part's object score with a bank of ``n`` confirmed defects per seen kind."""
-    out = []
+def bank_for(pool: list[dict], n: int, head: HeadParams) -> MemoryBank | None:
+    """The defect bank of the first ``n`` confirmed defects per seen kind (None when empty)."""
+    entries = [bank_entries(p["desc"], p["base"], p["region"], head) for p in pool if int(p["rank"]) < n]
+    bank = np.concatenate(entries) if entries else np.zeros((0, 34), np.float32)
+    return MemoryBank(bank) if len(bank) else None
+
+
+def distances(data: dict, n: int, head: HeadParams) -> dict[str, list[np.ndarray | None]]:
+    """Per class, every scored part's bank distances (None: no bank or a failed registration)."""
+    out = {}
     for cls, (pool, ev) in data.items():
-        chosen = [p for p in pool if int(p["rank"]) < n]
-        entries = [bank_entries(p["desc"], p["base"], p["region"], head) for p in chosen]
-        bank = np.concatenate(entries) if entries else np.zeros((0, 34), np.float32)
-        for stem, e in ev:
+        bank = bank_for(pool, n, head)
+        out[cls] = [None if bank is None or bool(e["failed"]) else bank_distance(e["desc"], bank) for _, e in ev]
+    return out
+
+
+def scores_for(data: dict, dist: dict, head: HeadParams) -> list[SampleResult]:
+    """Every scored part's object score with the head (what ``FusedDefectsScorer.score`` returns)."""
+    out = []
+    for cls, (_, ev) in data.items():
+        for (stem, e), d in zip(ev, dist[cls], strict=True):
             obj = float(e["obj"])
-            if len(bank) and not bool(e["failed"]):
-                obj += evidence(e["points"], e["desc"], e["base"], bank, head)[0]
+            if d is not None:
+                obj += evidence_from_distance(d, e["base"], e["nbr"], head)[0]
             out.append(SampleResult(cls, stem, str(e["defect"]), int(e["label"]), obj, str(e.get("bin", "")) or None))
     return out
 
@@ -139,11 +162,11 @@ def paired_gain(base: list[SampleResult], new: list[SampleResult], select, seed:
 
 def evaluate(meta: dict, data: dict, head: HeadParams, ns=NS) -> dict:
     seen = set(meta["seen"])
-    base = scores_for(data, 0, head)
+    base = scores_for(data, distances(data, 0, head), head)
     kinds = sorted({r.defect for r in base if r.label == 1})
     res = {"head": asdict(head), "seen": sorted(seen), "unseen": [k for k in kinds if k not in seen], "by_n": {}}
     for n in ns:
-        new = base if n == 0 else scores_for(data, n, head)
+        new = base if n == 0 else scores_for(data, distances(data, n, head), head)
         bd = breakdown(new)
         groups = {"all": lambda r: True, "seen": lambda r: r.defect in seen, "unseen": lambda r: r.defect not in seen}
         groups.update({k: (lambda r, k=k: r.defect == k) for k in kinds})
@@ -161,17 +184,21 @@ def cmd_report(a: argparse.Namespace) -> None:
     head = HeadParams(**json.loads(a.head or "{}"))
     if a.grid:
         rows = []
-        for w, r, mb in itertools.product((0.5, 1.0, 2.0), (0.5, 1.0, 2.0), (1.0, 1.5)):
-            h = replace(head, weight=w, radius=r, min_base=mb)
-            base = scores_for(data, 0, h)
-            row = {"weight": w, "radius": r, "min_base": mb}
-            for n in NS[1:]:
-                new = scores_for(data, n, h)
-                for name, sel in (("seen", lambda x: x.defect in meta["seen"]), ("unseen", lambda x: x.defect not in meta["seen"])):
-                    row[f"{name}_{n}"] = paired_gain(base, new, sel)["gain"]
-            row["score"] = round(float(np.mean([row[f"{g}_{n}"] for g in ("seen", "unseen") for n in NS[1:]])), 4)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        seen = set(meta["seen"])
+        groups = (("seen", lambda x: x.defect in seen), ("unseen", lambda x: x.defect not in seen))
+        base = scores_for(data, distances(data, 0, head), head)
+        for mb in (1.0, 1.5, 2.0):
+            dists = {n: distances(data, n, replace(head, min_base=mb)) for n in NS[1:]}
+            for w, r in itertools.product((0.5, 1.0, 2.0), (0.5, 1.0, 2.0)):
+                h = replace(head, weight=w, radius=r, min_base=mb)
+                row = {"weight": w, "radius": r, "min_base": mb}
+                for n in NS[1:]:
+                    new = scores_for(data, dists[n], h)
+                    for name, sel in groups:
+                        row[f"{name}_{n}"] = paired_gain(base, new, sel)["gain"]
+                row["score"] = round(float(np.mean([row[f"{g}_{n}"] for g, _ in groups for n in NS[1:]])), 4)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
         result = {"meta": meta, "grid": sorted(rows, key=lambda x: -x["score"])}
     else:
         result = {"meta": meta, **evaluate(meta, data, head)}

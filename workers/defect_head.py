@@ -17,7 +17,8 @@ Bank (``bank_entries``): from each confirmed part, the points of the marked regi
 operator's mask; without one, the ``fallback_fraction`` highest-scoring points) whose base score
 is at least ``min_base`` (beyond what good parts show: a descriptor from inside a bulge that
 looks like a smooth face would otherwise make every smooth face suspect), at most
-``max_per_part`` of them, the highest first.
+``max_per_part`` of them, the highest first. The bank is searched exactly
+(``workers.components.memory_bank.MemoryBank``, the patchcore bank's chunked matmul).
 
 Evidence (``evidence``): ``e(x) = b(x) · exp(-d(x)² / (2 r²))`` with ``d`` the descriptor distance to
 the nearest bank entry and ``r`` the ``radius``, averaged over the point's ``smoothing_k`` spatial
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from workers.components.knn import knn, smooth_over_neighbours
+from workers.components.memory_bank import MemoryBank
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class HeadParams:
     weight: float = 1.0
     radius: float = 1.0
     min_base: float = 1.0
-    max_per_part: int = 256
+    max_per_part: int = 64
     fallback_fraction: float = 0.02
     smoothing_k: int = 8
     top_fraction: float = 0.005
@@ -85,15 +86,32 @@ def bank_entries(desc: np.ndarray, base: np.ndarray, region: np.ndarray | None, 
     return desc[idx].astype(np.float32)
 
 
-def evidence(points: np.ndarray, desc: np.ndarray, base: np.ndarray, bank: np.ndarray, p: HeadParams,
-             tree: cKDTree | None = None) -> tuple[float, np.ndarray]:
-    """(object-score gain, per-point gain) for one part; zeros when the bank is empty."""
-    b = np.asarray(base, np.float64)
-    if len(bank) == 0 or p.weight == 0 or len(b) == 0:
-        return 0.0, np.zeros(len(b), np.float32)
-    d, _ = knn(bank, desc, 1)
-    e = np.maximum(b, 0.0) * np.exp(-0.5 * (d[:, 0] / p.radius) ** 2)
-    e = smooth_over_neighbours(points, e, p.smoothing_k, tree)
+def bank_distance(desc: np.ndarray, bank: MemoryBank) -> np.ndarray:
+    """Descriptor distance (M,) of every point to its nearest defect-bank entry (exact, chunked matmul)."""
+    return bank.nearest_distances(bank.centre(np.asarray(desc, np.float32))).cpu().numpy().astype(np.float64)
+
+
+def neighbours(points: np.ndarray, k: int, tree: cKDTree | None = None) -> np.ndarray | None:
+    """Indices (M×k) of each point's k nearest spatial neighbours, itself included; None for k <= 1."""
+    k = min(int(k), len(points))
+    if k <= 1:
+        return None
+    return (tree if tree is not None else cKDTree(points)).query(points, k=k)[1]
+
+
+def evidence_from_distance(dist: np.ndarray, base: np.ndarray, nbr: np.ndarray | None, p: HeadParams) -> tuple[float, np.ndarray]:
+    """(object-score gain, per-point gain) from the bank distances (see the module doc)."""
+    e = np.maximum(np.asarray(base, np.float64), 0.0) * np.exp(-0.5 * (dist / p.radius) ** 2)
+    if nbr is not None:
+        e = e[nbr].mean(axis=1)
     k = min(len(e), max(p.top_min, int(round(p.top_fraction * len(e)))))
     top = float(np.partition(e, len(e) - k)[-k:].mean())
     return p.weight * top, (p.weight * e).astype(np.float32)
+
+
+def evidence(points: np.ndarray, desc: np.ndarray, base: np.ndarray, bank: MemoryBank | None, p: HeadParams,
+             tree: cKDTree | None = None) -> tuple[float, np.ndarray]:
+    """(object-score gain, per-point gain) for one part; zeros when there is no bank."""
+    if bank is None or p.weight == 0 or len(base) == 0:
+        return 0.0, np.zeros(len(base), np.float32)
+    return evidence_from_distance(bank_distance(desc, bank), base, neighbours(points, p.smoothing_k, tree), p)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from workers.components.memory_bank import MemoryBank
 from workers.defect_head import HeadParams, bank_entries, descriptors, evidence, voxel_mask
 from workers.fused import FusedScorer
 from workers.preprocess import PreparedCloud
@@ -38,6 +39,8 @@ class FusedDefectsScorer(FusedScorer):
         self.head = HeadParams(**(defect_head or {}))
         self.defect_bank = np.zeros((0, 34), np.float32)
         self.n_confirmed = 0
+        self._bank: MemoryBank | None = None
+        """``defect_bank`` ready to search (built on first use)."""
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -57,6 +60,7 @@ class FusedDefectsScorer(FusedScorer):
         scorer = super().from_state(params, {k: v for k, v in tensors.items() if k != BANK_KEY})
         assert isinstance(scorer, FusedDefectsScorer)
         scorer.defect_bank = bank
+        scorer._bank = None
         return scorer
 
     # -- fit / score ---------------------------------------------------------------------------
@@ -88,6 +92,7 @@ class FusedDefectsScorer(FusedScorer):
         width = self.defect_bank.shape[1] if not entries else entries[0].shape[1]
         self.defect_bank = np.concatenate(entries, axis=0) if entries else np.zeros((0, width), np.float32)
         self.n_confirmed = len(clouds)
+        self._bank = None
         return len(self.defect_bank)
 
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
@@ -95,7 +100,9 @@ class FusedDefectsScorer(FusedScorer):
         if len(self.defect_bank) == 0 or base.registration_failed:
             return base
         t0 = time.perf_counter()
-        gain, point_gain = evidence(cloud.points, desc, base.point_scores, self.defect_bank, self.head)
+        if self._bank is None:
+            self._bank = MemoryBank(self.defect_bank)
+        gain, point_gain = evidence(cloud.points, desc, base.point_scores, self._bank, self.head)
         base.object_score = float(base.object_score + gain)
         base.point_scores = (base.point_scores + point_gain).astype(np.float32)
         base.timings["defect_head"] = time.perf_counter() - t0
