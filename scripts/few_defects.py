@@ -17,7 +17,7 @@ region of each pool part. ``report``: for each N, the bank from the first N pool
 kind, every scored part's object score with the head (exactly what ``FusedDefectsScorer.score``
 returns), I-AUROC per kind with bootstrap 95 % intervals (daemon.eval_breakdown), and the
 **gain** over N = 0 per kind and for the seen / unseen groups with a paired bootstrap interval
-(the same resampled parts for both). ``--grid`` evaluates a grid of head parameters instead
+(the same resampled parts for both). ``--grid`` evaluates a grid of head parameters (base_power × weight × radius × min_base) instead
 (for tuning on seed 1's validation split).
 """
 
@@ -173,10 +173,37 @@ def evaluate(meta: dict, data: dict, head: HeadParams, ns=NS) -> dict:
         res["by_n"][n] = {
             "i_auroc": bd["i_auroc"], "per_defect": bd["per_defect"],
             "gain": {name: paired_gain(base, new, sel) for name, sel in groups.items()} if n else {},
-            "group_i_auroc": {name: breakdown([r for r in new if r.label == 0 or sel(r)], b=200)["i_auroc"]["mean"]
+            "group_i_auroc": {name: breakdown([r for r in new if r.label == 0 or sel(r)])["i_auroc"]
                               for name, sel in list(groups.items())[:3]},
         }
     return res
+
+
+def _ci(v: dict) -> str:
+    lo, hi = v["ci95"]
+    return "n/a" if lo is None else f"{lo:.3f}–{hi:.3f}"
+
+
+def markdown(res: dict) -> str:
+    """The per-kind tables of ``evaluate``'s result: I-AUROC at N = 0 and the gain at each N."""
+    ns = [n for n in res["by_n"] if int(n)]
+    zero = res["by_n"]["0"] if "0" in res["by_n"] else res["by_n"][0]
+    head = "| group | I-AUROC, N = 0 (95 % CI) | " + " | ".join(f"gain, N = {n} (95 % CI)" for n in ns) + " |"
+    lines = [head, "|---|---|" + "---|" * len(ns)]
+    rows = [("all defects", "all"), ("seen kinds", "seen"), ("unseen kinds", "unseen")]
+    rows += [(f"{k} (seen)", k) for k in res["seen"]] + [(f"{k} (unseen)", k) for k in res["unseen"]]
+    for label, key in rows:
+        base = zero["per_defect"].get(key)
+        if key in ("all", "seen", "unseen"):
+            base = zero["group_i_auroc"][key]
+        cell0 = f"{base['mean']:.3f} ({_ci(base)})"
+        cells = []
+        for n in ns:
+            g = res["by_n"][n]["gain"][key]
+            mark = "" if not g.get("within_noise") else " ≈"
+            cells.append(f"{g['gain']:+.3f} ({_ci(g)}){mark}")
+        lines.append(f"| {label} | {cell0} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def cmd_report(a: argparse.Namespace) -> None:
@@ -187,11 +214,11 @@ def cmd_report(a: argparse.Namespace) -> None:
         seen = set(meta["seen"])
         groups = (("seen", lambda x: x.defect in seen), ("unseen", lambda x: x.defect not in seen))
         base = scores_for(data, distances(data, 0, head), head)
-        for mb in (1.0, 1.5, 2.0):
+        for mb in (0.5, 1.0, 1.5):
             dists = {n: distances(data, n, replace(head, min_base=mb)) for n in NS[1:]}
-            for w, r in itertools.product((0.5, 1.0, 2.0), (0.5, 1.0, 2.0)):
-                h = replace(head, weight=w, radius=r, min_base=mb)
-                row = {"weight": w, "radius": r, "min_base": mb}
+            for gamma, w, r in itertools.product((0.0, 1.0), (2.0, 4.0, 8.0), (0.25, 0.5, 1.0)):
+                h = replace(head, weight=w, radius=r, min_base=mb, base_power=gamma)
+                row = {"base_power": gamma, "weight": w, "radius": r, "min_base": mb}
                 for n in NS[1:]:
                     new = scores_for(data, dists[n], h)
                     for name, sel in groups:
@@ -203,6 +230,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     else:
         result = {"meta": meta, **evaluate(meta, data, head)}
     Path(a.out).write_text(json.dumps(result, indent=2))
+    if not a.grid:
+        Path(a.out).with_suffix(".md").write_text(markdown(json.loads(json.dumps(result))))
     print(f"wrote {a.out}")
 
 

@@ -20,10 +20,12 @@ looks like a smooth face would otherwise make every smooth face suspect), at mos
 ``max_per_part`` of them, the highest first. The bank is searched exactly
 (``workers.components.memory_bank.MemoryBank``, the patchcore bank's chunked matmul).
 
-Evidence (``evidence``): ``e(x) = b(x) · exp(-d(x)² / (2 r²))`` with ``d`` the descriptor distance to
-the nearest bank entry and ``r`` the ``radius``, averaged over the point's ``smoothing_k`` spatial
-neighbours. A good part's points have a low ``b``, so ``e`` stays low whatever they resemble; a
-defect's points have a higher ``b`` and, when they resemble a confirmed defect, keep it. The part
+Evidence (``evidence``): ``e(x) = b(x)^γ · exp(-d(x)² / (2 r²))`` with ``d`` the descriptor distance
+to the nearest bank entry, ``r`` the ``radius`` and γ the ``base_power``, averaged over the point's
+``smoothing_k`` spatial neighbours. With γ = 1 a good part's points, whose ``b`` is low, keep ``e``
+low whatever they resemble, and a defect's points keep their ``b`` when they resemble a confirmed
+defect; γ = 0 is a pure similarity to confirmed defects (it can lift a subtle defect the base
+score does not see, and is riskier for good parts that happen to resemble one). The part
 gains ``weight × mean of the top top_fraction of e`` on its object score and ``weight × e`` on
 its point map.
 """
@@ -44,6 +46,7 @@ class HeadParams:
 
     weight: float = 1.0
     radius: float = 1.0
+    base_power: float = 1.0
     min_base: float = 1.0
     max_per_part: int = 64
     fallback_fraction: float = 0.02
@@ -52,8 +55,8 @@ class HeadParams:
     top_min: int = 5
 
     def __post_init__(self) -> None:
-        if self.weight < 0 or self.radius <= 0 or self.max_per_part < 1:
-            raise ValueError("defect head: weight must be >= 0, radius > 0, max_per_part >= 1")
+        if self.weight < 0 or self.radius <= 0 or self.max_per_part < 1 or self.base_power < 0:
+            raise ValueError("defect head: weight, base_power must be >= 0, radius > 0, max_per_part >= 1")
         if not 0 < self.fallback_fraction <= 1 or not 0 < self.top_fraction <= 1:
             raise ValueError("defect head: fallback_fraction and top_fraction must be in (0, 1]")
 
@@ -101,7 +104,7 @@ def neighbours(points: np.ndarray, k: int, tree: cKDTree | None = None) -> np.nd
 
 def evidence_from_distance(dist: np.ndarray, base: np.ndarray, nbr: np.ndarray | None, p: HeadParams) -> tuple[float, np.ndarray]:
     """(object-score gain, per-point gain) from the bank distances (see the module doc)."""
-    e = np.maximum(np.asarray(base, np.float64), 0.0) * np.exp(-0.5 * (dist / p.radius) ** 2)
+    e = np.maximum(np.asarray(base, np.float64), 0.0) ** p.base_power * np.exp(-0.5 * (dist / p.radius) ** 2)
     if nbr is not None:
         e = e[nbr].mean(axis=1)
     k = min(len(e), max(p.top_min, int(round(p.top_fraction * len(e)))))
