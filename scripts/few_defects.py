@@ -235,6 +235,40 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(f"wrote {a.out}")
 
 
+def cmd_calibration(a: argparse.Namespace) -> None:
+    """The cost rule of ``daemon.defect_calibration`` on the base model (N = 0): per class, half the
+    good scored parts calibrate (with the pool's confirmed defects), the other half and the scored
+    defective parts measure the FRR and escape rate it actually gets."""
+    from daemon.decision import clopper_pearson
+    from daemon.defect_calibration import EscapeCost, calibrate_with_defects
+
+    meta, data = _load(Path(a.cache))
+    rows = []
+    for cls, (pool, ev) in data.items():
+        good = [float(e["obj"]) for _, e in ev if int(e["label"]) == 0]
+        cal, held = good[0::2], good[1::2]
+        confirmed = [float(p["obj"]) for p in pool]
+        for r_cost in a.escape_costs:
+            rec = calibrate_with_defects(cal, confirmed, a.target_frr, cost=EscapeCost(r_cost, a.defect_rate))
+            t = rec["threshold"]
+            fr = sum(x > t for x in held)
+            row = {"class": cls, "escape_cost": r_cost, "threshold": round(t, 4),
+                   "frr_only_threshold": round(rec["defects"]["frr_only_threshold"], 4),
+                   "expected_frr": round(rec["expected_frr"], 4), "expected_frr_ci95": [round(x, 4) for x in rec["expected_frr_ci95"]],
+                   "confirmed_escape_rate": round(rec["defects"]["escape_rate"], 3),
+                   "confirmed_escape_rate_ci95": [round(x, 3) for x in rec["defects"]["escape_rate_ci95"]],
+                   "held_out_frr": f"{fr}/{len(held)}", "held_out_frr_ci95": [round(x, 3) for x in clopper_pearson(fr, len(held))]}
+            for name, sel in (("seen", lambda d: d in meta["seen"]), ("unseen", lambda d: d not in meta["seen"])):
+                d = [float(e["obj"]) for _, e in ev if int(e["label"]) == 1 and sel(str(e["defect"]))]
+                k = sum(x < t for x in d)
+                row[f"test_escape_{name}"] = f"{k}/{len(d)}"
+                row[f"test_escape_{name}_ci95"] = [round(x, 3) for x in clopper_pearson(k, len(d))]
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "target_frr": a.target_frr, "defect_rate": a.defect_rate,
+                                       "rows": rows}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -255,6 +289,13 @@ def main() -> None:
     r.add_argument("--grid", action="store_true", help="evaluate the tuning grid (weight × radius × min_base)")
     r.add_argument("--out", required=True)
     r.set_defaults(func=cmd_report)
+    c = sub.add_parser("calibration", help="the cost rule on the base model: FRR and escapes, calibrated and held out")
+    c.add_argument("--cache", required=True)
+    c.add_argument("--target-frr", type=float, default=0.05)
+    c.add_argument("--defect-rate", type=float, default=0.01)
+    c.add_argument("--escape-costs", type=float, nargs="+", default=[1.0, 10.0, 100.0])
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_calibration)
     a = p.parse_args()
     a.func(a)
 

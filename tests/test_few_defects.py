@@ -122,3 +122,15 @@ def test_label_store_to_enroll_and_calibrate(tmp_path) -> None:
         calibrate(models, "lpart", held_out, 0.05, progress=False, defects=frames[:1])
     plain = calibrate(models, "lpart", held_out, 0.05, progress=False)
     assert "defects" not in plain
+
+
+def test_cli_takes_the_defects_options() -> None:
+    from daemon.cli import build_parser
+
+    e = build_parser().parse_args(["enroll", "--product", "p", "--good", "g", "--scorer", "fused-defects",
+                                   "--defects", "labels"])
+    assert e.defects == "labels" and e.scorer == "fused-defects"
+    c = build_parser().parse_args(["calibrate", "--product", "p", "--good", "g", "--defects", "labels",
+                                   "--escape-cost", "5", "--defect-rate", "0.02"])
+    assert (c.defects, c.escape_cost, c.defect_rate) == ("labels", 5.0, 0.02)
+    assert build_parser().parse_args(["calibrate", "--product", "p", "--good", "g"]).defects is None
