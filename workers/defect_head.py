@@ -44,9 +44,9 @@ from workers.components.memory_bank import MemoryBank
 class HeadParams:
     """The head's hyper-parameters (chosen on seed 1's validation split, docs/results/few-defects.md)."""
 
-    weight: float = 1.0
+    weight: float = 4.0
     radius: float = 1.0
-    base_power: float = 1.0
+    base_power: float = 0.0
     min_base: float = 1.0
     max_per_part: int = 64
     fallback_fraction: float = 0.02
