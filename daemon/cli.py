@@ -212,7 +212,11 @@ def cmd_enroll(args: argparse.Namespace) -> int:
                   allow_random_init=args.allow_random_init, holdout=frames[len(frames) - k:] if k else (),
                   target_frr=frr, defects=defects)
     if defects:
-        print(f"learned from {len(defects)} confirmed defects of {product} ({args.defects})")
+        from workers.scorer import load_scorer
+
+        bank = getattr(load_scorer(path), "defect_bank", ())
+        print(f"learned from {len(defects)} confirmed defects of {product} ({args.defects}): {len(bank)} defect-bank "
+              "entries" + (" (none: their marked regions score no higher than good parts)" if len(bank) == 0 else ""))
     print(f"enrolled {product} ({args.scorer}, {len(frames) - k} good parts) → {path}")
     if k:
         rec = json.loads((path / CALIBRATION_FILE).read_text())

@@ -139,10 +139,17 @@ def calibration_record(
         log.warning("the model of %s does not list its training parts (migrated from format 1, or saved by "
                     "`inspectd train`): calibration cannot check that these parts were not used to fit it", product)
     trained = set(train_part_hashes or [])
-    reused = [str(f.meta.part_id) for f in [*frames, *defects] if part_hash(f.points) in trained]
+    reused_defects = [str(f.meta.part_id) for f in defects if part_hash(f.points) in trained]
+    if reused_defects:
+        raise CalibrationRefused(
+            f"{len(reused_defects)} of the {len(defects)} confirmed defects were used to fit the model "
+            f"({', '.join(reused_defects[:5])}{'…' if len(reused_defects) > 5 else ''}): a defect in the model's "
+            "defect bank scores high by construction, which would make the escape rate look better than it is; "
+            "calibrate with confirmed defects the model did not learn from")
+    reused = [str(f.meta.part_id) for f in frames if part_hash(f.points) in trained]
     if reused:
         raise CalibrationRefused(
-            f"{len(reused)} of the {len(frames) + len(defects)} calibration parts were used to fit the model "
+            f"{len(reused)} of the {len(frames)} calibration parts were used to fit the model "
             f"({', '.join(reused[:5])}{'…' if len(reused) > 5 else ''}): a model scores its own "
             "training parts near zero, which would put the threshold far too low; calibrate on other good "
             "parts (or `inspectd enroll --holdout K`, which keeps K parts out of the fit)")

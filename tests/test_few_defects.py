@@ -118,7 +118,7 @@ def test_label_store_to_enroll_and_calibrate(tmp_path) -> None:
     held_out = [frame(l_part(k), k) for k in range(10, 14)]
     rec = calibrate(models, "lpart", held_out, 0.05, progress=False, defects=frames[2:])
     assert rec["defects"]["n_confirmed"] == 2 and rec["threshold"] >= max(rec["good_scores"])
-    with pytest.raises(ValueError, match="were used to fit the model"):  # a bank part would flatter the escape rate
+    with pytest.raises(ValueError, match="confirmed defects were used to fit the model"):  # would flatter escapes
         calibrate(models, "lpart", held_out, 0.05, progress=False, defects=frames[:1])
     plain = calibrate(models, "lpart", held_out, 0.05, progress=False)
     assert "defects" not in plain

@@ -77,8 +77,10 @@ def _load_part(npz_path: Path, label: str, product: str | None) -> ConfirmedPart
         raise ValueError(f"{npz_path}: not a label-store scan ({type(e).__name__}: {e})") from None
     if points.ndim != 2 or points.shape[1] != 3 or len(points) == 0 or not np.isfinite(points).all():
         raise ValueError(f"{npz_path}: 'points' must be a finite N×3 array, got shape {points.shape}")
-    if mask is not None and (mask.shape != (len(points),) or mask.dtype != np.bool_):
-        raise ValueError(f"{npz_path}: 'mask' must be bool with one value per point, got {mask.dtype} {mask.shape}")
+    if mask is not None and (mask.shape != (len(points),) or mask.dtype.kind not in "biu"):
+        raise ValueError(f"{npz_path}: 'mask' must be bool (or 0/1) with one value per point, got {mask.dtype} {mask.shape}")
+    if mask is not None:
+        mask = mask.astype(bool)
     rec_label = record.get("label", label)
     if rec_label != label:
         raise ValueError(f"{side}: label {rec_label!r} in a {label!r} folder")
