@@ -106,18 +106,26 @@ def _load(cache: Path) -> tuple[dict, dict]:
     return meta, data
 
 
-def bank_for(pool: list[dict], n: int, head: HeadParams) -> MemoryBank | None:
-    """The defect bank of the first ``n`` confirmed defects per seen kind (None when empty)."""
-    entries = [bank_entries(p["desc"], p["base"], p["region"], head) for p in pool if int(p["rank"]) < n]
+def bank_for(pool: list[dict], n: int, head: HeadParams, draw: int = 0) -> MemoryBank | None:
+    """The defect bank of ``n`` confirmed defects per seen kind (None when empty): the first ``n`` of
+    the pool's order for draw 0, a seeded random ``n`` of the pool for draw k > 0."""
+    if draw:
+        rng = np.random.default_rng(draw)
+        size = 1 + max(int(p["rank"]) for p in pool)
+        picked = {k: set(rng.choice(size, n, replace=False).tolist()) for k in sorted({str(p["defect"]) for p in pool})}
+        chosen = [p for p in pool if int(p["rank"]) in picked[str(p["defect"])]]
+    else:
+        chosen = [p for p in pool if int(p["rank"]) < n]
+    entries = [bank_entries(p["desc"], p["base"], p["region"], head) for p in chosen]
     bank = np.concatenate(entries) if entries else np.zeros((0, 34), np.float32)
     return MemoryBank(bank) if len(bank) else None
 
 
-def distances(data: dict, n: int, head: HeadParams) -> dict[str, list[np.ndarray | None]]:
+def distances(data: dict, n: int, head: HeadParams, draw: int = 0) -> dict[str, list[np.ndarray | None]]:
     """Per class, every scored part's bank distances (None: no bank or a failed registration)."""
     out = {}
     for cls, (pool, ev) in data.items():
-        bank = bank_for(pool, n, head)
+        bank = bank_for(pool, n, head, draw)
         out[cls] = [None if bank is None or bool(e["failed"]) else bank_distance(e["desc"], bank) for _, e in ev]
     return out
 
@@ -160,7 +168,19 @@ def paired_gain(base: list[SampleResult], new: list[SampleResult], select, seed:
             "within_noise": bool(lo <= 0 <= hi)}
 
 
-def evaluate(meta: dict, data: dict, head: HeadParams, ns=NS) -> dict:
+def _draws(data: dict, base: list[SampleResult], n: int, head: HeadParams, draws: int, groups: dict) -> dict:
+    """Per group, the gain of each of ``draws`` draws of ``n`` confirmed defects per seen kind."""
+    out: dict[str, list] = {name: [] for name in groups}
+    for k in range(draws):
+        new = scores_for(data, distances(data, n, head, k), head)
+        for name, sel in groups.items():
+            out[name].append(paired_gain(base, new, sel)["gain"])
+    return out
+
+
+def evaluate(meta: dict, data: dict, head: HeadParams, ns=NS, draws: int = 5) -> dict:
+    """Per N: I-AUROC per kind, the paired gain per kind and group, and (N = 1, 3) the seen / unseen
+    gains of ``draws`` different draws of the confirmed defects (draw 0 is the one reported)."""
     seen = set(meta["seen"])
     base = scores_for(data, distances(data, 0, head), head)
     kinds = sorted({r.defect for r in base if r.label == 1})
@@ -173,6 +193,7 @@ def evaluate(meta: dict, data: dict, head: HeadParams, ns=NS) -> dict:
         res["by_n"][n] = {
             "i_auroc": bd["i_auroc"], "per_defect": bd["per_defect"],
             "gain": {name: paired_gain(base, new, sel) for name, sel in groups.items()} if n else {},
+            "draws": _draws(data, base, n, head, draws, dict(list(groups.items())[1:3])) if 0 < n < 10 else {},
             "group_i_auroc": {name: breakdown([r for r in new if r.label == 0 or sel(r)])["i_auroc"]
                               for name, sel in list(groups.items())[:3]},
         }
