@@ -3,7 +3,7 @@
 Why: a line's operators confirm defects every day; a good-only model throws that away. Like
 Open3D-AD (a few real anomalies added to the normal data), the head keeps a small **defect
 bank**: point descriptors taken from confirmed-defect regions. A new part's points that resemble
-a bank entry get their anomaly raised; a part with nothing like a confirmed defect is scored as
+a bank entry get their anomaly raised; a part with nothing like a confirmed defect is scored nearly as
 before, so kinds never confirmed keep the good-only model's behaviour (measured in
 docs/results/few-defects.md).
 
