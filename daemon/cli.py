@@ -195,7 +195,7 @@ def _post(url: str, body: dict | None = None, token: str | None = None, method: 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from daemon.config import load_config
     from daemon.decision import describe
-    from daemon.enrollment import enroll, load_frames
+    from daemon.enrollment import enroll, load_defect_frames, load_frames
     from workers.model_store import CALIBRATION_FILE, ZERO_SHOT_MODEL
 
     cfg = load_config(args.config)
@@ -208,9 +208,16 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if k and len(frames) - k < 1:
         raise ValueError(f"--holdout {k} leaves no part to fit on ({len(frames)} parts)")
     frr = args.target_frr if args.target_frr is not None else cfg.decision.target_frr
+    defects = load_defect_frames(args.defects, product) if args.defects else []
     path = enroll(models, product, frames[: len(frames) - k], args.scorer, cfg.preprocess.params(),
                   allow_random_init=args.allow_random_init, holdout=frames[len(frames) - k:] if k else (),
-                  target_frr=frr)
+                  target_frr=frr, defects=defects)
+    if defects:
+        from workers.scorer import load_scorer
+
+        bank = getattr(load_scorer(path), "defect_bank", ())
+        print(f"learned from {len(defects)} confirmed defects of {product} ({args.defects}): {len(bank)} defect-bank "
+              "entries" + (" (none: their marked regions score no higher than good parts)" if len(bank) == 0 else ""))
     print(f"enrolled {product} ({args.scorer}, {len(frames) - k} good parts) → {path}")
     if k:
         rec = json.loads((path / CALIBRATION_FILE).read_text())
@@ -258,13 +265,18 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from daemon.config import load_config
     from daemon.decision import describe
-    from daemon.enrollment import calibrate, load_frames
+    from daemon.defect_calibration import EscapeCost, describe_defects
+    from daemon.enrollment import calibrate, load_defect_frames, load_frames
 
     cfg = load_config(args.config)
     models = Path(args.models or cfg.storage.models_dir)
     frr = args.target_frr if args.target_frr is not None else cfg.decision.target_frr
-    rec = calibrate(models, args.product, load_frames(args.good, args.product), frr)
+    defects = load_defect_frames(args.defects, args.product) if args.defects else []
+    rec = calibrate(models, args.product, load_frames(args.good, args.product), frr, defects=defects,
+                    cost=EscapeCost(args.escape_cost, args.defect_rate))
     print(f"calibrated {args.product} (revision {rec['revision']}): {describe(rec)}")
+    if defects:
+        print(f"confirmed defects: {describe_defects(rec)}")
     if args.notify:
         reply = _post(f"{args.notify.rstrip('/')}/v1/products/{args.product}/reload")
         print(f"daemon now serves {args.product} revision {reply.get('model_revision')} on {reply['actors']} actors")
@@ -390,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--scorer", default="fused")
     e.add_argument("--holdout", type=int, default=0, help="keep the last K parts out of the fit and calibrate on them")
     e.add_argument("--target-frr", type=float, help="false-reject rate for --holdout (default: decision.target_frr)")
+    e.add_argument("--defects", metavar="DIR",
+                   help="confirmed defects to learn from (label store root, its <product> or <product>/defective "
+                        "folder; needs a scorer that uses them: fused-defects)")
     e.add_argument("--allow-random-init", action="store_true",
                    help="let a learned scorer fit from random weights when its pretrained weights are missing")
     e.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new model live")
@@ -422,6 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--product", required=True)
     c.add_argument("--good", required=True, help="folder of good scans NOT used for enrollment")
     c.add_argument("--target-frr", type=float)
+    c.add_argument("--defects", metavar="DIR",
+                   help="confirmed defects the model was not fitted on (label store root, its <product> or "
+                        "<product>/defective folder): trade false rejects against escapes, report both")
+    c.add_argument("--escape-cost", type=float, default=10.0,
+                   help="with --defects: the cost of one escape in false rejects (default 10)")
+    c.add_argument("--defect-rate", type=float, default=0.01,
+                   help="with --defects: the line's share of defective parts, for the cost rule (default 0.01)")
     c.add_argument("--notify", metavar="URL", help="the daemon's HTTP address: switch it to the new calibration live")
     c.add_argument("--config")
     c.add_argument("--models")

@@ -169,10 +169,13 @@ class FusedScorer(Scorer):
         t1 = time.perf_counter()
         p_res = self.patchcore.score_many(clouds)
         p_s = (time.perf_counter() - t1) / max(1, len(clouds))
-        return [self._combine(t, p, ts, p_s) for t, p, ts in zip(t_res, p_res, t_s, strict=True)]
+        return [self.fuse(t, p, {"template": ts, "patchcore": p_s}) for t, p, ts in zip(t_res, p_res, t_s, strict=True)]
 
-    def _combine(self, t: TemplateScoreResult, p: ScoreResult, t_seconds: float, p_seconds: float) -> TemplateScoreResult:
-        """One part's fused result from its two components' (see the module docstring)."""
+    def fuse(self, t: TemplateScoreResult, p: ScoreResult, stage_times: dict[str, float]) -> TemplateScoreResult:
+        """One part's fused result from its two components' (see docs/design/fused.md;
+        ``stage_times``: seconds per component)."""
+        if self.scales is None:
+            raise RuntimeError("fused is not fitted: call fit() or load an artifact first")
         s = self.scales
         assert s is not None
         obj = self.template_weight * t.object_score / s[0] + self.patchcore_weight * p.object_score / s[2]
@@ -182,7 +185,7 @@ class FusedScorer(Scorer):
             obj = FAILED_SCORE
         timings = {f"template_{k}": v for k, v in t.timings.items()}
         timings.update({f"patchcore_{k}": v for k, v in p.timings.items()})
-        timings.update({"template": t_seconds, "patchcore": p_seconds})
+        timings.update(stage_times)
         return TemplateScoreResult(
             object_score=float(obj),
             point_scores=pts.astype(np.float32),

@@ -188,7 +188,7 @@ class MemoryBankScorer(Scorer):
 
     def features(self, cloud: PreparedCloud) -> np.ndarray:
         """FPFH (M×33 float32) of ``cloud.points`` with this scorer's radii."""
-        return self._features_t(cloud).cpu().numpy()
+        return self.features_t(cloud).cpu().numpy()
 
     def _device_points(self, cloud: PreparedCloud) -> torch.Tensor:
         """``cloud``'s points on this scorer's device (float64 on a CPU, float32 on a GPU)."""
@@ -198,7 +198,7 @@ class MemoryBankScorer(Scorer):
             pts = torch.from_numpy(np.asarray(cloud.points))
         return pts.to(device=self.device, dtype=dtype)
 
-    def _features_t(self, cloud: PreparedCloud) -> torch.Tensor:
+    def features_t(self, cloud: PreparedCloud) -> torch.Tensor:
         """FPFH (M×33 float32) on this scorer's device, by the implementation in use."""
         if self.feature_impl == "open3d":
             feat = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
@@ -240,7 +240,7 @@ class MemoryBankScorer(Scorer):
         feats, feat_s = [], []
         for cloud in clouds:
             t0 = time.perf_counter()
-            feats.append(self._features_t(cloud))
+            feats.append(self.features_t(cloud))
             feat_s.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
         q_all = self.bank.centre(torch.cat(feats) if len(feats) > 1 else feats[0])
@@ -269,3 +269,16 @@ class MemoryBankScorer(Scorer):
         star = int(torch.argmax(scores_t))
         object_score = float(scores_t[star]) * self.bank.reweight(q[star], self.reweight_neighbors)
         return object_score, scores_t.float().cpu().numpy()
+
+    def score_features(self, cloud: PreparedCloud, feat: torch.Tensor) -> ScoreResult:
+        """``score`` from FPFH features already computed (``features_t``), for a scorer that
+        also uses the features themselves (``fused-defects``); ``timings`` lacks ``features``."""
+        if self.bank is None:
+            raise RuntimeError("patchcore-fpfh is not fitted: call fit() or load an artifact first")
+        t1 = time.perf_counter()
+        q = self.bank.centre(feat)
+        d = self.bank.nearest_distances(q)
+        t2 = time.perf_counter()
+        object_score, scores = self._finish(cloud, q, d)
+        return ScoreResult(object_score=object_score, point_scores=scores,
+                           timings={"search": t2 - t1, "smooth": time.perf_counter() - t2})
