@@ -70,7 +70,7 @@ def test_patchcore_search_on_cuda_matches_cpu() -> None:
     reason = backend_unavailable_reason("torch-cuda")
     if reason:
         pytest.skip(f"torch-cuda: {reason}")
-    from workers.patchcore import MemoryBankScorer
+    from workers.patchcore import PatchCoreFPFHScorer
     from workers.preprocess import PreparedCloud
 
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def test_patchcore_search_on_cuda_matches_cpu() -> None:
         pts[:, 2] = np.sin(pts[:, 0] / 5) * 3
         return PreparedCloud(points=pts, source_flat=np.arange(2000), voxel_of_source=np.arange(2000))
 
-    s = MemoryBankScorer()
+    s = PatchCoreFPFHScorer()
     s.fit([cloud(i) for i in range(3)])
     test = cloud(int(rng.integers(100, 200)))
     cpu = s.score(test)
@@ -189,7 +189,7 @@ def test_zeroshot_scores_match_torch_cpu(backend: str, zeroshot_fitted) -> None:
 
 
 def test_network_scorers_declare_their_backends() -> None:
-    from workers.scorer import scorer_class
+    from workers.registry import scorer_class
 
     assert scorer_class("imrnet").backends == ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
     assert scorer_class("zeroshot").backends == ("torch-cpu", "torch-cuda", "onnxruntime")

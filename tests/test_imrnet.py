@@ -23,7 +23,7 @@ from workers.imrnet.sampling import (
 from workers.imrnet.scorer import IMRNetScorer
 from workers.imrnet.training import CloudPool, TrainSettings, pool_from_clouds, train
 from workers.preprocess import PreparedCloud, voxel_downsample
-from workers.scorer import load_scorer
+from workers.registry import load_scorer
 
 TINY = dict(n_points=512, n_centers=32, group_size=16, dim=32, heads=2, enc_depth=1, dec_depth=3, mlp_ratio=2.0,
             embed_hidden=16)

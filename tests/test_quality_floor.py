@@ -35,7 +35,7 @@ import pytest
 
 from daemon.evaluation import evaluate
 from sensors.synth import BENCH_DEFECTS, synthesize
-from workers.scorer import available_scorers
+from workers.registry import available_scorers
 
 LAYOUT = "anomaly-shapenet"
 VOXEL_MM = 2.0

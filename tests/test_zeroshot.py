@@ -15,8 +15,9 @@ import torch
 from scipy.spatial import cKDTree
 
 from sensors.frame import Frame, FrameMeta
+from workers.base import read_meta
 from workers.preprocess import PreparedCloud, PreprocessParams, prepare
-from workers.scorer import load_scorer, read_meta, scorer_class
+from workers.registry import load_scorer, scorer_class
 from workers.zeroshot import ZeroShotScorer
 from workers.zeroshot.patches import (
     GRID,

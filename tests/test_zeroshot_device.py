@@ -23,7 +23,7 @@ from test_zeroshot import SMALL, cloud_of
 
 from workers.backends import backend_unavailable_reason
 from workers.preprocess import PreparedCloud
-from workers.scorer import load_scorer
+from workers.registry import load_scorer
 from workers.zeroshot import ZeroShotScorer
 from workers.zeroshot.patches import (
     cloud_point_scores,

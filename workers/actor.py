@@ -22,7 +22,6 @@ import torch
 
 from sensors.frame import Frame
 from workers.backends import resolve_backend
-from workers.frame_scoring import score_frame
 from workers.model_store import (
     CURRENT,
     ZERO_SHOT_MODEL,
@@ -32,6 +31,7 @@ from workers.model_store import (
     load_product_model,
 )
 from workers.preprocess import PreparedCloud
+from workers.score_frame import score_frame
 
 log = logging.getLogger("inspectd.worker")
 

@@ -1,115 +1,5 @@
-"""The ``imrnet`` scorer: IMRNet (Li et al., "Towards Scalable 3D Anomaly Detection and
-Localization: A Benchmark via 3D Anomaly Synthesis and A Self-Supervised Learning Network",
-CVPR 2024) behind the :class:`workers.scorer.Scorer` interface.
-
-fit (good parts of one product)
-    1. Normalization: every cloud is centred on its centroid and divided by one product scale,
-       the mean over the training clouds of their largest radius (the product's clouds sit in the
-       unit sphere as in pretraining; a defect that changes a part's extent does not rescale it).
-       ``n_points`` farthest-point reductions per cloud, with different seeds.
-    2. Pose (``align="icp"``, not in the paper, see ``workers.imrnet.align``): every cloud is
-       registered to the first good cloud, because the network embeds absolute centre positions.
-    3. Fine-tuning (Sec. 5.3): from the shipped pretrained weights
-       (``workers/imrnet/pretrained/imrnet-small.safetensors``; absent or of other weight sizes,
-       fitting refuses unless ``allow_random_init`` (``--allow-random-init``) or ``pretrained="none"``;
-       other ``n_points`` / ``n_centers`` keep them), ``finetune_steps`` (100) AdamW steps of batch 8 at
-       lr 5e-4 with the masked-patch Chamfer loss (Eq. 12) on the ``finetune_samplings`` (8)
-       reductions of each good cloud, centres by ``sampler`` (GPS, Sec. 4.1), mask ratio
-       ``mask_ratio``, augmentation ``aug_*`` (``workers.imrnet.training``). ~1–2 min per
-       product on 2 CPU cores.
-    4. Feature template (Sec. 4.3): the DFC features (decoder layers 1–3) of every patch of
-       ``template_samplings`` (4) reductions of each good cloud.
-    5. τ of the template regularization: the ``template_quantile`` quantile of the drift
-       ``‖F_o − ẑ‖`` of the good clouds' reconstructions (see score step 4).
-    6. ``reference="patch"``: for every template patch, the training phase's own A_p and A_f
-       (see score steps 3–4): the "comparison scores of its corresponding patches, computed
-       directly from the training phase" of Sec. 4.3, which the test scores are taken relative to.
-    7. Score normalization: mean and standard deviation of the A_p and A_f maps of the good
-       clouds (a reduction not used for the template).
-
-score (one part), Algorithm 1 then DFC (Sec. 4.3)
-    1. Reduce the cloud to ``n_points`` by farthest point sampling (the fixed-size input the
-       network expects; clouds with fewer points are padded by repetition), register it (step 2
-       of fit), pick ``n_centers`` centres with ``sampler``, group ``group_size``-NN patches
-       (Eqs. 7–8).
-    2. Iterative mask reconstruction (Algorithm 1), ``iterations`` (I = 3) rounds: mask a
-       fraction ``mask_ratio`` of the *current* patches, predict them from the visible ones and
-       put the predictions in their place (``P = P_pre ⊕ P_vis``); the centres stay fixed. Which
-       patches: ``test_mask="cover"`` (default) walks a seeded random permutation of the patches,
-       ``mask_ratio · n`` per round, so that with ``mask_ratio · I ≥ 1`` every patch is masked and
-       restored at least once (the paper wants the anomalous parts masked and restored; independent
-       random masks would leave ``(1 − m)^I`` = 22 % of the patches untouched at m = 0.4, I = 3);
-       ``"random"`` draws an independent random mask per round.
-    3. Point level A_p (Eqs. 13–15): ``point_score="patch"`` (default): the L2 Chamfer distance
-       between each input patch and its restored version, a point's score the mean over the
-       patches holding it (points in no patch: inverse-distance weights of the 3 nearest centres);
-       ``"knn"``: per reduced point, the Chamfer distance between its ``point_k`` nearest input
-       points and its nearest restored points (``point_k`` × the density ratio of the two sets).
-    4. Feature level A_f (Eqs. 16–19): decoder layers 1–3 of the input patches (F_i) and of the
-       restored patches (F_o), each layer layer-normed and concatenated. The "corresponding"
-       template vector ẑ_i of patch i (undefined in the paper without registration) is the
-       template vector nearest to F_i; where F_o,i drifted farther than τ from ẑ_i it is replaced
-       by ẑ_i (Eq. 19); ``A_f = ‖F_i − F_o‖``. Default ``template_quantile=0``: τ is the smallest
-       drift seen on the good clouds, so (nearly) every restored feature is regularized and
-       A_f ≈ ‖F_i − ẑ_i‖ (measured best on the synthetic benchmark, docs/results/imrnet.md).
-    5. ``reference="patch"``: each patch's A_p and A_f minus those of its corresponding template
-       patch (step 6 of fit).
-    6. Both maps are interpolated to every input point (inverse-distance weights over the 3
-       nearest reduced points), standardized by the good-part statistics (fit step 7) and combined
-       (Eq. 20, "concatenating two scores", read as a weighted sum:
-       ``point_weight · z(A_p) + feature_weight · z(A_f)``, defaults 0.5 and 1).
-    7. Object score: the mean of the highest ``object_top_fraction`` (1 %) of the point scores (a
-       maximum that one noisy point cannot set).
-
-Every random choice (reductions, centres, masks) comes from generators seeded with ``seed``, so a
-part scores the same every time and after a save / load round trip.
-
-Backends (``backends``, chosen by ``use_backend``): the network's two graphs (one round of
-Algorithm 1's reconstruction; the DFC features) run on ``torch-cpu`` (the module itself, the
-reference), ``torch-cuda`` (a copy of the network on the GPU), ``onnxruntime`` or ``tensorrt`` (the
-ONNX export of ``workers.imrnet.onnx_export``, kept under the actor's cache directory; TensorRT
-FP16 only where its outputs on example inputs stay within 1 % of torch's, else FP32). ``fit``
-always runs on torch-cpu (it trains the network); a non-CPU backend is set up again from the
-fitted weights afterwards.
-
-Geometry (everything in ``score`` around the network), chosen by ``geometry_impl`` (saved with the
-params): ``"numpy"``: normalization, FPS reduction, ICP (``workers.imrnet.align.icp_align``,
-scipy KD-tree), GPS rates (scipy KD-tree), patch-to-point maps, interpolation (scipy KD-tree),
-standardization and object score in numpy on the CPU; centre sampling, grouping, Chamfer and
-template search in torch on the CPU; on torch-cuda the network's inputs are uploaded and its
-outputs read back per call. ``"torch"``: all of it in torch on the scorer's ``device`` (the GPU
-for ``torch-cuda``, else the CPU): the frame's points (``PreparedCloud.device_points`` when
-preprocessing already put them there, else uploaded once) are normalized (float64), reduced by
-``workers.geometry.farthest_point_sample``, registered by ``icp_align_torch`` (the same
-point-to-plane ICP, all starts batched, neighbours by ``workers.geometry.knn``), sampled and
-grouped (``workers.imrnet.sampling`` on device tensors), fed to the network on the device
-(``torch-cuda``: the GPU module is called directly, no host round trip), compared, mapped to
-points and interpolated (``workers.geometry.knn``, float64), standardized; only the point scores
-(M float32) and the object score come back. The random draws (reduction start, centres' FPS
-starts, masks) still come from the CPU generators seeded with ``seed`` and are moved to the
-device, so both implementations make the same choices. ``"auto"`` (default): ``torch`` on
-``torch-cuda``, ``numpy`` otherwise (torch-cpu, onnxruntime, tensorrt): on a CPU the KD-trees
-are faster (default sizes, a ~28 000-point voxelized box, one thread: numpy 0.5–0.7 s per part,
-torch 1.5–1.9 s, most of it the ICP's neighbour searches), and the results in
-docs/results/imrnet.md were measured with the numpy path, which ``auto`` keeps bit for bit on a
-CPU. The two agree: on that box (poses 0°, 7°, −5° with a bump) and on the tests' small boxes the
-point scores are equal and the object scores within 1e-6 (tests/test_imrnet_device.py).
-``fit`` uses torch (on CPU tensors) only for ``geometry_impl="torch"``; ``auto`` fits with numpy.
-
-Timings (``ScoreResult.timings``, seconds): ``reduce`` (normalization, FPS reduction, ICP
-registration), ``sample`` (GPS centres, kNN patches), ``reconstruct`` (the network's Algorithm 1
-rounds), ``dfc`` (the network's DFC features of input and restored patches), ``template_search``
-(nearest template vector per patch), ``compare`` (Chamfer A_p, reference subtraction,
-interpolation to every point), ``combine`` (standardization, object score).
-
-CPU defaults: the network of ``IMRNetConfig`` small (width 128, 4 encoder / 3 decoder layers,
-32-point patches, pretrained at 2048 points × 128 centres and shipped), run on a 4096-point
-reduction with 256 centres: the same weights, patches half the area. Why: the reconstruction
-error of the small network is about the size of the defects, so finer patches matter; on the
-synthetic anomaly-shapenet benchmark 4096 × 256 raised the mean I-AUROC from 0.722 (2048 × 128)
-to 0.840 at about twice the scoring cost (docs/results/imrnet.md). ``n_points=8192,
-n_centers=256, group_size=64, dim=384, heads=6, enc_depth=12, dec_depth=4`` are the paper's
-sizes (no shipped pretrained weights for them).
+"""The ``imrnet`` scorer: IMRNet (Li et al., CVPR 2024) behind the :class:`workers.base.Scorer`
+interface. Design, paper sections, choices and measurements: docs/design/imrnet.md.
 """
 
 from __future__ import annotations
@@ -129,9 +19,11 @@ from scipy.spatial import cKDTree
 
 from workers import geometry
 from workers.backends import NetworkRunner, TorchRunner
+from workers.base import Scorer, ScoreResult
 from workers.imrnet.align import apply, icp_align, icp_align_torch, rotation_deg
 from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
-from workers.imrnet.sampling import SAMPLERS, geometry_rates, group_patches, local_geometry, sample_centers
+from workers.imrnet.params import IMRNetParams
+from workers.imrnet.sampling import geometry_rates, group_patches, local_geometry, sample_centers
 from workers.imrnet.training import (
     GEOMETRY_K,
     TrainSettings,
@@ -143,18 +35,12 @@ from workers.imrnet.training import (
     weights_to_tensors,
 )
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
 
 log = logging.getLogger("inspectd.imrnet")
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
 DEFAULT_PRETRAINED = PRETRAINED_DIR / "imrnet-small.safetensors"
 MIN_POINTS = 10
-TEST_MASKS = ("cover", "random")
-REFERENCES = ("patch", "none")
-POINT_SCORES = ("patch", "knn")
-ALIGNS = ("icp", "none")
-GEOMETRY_IMPLS = ("auto", "numpy", "torch")
 _CONFIG_KEYS = ("n_points", "n_centers", "group_size", "dim", "heads", "enc_depth", "dec_depth", "mlp_ratio",
                 "embed_hidden")
 _TOKEN_KEYS = ("n_points", "n_centers")
@@ -235,7 +121,6 @@ def nearest_sq_dist(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) 
     return torch.cat(ds), torch.cat(ids)
 
 
-@register
 class IMRNetScorer(Scorer):
     """IMRNet: GPS + masked point-patch reconstruction + iterative restoration + DFC."""
 
@@ -244,89 +129,11 @@ class IMRNetScorer(Scorer):
     score_domain = "real"  # standardized by good-part statistics: good parts score around 0, some below
     backends = ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        n_points: int = 4096,
-        n_centers: int = 256,
-        group_size: int = 32,
-        dim: int = 128,
-        heads: int = 4,
-        enc_depth: int = 4,
-        dec_depth: int = 3,
-        mlp_ratio: float = 4.0,
-        embed_hidden: int = 64,
-        sampler: str = "gps",
-        tau: float = 0.3,
-        density_ratio: float = 2.0,
-        mask_ratio: float = 0.4,
-        iterations: int = 3,
-        test_mask: str = "cover",
-        finetune_steps: int = 100,
-        finetune_lr: float = 5e-4,
-        batch_size: int = 8,
-        finetune_samplings: int = 8,
-        aug_rotate_deg: float = 3.0,
-        aug_scale: float = 0.03,
-        aug_jitter: float = 0.002,
-        template_samplings: int = 4,
-        template_quantile: float = 0.0,
-        template_regularization: bool = True,
-        point_k: int = 16,
-        point_weight: float = 0.5,
-        feature_weight: float = 1.0,
-        object_top_fraction: float = 0.01,
-        point_score: str = "patch",
-        reference: str = "patch",
-        align: str = "icp",
-        pretrained: str = "auto",
-        seed: int = 0,
-        geometry_impl: str = "auto",
-    ) -> None:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if test_mask not in TEST_MASKS:
-            raise ValueError(f"test_mask must be one of {TEST_MASKS}, got {test_mask!r}")
-        if reference not in REFERENCES or align not in ALIGNS or point_score not in POINT_SCORES:
-            raise ValueError(f"reference must be one of {REFERENCES}, align one of {ALIGNS}, "
-                             f"point_score one of {POINT_SCORES}")
-        if geometry_impl not in GEOMETRY_IMPLS:
-            raise ValueError(f"geometry_impl must be one of {GEOMETRY_IMPLS}, got {geometry_impl!r}")
-        if iterations < 1 or not 0.0 < mask_ratio < 1.0 or not 0.0 < object_top_fraction <= 1.0:
-            raise ValueError("need iterations >= 1, 0 < mask_ratio < 1 and 0 < object_top_fraction <= 1")
-        if point_k < 1 or finetune_steps < 0 or finetune_samplings < 1 or template_samplings < 1:
-            raise ValueError("point_k, finetune_samplings, template_samplings must be >= 1, finetune_steps >= 0")
-        self.voxel_size = float(voxel_size)
-        self.config = IMRNetConfig(n_points=int(n_points), n_centers=int(n_centers), group_size=int(group_size),
-                                   dim=int(dim), heads=int(heads), enc_depth=int(enc_depth),
-                                   dec_depth=int(dec_depth), mlp_ratio=float(mlp_ratio),
-                                   embed_hidden=int(embed_hidden))
-        self.sampler = sampler
-        self.tau = float(tau)
-        self.density_ratio = float(density_ratio)
-        self.mask_ratio = float(mask_ratio)
-        self.iterations = int(iterations)
-        self.test_mask = test_mask
-        self.finetune_steps = int(finetune_steps)
-        self.finetune_lr = float(finetune_lr)
-        self.batch_size = int(batch_size)
-        self.finetune_samplings = int(finetune_samplings)
-        self.aug_rotate_deg = float(aug_rotate_deg)
-        self.aug_scale = float(aug_scale)
-        self.aug_jitter = float(aug_jitter)
-        self.template_samplings = int(template_samplings)
-        self.template_quantile = float(template_quantile)
-        self.template_regularization = bool(template_regularization)
-        self.point_k = int(point_k)
-        self.point_weight = float(point_weight)
-        self.feature_weight = float(feature_weight)
-        self.object_top_fraction = float(object_top_fraction)
-        self.point_score = point_score
-        self.reference = reference
-        self.align = align
-        self.pretrained = str(pretrained)
-        self.seed = int(seed)
-        self.geometry_impl = geometry_impl
+    Params = IMRNetParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.config = IMRNetConfig(**{k: getattr(self.hparams, k) for k in _CONFIG_KEYS})
         self.model: IMRNet | None = None
         self.template: torch.Tensor | None = None
         self.template_tau = float("inf")
@@ -349,39 +156,6 @@ class IMRNetScorer(Scorer):
         """Copies of fitted state on the geometry device: name → (source object, device, copy)."""
 
     # -- state ---------------------------------------------------------------------------------
-
-    def params(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "voxel_size": self.voxel_size,
-            **{k: getattr(cfg, k) for k in _CONFIG_KEYS},
-            "sampler": self.sampler,
-            "tau": self.tau,
-            "density_ratio": self.density_ratio,
-            "mask_ratio": self.mask_ratio,
-            "iterations": self.iterations,
-            "test_mask": self.test_mask,
-            "finetune_steps": self.finetune_steps,
-            "finetune_lr": self.finetune_lr,
-            "batch_size": self.batch_size,
-            "finetune_samplings": self.finetune_samplings,
-            "aug_rotate_deg": self.aug_rotate_deg,
-            "aug_scale": self.aug_scale,
-            "aug_jitter": self.aug_jitter,
-            "template_samplings": self.template_samplings,
-            "template_quantile": self.template_quantile,
-            "template_regularization": self.template_regularization,
-            "point_k": self.point_k,
-            "point_weight": self.point_weight,
-            "feature_weight": self.feature_weight,
-            "object_top_fraction": self.object_top_fraction,
-            "point_score": self.point_score,
-            "reference": self.reference,
-            "align": self.align,
-            "pretrained": self.pretrained,
-            "seed": self.seed,
-            "geometry_impl": self.geometry_impl,
-        }
 
     def tensors(self) -> dict[str, np.ndarray]:
         if self.model is None or self.template is None:

@@ -38,12 +38,12 @@ Choices (the paper leaves them open; stated here):
   bilinearly and blurred with a Gaussian of σ = 4 pixels (BTF's values), both as *normalized*
   convolutions over the foreground (cells that are not patches and background pixels neither
   contribute nor dilute); the 224 map is then sampled bilinearly at every foreground pixel of
-  the original frame and averaged per voxel (the inverse of ``workers.frame_scoring.map_back``).
+  the original frame and averaged per voxel (the inverse of ``workers.score_frame.map_back``).
   Unorganized: each voxel takes the inverse-distance-weighted mean of its 3 nearest patch
   centres (the "bilinear" of a cloud), then a kNN Gaussian blur over its ``blur_k`` nearest
   voxels with σ = ``blur_sigma_mm``.
 
-Device path (the scorer's ``geometry_impl="torch"``, issue 6): the ``*_t`` functions and
+Device path (the scorer's ``geometry_impl="torch"``): the ``*_t`` functions and
 :class:`DevicePatchSet` are the same constructions in torch on the device of the points —
 :func:`extract_patches_t` (organized cells and centre pixels by index arithmetic on the device;
 FPS by ``workers.geometry.farthest_point_sample`` from the same start; kNN by

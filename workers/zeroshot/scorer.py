@@ -1,117 +1,5 @@
-"""3DzAL as an inspectd scorer (``zeroshot``): anomaly maps for a product never seen in training.
-
-Paper: Wang et al., "Towards Zero-shot 3D Anomaly Localization" (3DzAL). ``fit`` learns from
-good parts of *other* products only; ``score`` then scores a product it never saw.
-
-Pipeline (paper section → module):
-
-1. Patches (Sec. 3 "Notation", Sec. 4 "Implementation details"): organized frames → the
-   part's window resized to 224×224 → 28×28 = 784 patches of 8×8; unorganized clouds →
-   at most 784 farthest-point-sampled centres; every patch = the 64 nearest voxels of its
-   centre (``workers.zeroshot.patches``).
-2. Pseudo anomalies (Sec. 3.2): points of interest of task-irrelevant samples from an untrained
-   He-initialized ResNet-50 on ordered xyz (top 0.1 %, multi-scale activation fusion), attached
-   to normal samples ("adding-point") or holes cut into them ("removing-point"), mixed with
-   ratio ``pseudo_mix`` (``workers.zeroshot.pseudo_anomalies``, ``workers.zeroshot.resnet``).
-3. Learned patch features f_θ: PointNet++ trained with the patch-level contrastive loss
-   (τ = 0.07) + 100 × the disentanglement loss against FPFH; normalcy classifier g_φ:
-   PointNet++ trained with BCE (``workers.zeroshot.training``, ``workers.zeroshot.pointnet2``).
-4. Memory bank (Sec. 3.3) of the concatenated patch features [FPFH ‖ learned (‖ RGB)], thinned
-   by PatchCore's greedy coreset (``workers.components.memory_bank.greedy_coreset``).
-5. Scores (Sec. 3.4): distance score with PatchCore's reweighting (Eq. 4–6,
-   ``workers.components.memory_bank`` search and reweighting), classification score S_abnormal of the
-   ε-perturbed patch (Eq. 8–10), combined λ_d·distance + λ_c·classification (Eq. 11–12);
-   patch maps upsampled and blurred (Eq. 7) and mapped to the cloud's points.
-
-**What the memory bank holds in the zero-shot setting.** Sec. 3.3 "Training and memory bank":
-after f_θ is trained, "we extract the features of the training patches with it" and store them;
-the training patches are the *normal training samples of the training class*, which in the
-zero-shot setting is never the test class (Sec. 4 "Experimental setting": train on one class,
-test on another, the remaining classes are the task-irrelevant data for the pseudo anomalies).
-So the bank holds the normal patches of the product(s) ``fit`` was given, never the test
-product's (which the scorer never sees) and never pseudo anomalies. ``fit(clouds)`` (what
-``inspectd eval --zero-shot`` and the daemon call) banks every patch of ``clouds`` and draws
-the task-irrelevant POIs from the same clouds, each POI only ever attached to a part of a
-*different* product (``Frame.meta.product``); with a single product the POIs come from that
-product (logged: there is no task-irrelevant data). ``fit_zero_shot(train, auxiliary)`` is
-the paper's exact protocol: bank + positives from ``train``, POIs from ``auxiliary``.
-
-Choices where the paper is vague (each module states its own):
-
-* Feature blocks are put on one scale before concatenation: the FPFH and RGB blocks are
-  divided by their RMS deviation from their mean over the training patches (stored), so that
-  no block dominates the Euclidean distance by its units alone (the raw FPFH spans ~100); the
-  learned block is left on its unit sphere (its contrastive training packs the normal patches
-  into an RMS spread of ~0.005, so dividing by it would blow up its noise on a new product);
-  ``learned_weight`` scales the learned block.
-* The distance score is divided by ``dist_scale``, the mean distance of the training patches
-  the coreset left out to the coreset (the typical distance of a *normal* patch to the bank),
-  so that λ_d·distance and λ_c·S_abnormal ∈ [0, 1] are commensurable; λ_d = λ_c = 1 (the
-  paper's values are not given). Without a coreset reduction, the mean leave-one-out nearest
-  neighbour distance inside the bank is used.
-* The RGB branch (optional, off by default): a local ImageNet ResNet-50 / Wide-ResNet-50-2
-  checkpoint (``rgb_checkpoint``, safetensors or a torchvision state_dict read with
-  ``weights_only=True``; nothing is ever downloaded) gives PatchCore's layer2 + layer3 features
-  (3×3 average pooled, layer3 upsampled to 28×28) per organized cell. Without a checkpoint, or
-  when a training frame has no RGB image or is not organized, the branch is left out and the
-  log says so.
-
-Backends (``use_backend``): ``torch-cpu`` (the reference); ``torch-cuda``: copies of f_θ and g_φ
-and the memory bank (search and reweighting) on the GPU, and, with the default
-``geometry_impl="auto"``, the whole patch pipeline too (see "Device path" below); ``onnxruntime``: both PointNet++ networks exported to ONNX (they export cleanly: FPS, ball query
-and gathers trace to ONNX ops with a dynamic batch axis) and run by ONNX Runtime, with one
-exception: Eq. 8's perturbation needs the gradient of g_φ's loss with respect to its input,
-which an ONNX inference graph does not carry, so with ``use_perturbation`` (the default) the
-perturbation step (a forward + backward of g_φ) stays on torch-cpu and ONNX Runtime runs the
-final forward of g_φ on the perturbed patches and all of f_θ. TensorRT is not offered for the
-same reason (the gradient step would need torch on the GPU next to it: that is ``torch-cuda``).
-``fit`` always runs on torch-cpu; the backend is set up again afterwards.
-
-Device path (issue 6, ``geometry_impl``): ``"numpy"`` is the CPU pipeline every result in
-docs/results/zeroshot.md was measured with: open3d FPFH, the organized 784-cell layout in numpy,
-cKDTree patches, numpy pooling, maps mapped to points with numpy / scipy. ``"torch"`` is the same
-pipeline in torch on the scorer's device (``_score_t``): FPFH by ``workers.geometry``
-(``workers.components.fpfh.fpfh_features_torch``: grid neighbour search, batched PCA normals, histograms),
-the organized cells / centres by torch index arithmetic, FPS centres of clouds by
-``geometry.farthest_point_sample`` (same start and picks as the CPU path), patch points by
-``geometry.knn``, pooling, feature combination, bank search and reweighting, f_θ, Eq. 8's
-perturbation (forward + backward of g_φ) and g_φ, the map (``F.interpolate`` + separable Gaussian
-``conv2d``, ``F.grid_sample`` at every source pixel, ``index_add_`` per voxel) or, for clouds,
-the IDW + kNN blur by ``geometry.knn``. What crosses to the host per frame: the points once
-(none when the frame was prepared on the device, ``PreparedCloud.device_points``), the
-pixel → voxel index arrays of an organized frame (``PreparedCloud`` keeps them on the host),
-four integers of the crop window, the maximal patch's index, two maxima and the M point
-scores (plus the few scalars ``workers.geometry``'s searches read to size their chunks). What stays on the host: the frame's resize window arithmetic (four numbers), the RGB
-branch (its ResNet runs on the CPU, the cell features are uploaded), and ONNX Runtime's networks
-when the backend is ``onnxruntime``. ``"auto"`` (default) = ``"torch"`` on ``torch-cuda``,
-``"numpy"`` on ``torch-cpu`` / ``onnxruntime``, so CPU results are unchanged bit for bit
-(``tests/test_zeroshot_device.py``). Geometry dtype: float64 on a CPU (as open3d and the
-KD-tree compute), float32 on a GPU. Parity on CPU tensors, same fitted model (the test's
-synthetic parts, scores ~60): object score within 1.5e-5, point scores within 4.6e-5 of the
-numpy path, same patches (centres and neighbour sets); with float32 geometry (the GPU's dtype)
-up to 4e-3 (organized) to 9e-3 relative of the largest point score, from pairs moved across
-FPFH's source/target swap and float32 distance ties in a patch's 64th neighbour. On a CPU the
-torch path is slower (0.30 s vs 0.22 s per ~1 000-voxel frame, 1 thread): it is for GPUs.
-``fit`` runs on the CPU: with ``"auto"`` it takes the numpy path, with an explicit ``"torch"``
-the torch geometry on CPU tensors, so bank and block scales come from the features ``score``
-sees; the networks' training and the pseudo anomalies (cKDTree) are unchanged.
-
-Timings (``ScoreResult.timings``, seconds): ``fpfh`` (FPFH of the cloud), ``patches`` (kNN tree,
-patch extraction, FPFH pooling), ``encoder`` (f_θ on the patches), ``search`` (feature
-combination, memory-bank search, reweighting), ``classifier`` (g_φ with Eq. 8's perturbation),
-``upsample`` (patch scores upsampled, blurred and mapped to the points; not ``maps``, the
-daemon's own name for writing anomaly-map files).
-
-CPU defaults (a 4-class leave-one-out ``inspectd eval --zero-shot`` on the default synthetic
-dataset takes ~1.5 min on 2 shared cores): PointNet++ width 16 with 8 SA1 centres (~22 k
-parameters per network instead of the paper's 6.8 M), 8 epochs over at most 2048 normal +
-2048 pseudo-abnormal patches (batch 64 + 64, Adam lr 1e-3), POIs from at most 24
-task-irrelevant samples, coreset 10 %, torch limited to ``torch_threads`` = 1 intra-op thread
-inside ``fit`` / ``score`` (restored after; these networks are too small to gain from more, and
-on loaded shared cores 2 threads made a training step 8× slower, measured). The paper's values
-are kept where it gives them: p = 0.1 %, 784 patches of 8×8 at 224×224, τ = 0.07, λ1 = 1,
-λ2 = 100, PatchCore k = 3, ε = 0.1, σ = 4 blur, Adam, last epoch. Its missing ones are chosen
-here: adding / removing mix 0.5, negative : positive ratio 1 : 1, λ_d = λ_c = 1.
+"""3DzAL as the ``zeroshot`` scorer: anomaly maps for a product never seen in training.
+Design, paper sections, choices and measurements: docs/design/zeroshot.md.
 """
 
 from __future__ import annotations
@@ -131,10 +19,11 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from workers.backends import NetworkRunner
+from workers.base import Scorer, ScoreResult
 from workers.components.fpfh import MIN_POINTS, check_points, fpfh_features, fpfh_features_torch
 from workers.components.memory_bank import MemoryBank, greedy_coreset
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
+from workers.zeroshot.params import ZeroShotParams, parse_mix
 from workers.zeroshot.patches import (
     IMAGE_SIZE,
     DevicePatchSet,
@@ -163,26 +52,8 @@ from workers.zeroshot.training import (
 log = logging.getLogger("inspectd.zeroshot")
 
 FPFH_DIM = 33
-GEOMETRY_IMPLS = ("auto", "numpy", "torch")
-"""``geometry_impl`` values (see the module docstring, "Device path")."""
 FEATURE_DIM = FPFH_DIM
 """The learned feature has the FPFH's dimension so that Eq. 2's cosine is defined."""
-
-
-def parse_mix(mix: str | float) -> float:
-    """``pseudo_mix`` → the fraction of adding-point pseudo anomalies."""
-    if isinstance(mix, str):
-        named = {"adding": 1.0, "removing": 0.0, "both": 0.5}
-        if mix in named:
-            return named[mix]
-        try:
-            mix = float(mix)
-        except ValueError:
-            raise ValueError(f"pseudo_mix must be 'adding', 'removing', 'both' or a ratio in [0, 1], got {mix!r}") from None
-    m = float(mix)
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(f"pseudo_mix ratio must be in [0, 1], got {m}")
-    return m
 
 
 @contextmanager
@@ -235,7 +106,6 @@ class _DevicePrepared:
                          self.patch_fpfh.cpu().numpy(), self.xyz.cpu().numpy())
 
 
-@register
 class ZeroShotScorer(Scorer):
     """3DzAL (see the module docstring). Ablation knobs: ``use_learned``, ``use_classifier``,
     ``use_perturbation``, ``pseudo_mix``, ``contrastive_weight``, ``disentangle_weight``.
@@ -250,127 +120,10 @@ class ZeroShotScorer(Scorer):
     """Its patches, pseudo-anomalies and published figures are on voxel-grid samples; on camera-grid
     blocks its toy dent test loses its margin, and that path is not measured for it."""
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        patch_points: int = 64,
-        patch_mode: str = "auto",
-        min_cell_pixels: int = 8,
-        crop_to_part: bool = True,
-        unorganized_patches: int = 784,
-        patch_scale: str = "fixed",
-        fpfh_pool: str = "cell",
-        normal_radius_factor: float = 2.0,
-        feature_radius_factor: float = 5.0,
-        poi_percent: float = 0.1,
-        poi_max_sources: int = 24,
-        pseudo_mix: str | float = 0.5,
-        part_points: int = 24,
-        remove_ratio_min: float = 0.25,
-        remove_ratio_max: float = 0.6,
-        rotate_parts: bool = True,
-        negative_ratio: float = 1.0,
-        max_train_patches: int = 2048,
-        epochs: int = 8,
-        batch_positives: int = 64,
-        lr: float = 1e-3,
-        temperature: float = 0.07,
-        contrastive_weight: float = 1.0,
-        disentangle_weight: float = 100.0,
-        disentangle_centered: bool = False,
-        disentangle_warmup: float = 0.5,
-        width: int = 16,
-        use_learned: bool = True,
-        use_classifier: bool = True,
-        use_perturbation: bool = True,
-        perturbation_epsilon: float = 0.1,
-        perturbation_direction: str = "lower",
-        distance_weight: float = 1.0,
-        classifier_weight: float = 1.0,
-        learned_weight: float = 1.0,
-        rgb_checkpoint: str | None = None,
-        coreset_ratio: float = 0.1,
-        coreset_max: int = 20000,
-        coreset_projection_dim: int = 128,
-        reweight_neighbors: int = 3,
-        blur_sigma: float = 4.0,
-        cloud_blur_k: int = 16,
-        cloud_blur_sigma_factor: float = 2.0,
-        checkpoint_dir: str | None = None,
-        torch_threads: int = 1,
-        seed: int = 0,
-        geometry_impl: str = "auto",
-    ) -> None:
-        if voxel_size <= 0:
-            raise ValueError("voxel_size must be positive")
-        if patch_points < 4 or part_points < 1:
-            raise ValueError("patch_points must be >= 4 and part_points >= 1")
-        if not 0 < poi_percent <= 100:
-            raise ValueError("poi_percent must be in (0, 100]")
-        if not 0 <= remove_ratio_min <= remove_ratio_max < 1:
-            raise ValueError("need 0 <= remove_ratio_min <= remove_ratio_max < 1")
-        if perturbation_direction not in ("lower", "raise"):
-            raise ValueError("perturbation_direction must be 'lower' or 'raise'")
-        if patch_mode not in ("auto", "organized", "unorganized"):
-            raise ValueError("patch_mode must be auto, organized or unorganized")
-        if coreset_ratio <= 0 or coreset_max < 1 or negative_ratio <= 0 or epochs < 0:
-            raise ValueError("coreset_ratio, negative_ratio must be > 0, coreset_max >= 1, epochs >= 0")
-        if geometry_impl not in GEOMETRY_IMPLS:
-            raise ValueError(f"geometry_impl must be one of {GEOMETRY_IMPLS}, got {geometry_impl!r}")
-        parse_mix(pseudo_mix)
-        self.voxel_size = float(voxel_size)
-        self.patch_points = int(patch_points)
-        self.patch_mode = patch_mode
-        self.min_cell_pixels = int(min_cell_pixels)
-        self.crop_to_part = bool(crop_to_part)
-        self.unorganized_patches = int(unorganized_patches)
-        if patch_scale not in ("patch", "fixed"):
-            raise ValueError("patch_scale must be 'patch' or 'fixed'")
-        self.patch_scale = patch_scale
-        if fpfh_pool not in ("cell", "patch"):
-            raise ValueError("fpfh_pool must be 'cell' or 'patch'")
-        self.fpfh_pool = fpfh_pool
-        self.normal_radius_factor = float(normal_radius_factor)
-        self.feature_radius_factor = float(feature_radius_factor)
-        self.poi_percent = float(poi_percent)
-        self.poi_max_sources = int(poi_max_sources)
-        self.pseudo_mix = pseudo_mix if isinstance(pseudo_mix, str) else float(pseudo_mix)
-        self.part_points = int(part_points)
-        self.remove_ratio_min = float(remove_ratio_min)
-        self.remove_ratio_max = float(remove_ratio_max)
-        self.rotate_parts = bool(rotate_parts)
-        self.negative_ratio = float(negative_ratio)
-        self.max_train_patches = int(max_train_patches)
-        self.epochs = int(epochs)
-        self.batch_positives = int(batch_positives)
-        self.lr = float(lr)
-        self.temperature = float(temperature)
-        self.contrastive_weight = float(contrastive_weight)
-        self.disentangle_weight = float(disentangle_weight)
-        self.disentangle_centered = bool(disentangle_centered)
-        self.disentangle_warmup = float(disentangle_warmup)
-        self.width = int(width)
-        self.use_learned = bool(use_learned)
-        self.use_classifier = bool(use_classifier)
-        self.use_perturbation = bool(use_perturbation)
-        self.perturbation_epsilon = float(perturbation_epsilon)
-        self.perturbation_direction = perturbation_direction
-        self.distance_weight = float(distance_weight)
-        self.classifier_weight = float(classifier_weight)
-        self.learned_weight = float(learned_weight)
-        self.rgb_checkpoint = rgb_checkpoint
-        self.coreset_ratio = float(coreset_ratio)
-        self.coreset_max = int(coreset_max)
-        self.coreset_projection_dim = int(coreset_projection_dim)
-        self.reweight_neighbors = int(reweight_neighbors)
-        self.blur_sigma = float(blur_sigma)
-        self.cloud_blur_k = int(cloud_blur_k)
-        self.cloud_blur_sigma_factor = float(cloud_blur_sigma_factor)
-        self.checkpoint_dir = checkpoint_dir
-        self.torch_threads = int(torch_threads)
-        self.seed = int(seed)
-        self.geometry_impl = geometry_impl
+    Params = ZeroShotParams
 
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.encoder: PointNet2 | None = None
         self.classifier: PointNet2 | None = None
         self.rgb_model: ResNet50 | None = None
@@ -390,20 +143,6 @@ class ZeroShotScorer(Scorer):
         """ONNX Runtime runners of f_θ / g_φ (``onnxruntime``)."""
 
     # -- state ---------------------------------------------------------------------------------
-
-    def params(self) -> dict[str, Any]:
-        keys = (
-            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "crop_to_part", "unorganized_patches", "patch_scale", "fpfh_pool",
-            "normal_radius_factor", "feature_radius_factor", "poi_percent", "poi_max_sources", "pseudo_mix",
-            "part_points", "remove_ratio_min", "remove_ratio_max", "rotate_parts", "negative_ratio",
-            "max_train_patches", "epochs", "batch_positives", "lr", "temperature", "contrastive_weight",
-            "disentangle_weight", "disentangle_centered", "disentangle_warmup", "width", "use_learned", "use_classifier", "use_perturbation",
-            "perturbation_epsilon", "perturbation_direction", "distance_weight", "classifier_weight",
-            "learned_weight", "rgb_checkpoint", "coreset_ratio", "coreset_max", "coreset_projection_dim",
-            "reweight_neighbors", "blur_sigma", "cloud_blur_k", "cloud_blur_sigma_factor", "checkpoint_dir",
-            "torch_threads", "seed", "geometry_impl",
-        )
-        return {k: getattr(self, k) for k in keys}
 
     def tensors(self) -> dict[str, np.ndarray]:
         if self._bank is None or self._block_scale is None or self._fpfh_mean is None:
