@@ -10,9 +10,9 @@ validates them in ``enroll``, ``eval`` and when an artifact is loaded.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Stage = Literal["fit", "inference"]
 
@@ -32,7 +32,18 @@ class ScorerParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    retired: ClassVar[frozenset[str]] = frozenset()
+    """Keys that models saved by an older inspectd may carry and that mean nothing now: dropped when
+    read, so those models still load (anything else unknown is refused)."""
+
     voxel_size: float = fit_field(1.0, "Scale of the features in mm (the preprocessing voxel size).", gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_retired(cls, data: Any) -> Any:
+        if isinstance(data, dict) and cls.retired & data.keys():
+            data = {k: v for k, v in data.items() if k not in cls.retired}
+        return data
 
     @classmethod
     def fields_of(cls, stage: Stage) -> list[str]:

@@ -10,6 +10,9 @@ from workers.params import ScorerParams, fit_field, infer_field
 class IMRNetParams(ScorerParams):
     """Network sizes, fine-tuning, template and scoring choices of IMRNet (Li et al., CVPR 2024)."""
 
+    retired = frozenset({"geometry_impl"})
+    """It chose between a numpy and a torch pipeline; there is one now (torch on the scorer's device)."""
+
     n_points: int = fit_field(4096, "Points of the farthest-point reduction the network sees.", ge=16)
     n_centers: int = fit_field(256, "Patch centres per cloud (tokens).", ge=2)
     group_size: int = fit_field(32, "Points per patch (kNN of a centre).", ge=2)
@@ -51,6 +54,3 @@ class IMRNetParams(ScorerParams):
     feature_weight: float = infer_field(1.0, "Weight of the standardized A_f.")
     object_top_fraction: float = infer_field(0.01, "The object score is the mean of this top fraction of "
                                              "point scores.", gt=0, le=1)
-    geometry_impl: Literal["auto", "numpy", "torch"] = infer_field(
-        "auto", "Where the geometry around the network runs: numpy/scipy on the CPU, torch on the scorer's "
-        "device; auto: torch on torch-cuda.")

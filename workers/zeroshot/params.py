@@ -28,6 +28,9 @@ def parse_mix(mix: str | float) -> float:
 class ZeroShotParams(ScorerParams):
     """Patches, pseudo anomalies, training, memory bank and score fusion of 3DzAL (Wang et al.)."""
 
+    retired = frozenset({"geometry_impl"})
+    """It chose between a numpy and a torch pipeline; there is one now (torch on the scorer's device)."""
+
     # patches (Sec. 3, Sec. 4 "Implementation details")
     patch_points: int = fit_field(64, "Voxels per patch (nearest to its centre).", ge=4)
     patch_mode: Literal["auto", "organized", "unorganized"] = fit_field(
@@ -82,8 +85,6 @@ class ZeroShotParams(ScorerParams):
     cloud_blur_k: int = infer_field(16, "Unorganized clouds: neighbours of the map blur.", ge=0)
     cloud_blur_sigma_factor: float = infer_field(2.0, "Unorganized clouds: blur sigma, in voxels.", ge=0)
     torch_threads: int = infer_field(1, "torch intra-op threads inside fit and score (<= 0: leave them).")
-    geometry_impl: Literal["auto", "numpy", "torch"] = infer_field(
-        "auto", "Patch pipeline: numpy/open3d on the CPU, torch on the scorer's device; auto: torch on torch-cuda.")
 
     @field_validator("pseudo_mix")
     @classmethod
