@@ -55,6 +55,7 @@ def test_eval_finds_the_external_scorer(tmp_path: Path) -> None:
     assert 0.0 <= report["mean"]["i_auroc"] <= 1.0
 
 
+@pytest.mark.timeout(600)  # three CLI processes, then a daemon with its embedded Ray, on a loaded 2-core box
 def test_enroll_from_the_config_then_the_daemon_serves_it(tmp_path: Path) -> None:
     models, good = tmp_path / "models", tmp_path / "good"
     inspectd("simulate", str(good), "--product", PRODUCT, "--count", "6", "--seed", "4")
