@@ -14,7 +14,7 @@ from test_preprocess import box_on_plane
 
 from workers import geometry
 from workers.imrnet.sampling import fps, geometry_rates, local_geometry
-from workers.patchcore import PatchCoreFPFHScorer, fpfh_features, fpfh_features_torch
+from workers.patchcore import PatchCoreFPFHScorer, fpfh_features
 from workers.preprocess import PreprocessParams, prepare, voxel_downsample
 from workers.score_frame import score_frame
 
@@ -106,7 +106,7 @@ def test_end_to_end_fpfh_torch_vs_open3d(box: np.ndarray) -> None:
     """Own normals on each side: identical except where a last-bit normal difference moves a pair
     across open3d's source/target swap (see workers.patchcore); few rows, by a pair's weight."""
     ref = fpfh_features(box, 1.0)
-    mine = fpfh_features_torch(torch.from_numpy(box), 1.0).float().numpy()
+    mine = fpfh_features(torch.from_numpy(box), 1.0, impl="torch").float().numpy()
     rows = np.abs(mine - ref).max(axis=1)
     assert (rows > 1e-3).mean() < 0.05, f"{(rows > 1e-3).mean():.2%} rows differ (max {rows.max():.3g})"
     assert rows.max() < 10.0, f"max abs diff {rows.max():.3g}"

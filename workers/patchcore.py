@@ -13,20 +13,13 @@ import numpy as np
 import torch
 
 from workers.base import Scorer, ScoreResult
-from workers.components.fpfh import (
-    MIN_POINTS,
-    check_points,
-    fpfh_features,
-    fpfh_features_torch,
-)
+from workers.components.fpfh import FPFH_IMPLS, fpfh_features
 from workers.components.knn import knn, smooth_over_neighbours
 from workers.components.memory_bank import MemoryBank, coreset_size, greedy_coreset
 from workers.params import ScorerParams, fit_field, infer_field
 from workers.preprocess import PreparedCloud
 
-__all__ = ["FPFH_IMPLS", "PatchCoreFPFHScorer", "fpfh_features", "fpfh_features_torch", "greedy_coreset"]
-
-FPFH_IMPLS = ("auto", "open3d", "torch")
+__all__ = ["FPFH_IMPLS", "PatchCoreFPFHScorer", "fpfh_features", "greedy_coreset"]
 
 
 class PatchCoreFPFHParams(ScorerParams):
@@ -117,13 +110,12 @@ class PatchCoreFPFHScorer(Scorer):
     def _features_t(self, cloud: PreparedCloud) -> torch.Tensor:
         """FPFH (M×33 float32) on this scorer's device, by the implementation in use."""
         if self.feature_impl == "open3d":
-            feat = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
+            feat = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor,
+                                 impl="open3d")
             return torch.from_numpy(feat).to(self.device)
         pts = self._device_points(cloud)
-        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < MIN_POINTS or not bool(torch.isfinite(pts).all()):
-            check_points(pts.cpu().numpy())
-        feat = fpfh_features_torch(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
-        return feat.float()
+        return fpfh_features(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor,
+                             impl="torch").float()
 
     def coreset_size(self, n: int) -> int:
         """How many bank elements the coreset keeps out of ``n``."""

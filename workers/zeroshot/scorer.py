@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from workers.backends import NetworkRunner
 from workers.base import Scorer, ScoreResult
-from workers.components.fpfh import MIN_POINTS, check_points, fpfh_features, fpfh_features_torch
+from workers.components.fpfh import MIN_POINTS, check_points, fpfh_features
 from workers.preprocess import PreparedCloud
 from workers.zeroshot.fitting import fit_model
 from workers.zeroshot.params import ZeroShotParams
@@ -205,16 +205,12 @@ class ZeroShotScorer(Scorer):
     def _prepare(
         self, cloud: PreparedCloud, timings: dict[str, float] | None = None, device: torch.device | None = None
     ) -> Prepared:
-        """FPFH and patches of ``cloud`` on ``device`` (default: the scorer's). FPFH by open3d on a
-        CPU (measured 4-5x faster there than ``workers.geometry``'s), by ``fpfh_features_torch`` on a GPU."""
+        """FPFH and patches of ``cloud`` on ``device`` (default: the scorer's; FPFH by open3d on a
+        CPU, where it is faster, by ``workers.geometry`` on a GPU)."""
         dev = self.device if device is None else device
         t0 = time.perf_counter()
         pts = self._geometry_points(cloud, dev)
-        if dev.type == "cpu":
-            fpfh = torch.from_numpy(fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor,
-                                                  self.feature_radius_factor).astype(np.float64))
-        else:
-            fpfh = fpfh_features_torch(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor).float()
+        fpfh = fpfh_features(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor).to(pts.dtype)
         _sync(dev)
         t1 = time.perf_counter()
         sf = vs = None
