@@ -23,11 +23,10 @@ from workers.imrnet.fitting import CONFIG_KEYS, fit_model
 from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
 from workers.imrnet.params import IMRNetParams
 from workers.imrnet.sampling import geometry_rates, group_patches, local_geometry, sample_centers
+from workers.imrnet.torch_model import IMRNetModel
 from workers.imrnet.training import (
     GEOMETRY_K,
-    load_weights,
     reduce_points,
-    weights_to_tensors,
 )
 from workers.preprocess import PreparedCloud
 
@@ -90,16 +89,8 @@ class IMRNetScorer(Scorer):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.config = IMRNetConfig(**{k: getattr(self.hparams, k) for k in CONFIG_KEYS})
-        self.model: IMRNet | None = None
-        self.template: torch.Tensor | None = None
-        self.template_tau = float("inf")
-        self.template_ref: torch.Tensor | None = None
-        """Per template vector: the training phase's (A_p, A_f) of its patch (``reference="patch"``)."""
-        self.align_reference: np.ndarray | None = None
-        """The reduced first good cloud, the pose every cloud is registered to (``align="icp"``)."""
-        self.norm_scale = 1.0
-        self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
-        """mean and std of A_p, then of A_f, over the good training clouds."""
+        self.state: IMRNetModel | None = None
+        """The network with its template, reference scores and pose, statistics (``torch_model``)."""
         self.fit_info: dict[str, Any] = {}
         self.train_checkpoint: Path | None = None
         """Where ``fit`` keeps a resumable fine-tuning state (``inspectd train``); None: none."""
@@ -114,37 +105,80 @@ class IMRNetScorer(Scorer):
     # -- state ---------------------------------------------------------------------------------
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self.model is None or self.template is None:
+        if not self.fitted:
             raise RuntimeError("imrnet is not fitted: nothing to save")
-        out = {k: v.numpy() for k, v in weights_to_tensors(self.model).items()}
-        out["template"] = self.template.numpy()
-        out["scalars"] = np.array([self.norm_scale, self.template_tau], dtype=np.float64)
-        out["score_stats"] = self.stats.astype(np.float64)
-        if self.template_ref is not None:
-            out["template_ref"] = self.template_ref.numpy()
-        if self.align_reference is not None:
-            out["align_reference"] = np.asarray(self.align_reference, dtype=np.float32)
-        return out
+        assert self.state is not None
+        return self.state.tensors()
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> IMRNetScorer:
-        for key in ("template", "scalars", "score_stats"):
-            if key not in tensors:
-                raise ValueError(f"imrnet state has no {key!r} tensor")
         scorer = cls(**params)
-        model = IMRNet(scorer.config)
-        load_weights(model, tensors)
-        model.eval()
-        scorer.model = model
-        scorer.template = torch.from_numpy(np.ascontiguousarray(tensors["template"], dtype=np.float32))
-        scorer.norm_scale = float(tensors["scalars"][0])
-        scorer.template_tau = float(tensors["scalars"][1])
-        scorer.stats = np.asarray(tensors["score_stats"], dtype=np.float64)
-        if "template_ref" in tensors:
-            scorer.template_ref = torch.from_numpy(np.ascontiguousarray(tensors["template_ref"], dtype=np.float32))
-        if "align_reference" in tensors:
-            scorer.align_reference = np.ascontiguousarray(tensors["align_reference"], dtype=np.float32)
+        scorer.state = IMRNetModel.from_tensors(tensors, scorer.config)
         return scorer
+
+    def _model(self) -> IMRNetModel:
+        if self.state is None:
+            self.state = IMRNetModel()
+        return self.state
+
+    # the fitted state, read and written through the torch model's buffers
+
+    @property
+    def model(self) -> IMRNet | None:
+        return None if self.state is None else self.state.net
+
+    @model.setter
+    def model(self, net: IMRNet) -> None:
+        self._model().net = net
+
+    @property
+    def template(self) -> torch.Tensor | None:
+        return None if self.state is None or not self.state.template.numel() else self.state.template
+
+    @template.setter
+    def template(self, t: torch.Tensor) -> None:
+        self._model().template = t
+
+    @property
+    def template_ref(self) -> torch.Tensor | None:
+        return None if self.state is None or not self.state.template_ref.numel() else self.state.template_ref
+
+    @template_ref.setter
+    def template_ref(self, t: torch.Tensor | None) -> None:
+        self._model().template_ref = torch.zeros(0) if t is None else t
+
+    @property
+    def align_reference(self) -> torch.Tensor | None:
+        ref = None if self.state is None else self.state.align_reference
+        return ref if ref is not None and ref.numel() else None
+
+    @align_reference.setter
+    def align_reference(self, ref: np.ndarray | torch.Tensor | None) -> None:
+        self._model().align_reference = torch.zeros(0) if ref is None else torch.as_tensor(ref, dtype=torch.float32)
+
+    @property
+    def stats(self) -> np.ndarray:
+        return self._model().score_stats.cpu().numpy()
+
+    @stats.setter
+    def stats(self, values: np.ndarray) -> None:
+        self._model().score_stats = torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+    @property
+    def norm_scale(self) -> float:
+        return float(self._model().scalars[0])
+
+    @norm_scale.setter
+    def norm_scale(self, value: float) -> None:
+        self._model().scalars[0] = float(value)
+
+    @property
+    def template_tau(self) -> float:
+        return float(self._model().scalars[1])
+
+    @template_tau.setter
+    def template_tau(self, value: float) -> None:
+        self._model().scalars[1] = float(value)
 
     @property
     def fitted(self) -> bool:
