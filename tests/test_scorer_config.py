@@ -9,13 +9,20 @@ from pydantic import ValidationError
 
 from daemon.config import Config, ProductConfig
 from daemon.enrollment import enroll_scorer
-from workers.registry import DEFAULT_SCORER, available_scorers, build_scorer, scorer_class, spec_differences
+from workers.registry import (
+    DEFAULT_SCORER,
+    available_scorers,
+    build_scorer,
+    builtin_scorers,
+    scorer_class,
+    spec_differences,
+)
 
 BUILT_IN = {"patchcore-fpfh", "template", "fused", "zeroshot", "imrnet"}
 
 
 def test_built_in_scorers_are_entry_points() -> None:
-    assert BUILT_IN <= set(available_scorers())
+    assert BUILT_IN <= set(available_scorers()) and set(builtin_scorers()) == BUILT_IN
     for name in BUILT_IN:
         assert scorer_class(name).name == name
     with pytest.raises(ValueError, match="unknown scorer 'nope'; known: "):

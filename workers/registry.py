@@ -61,6 +61,11 @@ def available_scorers() -> list[str]:
     return sorted(_entry_points())
 
 
+def builtin_scorers() -> list[str]:
+    """Names of the scorers this project ships (its ``workers`` package), sorted; plugins excluded."""
+    return sorted(name for name, ep in _entry_points().items() if ep.value.startswith("workers."))
+
+
 @cache
 def scorer_class(name: str) -> type[Scorer]:
     """The scorer class declared under ``name``; a clear error lists the known ones."""
