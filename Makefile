@@ -8,7 +8,7 @@ OUT ?= out
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml scripts/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/setup.sh tests/plugins/inspectd_example_scorer/pyproject.toml
 	bash scripts/setup.sh $(VENV)
 
 demo: setup

@@ -84,9 +84,9 @@ from sensors.publisher import FramePusher
 from sensors.simcam import CameraParams
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, decode_verdict, encode_frame, encode_verdict
-from workers.frame_scoring import score_frame
 from workers.model_store import load_product_model
 from workers.preprocess import PreprocessParams
+from workers.score_frame import score_frame
 
 SIZES = ("cloud-30k", "organized-400", "organized-1920x1200")
 PRODUCT = "flange"
@@ -394,7 +394,7 @@ def bench_plan(scorers: list[str], backends: list[str]) -> tuple[list[tuple[str,
     """(scorer, backend) pairs to run, and those skipped with the reason. ``["all"]`` means every
     registered scorer / every backend of a scorer that is available here."""
     from workers.backends import resolve_backend
-    from workers.scorer import available_scorers, scorer_class
+    from workers.registry import available_scorers, scorer_class
 
     known = available_scorers()
     names = known if scorers == ["all"] else scorers

@@ -2,7 +2,7 @@
 
 For each scorer and frame size, one product is enrolled on simulated good parts, then, in a
 spawned process with one torch and one OpenMP thread (as a default actor has), the same test
-frames are scored through ``workers.frame_scoring.score_frames`` (the actor's batched path:
+frames are scored through ``workers.score_frame.score_frames`` (the actor's batched path:
 preprocess per frame, ``Scorer.score_many`` over the batch, map back per frame) in chunks of
 each batch size. The batch sizes take turns, round after round, so a change of the machine's
 load during the run hits them alike; per-frame times are medians over rounds and the result is
@@ -48,8 +48,8 @@ def _worker(models: str, frames: list[Frame], batches: list[int], rounds: int, b
     """In the spawned process: per-frame times of ``score_frames`` at each batch size."""
     import torch
 
-    from workers.frame_scoring import score_frames
     from workers.model_store import load_product_model
+    from workers.score_frame import score_frames
 
     torch.set_num_threads(1)
     model = load_product_model(models, PRODUCT)
@@ -136,7 +136,7 @@ def render(r: dict[str, Any]) -> str:
         f"GPU: {m['gpu'] or 'none'}. Load average (1/5/15 min) at start {r['load_start']}, end {r['load_end']} "
         "(a shared machine: compare ratios within one run, not absolute times).",
         "",
-        "In-process, one torch thread (as an actor), `workers.frame_scoring.score_frames` on the same frames "
+        "In-process, one torch thread (as an actor), `workers.score_frame.score_frames` on the same frames "
         f"in chunks of each batch size, {ROUNDS} interleaved rounds, medians. Wall time and the process's CPU "
         "time (less sensitive to other load on a shared machine). `search`: the scorer's bank search per "
         "frame (what one batch shares). Speed-up > 1: batching pays.",

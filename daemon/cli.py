@@ -195,7 +195,7 @@ def _post(url: str, body: dict | None = None, token: str | None = None, method: 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from daemon.config import load_config
     from daemon.decision import describe
-    from daemon.enrollment import enroll, load_defect_frames, load_frames
+    from daemon.enrollment import enroll, enroll_scorer, load_defect_frames, load_frames
     from workers.model_store import CALIBRATION_FILE, ZERO_SHOT_MODEL
 
     cfg = load_config(args.config)
@@ -208,17 +208,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     if k and len(frames) - k < 1:
         raise ValueError(f"--holdout {k} leaves no part to fit on ({len(frames)} parts)")
     frr = args.target_frr if args.target_frr is not None else cfg.decision.target_frr
+    scorer, params = enroll_scorer(cfg, product, args.scorer)
     defects = load_defect_frames(args.defects, product) if args.defects else []
-    path = enroll(models, product, frames[: len(frames) - k], args.scorer, cfg.preprocess.params(),
+    path = enroll(models, product, frames[: len(frames) - k], scorer, cfg.preprocess.params(), scorer_params=params,
                   allow_random_init=args.allow_random_init, holdout=frames[len(frames) - k:] if k else (),
                   target_frr=frr, defects=defects)
     if defects:
-        from workers.scorer import load_scorer
+        from workers.registry import load_scorer
 
         bank = getattr(load_scorer(path), "defect_bank", ())
         print(f"learned from {len(defects)} confirmed defects of {product} ({args.defects}): {len(bank)} defect-bank "
               "entries" + (" (none: their marked regions score no higher than good parts)" if len(bank) == 0 else ""))
-    print(f"enrolled {product} ({args.scorer}, {len(frames) - k} good parts) → {path}")
+    print(f"enrolled {product} ({scorer}, {len(frames) - k} good parts) → {path}")
     if k:
         rec = json.loads((path / CALIBRATION_FILE).read_text())
         print(f"calibrated {product} on the {k} held-out parts: {describe(rec)}")
@@ -399,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cold-start", action="store_true",
                    help="fit the cold-start model (scores products without a model) on other products' good parts")
     e.add_argument("--good", required=True, action="append", help="folder of good scans (repeatable)")
-    e.add_argument("--scorer", default="fused")
+    e.add_argument("--scorer", help="fit this scorer with its default parameters (default: the product's "
+                   "products.<p>.scorer in the config, else fused)")
     e.add_argument("--holdout", type=int, default=0, help="keep the last K parts out of the fit and calibrate on them")
     e.add_argument("--target-frr", type=float, help="false-reject rate for --holdout (default: decision.target_frr)")
     e.add_argument("--defects", metavar="DIR",

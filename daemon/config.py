@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from sensors.frame import PRODUCT_NAME
 from sensors.wire import DEFAULT_MAX_POINTS, MAX_HEADER_BYTES, max_message_bytes
 from workers.preprocess import PreprocessParams
+from workers.registry import DEFAULT_SCORER, scorer_spec_type
+
+ScorerSpec = scorer_spec_type()
 
 
 class Section(BaseModel):
@@ -195,7 +198,11 @@ class ShutdownConfig(Section):
 
 
 class ProductConfig(Section):
-    scorer: str = "patchcore-fpfh"
+    scorer: ScorerSpec = Field(default_factory=lambda: {"type": DEFAULT_SCORER}, validate_default=True)
+    """The product's scorer and its parameters: ``{type: <scorer>, <param>: <value>, ...}``, any
+    installed scorer (``inspectd.scorers`` entry points) with the fields of its parameter model;
+    ``scorer: fused`` is short for ``{type: fused}``. ``inspectd enroll`` fits this scorer; the
+    daemon warns when the model it serves was fitted with another scorer or fit-time parameters."""
     threshold: float | None = None
     """Overrides the calibrated threshold in the product's model folder."""
     review_band: float | None = Field(None, ge=0, lt=1)

@@ -24,14 +24,16 @@ from typing import Any
 
 from tqdm import tqdm
 
+from daemon.config import Config
 from daemon.decision import CalibrationRefused, check_part_count
 from daemon.defect_calibration import EscapeCost, calibrate_with_defects
 from sensors.frame import Frame, FrameMeta
 from sensors.pointfiles import SCAN_SUFFIXES, read_scan
-from workers.frame_scoring import score_frame
+from workers.base import Scorer, hash_training_data, part_hash
 from workers.model_store import load_product_model, save_product_model, write_calibration
 from workers.preprocess import PreprocessParams, prepare
-from workers.scorer import Scorer, hash_training_data, part_hash, scorer_class
+from workers.registry import DEFAULT_SCORER, scorer_class, spec_params
+from workers.score_frame import score_frame
 
 log = logging.getLogger("inspectd.enroll")
 
@@ -65,6 +67,20 @@ def load_defect_frames(folder: str | Path, product: str) -> list[Frame]:
     if not parts:
         raise FileNotFoundError(f"no confirmed defects (*.npz) of {product} in {folder}")
     return [p.frame(i) for i, p in enumerate(parts)]
+
+
+def enroll_scorer(cfg: Config, product: str, flag: str | None = None) -> tuple[str, dict[str, Any]]:
+    """The scorer ``inspectd enroll`` fits and its parameters: the product's ``scorer:`` in the
+    config (``{type, ...params}``), else ``DEFAULT_SCORER``. ``flag`` (``--scorer``) names another
+    scorer: it wins, with its default parameters when it is not the configured one (logged)."""
+    spec = cfg.products[product].scorer if product in cfg.products else None
+    if flag is None:
+        return (spec.type, spec_params(spec)) if spec is not None else (DEFAULT_SCORER, {})
+    if spec is not None and spec.type != flag:
+        log.warning("--scorer %s overrides products.%s.scorer (%s) of the config, and its parameters", flag,
+                    product, spec.type)
+        return flag, {}
+    return flag, spec_params(spec) if spec is not None else {}
 
 
 def enroll(

@@ -50,8 +50,8 @@ class ClassRun:
 def score_both(scorer: Any, frame: Any, pp: PreprocessParams, organized: bool) -> tuple[Any, np.ndarray | None]:
     """``score_frame``'s result (dense map for organized frames) and, for organized frames, the map
     the daemon serves (``dense=False``), from one preprocessing and one scoring."""
-    from workers.frame_scoring import FrameScore, map_back, preprocess_device
     from workers.preprocess import prepare
+    from workers.score_frame import FrameScore, map_back, preprocess_device
 
     t0 = time.perf_counter()
     cloud = prepare(frame, pp, preprocess_device(scorer))

@@ -2,7 +2,7 @@
 
 Why: a scorer is only worth deploying if its numbers on the public 3D anomaly-detection
 benchmarks (MVTec 3D-AD, Real3D-AD, Anomaly-ShapeNet) can be produced by one command and checked
-by anyone. ``inspectd eval`` runs the exact production path (``workers.frame_scoring.score_frame``:
+by anyone. ``inspectd eval`` runs the exact production path (``workers.score_frame.score_frame``:
 preprocess → scorer → map back) on a dataset in one of the published layouts
 (``sensors.datasets``), writes the scores of every test sample, and the metrics of the field
 (``workers.metrics``), so the report can be recomputed from what it saved
@@ -205,7 +205,7 @@ def evaluate(
     from tqdm import tqdm
 
     from workers.preprocess import prepare
-    from workers.scorer import scorer_class
+    from workers.registry import scorer_class
 
     dataset = Path(dataset).resolve()
     out = Path(out)

@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 from daemon.security import valid_product
 from daemon.shadow import shadow_report
+from workers.base import read_meta
 from workers.model_store import CURRENT, has_model, product_dir, read_pointer, revision_dir
 from workers.model_versions import (
     HISTORY_FILE,
@@ -32,7 +33,6 @@ from workers.model_versions import (
     serve,
     set_shadow,
 )
-from workers.scorer import read_meta
 
 log = logging.getLogger("inspectd.service")
 Reply = tuple[int, dict[str, Any]]

@@ -75,13 +75,18 @@ from daemon.security import (
 from daemon.shadow import judge_shadow
 from sensors.frame import Frame, FrameError
 from sensors.wire import decode_frame, max_part_bytes, salvage_header
+from workers.base import read_meta
 from workers.model_store import (
+    CURRENT,
     ZERO_SHOT_MODEL,
     check_models_dir,
     enrolled_products,
     has_model,
+    read_pointer,
+    revision_dir,
 )
 from workers.model_versions import read_shadow, start_revision
+from workers.registry import spec_differences
 
 #: Test-only fault injection (tests/test_crash_recovery.py): "ingest-hang" or "emitter-die".
 FAULT_ENV = "INSPECTD_TEST_FAULT_INJECTION"
@@ -270,10 +275,15 @@ class InspectionService(ServiceApi):
         self.cold_start = self.cfg.cold_start.enabled and has_model(models, ZERO_SHOT_MODEL)
         for product in enrolled + ([ZERO_SHOT_MODEL] if has_model(models, ZERO_SHOT_MODEL) else []):
             start_revision(models, product)  # the newest, unless rolled back from; restarted actors load it too
-        for name in self.cfg.products:
+        for name, pc in self.cfg.products.items():
             if name not in enrolled:
                 log.warning("product %s is configured but not enrolled in %s%s", name, models,
                             ": cold start" if self.cold_start else ": its frames are refused")
+                continue
+            served = read_meta(revision_dir(models, name, read_pointer(models, name, CURRENT)))
+            if diffs := spec_differences(pc.scorer, served):
+                log.warning("product %s is served by a model fitted otherwise than products.%s.scorer says (%s): "
+                            "re-enroll it with `inspectd enroll --product %s`", name, name, "; ".join(diffs), name)
         log.info("products: %s; cold start %s", ", ".join(enrolled) or "(none)", "on" if self.cold_start else "off")
         return enrolled
 

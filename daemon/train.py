@@ -93,9 +93,10 @@ def pretrain(args: argparse.Namespace) -> int:
 def finetune(args: argparse.Namespace) -> int:
     from daemon.config import load_config
     from daemon.enrollment import load_frames
+    from workers.base import hash_training_data, part_hash
     from workers.model_store import save_product_model
     from workers.preprocess import prepare
-    from workers.scorer import hash_training_data, part_hash, scorer_class
+    from workers.registry import scorer_class
 
     if not args.product or not args.good:
         print("inspectd train: fine-tuning needs --product and --good (or use --pretrain)", file=sys.stderr)

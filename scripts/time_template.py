@@ -21,7 +21,7 @@ from scipy.spatial.transform import Rotation
 
 from sensors.pointfiles import read_pcd
 from workers.fused import FusedScorer
-from workers.patchcore import MemoryBankScorer
+from workers.patchcore import PatchCoreFPFHScorer
 from workers.preprocess import PreparedCloud
 from workers.template import TemplateScorer
 
@@ -41,7 +41,7 @@ def main() -> None:
     files = sorted((args.dataset / args.cls / "train").glob("*.pcd"))
     parts = [np.asarray(read_pcd(f)[0], dtype=np.float64) for f in files]
     train, test = [cloud(p) for p in parts[:-1]], parts[-1]
-    scorers = {"patchcore-fpfh": MemoryBankScorer(), "template": TemplateScorer(), "fused": FusedScorer()}
+    scorers = {"patchcore-fpfh": PatchCoreFPFHScorer(), "template": TemplateScorer(), "fused": FusedScorer()}
     for s in scorers.values():
         s.fit(train)
     wall: dict[str, list[float]] = {k: [] for k in [*scorers, "registration"]}

@@ -11,7 +11,7 @@ n·(n−1) experiments. This script runs that protocol:
 * ``patchcore-fpfh`` (the BTF baseline, as in the paper's tables): fitted on A's train split;
 
 then scores every test sample of B through the production path
-(``workers.frame_scoring.score_frame``) and computes the metrics with
+(``workers.score_frame.score_frame``) and computes the metrics with
 ``daemon.evaluation.compute_metrics`` (I-AUROC, P-AUROC, AUPRO@0.3), exactly as ``inspectd eval``.
 
 Ablations (Table 3 rows, cumulative as in the paper; Table 4 pseudo-anomaly kinds), one fitted
@@ -61,10 +61,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from daemon.evaluation import compute_metrics, preprocess_params  # noqa: E402
 from sensors.datasets import list_classes, list_samples  # noqa: E402
 from sensors.frame import Frame  # noqa: E402
-from workers.frame_scoring import score_frame  # noqa: E402
-from workers.patchcore import MemoryBankScorer  # noqa: E402
+from workers.base import Scorer  # noqa: E402
+from workers.patchcore import PatchCoreFPFHScorer  # noqa: E402
 from workers.preprocess import PreparedCloud, PreprocessParams, prepare  # noqa: E402
-from workers.scorer import Scorer  # noqa: E402
+from workers.score_frame import score_frame  # noqa: E402
 from workers.zeroshot import ZeroShotScorer  # noqa: E402
 
 log = logging.getLogger("zeroshot_ablations")
@@ -185,7 +185,7 @@ def run(
 
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name, _, _ in wanted}
     fit_seconds: dict[str, list[float]] = {k: [] for k in ["patchcore", *trained_needed]}
-    baseline_cache: dict[str | None, MemoryBankScorer] = {}
+    baseline_cache: dict[str | None, PatchCoreFPFHScorer] = {}
     for a, b in experiments:
         key = f"{a}->{b}" if a is not None else f"others->{b}"
         frames, labels = tests[b]
@@ -197,7 +197,7 @@ def run(
         if any(r[1] == "patchcore" for r in wanted):
             if a not in baseline_cache or a is None:
                 t0 = time.perf_counter()
-                bl = MemoryBankScorer(voxel_size=voxel_size)
+                bl = PatchCoreFPFHScorer(voxel_size=voxel_size)
                 bl.fit(fit_train)
                 fit_seconds["patchcore"].append(time.perf_counter() - t0)
                 baseline_cache = {a: bl}

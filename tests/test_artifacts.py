@@ -17,6 +17,7 @@ from daemon.config import PreprocessConfig
 from daemon.enrollment import enroll
 from sensors.simulated import simulated_parts
 from workers.actor import ScoringWorker
+from workers.base import META_FILE, MODEL_FILE, ArtifactError
 from workers.model_store import (
     CURRENT,
     LATEST,
@@ -31,17 +32,17 @@ from workers.model_store import (
     switch_current,
     write_calibration,
 )
-from workers.patchcore import MemoryBankScorer
+from workers.patchcore import PatchCoreFPFHScorer
 from workers.preprocess import PreprocessParams
-from workers.scorer import META_FILE, MODEL_FILE, ArtifactError, load_scorer
+from workers.registry import load_scorer
 
 PRODUCT = "flange"
 
 
-def bank_scorer(seed: int) -> MemoryBankScorer:
+def bank_scorer(seed: int) -> PatchCoreFPFHScorer:
     """A patchcore-fpfh scorer with a random memory bank (no fit: these tests are about files)."""
     bank = np.random.default_rng(seed).random((64, 33), dtype=np.float32)
-    return MemoryBankScorer.from_state(MemoryBankScorer().params(), {"memory_bank": bank})  # type: ignore[return-value]
+    return PatchCoreFPFHScorer.from_state(PatchCoreFPFHScorer().params(), {"memory_bank": bank})  # type: ignore[return-value]
 
 
 def store(models: Path, seed: int) -> Path:
@@ -78,7 +79,7 @@ def test_truncated_artifact_is_refused_and_the_worker_keeps_its_model(tmp_path: 
     assert worker.models[PRODUCT].revision == "0001"  # the old model still serves
     # a truncated file whose checksum was "fixed" still fails cleanly, in safetensors' parser
     meta = json.loads((bad / META_FILE).read_text())
-    from workers.scorer import file_sha256
+    from workers.base import file_sha256
 
     meta["model_sha256"] = file_sha256(bad / MODEL_FILE)
     (bad / META_FILE).write_text(json.dumps(meta))

@@ -70,7 +70,7 @@ def test_patchcore_search_on_cuda_matches_cpu() -> None:
     reason = backend_unavailable_reason("torch-cuda")
     if reason:
         pytest.skip(f"torch-cuda: {reason}")
-    from workers.patchcore import MemoryBankScorer
+    from workers.patchcore import PatchCoreFPFHScorer
     from workers.preprocess import PreparedCloud
 
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def test_patchcore_search_on_cuda_matches_cpu() -> None:
         pts[:, 2] = np.sin(pts[:, 0] / 5) * 3
         return PreparedCloud(points=pts, source_flat=np.arange(2000), voxel_of_source=np.arange(2000))
 
-    s = MemoryBankScorer()
+    s = PatchCoreFPFHScorer()
     s.fit([cloud(i) for i in range(3)])
     test = cloud(int(rng.integers(100, 200)))
     cpu = s.score(test)
@@ -121,17 +121,16 @@ def imrnet_fitted():
     from workers.imrnet.scorer import IMRNetScorer
 
     torch.manual_seed(0)
-    # geometry_impl="numpy": this file compares the network backends; the device geometry has its
-    # own parity tests (tests/test_imrnet_device.py)
     scorer = IMRNetScorer(**TINY, pretrained="none", finetune_steps=30, batch_size=4, finetune_lr=2e-3,
-                          finetune_samplings=2, template_samplings=2, aug_rotate_deg=0.0, geometry_impl="numpy")
+                          finetune_samplings=2, template_samplings=2, aug_rotate_deg=0.0)
     scorer.fit([box_cloud(seed) for seed in range(3)])
     return scorer
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch-cuda", "tensorrt"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "tensorrt"])
 def test_imrnet_scores_match_torch_cpu(backend: str, imrnet_fitted, tmp_path) -> None:
-    """imrnet's object and point scores on ``backend`` = torch-cpu's, same fitted model."""
+    """imrnet's object and point scores on ``backend`` = torch-cpu's, same fitted model
+    (torch-cuda moves the whole pipeline, float32 geometry included: tests/test_imrnet_device.py)."""
     reason = backend_unavailable_reason(backend)
     if reason:
         pytest.skip(f"{backend}: {reason}")
@@ -161,15 +160,15 @@ def zeroshot_fitted():
 
     with torch_threads(1):
         train = [cloud_of("block", s) for s in range(2)] + [cloud_of("dome", s) for s in range(2)]
-        scorer = ZeroShotScorer(voxel_size=1.0, geometry_impl="numpy", **SMALL)  # networks and bank only:
-        # the device geometry has its own parity tests (tests/test_zeroshot_device.py)
+        scorer = ZeroShotScorer(voxel_size=1.0, **SMALL)
         scorer.fit(train)
     return scorer
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "torch-cuda"])
+@pytest.mark.parametrize("backend", ["onnxruntime"])
 def test_zeroshot_scores_match_torch_cpu(backend: str, zeroshot_fitted) -> None:
-    """zeroshot's object and point scores on ``backend`` = torch-cpu's, same fitted model."""
+    """zeroshot's object and point scores on ``backend`` = torch-cpu's, same fitted model
+    (torch-cuda moves the whole pipeline, float32 geometry included: tests/test_zeroshot_device.py)."""
     reason = backend_unavailable_reason(backend)
     if reason:
         pytest.skip(f"{backend}: {reason}")
@@ -189,7 +188,7 @@ def test_zeroshot_scores_match_torch_cpu(backend: str, zeroshot_fitted) -> None:
 
 
 def test_network_scorers_declare_their_backends() -> None:
-    from workers.scorer import scorer_class
+    from workers.registry import scorer_class
 
     assert scorer_class("imrnet").backends == ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
     assert scorer_class("zeroshot").backends == ("torch-cpu", "torch-cuda", "onnxruntime")

@@ -14,13 +14,13 @@ from test_patchcore import BUMP, box_cloud
 from sensors.frame import Frame
 from sensors.simulated import simulated_parts
 from workers.actor import ScoringWorker
-from workers.patchcore import MemoryBankScorer
+from workers.patchcore import PatchCoreFPFHScorer
 
 from conftest import PRODUCT
 
 
 def test_patchcore_score_many_equals_score() -> None:
-    scorer = MemoryBankScorer()
+    scorer = PatchCoreFPFHScorer()
     scorer.fit([box_cloud(seed) for seed in range(3)])
     clouds = [box_cloud(100), box_cloud(101, bump=BUMP), box_cloud(102)]
     batch = scorer.score_many(clouds)
@@ -33,7 +33,7 @@ def test_patchcore_score_many_equals_score() -> None:
 
 def test_worker_batch_matches_single_frames_and_isolates_failures(
         enrolled_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(MemoryBankScorer, "batch_devices", ("cpu",))  # take the batched path on this CPU
+    monkeypatch.setattr(PatchCoreFPFHScorer, "batch_devices", ("cpu",))  # take the batched path on this CPU
     worker = ScoringWorker(str(enrolled_models))
     assert worker.models[PRODUCT].scorer.batches
     frames: list[Frame] = list(simulated_parts([PRODUCT], 3, 0.0, seed=7, good_only=True))

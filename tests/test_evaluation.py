@@ -18,7 +18,7 @@ from daemon.evaluation import evaluate, recompute_metrics, score_file
 from sensors.datasets import list_samples
 from sensors.parts import PART_CLASSES
 from sensors.synth import synthesize
-from workers.patchcore import MemoryBankScorer
+from workers.patchcore import PatchCoreFPFHScorer
 
 FAST = {"coreset_ratio": 0.05}
 CLASS_KEYS = {"i_auroc", "p_auroc", "aupro", "n_test", "fit_seconds", "score_seconds_per_sample"}
@@ -95,13 +95,13 @@ def test_eval_end_to_end(layout: str, tmp_path: Path, shapenet2: Path) -> None:
 def test_zero_shot_fits_on_the_other_classes_only(shapenet2: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[set[str]] = []
-    original = MemoryBankScorer.fit
+    original = PatchCoreFPFHScorer.fit
 
-    def spy(self: MemoryBankScorer, clouds, progress: bool = False) -> None:
+    def spy(self: PatchCoreFPFHScorer, clouds, progress: bool = False) -> None:
         seen.append({c.frame.meta.product for c in clouds})
         original(self, clouds, progress)
 
-    monkeypatch.setattr(MemoryBankScorer, "fit", spy)
+    monkeypatch.setattr(PatchCoreFPFHScorer, "fit", spy)
     a, b = sorted(PART_CLASSES[:2])
     report = evaluate(shapenet2, "anomaly-shapenet", "patchcore-fpfh", classes=[a], zero_shot=True,
                       out=tmp_path / "zs", scorer_params=FAST, progress=False, voxel_size=2.0)

@@ -16,7 +16,7 @@ from workers.confirmed import ConfirmedPart, read_confirmed, write_confirmed
 from workers.fused import FusedScorer
 from workers.fused_defects import FusedDefectsScorer
 from workers.preprocess import PreparedCloud, PreprocessParams, voxel_downsample
-from workers.scorer import load_scorer
+from workers.registry import load_scorer
 
 FUSED = {"patchcore": {"coreset_ratio": 0.2}}
 

@@ -13,10 +13,10 @@ from test_patchcore import BUMP, box_cloud
 from test_preprocess import box_on_plane
 
 from workers import geometry
-from workers.frame_scoring import score_frame
 from workers.imrnet.sampling import fps, geometry_rates, local_geometry
-from workers.patchcore import MemoryBankScorer, fpfh_features, fpfh_features_torch
+from workers.patchcore import PatchCoreFPFHScorer, fpfh_features
 from workers.preprocess import PreprocessParams, prepare, voxel_downsample
+from workers.score_frame import score_frame
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -106,7 +106,7 @@ def test_end_to_end_fpfh_torch_vs_open3d(box: np.ndarray) -> None:
     """Own normals on each side: identical except where a last-bit normal difference moves a pair
     across open3d's source/target swap (see workers.patchcore); few rows, by a pair's weight."""
     ref = fpfh_features(box, 1.0)
-    mine = fpfh_features_torch(torch.from_numpy(box), 1.0).float().numpy()
+    mine = fpfh_features(torch.from_numpy(box), 1.0, impl="torch").float().numpy()
     rows = np.abs(mine - ref).max(axis=1)
     assert (rows > 1e-3).mean() < 0.05, f"{(rows > 1e-3).mean():.2%} rows differ (max {rows.max():.3g})"
     assert rows.max() < 10.0, f"max abs diff {rows.max():.3g}"
@@ -182,7 +182,7 @@ CUDA_SCORE_RTOL = 0.01
 
 
 def test_patchcore_scores_with_torch_features_agree_with_open3d() -> None:
-    scorer = MemoryBankScorer(fpfh_impl="open3d")
+    scorer = PatchCoreFPFHScorer(fpfh_impl="open3d")
     scorer.fit([box_cloud(seed) for seed in range(2)])
     for cloud in (box_cloud(100), box_cloud(200, bump=BUMP)):
         scorer.fpfh_impl = "open3d"
@@ -199,7 +199,7 @@ def test_patchcore_scores_with_torch_features_agree_with_open3d() -> None:
 def test_score_frame_preprocesses_on_the_scorer_device() -> None:
     f = box_on_plane()
     pp = PreprocessParams(voxel_size=1.0)
-    scorer = MemoryBankScorer(fpfh_impl="torch", score_smoothing_k=0)
+    scorer = PatchCoreFPFHScorer(fpfh_impl="torch", score_smoothing_k=0)
     scorer.fit([prepare(f, pp)])
     host = score_frame(scorer, f, pp)
     dev = score_frame(scorer, f, pp, device="cpu")
@@ -225,7 +225,7 @@ def test_cuda_geometry_matches_cpu(box: np.ndarray) -> None:
 def test_cuda_patchcore_scores_a_frame_on_the_device() -> None:
     f = box_on_plane()
     pp = PreprocessParams(voxel_size=1.0)
-    scorer = MemoryBankScorer()
+    scorer = PatchCoreFPFHScorer()
     scorer.fit([prepare(f, pp)])
     host = score_frame(scorer, f, pp)
     scorer.use_backend("torch-cuda")

@@ -23,7 +23,7 @@ from workers.imrnet.sampling import (
 from workers.imrnet.scorer import IMRNetScorer
 from workers.imrnet.training import CloudPool, TrainSettings, pool_from_clouds, train
 from workers.preprocess import PreparedCloud, voxel_downsample
-from workers.scorer import load_scorer
+from workers.registry import load_scorer
 
 TINY = dict(n_points=512, n_centers=32, group_size=16, dim=32, heads=2, enc_depth=1, dec_depth=3, mlp_ratio=2.0,
             embed_hidden=16)
@@ -225,7 +225,7 @@ def test_small_and_degenerate_clouds_score(fitted: IMRNetScorer) -> None:
 
 def test_iteration_count_and_mask_cover(fitted: IMRNetScorer) -> None:
     cloud = box_cloud(5)
-    normed = fitted._normalize(cloud.points)
+    normed = fitted._normalize(torch.from_numpy(cloud.points))
     neigh, centers, _ = fitted._patches(normed[:512], torch.Generator().manual_seed(0))
     one = fitted.iterative_reconstruction(neigh, centers, torch.Generator().manual_seed(0), iterations=1)
     three = fitted.iterative_reconstruction(neigh, centers, torch.Generator().manual_seed(0), iterations=3)
@@ -283,10 +283,10 @@ def test_icp_recovers_a_known_pose() -> None:
     pose = rot_z(8.0)
     pose[:3, 3] = [0.03, -0.02, 0.0]
     src = apply(np.linalg.inv(pose), ref)  # the same surface, moved
-    est, info = icp_align(src, ref)
+    est, info = icp_align(torch.from_numpy(src).double(), torch.from_numpy(ref).double())
     assert info["fitness"] > 0.99
     assert rotation_deg(est) == pytest.approx(8.0, abs=0.3)
-    assert np.allclose(apply(est, src), ref, atol=1e-3)
+    assert np.allclose(apply(est.numpy(), src), ref, atol=1e-3)
 
 
 @pytest.mark.parametrize("key,value", [("point_score", "knn"), ("test_mask", "random"), ("reference", "none"),
@@ -302,13 +302,15 @@ def test_scoring_variants_run(fitted: IMRNetScorer, key: str, value: object) -> 
 
 def test_pretrained_weights_serve_other_point_and_centre_counts() -> None:
     """n_points / n_centers size no weight: the shipped weights start a finer or coarser network."""
+    from workers.imrnet.fitting import initial_model
+
     scorer = IMRNetScorer(n_points=4096, n_centers=256)
-    model, source = scorer._initial_model()
+    model, source = initial_model(scorer)
     assert "pretrained at 2048 points" in source
     assert model.config.n_points == 4096 and model.config.n_centers == 256
     wider = IMRNetScorer(n_points=4096, n_centers=256, group_size=16)  # group_size shapes the head: refused
     with pytest.raises(ValueError, match="other sizes.*--allow-random-init"):
-        wider._initial_model()  # no silent random start
+        initial_model(wider)  # no silent random start
     wider.allow_random_init = True
     with pytest.warns(UserWarning, match="other sizes"):
-        assert wider._initial_model()[1] == "none (size mismatch)"
+        assert initial_model(wider)[1] == "none (size mismatch)"

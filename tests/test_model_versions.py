@@ -15,6 +15,7 @@ from daemon.resultlog import LogReader, ResultLog
 from daemon.shadow import judge_shadow, shadow_report
 from sensors.simulated import simulated_parts
 from workers.actor import ScoringWorker
+from workers.base import MODEL_FILE
 from workers.model_store import CURRENT, read_pointer, revision_dir, save_product_model
 from workers.model_versions import (
     HISTORY_FILE,
@@ -27,16 +28,15 @@ from workers.model_versions import (
     set_shadow,
     start_revision,
 )
-from workers.patchcore import MemoryBankScorer
+from workers.patchcore import PatchCoreFPFHScorer
 from workers.preprocess import PreprocessParams
-from workers.scorer import MODEL_FILE
 
 PRODUCT = "flange"
 
 
 def store(models: Path, seed: int, threshold: float | None = None) -> str:
     bank = np.random.default_rng(seed).random((64, 33), dtype=np.float32)
-    scorer = MemoryBankScorer.from_state(MemoryBankScorer().params(), {"memory_bank": bank})
+    scorer = PatchCoreFPFHScorer.from_state(PatchCoreFPFHScorer().params(), {"memory_bank": bank})
     cal = {"threshold": threshold, "normalization": {"center": 0.1, "scale": 0.05}} if threshold else None
     return save_product_model(models, PRODUCT, scorer, PreprocessParams(), f"{seed:064x}", ["h"], cal).name
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.patchcore import MemoryBankScorer, greedy_coreset
+from workers.base import hash_training_data, read_meta
+from workers.patchcore import PatchCoreFPFHScorer, greedy_coreset
 from workers.preprocess import PreparedCloud, voxel_downsample
-from workers.scorer import hash_training_data, load_scorer, read_meta
+from workers.registry import load_scorer
 
 SIZE = (24.0, 18.0, 12.0)
 BUMP = (12.0, 9.0, 6.0, 2.0)  # centre x, centre y on the top face, diameter, height (mm)
@@ -48,13 +49,13 @@ def train() -> list[PreparedCloud]:
 
 
 @pytest.fixture(scope="module")
-def fitted(train: list[PreparedCloud]) -> MemoryBankScorer:
-    scorer = MemoryBankScorer()
+def fitted(train: list[PreparedCloud]) -> PatchCoreFPFHScorer:
+    scorer = PatchCoreFPFHScorer()
     scorer.fit(train)
     return scorer
 
 
-def test_defect_scores_above_good_parts(fitted: MemoryBankScorer) -> None:
+def test_defect_scores_above_good_parts(fitted: PatchCoreFPFHScorer) -> None:
     good = [fitted.score(box_cloud(seed)) for seed in range(100, 104)]
     bad_cloud = box_cloud(200, bump=BUMP)
     bad = fitted.score(bad_cloud)
@@ -69,13 +70,13 @@ def test_defect_scores_above_good_parts(fitted: MemoryBankScorer) -> None:
     assert all(r.object_score > 0 for r in good)
 
 
-def test_save_load_round_trip(fitted: MemoryBankScorer, train: list[PreparedCloud], tmp_path) -> None:
+def test_save_load_round_trip(fitted: PatchCoreFPFHScorer, train: list[PreparedCloud], tmp_path) -> None:
     cloud = box_cloud(300, bump=BUMP)
     before = fitted.score(cloud)
     fitted.save(tmp_path / "art", train_hash=hash_training_data(train))
     assert read_meta(tmp_path / "art")["scorer"] == "patchcore-fpfh"
     loaded = load_scorer(tmp_path / "art")
-    assert isinstance(loaded, MemoryBankScorer)
+    assert isinstance(loaded, PatchCoreFPFHScorer)
     assert loaded.params() == fitted.params()
     np.testing.assert_array_equal(loaded.tensors()["memory_bank"], fitted.tensors()["memory_bank"])
     after = loaded.score(cloud)
@@ -83,15 +84,15 @@ def test_save_load_round_trip(fitted: MemoryBankScorer, train: list[PreparedClou
     np.testing.assert_array_equal(after.point_scores, before.point_scores)
 
 
-def test_coreset_size_obeys_ratio_and_max(fitted: MemoryBankScorer, train: list[PreparedCloud]) -> None:
+def test_coreset_size_obeys_ratio_and_max(fitted: PatchCoreFPFHScorer, train: list[PreparedCloud]) -> None:
     n_total = sum(len(fitted.features(c)) for c in train)
     assert fitted.memory_bank_size == int(0.1 * n_total)
     bank = fitted.tensors()["memory_bank"]
     assert bank.dtype == np.float32 and bank.shape[1] == 33
-    capped = MemoryBankScorer(coreset_ratio=0.5, coreset_max=300)
+    capped = PatchCoreFPFHScorer(coreset_ratio=0.5, coreset_max=300)
     capped.fit(train[:2])
     assert capped.memory_bank_size == 300
-    full = MemoryBankScorer(coreset_ratio=1.0)
+    full = PatchCoreFPFHScorer(coreset_ratio=1.0)
     full.fit(train[:1])
     assert full.memory_bank_size == len(train[0].points)
 
@@ -115,15 +116,15 @@ def test_greedy_coreset_stops_when_all_covered() -> None:
     assert {int(i) // 10 for i in idx} == {0, 1, 2}
 
 
-def test_edge_cases(fitted: MemoryBankScorer) -> None:
+def test_edge_cases(fitted: PatchCoreFPFHScorer) -> None:
     with pytest.raises(ValueError, match="at least one"):
-        MemoryBankScorer().fit([])
+        PatchCoreFPFHScorer().fit([])
     with pytest.raises(RuntimeError, match="not fitted"):
-        MemoryBankScorer().score(box_cloud(0))
+        PatchCoreFPFHScorer().score(box_cloud(0))
     tiny = PreparedCloud(
         points=np.zeros((5, 3), np.float32), source_flat=np.arange(5), voxel_of_source=np.arange(5)
     )
     with pytest.raises(ValueError, match="at least"):
         fitted.score(tiny)
     with pytest.raises(ValueError, match="at least"):
-        MemoryBankScorer().fit([tiny])
+        PatchCoreFPFHScorer().fit([tiny])

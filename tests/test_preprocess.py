@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from sensors.frame import Frame, FrameError, FrameMeta
-from workers.frame_scoring import map_back
 from workers.preprocess import PreprocessParams, prepare, voxel_downsample
+from workers.score_frame import map_back
 
 
 def box_on_plane(seed: int = 0) -> Frame:

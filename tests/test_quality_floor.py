@@ -1,4 +1,4 @@
-"""A quality floor: every registered scorer must keep detecting defects on a small fixed set.
+"""A quality floor: every built-in scorer must keep detecting defects on a small fixed set.
 
 Why: a change that makes a scorer blind to a defect kind passes every functional test; this one
 fails the build instead. The set is made here, deterministically, in ~20 s of CPU
@@ -37,7 +37,7 @@ import pytest
 
 from daemon.evaluation import evaluate
 from sensors.synth import BENCH_DEFECTS, synthesize
-from workers.scorer import available_scorers
+from workers.registry import builtin_scorers
 
 LAYOUT = "anomaly-shapenet"
 VOXEL_MM = 2.0
@@ -66,7 +66,7 @@ def floor_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("scorer", available_scorers())
+@pytest.mark.parametrize("scorer", builtin_scorers())  # plugins (tests/plugins) bring their own checks
 def test_scorer_stays_above_its_floor(scorer: str, floor_set: Path, tmp_path: Path) -> None:
     if scorer not in FLOORS:
         pytest.fail(f"scorer {scorer!r} has no quality floor: run this test's protocol on it (PARAMS[{scorer!r}] "

@@ -11,7 +11,7 @@ from scipy.spatial.transform import Rotation
 from tests.test_components import l_part
 from workers.fused import FusedScorer
 from workers.preprocess import PreparedCloud, voxel_downsample
-from workers.scorer import load_scorer
+from workers.registry import load_scorer
 from workers.template import FAILED_SCORE, TemplateScorer, TemplateScoreResult
 
 

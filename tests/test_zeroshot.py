@@ -15,8 +15,9 @@ import torch
 from scipy.spatial import cKDTree
 
 from sensors.frame import Frame, FrameMeta
+from workers.base import read_meta
 from workers.preprocess import PreparedCloud, PreprocessParams, prepare
-from workers.scorer import load_scorer, read_meta, scorer_class
+from workers.registry import load_scorer, scorer_class
 from workers.zeroshot import ZeroShotScorer
 from workers.zeroshot.patches import (
     GRID,
@@ -251,15 +252,15 @@ def test_organized_patches_and_point_scores() -> None:
     c = cloud_of("block", 0)
     ps = extract_patches(c, k=64)
     assert ps.organized and 0 < len(ps) <= GRID * GRID
-    assert ps.neighbors.shape == (len(ps), 64) and ps.neighbors.max() < len(c.points)
-    values = np.zeros(len(ps))
-    values[np.argmax(c.points[ps.centers, 0])] = 1.0  # one hot patch at the +x end
-    s = organized_point_scores(values, ps, c, sigma=4.0)
+    assert ps.neighbors.shape == (len(ps), 64) and int(ps.neighbors.max()) < len(c.points)
+    values = torch.zeros(len(ps))
+    values[np.argmax(c.points[ps.centers.numpy(), 0])] = 1.0  # one hot patch at the +x end
+    s = organized_point_scores(values, ps, c, sigma=4.0).numpy()
     assert s.shape == (len(c.points),) and np.isfinite(s).all()
     assert c.points[np.argmax(s), 0] > 8  # the map peaks near that patch
     un = extract_patches(PreparedCloud(c.points, np.arange(len(c.points)), np.arange(len(c.points))), k=64,
                          max_patches=100)
-    assert not un.organized and len(un) == 100 and len(np.unique(un.centers)) == 100
+    assert not un.organized and len(un) == 100 and len(np.unique(un.centers.numpy())) == 100
 
 
 # -- the scorer -------------------------------------------------------------------------------

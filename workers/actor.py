@@ -28,7 +28,6 @@ import torch
 
 from sensors.frame import Frame
 from workers.backends import resolve_backend
-from workers.frame_scoring import FrameScore, score_frame, score_frames
 from workers.model_store import (
     CURRENT,
     ZERO_SHOT_MODEL,
@@ -40,6 +39,7 @@ from workers.model_store import (
 )
 from workers.model_versions import read_shadow
 from workers.preprocess import PreparedCloud
+from workers.score_frame import FrameScore, score_frame, score_frames
 from workers.shadow import score_shadow
 
 log = logging.getLogger("inspectd.worker")
@@ -212,7 +212,7 @@ class ScoringWorker:
     def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
         """Score several frames in one call; a frame that fails gives its exception, not the batch's.
 
-        Frames of one model are scored together (``workers.frame_scoring.score_frames``) where
+        Frames of one model are scored together (``workers.score_frame.score_frames``) where
         the scorer's batching was measured to pay on its device (``Scorer.batches``); elsewhere,
         and for a single frame, one by one."""
         started = time.time()

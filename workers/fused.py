@@ -1,23 +1,5 @@
-"""``fused``: the golden-part comparison (``template``) and the local-feature bank (``patchcore-fpfh``) together.
-
-Why: the two see different defects. The template's registered, tolerance-normalized deviation
-sees a part that is wrong as a whole (a bend, a shallow bulge on a smooth face) that local
-descriptors cannot; FPFH sees fine local geometry (a crack narrower than a voxel) that a 1 mm
-reference blurs. Measured figures are in docs/results/template-fused.md.
-
-How: at enrollment the good parts are split; the last ``validation_parts`` of them are the
-validation split. Both components are fitted on the others and score the validation parts;
-each component's scale is then the typical good value there: the mean object score for object
-scores, the ``point_quantile`` quantile of all point scores for point maps. Then (``refit``)
-both components are fitted again on all good parts. A part's fused object score is
-``Σ_c w_c · object_c / scale_c`` and its point map ``Σ_c w_c · points_c / point_scale_c``: each
-term says "how many times a typical good part", so the sum has one scale whatever the product.
-The weights are parameters, fixed once on a validation seed, not per product. IMRNet is not a
-component: on parts outside its pretraining it measured well below patchcore-fpfh (0.639 against
-0.886 on the independent benchmark), so it would add mostly noise.
-
-A template registration failure propagates: the object score becomes
-``workers.template.FAILED_SCORE`` and the result carries ``registration_failed`` and a reason.
+"""``fused``: ``template`` and ``patchcore-fpfh``, each normalized on held-out good parts, summed.
+Design and measured choices: docs/design/fused.md.
 """
 
 from __future__ import annotations
@@ -28,16 +10,37 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import model_validator
 
-from workers.patchcore import MemoryBankScorer
+from workers.base import Scorer, ScoreResult
+from workers.params import ScorerParams, fit_field, infer_field
+from workers.patchcore import PatchCoreFPFHScorer
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
 from workers.template import FAILED_SCORE, TemplateScorer, TemplateScoreResult
 
 COMPONENTS = ("template", "patchcore")
 
 
-@register
+class FusedParams(ScorerParams):
+    """Parameters of ``fused`` (design: docs/design/fused.md)."""
+
+    validation_parts: int = fit_field(1, "Good parts held out of the first fit to measure each component's "
+                                      "typical good score.", ge=1)
+    point_quantile: float = fit_field(0.99, "Quantile of the validation parts' point scores that is a "
+                                      "component's point scale.", gt=0, lt=1)
+    refit: bool = fit_field(True, "Fit both components again on all good parts after the scales are measured.")
+    template: dict[str, Any] = fit_field({}, "Parameters of the template component (voxel_size excepted).")
+    patchcore: dict[str, Any] = fit_field({}, "Parameters of the patchcore-fpfh component (voxel_size excepted).")
+    template_weight: float = infer_field(1.0, "Weight of the template's normalized scores.", ge=0)
+    patchcore_weight: float = infer_field(0.5, "Weight of patchcore-fpfh's normalized scores.", ge=0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> FusedParams:
+        if self.template_weight + self.patchcore_weight <= 0:
+            raise ValueError("template_weight and patchcore_weight must not both be 0")
+        return self
+
+
 class FusedScorer(Scorer):
     """Template deviation + PatchCore-FPFH, each normalized on good validation parts. See the module docstring."""
 
@@ -46,31 +49,14 @@ class FusedScorer(Scorer):
     backends = ("torch-cpu", "torch-cuda")
     """The patchcore-fpfh component follows the backend; the template runs on the CPU."""
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        template_weight: float = 1.0,
-        patchcore_weight: float = 0.5,
-        validation_parts: int = 1,
-        point_quantile: float = 0.99,
-        refit: bool = True,
-        template: dict[str, Any] | None = None,
-        patchcore: dict[str, Any] | None = None,
-    ) -> None:
-        if template_weight < 0 or patchcore_weight < 0 or template_weight + patchcore_weight <= 0:
-            raise ValueError("the weights must be >= 0 and not both 0")
-        if validation_parts < 1 or not 0.0 < point_quantile < 1.0:
-            raise ValueError("validation_parts must be >= 1 and point_quantile in (0, 1)")
-        self.voxel_size = float(voxel_size)
-        self.template_weight = float(template_weight)
-        self.patchcore_weight = float(patchcore_weight)
-        self.validation_parts = int(validation_parts)
-        self.point_quantile = float(point_quantile)
-        self.refit = bool(refit)
-        self.template_params = {"voxel_size": self.voxel_size, **(template or {})}
-        self.patchcore_params = {"voxel_size": self.voxel_size, **(patchcore or {})}
+    Params = FusedParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.template_params = {"voxel_size": self.voxel_size, **self.hparams.template}
+        self.patchcore_params = {"voxel_size": self.voxel_size, **self.hparams.patchcore}
         self.template = TemplateScorer(**self.template_params)
-        self.patchcore = MemoryBankScorer(**self.patchcore_params)
+        self.patchcore = PatchCoreFPFHScorer(**self.patchcore_params)
         self.scales: np.ndarray | None = None
         """[template object, template point, patchcore object, patchcore point] typical good values."""
 
@@ -78,12 +64,7 @@ class FusedScorer(Scorer):
 
     def params(self) -> dict[str, Any]:
         return {
-            "voxel_size": self.voxel_size,
-            "template_weight": self.template_weight,
-            "patchcore_weight": self.patchcore_weight,
-            "validation_parts": self.validation_parts,
-            "point_quantile": self.point_quantile,
-            "refit": self.refit,
+            **super().params(),
             "template": {k: v for k, v in self.template.params().items() if k != "voxel_size"},
             "patchcore": {k: v for k, v in self.patchcore.params().items() if k != "voxel_size"},
         }
@@ -106,7 +87,7 @@ class FusedScorer(Scorer):
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
 
         scorer.template = TemplateScorer.from_state(scorer.template.params(), sub("template."))
-        scorer.patchcore = MemoryBankScorer.from_state(scorer.patchcore.params(), sub("patchcore."))
+        scorer.patchcore = PatchCoreFPFHScorer.from_state(scorer.patchcore.params(), sub("patchcore."))
         scales = np.asarray(tensors["scales"], dtype=np.float64).reshape(-1)
         if scales.shape != (4,) or not np.isfinite(scales).all() or (scales <= 0).any():
             raise ValueError("fused state: 'scales' must be 4 positive finite values")
@@ -158,7 +139,7 @@ class FusedScorer(Scorer):
 
     def score_many(self, clouds: Sequence[PreparedCloud]) -> list[TemplateScoreResult]:
         """Score a batch: the template part by part (a registration each), the patchcore
-        component as one batch (``MemoryBankScorer.score_many``: one bank search for all)."""
+        component as one batch (``PatchCoreFPFHScorer.score_many``: one bank search for all)."""
         if self.scales is None:
             raise RuntimeError("fused is not fitted: call fit() or load an artifact first")
         t_res, t_s = [], []

@@ -19,24 +19,32 @@ import numpy as np
 
 from workers.components.memory_bank import MemoryBank
 from workers.defect_head import HeadParams, bank_entries, descriptors, evidence, voxel_mask
-from workers.fused import FusedScorer
+from workers.fused import FusedParams, FusedScorer
+from workers.params import infer_field
 from workers.preprocess import PreparedCloud
-from workers.scorer import register
 from workers.template import TemplateScoreResult
 
 BANK_KEY = "defects.bank"
 
 
-@register
+class FusedDefectsParams(FusedParams):
+    """Parameters of ``fused-defects``: those of ``fused`` and the defect head's."""
+
+    defect_head: dict[str, Any] = infer_field({}, "Parameters of the defect head (workers.defect_head.HeadParams: "
+                                              "weight, radius, base_power, ...); empty: the defaults.")
+
+
 class FusedDefectsScorer(FusedScorer):
     """``fused`` + the defect-aware head of ``workers.defect_head``. See the module docstring."""
 
     name = "fused-defects"
     version = "1.0.0"
 
-    def __init__(self, defect_head: dict[str, Any] | None = None, **fused: Any) -> None:
-        super().__init__(**fused)
-        self.head = HeadParams(**(defect_head or {}))
+    Params = FusedDefectsParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.head = HeadParams(**self.hparams.defect_head)
         self.defect_bank = np.zeros((0, 34), np.float32)
         self.n_confirmed = 0
         self._bank: MemoryBank | None = None

@@ -1,7 +1,7 @@
 """Point-cloud geometry in torch, on whatever device the points are on (CPU or CUDA).
 
 What: the heavy geometric steps that sit outside the networks, written once in device-agnostic,
-vectorized torch so a frame can stay on the GPU from upload to anomaly map (issue 6):
+vectorized torch so a frame can stay on the GPU from upload to anomaly map :
 
 * :func:`knn`: exact k nearest neighbours, what ``scipy.spatial.cKDTree.query`` returns
   (chunked ``torch.cdist`` + ``topk``; through the grid below for large clouds);

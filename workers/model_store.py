@@ -27,18 +27,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from workers.base import FORMAT_VERSION, META_FILE, MIGRATE_HINT, MODEL_FILE, ArtifactError, Scorer, read_meta
 from workers.preprocess import PreprocessParams
-from workers.scorer import (
-    FORMAT_VERSION,
-    META_FILE,
-    MIGRATE_HINT,
-    MODEL_FILE,
-    ArtifactError,
-    Scorer,
-    load_scorer,
-    read_meta,
-    scorer_from_bytes,
-)
+from workers.registry import load_scorer, scorer_from_bytes
 
 CALIBRATION_FILE = "calibration.json"
 VERSIONS = "versions"
@@ -154,7 +145,7 @@ def save_product_model(
     calibration: dict[str, Any] | None = None,
 ) -> Path:
     """Write a new revision of the product's model (and its calibration, if given); returns its
-    folder (now ``latest``). ``part_hashes`` (``workers.scorer.part_hash`` of each training
+    folder (now ``latest``). ``part_hashes`` (``workers.base.part_hash`` of each training
     part) let calibration refuse parts the model was fitted on."""
     check_models_dir(models_dir)
     tmp = _new_tmp(models_dir, product)
@@ -253,7 +244,7 @@ def migrate_models_dir(models_dir: str | Path) -> list[str]:
     The artifact gains ``format_version``, the model checksum and ``train_part_hashes: null``
     (the training parts of an old model are unknown: calibration cannot check reuse for it).
     Each product is rebuilt in a temporary folder and swapped in by renames."""
-    from workers.scorer import file_sha256
+    from workers.base import file_sha256
 
     root = Path(models_dir)
     done = []

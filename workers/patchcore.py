@@ -1,60 +1,5 @@
-"""PatchCore over FPFH features: the BTF baseline as an inspectd scorer (``patchcore-fpfh``).
-
-What: every voxel centroid of a good training part is described by its Fast Point Feature
-Histogram (FPFH, Rusu et al. 2009, 33-D), the histograms of all training parts are stacked into
-a memory bank, and the bank is thinned by PatchCore's greedy k-center coreset (Roth et al.,
-"Towards Total Recall in Industrial Anomaly Detection", CVPR 2022). A new part's point score is
-the Euclidean distance of its FPFH to the nearest bank element; its object score is PatchCore's
-reweighted maximum. This is "Back to the Feature" (Horwitz & Hoshen, CVPRW 2023), the
-training-free FPFH baseline of MVTec 3D-AD.
-
-Why: no training beyond feature extraction and a coreset, a few MB of state, a CPU-friendly
-exact nearest-neighbour search, and per-point anomaly maps out of the box.
-
-Choices (all vectorized; the only Python loop is over the coreset picks):
-
-* FPFH as in BTF: normals from a hybrid KD-tree search with radius
-  ``normal_radius_factor × voxel_size`` (at most 30 neighbours), FPFH with radius
-  ``feature_radius_factor × voxel_size`` (at most 100 neighbours). ``voxel_size`` is the scale
-  of the feature, in mm; the clouds are already voxelized by preprocessing. Two
-  implementations of the same formulas, chosen by ``fpfh_impl``: ``open3d`` (C++ KD-tree, CPU)
-  and ``torch`` (``workers.geometry``: grid neighbour search, batched PCA and histograms, on the
-  scorer's device). ``auto`` (default) takes torch when the backend is ``torch-cuda``, so on a
-  GPU the frame's points, normals, FPFH, bank search, smoothing and reweighting all stay on the
-  device and only the M point scores come back; and open3d on a CPU, where it is faster: on a
-  28 386-point cloud (a voxelized 90×70×50 mm box surface, ``OMP_NUM_THREADS=1``, 2-core
-  shared machine) open3d normals + FPFH take 0.9–1.2 s, torch 4.9 s in float64 (0.4 s normals,
-  4.5 s FPFH, 1.4 s of it the radius-5 neighbour search) and 3.0 s in float32. The two agree:
-  with the same normals the torch FPFH is open3d's to 4e-13 (float64) / 9e-5 (float32, the
-  device dtype); normals agree to |cos| > 1 − 1e-12. End to end a normal that differs in the
-  last bits can still move a pair across open3d's source/target swap (``|n1·d| = |n2·d|``),
-  which flips θ's sign and moves one pair's count (100/k) between bins: on the cloud above
-  1.5 % of the rows differ, by at most 1.5 (of 100 per block). A model keeps one
-  implementation for fit and score unless its backend changes.
-* Normal orientation (FPFH is sign-sensitive): every normal is flipped to point away from the
-  cloud's centroid. Unlike "towards the camera" this works for both sensor families (a
-  single-view camera scan and a 360° stitched scan) and does not depend on where the part sits
-  in the sensor frame; it is exact for convex parts and consistent for a given product, which
-  is what matters as training and test parts are oriented by the same rule. Known limit: a
-  single-view scan of a nearly flat sheet (centroid in the surface) gets ambiguous signs; such a
-  product would want a "towards the camera" rule. A point without enough neighbours gets an
-  all-zero FPFH (open3d's behaviour), which is kept.
-* Coreset: exact greedy k-center (farthest-point) selection from a seeded random start, one
-  matrix-vector product per pick in torch. Features are projected to
-  ``coreset_projection_dim`` dimensions by a seeded Gaussian (Johnson-Lindenstrauss) matrix
-  first, as PatchCore does, only when their dimension exceeds it (FPFH is 33-D: no
-  projection by default). Selection stops early when every bank element coincides with a
-  selected one. Size: ``min(coreset_max, max(1, int(coreset_ratio × N)))``; ``coreset_ratio
-  >= 1`` keeps the whole bank.
-* Search: exact, ``‖a‖² + ‖b‖² − 2ab`` by chunked matmul in torch on features centred on the
-  bank mean (distances are unchanged, float32 cancellation is smaller), clamped at 0.
-* Point scores are averaged over each point's ``score_smoothing_k`` nearest spatial neighbours
-  (itself included) to damp FPFH noise; a real defect spans many voxels.
-* Object score: PatchCore's reweighting on the smoothed map. The point with the highest
-  (smoothed) score gives s* and its feature m_test*; m* is m_test*'s nearest bank element and
-  N_b(m*) the b nearest bank elements of m* (m* itself included, as in anomalib);
-  ``w = 1 − softmax(‖m_test* − m‖ for m in N_b(m*))[m*]`` (a softmax, so numerically
-  stable), ``score = w · s*``. ``reweight_neighbors <= 1`` turns the reweighting off (w = 1).
+"""PatchCore over FPFH (``patchcore-fpfh``): the BTF baseline. Design, paper sections and measured
+choices: docs/design/patchcore-fpfh.md.
 """
 
 from __future__ import annotations
@@ -62,29 +7,40 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from workers.components.fpfh import (
-    MIN_POINTS,
-    check_points,
-    fpfh_features,
-    fpfh_features_torch,
-)
+from workers.base import Scorer, ScoreResult
+from workers.components.fpfh import FPFH_IMPLS, fpfh_features
 from workers.components.knn import knn, smooth_over_neighbours
 from workers.components.memory_bank import MemoryBank, coreset_size, greedy_coreset
+from workers.params import ScorerParams, fit_field, infer_field
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
 
-__all__ = ["FPFH_IMPLS", "MemoryBankScorer", "fpfh_features", "fpfh_features_torch", "greedy_coreset"]
-
-FPFH_IMPLS = ("auto", "open3d", "torch")
+__all__ = ["FPFH_IMPLS", "PatchCoreFPFHScorer", "fpfh_features", "greedy_coreset"]
 
 
-@register
-class MemoryBankScorer(Scorer):
+class PatchCoreFPFHParams(ScorerParams):
+    """Parameters of ``patchcore-fpfh`` (design: docs/design/patchcore-fpfh.md)."""
+
+    normal_radius_factor: float = fit_field(2.0, "Normal estimation radius, in voxels.", gt=0)
+    feature_radius_factor: float = fit_field(5.0, "FPFH radius, in voxels.", gt=0)
+    coreset_ratio: float = fit_field(0.1, "Fraction of the training features kept by the greedy coreset "
+                                     "(>= 1 keeps them all).", gt=0)
+    coreset_max: int = fit_field(20000, "Most features the memory bank keeps.", ge=1)
+    coreset_projection_dim: int = fit_field(128, "Features wider than this are randomly projected to it "
+                                            "for the coreset selection.", ge=1)
+    seed: int = fit_field(0, "Seed of the coreset's start and projection.")
+    reweight_neighbors: int = infer_field(3, "Bank neighbours of PatchCore's object-score reweighting "
+                                          "(<= 1: off).", ge=0)
+    score_smoothing_k: int = infer_field(8, "Point scores are averaged over this many nearest points.", ge=0)
+    fpfh_impl: Literal["auto", "open3d", "torch"] = infer_field(
+        "auto", "FPFH implementation: open3d (CPU), torch (any device), auto (torch on a GPU backend).")
+
+
+class PatchCoreFPFHScorer(Scorer):
     """PatchCore memory bank over FPFH features (the BTF baseline). See the module docstring."""
 
     name = "patchcore-fpfh"
@@ -98,56 +54,15 @@ class MemoryBankScorer(Scorer):
     part by part. On a GPU one search replaces a kernel stream per part; not measured yet (no GPU
     was at hand): ``inspectd bench --batch 1,4,8 --backend torch-cuda``."""
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        normal_radius_factor: float = 2.0,
-        feature_radius_factor: float = 5.0,
-        coreset_ratio: float = 0.1,
-        coreset_max: int = 20000,
-        coreset_projection_dim: int = 128,
-        reweight_neighbors: int = 3,
-        score_smoothing_k: int = 8,
-        seed: int = 0,
-        fpfh_impl: str = "auto",
-    ) -> None:
-        if fpfh_impl not in FPFH_IMPLS:
-            raise ValueError(f"fpfh_impl must be one of {FPFH_IMPLS}, got {fpfh_impl!r}")
-        if voxel_size <= 0 or normal_radius_factor <= 0 or feature_radius_factor <= 0:
-            raise ValueError("voxel_size and the radius factors must be positive")
-        if coreset_ratio <= 0 or coreset_max < 1:
-            raise ValueError("coreset_ratio must be > 0 and coreset_max >= 1")
-        if reweight_neighbors < 0 or score_smoothing_k < 0:
-            raise ValueError("reweight_neighbors and score_smoothing_k must be >= 0")
-        self.voxel_size = float(voxel_size)
-        self.normal_radius_factor = float(normal_radius_factor)
-        self.feature_radius_factor = float(feature_radius_factor)
-        self.coreset_ratio = float(coreset_ratio)
-        self.coreset_max = int(coreset_max)
-        self.coreset_projection_dim = int(coreset_projection_dim)
-        self.reweight_neighbors = int(reweight_neighbors)
-        self.score_smoothing_k = int(score_smoothing_k)
-        self.seed = int(seed)
-        self.fpfh_impl = fpfh_impl
+    Params = PatchCoreFPFHParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.bank: MemoryBank | None = None
         """The fitted FPFH memory bank, on this scorer's device."""
         self.device = torch.device("cpu")
 
     # -- state ---------------------------------------------------------------------------------
-
-    def params(self) -> dict[str, Any]:
-        return {
-            "voxel_size": self.voxel_size,
-            "normal_radius_factor": self.normal_radius_factor,
-            "feature_radius_factor": self.feature_radius_factor,
-            "coreset_ratio": self.coreset_ratio,
-            "coreset_max": self.coreset_max,
-            "coreset_projection_dim": self.coreset_projection_dim,
-            "reweight_neighbors": self.reweight_neighbors,
-            "score_smoothing_k": self.score_smoothing_k,
-            "seed": self.seed,
-            "fpfh_impl": self.fpfh_impl,
-        }
 
     def tensors(self) -> dict[str, np.ndarray]:
         if self.bank is None:
@@ -155,7 +70,7 @@ class MemoryBankScorer(Scorer):
         return {"memory_bank": self.bank.array}
 
     @classmethod
-    def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> MemoryBankScorer:
+    def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> PatchCoreFPFHScorer:
         if "memory_bank" not in tensors:
             raise ValueError("patchcore-fpfh state has no 'memory_bank' tensor")
         scorer = cls(**params)
@@ -201,13 +116,12 @@ class MemoryBankScorer(Scorer):
     def features_t(self, cloud: PreparedCloud) -> torch.Tensor:
         """FPFH (M×33 float32) on this scorer's device, by the implementation in use."""
         if self.feature_impl == "open3d":
-            feat = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
+            feat = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor,
+                                 impl="open3d")
             return torch.from_numpy(feat).to(self.device)
         pts = self._device_points(cloud)
-        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < MIN_POINTS or not bool(torch.isfinite(pts).all()):
-            check_points(pts.cpu().numpy())
-        feat = fpfh_features_torch(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
-        return feat.float()
+        return fpfh_features(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor,
+                             impl="torch").float()
 
     def coreset_size(self, n: int) -> int:
         """How many bank elements the coreset keeps out of ``n``."""

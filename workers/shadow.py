@@ -13,9 +13,9 @@ import time
 from typing import Any
 
 from sensors.frame import Frame
-from workers.frame_scoring import preprocess_device
 from workers.model_store import ProductModel
 from workers.preprocess import prepare
+from workers.score_frame import preprocess_device
 
 
 def score_shadow(model: ProductModel, frame: Frame) -> dict[str, Any]:

@@ -1,10 +1,10 @@
 """FPFH descriptors (Rusu et al. 2009, 33-D) with the BTF radii, normals oriented away from the centroid.
 
-Two implementations of the same formulas: :func:`fpfh_features` (open3d's C++ KD-tree, the CPU
-default: on a 28 386-point cloud 0.9–1.2 s against 3.0–4.9 s for torch on 2 shared cores) and
-:func:`fpfh_features_torch` (``workers.geometry``: grid neighbour search, batched PCA and
-histograms, on the points' device, what a GPU uses). They agree to 4e-13 (float64) / 9e-5
-(float32) with the same normals; the choice and its caveats are described in ``workers.patchcore``.
+One function, :func:`fpfh_features`, with two engines for the same formulas: open3d's C++
+KD-tree on the CPU, kept because it is measurably faster there (on a 28 386-point cloud 0.9–1.2 s
+against 3.0–4.9 s for torch on 2 shared cores), and ``workers.geometry`` (grid neighbour search,
+batched PCA and histograms) on the points' device, what a GPU uses. They agree to 4e-13 (float64)
+/ 9e-5 (float32) with the same normals; caveats in docs/design/patchcore-fpfh.md.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ MIN_POINTS = 10
 """A cloud with fewer points has no meaningful FPFH (neighbourhoods are empty)."""
 NORMAL_MAX_NN = 30
 FEATURE_MAX_NN = 100
+FPFH_IMPLS = ("auto", "open3d", "torch")
 
 
 def check_points(points: np.ndarray) -> np.ndarray:
@@ -33,15 +34,39 @@ def check_points(points: np.ndarray) -> np.ndarray:
 
 
 def fpfh_features(
-    points: np.ndarray,
+    points: np.ndarray | torch.Tensor,
     voxel_size: float,
     normal_radius_factor: float = 2.0,
     feature_radius_factor: float = 5.0,
-) -> np.ndarray:
-    """FPFH (M×33 float32) of every point, normals oriented away from the centroid (BTF radii)."""
+    impl: str = "auto",
+) -> np.ndarray | torch.Tensor:
+    """FPFH (M×33) of every point, normals oriented away from the centroid (BTF radii).
+
+    ``impl``: ``"open3d"`` (its C++ KD-tree, on the CPU: 4–5× faster there), ``"torch"``
+    (``workers.geometry`` on the points' device, in their dtype), ``"auto"``: torch for a tensor on
+    a GPU, open3d otherwise. An array in gives a float32 array; a tensor in, a tensor on its device.
+    """
+    if impl not in FPFH_IMPLS:
+        raise ValueError(f"impl must be one of {FPFH_IMPLS}, got {impl!r}")
+    is_tensor = isinstance(points, torch.Tensor)
+    if impl == "auto":
+        impl = "torch" if is_tensor and points.device.type != "cpu" else "open3d"
+    if impl == "torch":
+        pts = points if is_tensor else torch.from_numpy(check_points(points))
+        if pts.ndim != 2 or pts.shape[1] != 3 or pts.shape[0] < MIN_POINTS or not bool(torch.isfinite(pts).all()):
+            check_points(pts.cpu().numpy())  # raises with the reason
+        normals = geometry.estimate_normals(pts, normal_radius_factor * voxel_size, NORMAL_MAX_NN, "centroid")
+        feat = geometry.fpfh(pts, normals, feature_radius_factor * voxel_size, FEATURE_MAX_NN)
+        return torch.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0)
+    out = _open3d_fpfh(check_points(points.detach().cpu().numpy() if is_tensor else points), voxel_size,
+                       normal_radius_factor, feature_radius_factor)
+    return torch.from_numpy(out).to(points.device) if is_tensor else out
+
+
+def _open3d_fpfh(pts: np.ndarray, voxel_size: float, normal_radius_factor: float,
+                 feature_radius_factor: float) -> np.ndarray:
     import open3d as o3d
 
-    pts = check_points(points)
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
     pcd.estimate_normals(
         o3d.geometry.KDTreeSearchParamHybrid(radius=normal_radius_factor * voxel_size, max_nn=NORMAL_MAX_NN)
@@ -58,15 +83,3 @@ def fpfh_features(
     )
     out = np.asarray(feat.data).T.astype(np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def fpfh_features_torch(
-    points: torch.Tensor,
-    voxel_size: float,
-    normal_radius_factor: float = 2.0,
-    feature_radius_factor: float = 5.0,
-) -> torch.Tensor:
-    """:func:`fpfh_features` in torch on ``points``' device and dtype (M×33, ``workers.geometry``)."""
-    normals = geometry.estimate_normals(points, normal_radius_factor * voxel_size, NORMAL_MAX_NN, "centroid")
-    feat = geometry.fpfh(points, normals, feature_radius_factor * voxel_size, FEATURE_MAX_NN)
-    return torch.nan_to_num(feat, nan=0.0, posinf=0.0, neginf=0.0)

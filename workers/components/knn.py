@@ -1,8 +1,10 @@
-"""Exact k nearest neighbours, for numpy arrays and torch tensors alike.
+"""Exact k nearest neighbours, for numpy arrays and torch tensors alike: the one kNN of the scorers.
 
-numpy in: scipy's C++ KD-tree (the fastest exact search on a CPU here); torch in:
-``workers.geometry.knn`` on the tensors' device (grid + brute force, the GPU path). Both return
-what ``cKDTree(ref).query(query, k)`` returns, as 2-D arrays even for ``k == 1``.
+On a CPU, scipy's C++ KD-tree (the fastest exact search there: for CPU tensors too, which are
+searched through a zero-copy numpy view and answered as tensors); on a GPU,
+``workers.geometry.knn`` (grid + brute force) on the tensors' device. Both return what
+``cKDTree(ref).query(query, k)`` returns, as 2-D arrays (tensors for tensors) even for ``k == 1``;
+only exact distance ties may order differently between the two.
 """
 
 from __future__ import annotations
@@ -14,16 +16,24 @@ from scipy.spatial import cKDTree
 from workers import geometry
 
 
-def knn(ref: np.ndarray | torch.Tensor, query: np.ndarray | torch.Tensor, k: int,
+def knn(ref: np.ndarray | torch.Tensor | cKDTree, query: np.ndarray | torch.Tensor, k: int,
         workers: int = 1) -> tuple[np.ndarray, np.ndarray] | tuple[torch.Tensor, torch.Tensor]:
     """``(distances, indices)`` (Q×k, ascending) of the ``k`` points of ``ref`` nearest each query.
 
-    ``k`` is capped at ``len(ref)``. ``workers`` is scipy's thread count (numpy path only).
+    ``ref`` may be a KD-tree already built (a set searched many times). ``k`` is capped at the
+    number of reference points. ``workers`` is scipy's thread count (numpy path only).
     """
+    if isinstance(ref, cKDTree):
+        kk = int(min(max(k, 1), ref.n))
+        d, i = ref.query(np.asarray(query, dtype=np.float64), k=kk, workers=workers)
+        return np.asarray(d).reshape(-1, kk), np.asarray(i).reshape(-1, kk)
     if isinstance(ref, torch.Tensor) or isinstance(query, torch.Tensor):
         r = torch.as_tensor(ref)
         q = torch.as_tensor(query).to(device=r.device, dtype=r.dtype)
-        return geometry.knn(r, q, k)
+        if r.device.type != "cpu":
+            return geometry.knn(r, q, k)
+        d, i = knn(r.detach().numpy(), q.detach().numpy(), k, workers)
+        return torch.from_numpy(d).to(r.dtype), torch.from_numpy(i).long()
     ref_np = np.asarray(ref, dtype=np.float64)
     kk = int(min(max(k, 1), len(ref_np)))
     d, i = cKDTree(ref_np).query(np.asarray(query, dtype=np.float64), k=kk, workers=workers)

@@ -11,17 +11,14 @@ nearest local optimum, from ``n_starts`` rotations about z spread over ``±start
 result with the highest inlier fraction (then lowest RMSE) wins. Points keep their order, so
 per-point scores stay aligned to the input.
 
-Two implementations of the same registration:
-
-* :func:`icp_align` (numpy + scipy's KD-tree, the CPU reference; not open3d, whose
-  ``registration_icp`` it resembles): one start after the other, a linearized (Gauss-Newton)
-  point-to-plane step per iteration solved by ``numpy.linalg.lstsq``.
-* :func:`icp_align_torch` (``workers.geometry.knn`` + batched linear algebra, on the points'
-  device, used by the scorer's ``geometry_impl="torch"`` path): all starts at once as one batch,
-  same correspondences (nearest reference point at distance ``< max_dist``), same step, same
-  stopping rules (fewer than 6 correspondences, or a step of norm ``< 1e-7``; at most
-  ``iterations``), same selection. ``method="point"`` swaps the point-to-plane step for
-  point-to-point ICP with the closed-form Kabsch / Umeyama (SVD) step.
+:func:`icp_align` runs in torch on the points' device (neighbours by ``workers.components.knn``:
+scipy's KD-tree on a CPU, ``workers.geometry.knn`` on a GPU), all starts at once as one batch:
+correspondences are the nearest reference point at distance ``< max_dist``, a linearized
+(Gauss-Newton) point-to-plane step per iteration solved as ``numpy.linalg.lstsq`` would, stopping
+on fewer than 6 correspondences or a step of norm ``< 1e-7`` (at most ``iterations``).
+``method="point"`` swaps the point-to-plane step for point-to-point ICP with the closed-form
+Kabsch / Umeyama (SVD) step. tests/test_imrnet_device.py checks it against a numpy + KD-tree
+oracle, one start after the other.
 
 Choices: correspondence distance ``max_dist`` (normalized units, the part's largest radius is
 ~1: 0.05 ≈ 1.8 mm on a 36 mm radius part); at most 30 ICP iterations; PCA normals of the
@@ -34,9 +31,8 @@ import math
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
-from workers import geometry
+from workers.components.knn import knn
 from workers.imrnet.sampling import local_geometry
 
 ICP_METHODS = ("plane", "point")
@@ -47,70 +43,6 @@ def rot_z(deg: float) -> np.ndarray:
     t = np.eye(4)
     t[:2, :2] = [[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]]
     return t
-
-
-def _rodrigues(w: np.ndarray) -> np.ndarray:
-    theta = float(np.linalg.norm(w))
-    if theta < 1e-12:
-        return np.eye(3)
-    k = w / theta
-    kx = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    return np.eye(3) + math.sin(theta) * kx + (1.0 - math.cos(theta)) * (kx @ kx)
-
-
-def _icp(src: np.ndarray, ref: np.ndarray, normals: np.ndarray, tree: cKDTree, init: np.ndarray,
-         max_dist: float, iterations: int) -> tuple[np.ndarray, float, float]:
-    """Point-to-plane ICP (linearized, Gauss-Newton), numpy: (transform, fitness, inlier RMSE)."""
-    t = init.copy()
-    fitness, rmse = 0.0, float("inf")
-    for _ in range(iterations):
-        p = src @ t[:3, :3].T + t[:3, 3]
-        d, j = tree.query(p, distance_upper_bound=max_dist)
-        ok = np.isfinite(d)
-        fitness = float(ok.mean())
-        if ok.sum() < 6:
-            break
-        rmse = float(np.sqrt(np.mean(d[ok] ** 2)))
-        pp, q, n = p[ok], ref[j[ok]], normals[j[ok]]
-        a = np.hstack([np.cross(pp, n), n])
-        b = -np.einsum("ij,ij->i", pp - q, n)
-        x, *_ = np.linalg.lstsq(a, b, rcond=None)
-        step = np.eye(4)
-        step[:3, :3] = _rodrigues(x[:3])
-        step[:3, 3] = x[3:]
-        t = step @ t
-        if np.linalg.norm(x) < 1e-7:
-            break
-    p = src @ t[:3, :3].T + t[:3, 3]
-    d, _ = tree.query(p, distance_upper_bound=max_dist)
-    ok = np.isfinite(d)
-    fitness = float(ok.mean())
-    rmse = float(np.sqrt(np.mean(d[ok] ** 2))) if ok.any() else float("inf")
-    return t, fitness, rmse
-
-
-def icp_align(
-    source: np.ndarray,
-    reference: np.ndarray,
-    max_dist: float = 0.05,
-    start_deg: float = 10.0,
-    n_starts: int = 3,
-    iterations: int = 30,
-) -> tuple[np.ndarray, dict[str, float]]:
-    """The 4×4 rigid transform taking ``source`` (N×3) onto ``reference`` (M×3), and fit stats."""
-    src = np.asarray(source, dtype=np.float64)
-    ref = np.asarray(reference, dtype=np.float64)
-    normals = local_geometry(ref, 16)[0]
-    tree = cKDTree(ref)
-    starts = start_angles(start_deg, n_starts)
-    best: tuple[tuple[float, float], np.ndarray, float, float] | None = None
-    for deg in starts:
-        t, fitness, rmse = _icp(src, ref, normals, tree, rot_z(deg), max_dist, iterations)
-        key = (round(fitness, 3), -rmse)
-        if best is None or key > best[0]:
-            best = (key, t, fitness, rmse)
-    assert best is not None
-    return best[1], {"fitness": best[2], "rmse": best[3]}
 
 
 def apply(transform: np.ndarray | torch.Tensor, points: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
@@ -132,10 +64,6 @@ def rotation_deg(transform: np.ndarray | torch.Tensor) -> float:
         transform = transform.detach().double().cpu().numpy()
     c = (np.trace(transform[:3, :3]) - 1.0) / 2.0
     return math.degrees(math.acos(max(-1.0, min(1.0, c))))
-
-
-# ------------------------------------------------------------------------------------------------
-# torch, on the points' device
 
 
 def start_angles(start_deg: float, n_starts: int) -> list[float]:
@@ -202,12 +130,12 @@ def _correspond(
     whether that is a correspondence (``distance < max_dist``, scipy's ``distance_upper_bound``)."""
     b, n, _ = src.shape
     p = src @ t[:, :3, :3].transpose(1, 2) + t[:, None, :3, 3]
-    d, j = geometry.knn(ref, p.reshape(-1, 3), 1)
+    d, j = knn(ref, p.reshape(-1, 3), 1)
     d, j = d.view(b, n), j.view(b, n)
     return p, d, j, d < max_dist
 
 
-def icp_align_torch(
+def icp_align(
     source: torch.Tensor,
     reference: torch.Tensor,
     max_dist: float = 0.05,
@@ -217,18 +145,17 @@ def icp_align_torch(
     reference_normals: torch.Tensor | None = None,
     method: str = "plane",
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """:func:`icp_align` in torch on the points' device: the 4×4 transform (float64, that device)
-    taking ``source`` (N×3) onto ``reference`` (M×3), and fit stats (fitness, rmse).
+    """The 4×4 rigid transform (float64, on the points' device) taking ``source`` (N×3) onto
+    ``reference`` (M×3), and fit stats (fitness, rmse).
 
     Every start is one element of a batch: each iteration moves all of them, finds their
-    correspondences in one :func:`workers.geometry.knn` call (exact, float64), and takes one
-    step per start; a start that stops (fewer than 6 correspondences, or a step of norm
-    ``< 1e-7``, the rules of :func:`icp_align`) is frozen while the others go on, so each start
-    ends where its own numpy run would. The winner: highest fitness rounded to 3 decimals, then
-    lowest inlier RMSE, the first start on ties (as :func:`icp_align`). Python loops run over
-    iterations only; the host reads one flag per iteration and the final stats.
+    correspondences in one kNN call (exact, float64), and takes one step per start; a start that
+    stops (fewer than 6 correspondences, or a step of norm ``< 1e-7``) is frozen while the others
+    go on, so each start ends where it would alone. The winner: highest fitness rounded to 3
+    decimals, then lowest inlier RMSE, the first start on ties. Python loops run over iterations
+    only; the host reads one flag per iteration and the final stats.
 
-    ``method``: ``"plane"`` (default, what :func:`icp_align` and the scorer use): the linearized
+    ``method``: ``"plane"`` (default, what the scorer uses): the linearized
     point-to-plane step against the reference's PCA normals (``reference_normals``, else computed:
     16 nearest neighbours), solved by the same minimum-norm least squares as ``numpy.linalg.lstsq``;
     ``"point"``: point-to-point ICP, the closed-form Kabsch step (SVD of the 3×3 cross-covariance,

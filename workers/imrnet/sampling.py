@@ -16,10 +16,9 @@
 Everything is vectorized over points (numpy / scipy KD-tree / torch); the only Python loops run
 over the *picks* of farthest point sampling, which is inherently sequential. Device: given torch
 tensors, :func:`local_geometry`, :func:`geometry_rates`, :func:`fps` and the GPS / grouping steps
-run on the tensors' device (neighbours by ``workers.geometry.knn``, picks by
-``workers.geometry.farthest_point_sample``); given numpy arrays, the neighbour search stays on
-scipy's KD-tree, which on a CPU is ~10× faster than torch's brute force / grid search (8192
-points, k = 16, one thread: 0.03 s vs 0.34 s) and gives the same neighbours.
+run on the tensors' device (neighbours by ``workers.components.knn``: scipy's KD-tree on a CPU,
+~10× faster there than torch's brute force / grid search (8192 points, k = 16, one thread: 0.03 s
+vs 0.34 s), ``workers.geometry.knn`` on a GPU; picks by ``workers.geometry.farthest_point_sample``).
 
 Choices where the paper is vague (all documented at the function that makes them):
 
@@ -47,9 +46,9 @@ from typing import Literal
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
 from workers import geometry
+from workers.components.knn import knn
 
 Sampler = Literal["gps", "fps", "random"]
 SAMPLERS: tuple[str, ...] = ("gps", "fps", "random")
@@ -78,11 +77,7 @@ def local_geometry(
     if pts.ndim != 2 or pts.shape[1] != 3:
         raise ValueError(f"points must be N×3, got {tuple(pts.shape)}")
     k = int(min(max(k, 3), n))
-    if as_numpy:
-        dist_np, idx_np = cKDTree(pts.numpy()).query(pts.numpy(), k=k)
-        dist, idx = torch.from_numpy(dist_np), torch.from_numpy(idx_np)
-    else:
-        dist, idx = geometry.knn(pts, pts, k)
+    dist, idx = knn(pts, pts, k)
     nb = pts[idx]  # N×k×3
     centred = nb - nb.mean(dim=1, keepdim=True)
     cov = torch.einsum("nki,nkj->nij", centred, centred) / k

@@ -1,115 +1,5 @@
-"""The ``imrnet`` scorer: IMRNet (Li et al., "Towards Scalable 3D Anomaly Detection and
-Localization: A Benchmark via 3D Anomaly Synthesis and A Self-Supervised Learning Network",
-CVPR 2024) behind the :class:`workers.scorer.Scorer` interface.
-
-fit (good parts of one product)
-    1. Normalization: every cloud is centred on its centroid and divided by one product scale,
-       the mean over the training clouds of their largest radius (the product's clouds sit in the
-       unit sphere as in pretraining; a defect that changes a part's extent does not rescale it).
-       ``n_points`` farthest-point reductions per cloud, with different seeds.
-    2. Pose (``align="icp"``, not in the paper, see ``workers.imrnet.align``): every cloud is
-       registered to the first good cloud, because the network embeds absolute centre positions.
-    3. Fine-tuning (Sec. 5.3): from the shipped pretrained weights
-       (``workers/imrnet/pretrained/imrnet-small.safetensors``; absent or of other weight sizes,
-       fitting refuses unless ``allow_random_init`` (``--allow-random-init``) or ``pretrained="none"``;
-       other ``n_points`` / ``n_centers`` keep them), ``finetune_steps`` (100) AdamW steps of batch 8 at
-       lr 5e-4 with the masked-patch Chamfer loss (Eq. 12) on the ``finetune_samplings`` (8)
-       reductions of each good cloud, centres by ``sampler`` (GPS, Sec. 4.1), mask ratio
-       ``mask_ratio``, augmentation ``aug_*`` (``workers.imrnet.training``). ~1–2 min per
-       product on 2 CPU cores.
-    4. Feature template (Sec. 4.3): the DFC features (decoder layers 1–3) of every patch of
-       ``template_samplings`` (4) reductions of each good cloud.
-    5. τ of the template regularization: the ``template_quantile`` quantile of the drift
-       ``‖F_o − ẑ‖`` of the good clouds' reconstructions (see score step 4).
-    6. ``reference="patch"``: for every template patch, the training phase's own A_p and A_f
-       (see score steps 3–4): the "comparison scores of its corresponding patches, computed
-       directly from the training phase" of Sec. 4.3, which the test scores are taken relative to.
-    7. Score normalization: mean and standard deviation of the A_p and A_f maps of the good
-       clouds (a reduction not used for the template).
-
-score (one part), Algorithm 1 then DFC (Sec. 4.3)
-    1. Reduce the cloud to ``n_points`` by farthest point sampling (the fixed-size input the
-       network expects; clouds with fewer points are padded by repetition), register it (step 2
-       of fit), pick ``n_centers`` centres with ``sampler``, group ``group_size``-NN patches
-       (Eqs. 7–8).
-    2. Iterative mask reconstruction (Algorithm 1), ``iterations`` (I = 3) rounds: mask a
-       fraction ``mask_ratio`` of the *current* patches, predict them from the visible ones and
-       put the predictions in their place (``P = P_pre ⊕ P_vis``); the centres stay fixed. Which
-       patches: ``test_mask="cover"`` (default) walks a seeded random permutation of the patches,
-       ``mask_ratio · n`` per round, so that with ``mask_ratio · I ≥ 1`` every patch is masked and
-       restored at least once (the paper wants the anomalous parts masked and restored; independent
-       random masks would leave ``(1 − m)^I`` = 22 % of the patches untouched at m = 0.4, I = 3);
-       ``"random"`` draws an independent random mask per round.
-    3. Point level A_p (Eqs. 13–15): ``point_score="patch"`` (default): the L2 Chamfer distance
-       between each input patch and its restored version, a point's score the mean over the
-       patches holding it (points in no patch: inverse-distance weights of the 3 nearest centres);
-       ``"knn"``: per reduced point, the Chamfer distance between its ``point_k`` nearest input
-       points and its nearest restored points (``point_k`` × the density ratio of the two sets).
-    4. Feature level A_f (Eqs. 16–19): decoder layers 1–3 of the input patches (F_i) and of the
-       restored patches (F_o), each layer layer-normed and concatenated. The "corresponding"
-       template vector ẑ_i of patch i (undefined in the paper without registration) is the
-       template vector nearest to F_i; where F_o,i drifted farther than τ from ẑ_i it is replaced
-       by ẑ_i (Eq. 19); ``A_f = ‖F_i − F_o‖``. Default ``template_quantile=0``: τ is the smallest
-       drift seen on the good clouds, so (nearly) every restored feature is regularized and
-       A_f ≈ ‖F_i − ẑ_i‖ (measured best on the synthetic benchmark, docs/results/imrnet.md).
-    5. ``reference="patch"``: each patch's A_p and A_f minus those of its corresponding template
-       patch (step 6 of fit).
-    6. Both maps are interpolated to every input point (inverse-distance weights over the 3
-       nearest reduced points), standardized by the good-part statistics (fit step 7) and combined
-       (Eq. 20, "concatenating two scores", read as a weighted sum:
-       ``point_weight · z(A_p) + feature_weight · z(A_f)``, defaults 0.5 and 1).
-    7. Object score: the mean of the highest ``object_top_fraction`` (1 %) of the point scores (a
-       maximum that one noisy point cannot set).
-
-Every random choice (reductions, centres, masks) comes from generators seeded with ``seed``, so a
-part scores the same every time and after a save / load round trip.
-
-Backends (``backends``, chosen by ``use_backend``): the network's two graphs (one round of
-Algorithm 1's reconstruction; the DFC features) run on ``torch-cpu`` (the module itself, the
-reference), ``torch-cuda`` (a copy of the network on the GPU), ``onnxruntime`` or ``tensorrt`` (the
-ONNX export of ``workers.imrnet.onnx_export``, kept under the actor's cache directory; TensorRT
-FP16 only where its outputs on example inputs stay within 1 % of torch's, else FP32). ``fit``
-always runs on torch-cpu (it trains the network); a non-CPU backend is set up again from the
-fitted weights afterwards.
-
-Geometry (everything in ``score`` around the network), chosen by ``geometry_impl`` (saved with the
-params): ``"numpy"``: normalization, FPS reduction, ICP (``workers.imrnet.align.icp_align``,
-scipy KD-tree), GPS rates (scipy KD-tree), patch-to-point maps, interpolation (scipy KD-tree),
-standardization and object score in numpy on the CPU; centre sampling, grouping, Chamfer and
-template search in torch on the CPU; on torch-cuda the network's inputs are uploaded and its
-outputs read back per call. ``"torch"``: all of it in torch on the scorer's ``device`` (the GPU
-for ``torch-cuda``, else the CPU): the frame's points (``PreparedCloud.device_points`` when
-preprocessing already put them there, else uploaded once) are normalized (float64), reduced by
-``workers.geometry.farthest_point_sample``, registered by ``icp_align_torch`` (the same
-point-to-plane ICP, all starts batched, neighbours by ``workers.geometry.knn``), sampled and
-grouped (``workers.imrnet.sampling`` on device tensors), fed to the network on the device
-(``torch-cuda``: the GPU module is called directly, no host round trip), compared, mapped to
-points and interpolated (``workers.geometry.knn``, float64), standardized; only the point scores
-(M float32) and the object score come back. The random draws (reduction start, centres' FPS
-starts, masks) still come from the CPU generators seeded with ``seed`` and are moved to the
-device, so both implementations make the same choices. ``"auto"`` (default): ``torch`` on
-``torch-cuda``, ``numpy`` otherwise (torch-cpu, onnxruntime, tensorrt): on a CPU the KD-trees
-are faster (default sizes, a ~28 000-point voxelized box, one thread: numpy 0.5–0.7 s per part,
-torch 1.5–1.9 s, most of it the ICP's neighbour searches), and the results in
-docs/results/imrnet.md were measured with the numpy path, which ``auto`` keeps bit for bit on a
-CPU. The two agree: on that box (poses 0°, 7°, −5° with a bump) and on the tests' small boxes the
-point scores are equal and the object scores within 1e-6 (tests/test_imrnet_device.py).
-``fit`` uses torch (on CPU tensors) only for ``geometry_impl="torch"``; ``auto`` fits with numpy.
-
-Timings (``ScoreResult.timings``, seconds): ``reduce`` (normalization, FPS reduction, ICP
-registration), ``sample`` (GPS centres, kNN patches), ``reconstruct`` (the network's Algorithm 1
-rounds), ``dfc`` (the network's DFC features of input and restored patches), ``template_search``
-(nearest template vector per patch), ``compare`` (Chamfer A_p, reference subtraction,
-interpolation to every point), ``combine`` (standardization, object score).
-
-CPU defaults: the network of ``IMRNetConfig`` small (width 128, 4 encoder / 3 decoder layers,
-32-point patches, pretrained at 2048 points × 128 centres and shipped), run on a 4096-point
-reduction with 256 centres: the same weights, patches half the area. Why: the reconstruction
-error of the small network is about the size of the defects, so finer patches matter; on the
-synthetic anomaly-shapenet benchmark 4096 × 256 raised the mean I-AUROC from 0.722 (2048 × 128)
-to 0.840 at about twice the scoring cost (docs/results/imrnet.md). ``n_points=8192,
-n_centers=256, group_size=64, dim=384, heads=6, enc_depth=12, dec_depth=4`` are the paper's
-sizes (no shipped pretrained weights for them).
+"""The ``imrnet`` scorer: IMRNet (Li et al., CVPR 2024) behind the :class:`workers.base.Scorer`
+interface. Design, paper sections, choices and measurements: docs/design/imrnet.md.
 """
 
 from __future__ import annotations
@@ -118,108 +8,59 @@ import copy
 import logging
 import math
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy.spatial import cKDTree
 
-from workers import geometry
 from workers.backends import NetworkRunner, TorchRunner
-from workers.imrnet.align import apply, icp_align, icp_align_torch, rotation_deg
+from workers.base import Scorer, ScoreResult
+from workers.components.knn import knn
+from workers.imrnet.align import apply, icp_align, rotation_deg
+from workers.imrnet.fitting import CONFIG_KEYS, fit_model
 from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
-from workers.imrnet.sampling import SAMPLERS, geometry_rates, group_patches, local_geometry, sample_centers
+from workers.imrnet.params import IMRNetParams
+from workers.imrnet.sampling import geometry_rates, group_patches, local_geometry, sample_centers
+from workers.imrnet.torch_model import IMRNetModel
 from workers.imrnet.training import (
     GEOMETRY_K,
-    TrainSettings,
-    load_pretrained,
-    load_weights,
-    pool_from_clouds,
     reduce_points,
-    train,
-    weights_to_tensors,
 )
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
 
 log = logging.getLogger("inspectd.imrnet")
 
-PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
-DEFAULT_PRETRAINED = PRETRAINED_DIR / "imrnet-small.safetensors"
 MIN_POINTS = 10
-TEST_MASKS = ("cover", "random")
-REFERENCES = ("patch", "none")
-POINT_SCORES = ("patch", "knn")
-ALIGNS = ("icp", "none")
-GEOMETRY_IMPLS = ("auto", "numpy", "torch")
-_CONFIG_KEYS = ("n_points", "n_centers", "group_size", "dim", "heads", "enc_depth", "dec_depth", "mlp_ratio",
-                "embed_hidden")
-_TOKEN_KEYS = ("n_points", "n_centers")
-"""Sizes that set how many points / tokens the network sees, not the shape of any weight."""
 
 
-def _np(x: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A host numpy array of ``x`` (``x`` itself when it already is one)."""
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x
-
-
-def idw_interpolate(
-    src: np.ndarray | torch.Tensor, values: np.ndarray | torch.Tensor, dst: np.ndarray | torch.Tensor, k: int = 3
-) -> np.ndarray | torch.Tensor:
-    """Values at ``dst`` (M×3) by inverse-distance weighting of the ``k`` nearest ``src`` points.
-
-    numpy in: scipy's KD-tree, numpy float32 out. Tensors in: ``workers.geometry.knn`` on their
-    device (float64, as the KD-tree), a float32 tensor out there.
-    """
+def idw_interpolate(src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, k: int = 3) -> torch.Tensor:
+    """Values at ``dst`` (M×3) by inverse-distance weighting of the ``k`` nearest ``src`` points
+    (float64 arithmetic on their device), float32 out."""
     k = min(k, len(src))
-    if isinstance(src, torch.Tensor):
-        d, i = geometry.knn(src.double(), dst.double(), k)
-        w = 1.0 / d.clamp(min=1e-8)
-        return ((values.double()[i] * w).sum(dim=1) / w.sum(dim=1)).float()
-    d, i = cKDTree(src).query(dst, k=k)
-    if k == 1:
-        d, i = d[:, None], i[:, None]
-    w = 1.0 / np.maximum(d, 1e-8)
-    return ((values[i] * w).sum(axis=1) / w.sum(axis=1)).astype(np.float32)
+    d, i = knn(src.double(), dst.double(), k)
+    w = 1.0 / d.clamp(min=1e-8)
+    return ((values.double()[i] * w).sum(dim=1) / w.sum(dim=1)).float()
 
 
-def patches_to_points(
-    values: np.ndarray | torch.Tensor,
-    members: np.ndarray | torch.Tensor,
-    points: np.ndarray | torch.Tensor,
-    centers: np.ndarray | torch.Tensor,
-) -> np.ndarray | torch.Tensor:
+def patches_to_points(values: torch.Tensor, members: torch.Tensor, points: torch.Tensor, centers: torch.Tensor
+                      ) -> torch.Tensor:
     """Per-patch values (n,) → per point (N,): the mean over the patches holding the point.
 
     ``members`` (n×k) are the patches' point indices into ``points`` (N×3); a point in no patch gets
-    the inverse-distance-weighted value of its 3 nearest patch centres. numpy in, numpy out;
-    tensors in (``values`` a tensor): computed on their device (sums in float64 as numpy's
-    ``bincount``; the centre interpolation is evaluated for every point and kept where no patch
-    holds it, so the host never has to count them), a float32 tensor out.
+    the inverse-distance-weighted value of its 3 nearest patch centres. Sums in float64; the
+    centre interpolation is evaluated for every point and kept where no patch holds it, so the
+    host never has to count them. A float32 tensor on the values' device.
     """
-    if isinstance(values, torch.Tensor):
-        n_pts = points.shape[0]
-        flat = members.reshape(-1)
-        counts = torch.bincount(flat, minlength=n_pts).double()
-        sums = torch.zeros(n_pts, dtype=torch.float64, device=values.device).index_add_(
-            0, flat, values.double().repeat_interleave(members.shape[1]))
-        mean = (sums / counts.clamp(min=1.0)).float()
-        fill = idw_interpolate(centers, values.float(), points)
-        return torch.where(counts > 0, mean, fill)
-    n_pts = len(points)
+    n_pts = points.shape[0]
     flat = members.reshape(-1)
-    counts = np.bincount(flat, minlength=n_pts).astype(np.float64)
-    sums = np.bincount(flat, weights=np.repeat(np.asarray(values, dtype=np.float64), members.shape[1]),
-                       minlength=n_pts)
-    out = np.empty(n_pts, dtype=np.float32)
-    covered = counts > 0
-    out[covered] = sums[covered] / counts[covered]
-    if not covered.all():
-        out[~covered] = idw_interpolate(centers, np.asarray(values, dtype=np.float32), points[~covered])
-    return out
+    counts = torch.bincount(flat, minlength=n_pts).double()
+    sums = torch.zeros(n_pts, dtype=torch.float64, device=values.device).index_add_(
+        0, flat, values.double().repeat_interleave(members.shape[1]))
+    mean = (sums / counts.clamp(min=1.0)).float()
+    fill = idw_interpolate(centers, values.float(), points)
+    return torch.where(counts > 0, mean, fill)
 
 
 def nearest_sq_dist(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +76,6 @@ def nearest_sq_dist(query: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) 
     return torch.cat(ds), torch.cat(ids)
 
 
-@register
 class IMRNetScorer(Scorer):
     """IMRNet: GPS + masked point-patch reconstruction + iterative restoration + DFC."""
 
@@ -244,99 +84,13 @@ class IMRNetScorer(Scorer):
     score_domain = "real"  # standardized by good-part statistics: good parts score around 0, some below
     backends = ("torch-cpu", "torch-cuda", "onnxruntime", "tensorrt")
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        n_points: int = 4096,
-        n_centers: int = 256,
-        group_size: int = 32,
-        dim: int = 128,
-        heads: int = 4,
-        enc_depth: int = 4,
-        dec_depth: int = 3,
-        mlp_ratio: float = 4.0,
-        embed_hidden: int = 64,
-        sampler: str = "gps",
-        tau: float = 0.3,
-        density_ratio: float = 2.0,
-        mask_ratio: float = 0.4,
-        iterations: int = 3,
-        test_mask: str = "cover",
-        finetune_steps: int = 100,
-        finetune_lr: float = 5e-4,
-        batch_size: int = 8,
-        finetune_samplings: int = 8,
-        aug_rotate_deg: float = 3.0,
-        aug_scale: float = 0.03,
-        aug_jitter: float = 0.002,
-        template_samplings: int = 4,
-        template_quantile: float = 0.0,
-        template_regularization: bool = True,
-        point_k: int = 16,
-        point_weight: float = 0.5,
-        feature_weight: float = 1.0,
-        object_top_fraction: float = 0.01,
-        point_score: str = "patch",
-        reference: str = "patch",
-        align: str = "icp",
-        pretrained: str = "auto",
-        seed: int = 0,
-        geometry_impl: str = "auto",
-    ) -> None:
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-        if test_mask not in TEST_MASKS:
-            raise ValueError(f"test_mask must be one of {TEST_MASKS}, got {test_mask!r}")
-        if reference not in REFERENCES or align not in ALIGNS or point_score not in POINT_SCORES:
-            raise ValueError(f"reference must be one of {REFERENCES}, align one of {ALIGNS}, "
-                             f"point_score one of {POINT_SCORES}")
-        if geometry_impl not in GEOMETRY_IMPLS:
-            raise ValueError(f"geometry_impl must be one of {GEOMETRY_IMPLS}, got {geometry_impl!r}")
-        if iterations < 1 or not 0.0 < mask_ratio < 1.0 or not 0.0 < object_top_fraction <= 1.0:
-            raise ValueError("need iterations >= 1, 0 < mask_ratio < 1 and 0 < object_top_fraction <= 1")
-        if point_k < 1 or finetune_steps < 0 or finetune_samplings < 1 or template_samplings < 1:
-            raise ValueError("point_k, finetune_samplings, template_samplings must be >= 1, finetune_steps >= 0")
-        self.voxel_size = float(voxel_size)
-        self.config = IMRNetConfig(n_points=int(n_points), n_centers=int(n_centers), group_size=int(group_size),
-                                   dim=int(dim), heads=int(heads), enc_depth=int(enc_depth),
-                                   dec_depth=int(dec_depth), mlp_ratio=float(mlp_ratio),
-                                   embed_hidden=int(embed_hidden))
-        self.sampler = sampler
-        self.tau = float(tau)
-        self.density_ratio = float(density_ratio)
-        self.mask_ratio = float(mask_ratio)
-        self.iterations = int(iterations)
-        self.test_mask = test_mask
-        self.finetune_steps = int(finetune_steps)
-        self.finetune_lr = float(finetune_lr)
-        self.batch_size = int(batch_size)
-        self.finetune_samplings = int(finetune_samplings)
-        self.aug_rotate_deg = float(aug_rotate_deg)
-        self.aug_scale = float(aug_scale)
-        self.aug_jitter = float(aug_jitter)
-        self.template_samplings = int(template_samplings)
-        self.template_quantile = float(template_quantile)
-        self.template_regularization = bool(template_regularization)
-        self.point_k = int(point_k)
-        self.point_weight = float(point_weight)
-        self.feature_weight = float(feature_weight)
-        self.object_top_fraction = float(object_top_fraction)
-        self.point_score = point_score
-        self.reference = reference
-        self.align = align
-        self.pretrained = str(pretrained)
-        self.seed = int(seed)
-        self.geometry_impl = geometry_impl
-        self.model: IMRNet | None = None
-        self.template: torch.Tensor | None = None
-        self.template_tau = float("inf")
-        self.template_ref: torch.Tensor | None = None
-        """Per template vector: the training phase's (A_p, A_f) of its patch (``reference="patch"``)."""
-        self.align_reference: np.ndarray | None = None
-        """The reduced first good cloud, the pose every cloud is registered to (``align="icp"``)."""
-        self.norm_scale = 1.0
-        self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
-        """mean and std of A_p, then of A_f, over the good training clouds."""
+    Params = IMRNetParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.config = IMRNetConfig(**{k: getattr(self.hparams, k) for k in CONFIG_KEYS})
+        self.state: IMRNetModel | None = None
+        """The network with its template, reference scores and pose, statistics (``torch_model``)."""
         self.fit_info: dict[str, Any] = {}
         self.train_checkpoint: Path | None = None
         """Where ``fit`` keeps a resumable fine-tuning state (``inspectd train``); None: none."""
@@ -350,71 +104,81 @@ class IMRNetScorer(Scorer):
 
     # -- state ---------------------------------------------------------------------------------
 
-    def params(self) -> dict[str, Any]:
-        cfg = self.config
-        return {
-            "voxel_size": self.voxel_size,
-            **{k: getattr(cfg, k) for k in _CONFIG_KEYS},
-            "sampler": self.sampler,
-            "tau": self.tau,
-            "density_ratio": self.density_ratio,
-            "mask_ratio": self.mask_ratio,
-            "iterations": self.iterations,
-            "test_mask": self.test_mask,
-            "finetune_steps": self.finetune_steps,
-            "finetune_lr": self.finetune_lr,
-            "batch_size": self.batch_size,
-            "finetune_samplings": self.finetune_samplings,
-            "aug_rotate_deg": self.aug_rotate_deg,
-            "aug_scale": self.aug_scale,
-            "aug_jitter": self.aug_jitter,
-            "template_samplings": self.template_samplings,
-            "template_quantile": self.template_quantile,
-            "template_regularization": self.template_regularization,
-            "point_k": self.point_k,
-            "point_weight": self.point_weight,
-            "feature_weight": self.feature_weight,
-            "object_top_fraction": self.object_top_fraction,
-            "point_score": self.point_score,
-            "reference": self.reference,
-            "align": self.align,
-            "pretrained": self.pretrained,
-            "seed": self.seed,
-            "geometry_impl": self.geometry_impl,
-        }
-
     def tensors(self) -> dict[str, np.ndarray]:
-        if self.model is None or self.template is None:
+        if not self.fitted:
             raise RuntimeError("imrnet is not fitted: nothing to save")
-        out = {k: v.numpy() for k, v in weights_to_tensors(self.model).items()}
-        out["template"] = self.template.numpy()
-        out["scalars"] = np.array([self.norm_scale, self.template_tau], dtype=np.float64)
-        out["score_stats"] = self.stats.astype(np.float64)
-        if self.template_ref is not None:
-            out["template_ref"] = self.template_ref.numpy()
-        if self.align_reference is not None:
-            out["align_reference"] = np.asarray(self.align_reference, dtype=np.float32)
-        return out
+        assert self.state is not None
+        return self.state.tensors()
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> IMRNetScorer:
-        for key in ("template", "scalars", "score_stats"):
-            if key not in tensors:
-                raise ValueError(f"imrnet state has no {key!r} tensor")
         scorer = cls(**params)
-        model = IMRNet(scorer.config)
-        load_weights(model, tensors)
-        model.eval()
-        scorer.model = model
-        scorer.template = torch.from_numpy(np.ascontiguousarray(tensors["template"], dtype=np.float32))
-        scorer.norm_scale = float(tensors["scalars"][0])
-        scorer.template_tau = float(tensors["scalars"][1])
-        scorer.stats = np.asarray(tensors["score_stats"], dtype=np.float64)
-        if "template_ref" in tensors:
-            scorer.template_ref = torch.from_numpy(np.ascontiguousarray(tensors["template_ref"], dtype=np.float32))
-        if "align_reference" in tensors:
-            scorer.align_reference = np.ascontiguousarray(tensors["align_reference"], dtype=np.float32)
+        scorer.state = IMRNetModel.from_tensors(tensors, scorer.config)
         return scorer
+
+    def _model(self) -> IMRNetModel:
+        if self.state is None:
+            self.state = IMRNetModel()
+        return self.state
+
+    # the fitted state, read and written through the torch model's buffers
+
+    @property
+    def model(self) -> IMRNet | None:
+        return None if self.state is None else self.state.net
+
+    @model.setter
+    def model(self, net: IMRNet) -> None:
+        self._model().net = net
+
+    @property
+    def template(self) -> torch.Tensor | None:
+        return None if self.state is None or not self.state.template.numel() else self.state.template
+
+    @template.setter
+    def template(self, t: torch.Tensor) -> None:
+        self._model().template = t
+
+    @property
+    def template_ref(self) -> torch.Tensor | None:
+        return None if self.state is None or not self.state.template_ref.numel() else self.state.template_ref
+
+    @template_ref.setter
+    def template_ref(self, t: torch.Tensor | None) -> None:
+        self._model().template_ref = torch.zeros(0) if t is None else t
+
+    @property
+    def align_reference(self) -> torch.Tensor | None:
+        ref = None if self.state is None else self.state.align_reference
+        return ref if ref is not None and ref.numel() else None
+
+    @align_reference.setter
+    def align_reference(self, ref: np.ndarray | torch.Tensor | None) -> None:
+        self._model().align_reference = torch.zeros(0) if ref is None else torch.as_tensor(ref, dtype=torch.float32)
+
+    @property
+    def stats(self) -> np.ndarray:
+        return self._model().score_stats.cpu().numpy()
+
+    @stats.setter
+    def stats(self, values: np.ndarray) -> None:
+        self._model().score_stats = torch.as_tensor(np.asarray(values, dtype=np.float64))
+
+    @property
+    def norm_scale(self) -> float:
+        return float(self._model().scalars[0])
+
+    @norm_scale.setter
+    def norm_scale(self, value: float) -> None:
+        self._model().scalars[0] = float(value)
+
+    @property
+    def template_tau(self) -> float:
+        return float(self._model().scalars[1])
+
+    @template_tau.setter
+    def template_tau(self, value: float) -> None:
+        self._model().scalars[1] = float(value)
 
     @property
     def fitted(self) -> bool:
@@ -435,16 +199,8 @@ class IMRNetScorer(Scorer):
 
     @property
     def device(self) -> torch.device:
-        """Where the geometry of ``score`` runs on the torch path: the GPU for ``torch-cuda``, else the CPU."""
+        """Where the geometry of ``score`` runs: the GPU for ``torch-cuda``, else the CPU."""
         return torch.device("cuda" if self.backend == "torch-cuda" else "cpu")
-
-    @property
-    def geometry_mode(self) -> str:
-        """The geometry implementation ``score`` uses: ``geometry_impl``, ``auto`` resolved by the
-        backend (``torch`` on ``torch-cuda``, ``numpy`` otherwise)."""
-        if self.geometry_impl != "auto":
-            return self.geometry_impl
-        return "torch" if self.backend == "torch-cuda" else "numpy"
 
     def _on(self, name: str, device: torch.device) -> torch.Tensor | None:
         """The fitted tensor ``name`` (``template``, ``template_ref``, ``align_reference``) on
@@ -520,13 +276,10 @@ class IMRNetScorer(Scorer):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def _normalize(self, points: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    def _normalize(self, points: torch.Tensor) -> torch.Tensor:
         """Centred on the centroid, divided by the product scale (float64), float32 out."""
-        if isinstance(points, torch.Tensor):
-            p = points.double()
-            return ((p - p.mean(dim=0)) / self.norm_scale).float()
-        pts = np.asarray(points, dtype=np.float64)
-        return ((pts - pts.mean(axis=0)) / self.norm_scale).astype(np.float32)
+        p = points.double()
+        return ((p - p.mean(dim=0)) / self.norm_scale).float()
 
     def _device_points(self, cloud: PreparedCloud) -> torch.Tensor:
         """``cloud``'s points on the geometry device (``device_points`` when already there), checked."""
@@ -552,66 +305,18 @@ class IMRNetScorer(Scorer):
     def _gen(self, *salt: int) -> torch.Generator:
         return torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *salt]).generate_state(1)[0]))
 
-    def _patches(
-        self, reduced: np.ndarray | torch.Tensor, gen: torch.Generator, rates: np.ndarray | torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Patches (n×k×3), centres (n×3) and member indices (n×k) of one reduced, normalized cloud.
-
-        numpy in: GPS rates by scipy's KD-tree; a tensor in: everything on its device (rates in float64).
-        """
-        if isinstance(reduced, torch.Tensor):
-            r_t = None
-            if self.sampler == "gps":
-                r_t = rates if isinstance(rates, torch.Tensor) else geometry_rates(reduced.double(), GEOMETRY_K)
-            cidx = sample_centers(self.sampler, reduced, self.config.n_centers, r_t, self.tau, self.density_ratio,
-                                  gen)
-            return group_patches(reduced, cidx, self.config.group_size)
-        pts = torch.from_numpy(reduced)
-        r = None
-        if self.sampler == "gps":
-            r = torch.from_numpy(rates if rates is not None else geometry_rates(reduced, GEOMETRY_K))
-        cidx = sample_centers(self.sampler, pts, self.config.n_centers, r, self.tau, self.density_ratio, gen)
-        return group_patches(pts, cidx, self.config.group_size)
-
-    def _random_init_allowed(self, why: str) -> None:
-        """Fine-tuning from random weights gives a much weaker model: refuse unless allowed."""
-        if not self.allow_random_init:
-            raise ValueError(f"imrnet: {why}; refusing to fine-tune from a random initialization. Train the "
-                             "weights (`inspectd train --scorer imrnet --pretrain`), point `pretrained` at them, "
-                             "or pass --allow-random-init (or pretrained='none') to accept a random start")
-        warnings.warn(f"imrnet: {why}; fine-tuning from a random initialization (allowed)", stacklevel=4)
-
-    def _initial_model(self) -> tuple[IMRNet, str]:
-        path = None
-        if self.pretrained == "auto":
-            path = DEFAULT_PRETRAINED
-        elif self.pretrained not in ("", "none"):
-            path = Path(self.pretrained)
-        if path is None:
-            return IMRNet(self.config), "none (random init, pretrained='none')"
-        if not path.is_file():
-            self._random_init_allowed(f"no pretrained weights at {path}")
-            return IMRNet(self.config), "none (missing file)"
-        model, meta = load_pretrained(path)
-        if any(getattr(model.config, k) != getattr(self.config, k) for k in _CONFIG_KEYS if k not in _TOKEN_KEYS):
-            self._random_init_allowed(f"pretrained weights {path} have other sizes ({model.config})")
-            return IMRNet(self.config), "none (size mismatch)"
-        if model.config != self.config:  # same weights, other point / centre counts: start from them
-            resized = IMRNet(self.config)
-            resized.load_state_dict(model.state_dict())
-            return resized, f"{path} (pretrained at {model.config.n_points} points × {model.config.n_centers} centres)"
-        return model, str(path)
+    def _patches(self, reduced: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Patches (n×k×3), centres (n×3) and member indices (n×k) of one reduced, normalized cloud,
+        on its device (GPS rates in float64)."""
+        rates = geometry_rates(reduced.double(), GEOMETRY_K) if self.sampler == "gps" else None
+        cidx = sample_centers(self.sampler, reduced, self.config.n_centers, rates, self.tau, self.density_ratio, gen)
+        return group_patches(reduced, cidx, self.config.group_size)
 
     # -- fit -----------------------------------------------------------------------------------
 
-    def _prepare(
-        self, points: np.ndarray | torch.Tensor, *salt: int
-    ) -> tuple[np.ndarray | torch.Tensor, np.ndarray | torch.Tensor, dict[str, float]]:
-        """(normalized cloud, its ``n_points`` FPS reduction), both aligned when ``align="icp"``.
-
-        numpy in: numpy + scipy ICP (``icp_align``); a tensor in: all on its device
-        (``icp_align_torch``, point-to-plane as the numpy one).
-        """
+    def _prepare(self, points: torch.Tensor, *salt: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+        """(normalized cloud, its ``n_points`` FPS reduction), both aligned when ``align="icp"``, on
+        the device of ``points``."""
         normed = self._normalize(points)
         reduced = normed[reduce_points(normed, self.config.n_points, self._gen(*salt))]
         info: dict[str, float] = {}
@@ -621,109 +326,15 @@ class IMRNetScorer(Scorer):
             info["rotation_deg"] = rotation_deg(t)
         return normed, reduced, info
 
-    def _icp(self, reduced: np.ndarray | torch.Tensor) -> tuple[np.ndarray | torch.Tensor, dict[str, float]]:
-        """The transform registering ``reduced`` to ``align_reference`` (numpy or on the tensor's device)."""
-        if isinstance(reduced, torch.Tensor):
-            ref = self._on("align_reference", reduced.device)
-            assert ref is not None
-            return icp_align_torch(reduced, ref, reference_normals=self._device_cache["align_normals"][2])
-        assert self.align_reference is not None
-        return icp_align(reduced, self.align_reference)
+    def _icp(self, reduced: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The transform registering ``reduced`` to ``align_reference``, on the tensor's device."""
+        ref = self._on("align_reference", reduced.device)
+        assert ref is not None
+        return icp_align(reduced, ref, reference_normals=self._device_cache["align_normals"][2])
 
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
-        """Fine-tune and build the template on good parts (the module docstring's fit steps).
-
-        Runs on the CPU. Geometry: the numpy path, or torch on CPU tensors when
-        ``geometry_impl="torch"`` (``auto`` means numpy here: on a CPU scipy's KD-tree is faster).
-        """
-        from tqdm import tqdm
-
-        if len(clouds) == 0:
-            raise ValueError("imrnet needs at least one good training cloud")
-        model, source = self._initial_model()  # first: missing pretrained weights refuse before any work
-        self._runners = None  # fit trains and measures on the torch module itself
-        t0 = time.perf_counter()
-        raw = [self._check(c).astype(np.float64) for c in clouds]
-        as_tensor = self.geometry_impl == "torch"
-        radii = [float(np.linalg.norm(p - p.mean(axis=0), axis=1).max()) for p in raw]
-        self.norm_scale = float(np.mean(radii)) if np.mean(radii) > 0 else 1.0
-        n_red = max(self.finetune_samplings, self.template_samplings) + 1  # the last one: score stats
-        self.align_reference = None
-        normed: list[Any] = []
-        reduced: list[list[Any]] = []
-        for i, p in enumerate(tqdm(raw, desc="imrnet reduce", disable=not progress, leave=False)):
-            nm = self._normalize(torch.from_numpy(p) if as_tensor else p)
-            rs = [nm[reduce_points(nm, self.config.n_points, self._gen(1, i, j))] for j in range(n_red)]
-            if self.align == "icp":
-                if self.align_reference is None:
-                    self.align_reference = _np(rs[0])  # the first good part's pose is the product's reference
-                else:
-                    t, _ = self._icp(rs[0])
-                    nm, rs = apply(t, nm), [apply(t, r) for r in rs]
-            normed.append(nm)
-            reduced.append(rs)
-        pool = pool_from_clouds([_np(r) for rs in reduced for r in rs[: self.finetune_samplings]])
-        t1 = time.perf_counter()
-
-        settings = TrainSettings.finetune(
-            steps=self.finetune_steps, lr=self.finetune_lr, batch_size=self.batch_size, mask_ratio=self.mask_ratio,
-            sampler=self.sampler, tau=self.tau, density_ratio=self.density_ratio,
-            aug_rotate_deg=self.aug_rotate_deg, aug_scale=self.aug_scale, aug_jitter=self.aug_jitter, seed=self.seed,
-        )
-        summary = {"final_loss": float("nan"), "seconds": 0.0}
-        if self.finetune_steps > 0:
-            if self.train_checkpoint is not None:
-                settings.checkpoint_every = 50
-            summary = train(model, pool, settings, progress=progress, checkpoint=self.train_checkpoint,
-                            resume=self.train_resume, desc="imrnet fine-tune")
-        model.eval()
-        self.model = model
-        t2 = time.perf_counter()
-
-        # template (Sec. 4.3): features of every patch of template_samplings reductions per cloud
-        feats, patches = [], []
-        with torch.inference_mode():
-            for i, rs in enumerate(reduced):
-                for j in range(self.template_samplings):
-                    gen = self._gen(2, i, j)
-                    neigh, centers, members = self._patches(rs[j], gen)
-                    patches.append((rs[j], neigh, centers, members, gen))
-                    feats.append(model.features(neigh[None], centers[None])[0])
-        template = torch.cat(feats)
-        self.template = template.contiguous()
-        # τ of Eq. 19: the template_quantile quantile of the drift of good reconstructions
-        self.template_tau = float("inf")
-        self.template_ref = None
-        drifts = []
-        for i, rs in enumerate(reduced):
-            gen = self._gen(3, i)
-            neigh, centers, members = self._patches(rs[-1], gen)
-            drifts.append(_np(self._compare(rs[-1], neigh, centers, members, gen)[3]))
-        if self.template_quantile < 1.0:
-            self.template_tau = float(np.quantile(np.concatenate(drifts), self.template_quantile))
-        # the training phase's own comparison scores per template patch (reference="patch")
-        if self.reference == "patch":
-            refs = []
-            for red, neigh, centers, members, gen in patches:
-                ap, af, _, _ = (_np(x) for x in self._compare(red, neigh, centers, members, gen))
-                refs.append(torch.from_numpy(np.stack([ap[members.numpy()].mean(axis=1), af], axis=1)))
-            self.template_ref = torch.cat(refs).float().contiguous()
-        # score statistics on the good clouds (another reduction than the template's)
-        self.stats = np.array([0.0, 1.0, 0.0, 1.0], dtype=np.float64)
-        aps, afs = [], []
-        for i, rs in enumerate(reduced):
-            ap, af, _ = self._raw_scores(normed[i], rs[-1], self._gen(3, i))
-            aps.append(_np(ap))
-            afs.append(_np(af))
-        ap_all, af_all = np.concatenate(aps), np.concatenate(afs)
-        self.stats = np.array([float(ap_all.mean()), max(float(ap_all.std()), 1e-12), float(af_all.mean()),
-                               max(float(af_all.std()), 1e-12)], dtype=np.float64)
-        self.fit_info = {"pretrained": source, "finetune_loss": summary["final_loss"],
-                         "seconds": {"reduce": t1 - t0, "finetune": t2 - t1, "template": time.perf_counter() - t2},
-                         "template_size": int(template.shape[0]), "template_tau": self.template_tau}
-        log.info("imrnet fit: %s", self.fit_info)
-        if self.backend != "torch-cpu":
-            self._runners = self._make_runners(self.backend)
+        """Fine-tune and build the template on good parts (docs/design/imrnet.md, fit steps), on the CPU."""
+        fit_model(self, clouds, progress)
 
     # -- score ---------------------------------------------------------------------------------
 
@@ -756,40 +367,25 @@ class IMRNetScorer(Scorer):
             p[masked] = pred
         return p
 
-    def _point_scores(
-        self, reduced: np.ndarray | torch.Tensor, recon: np.ndarray | torch.Tensor
-    ) -> np.ndarray | torch.Tensor:
-        """A_p (Eqs. 13–15) at every reduced input point: Chamfer of its input and reconstructed kNN sets.
-
-        numpy in: neighbours by scipy's KD-tree; tensors in: by ``workers.geometry.knn`` (float64,
-        as the KD-tree) on their device, a tensor out.
-        """
+    def _point_scores(self, reduced: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """A_p (Eqs. 13–15) at every reduced input point: Chamfer of its input and reconstructed kNN
+        sets (neighbours in float64 on their device)."""
         cfg = self.config
         k_in = min(self.point_k, len(reduced))
         k_out = min(len(recon), max(1, round(self.point_k * cfg.n_centers * cfg.group_size / cfg.n_points)))
-        if isinstance(reduced, torch.Tensor):
-            red64 = reduced.double()
-            _, i_in_t = geometry.knn(red64, red64, k_in)
-            _, i_out_t = geometry.knn(recon.double(), red64, k_out)
-            return chamfer_l2(reduced[i_in_t], recon[i_out_t], reduce=False)
-        _, i_in = cKDTree(reduced).query(reduced, k=k_in)
-        _, i_out = cKDTree(recon).query(reduced, k=k_out)
-        i_in = i_in.reshape(len(reduced), k_in)
-        i_out = i_out.reshape(len(reduced), k_out)
-        a = torch.from_numpy(reduced[i_in])
-        b = torch.from_numpy(recon[i_out])
-        return chamfer_l2(a, b, reduce=False).numpy()
+        red64 = reduced.double()
+        _, i_in = knn(red64, red64, k_in)
+        _, i_out = knn(recon.double(), red64, k_out)
+        return chamfer_l2(reduced[i_in], recon[i_out], reduce=False)
 
     @torch.inference_mode()
     def _feature_scores(
         self, neigh: torch.Tensor, recon: torch.Tensor, centers: torch.Tensor, timings: dict[str, float] | None = None,
-        as_tensors: bool = False,
-    ) -> tuple[np.ndarray | torch.Tensor, torch.Tensor, np.ndarray | torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A_f (Eqs. 16–19) per patch, with template regularization of F_o.
 
-        Returns (A_f, index of each patch's corresponding template vector, drift ``‖F_o − ẑ‖``):
-        numpy A_f and drift, or with ``as_tensors`` tensors on the patches' device (the template is
-        searched there).
+        Returns (A_f, index of each patch's corresponding template vector, drift ``‖F_o − ẑ‖``), on
+        the patches' device (the template is searched there).
         The corresponding template vector ẑ_i of patch i is the template vector nearest to the
         patch's *input* feature F_i; where the reconstruction's feature F_o,i drifted farther than τ
         from it, F_o,i is replaced by ẑ_i (Eq. 19), so ``A_f = ‖F_i − F_o‖``.
@@ -810,54 +406,35 @@ class IMRNetScorer(Scorer):
         drift = (f_out - z_hat).norm(dim=1)
         if self.template_regularization:
             f_out = torch.where((drift > self.template_tau).unsqueeze(1), z_hat, f_out)
-        if as_tensors:
-            return (f_in - f_out).norm(dim=1), idx, drift
-        return (f_in - f_out).norm(dim=1).numpy(), idx, drift.numpy()
+        return (f_in - f_out).norm(dim=1), idx, drift
 
     def _compare(
-        self, reduced: np.ndarray | torch.Tensor, neigh: torch.Tensor, centers: torch.Tensor, members: torch.Tensor,
+        self, reduced: torch.Tensor, neigh: torch.Tensor, centers: torch.Tensor, members: torch.Tensor,
         gen: torch.Generator, timings: dict[str, float] | None = None,
-    ) -> tuple[Any, Any, torch.Tensor, Any]:
-        """Algorithm 1 then DFC on one reduced cloud.
-
-        Returns (A_p per reduced point, A_f per patch, corresponding template index per patch,
-        drift per patch): numpy arrays for a numpy ``reduced``, tensors on its device for a tensor.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Algorithm 1 then DFC on one reduced cloud: (A_p per reduced point, A_f per patch,
+        corresponding template index per patch, drift per patch), on its device."""
         t1 = time.perf_counter()
         recon = self.iterative_reconstruction(neigh, centers, gen)
         _sync(recon)
         t2 = time.perf_counter()
-        if isinstance(reduced, torch.Tensor):
-            if self.point_score == "patch":
-                ap_t = patches_to_points(chamfer_l2(neigh, recon, reduce=False), members, reduced, centers)
-            else:
-                ap_t = self._point_scores(reduced, (recon + centers.unsqueeze(1)).reshape(-1, 3))
-            inner_t: dict[str, float] = {}
-            af_t, idx_t, drift_t = self._feature_scores(neigh, recon, centers, inner_t, as_tensors=True)
-            _sync(af_t)
-            if timings is not None:
-                rest = time.perf_counter() - t2 - inner_t["dfc"] - inner_t["template_search"]
-                timings.update({"reconstruct": t2 - t1, **inner_t, "compare": rest})
-            return ap_t, af_t, idx_t, drift_t
         if self.point_score == "patch":
-            ap_c = chamfer_l2(neigh, recon, reduce=False).numpy()
-            ap = patches_to_points(ap_c, members.numpy(), reduced, centers.numpy())
+            ap = patches_to_points(chamfer_l2(neigh, recon, reduce=False), members, reduced, centers)
         else:
-            recon_pts = (recon + centers.unsqueeze(1)).reshape(-1, 3).numpy()
-            ap = self._point_scores(reduced, recon_pts)
+            ap = self._point_scores(reduced, (recon + centers.unsqueeze(1)).reshape(-1, 3))
         inner: dict[str, float] = {}
         af, idx, drift = self._feature_scores(neigh, recon, centers, inner)
+        _sync(af)
         if timings is not None:
             rest = time.perf_counter() - t2 - inner["dfc"] - inner["template_search"]
             timings.update({"reconstruct": t2 - t1, **inner, "compare": rest})
         return ap, af, idx, drift
 
     def _raw_scores(
-        self, normed: np.ndarray | torch.Tensor, reduced: np.ndarray | torch.Tensor, gen: torch.Generator,
+        self, normed: torch.Tensor, reduced: torch.Tensor, gen: torch.Generator,
         timings: dict[str, float] | None = None,
-    ) -> tuple[Any, Any, dict[str, Any]]:
-        """Un-standardized (A_p, A_f), both interpolated to every point of ``normed`` (numpy arrays,
-        or tensors on the device of a tensor ``reduced``).
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        """Un-standardized (A_p, A_f), both interpolated to every point of ``normed``, on its device.
 
         With ``reference="patch"`` each patch's scores are first reduced by the training phase's
         scores of its corresponding template patch (the nearest template vector to its F_i).
@@ -868,53 +445,25 @@ class IMRNetScorer(Scorer):
         t1 = time.perf_counter()
         ap, af_c, idx, _ = self._compare(reduced, neigh, centers, members, gen, timings)
         t2 = time.perf_counter()
-        if isinstance(reduced, torch.Tensor):
-            ref_t = self._on("template_ref", reduced.device) if self.reference == "patch" else None
-            if ref_t is not None:
-                ref_i = ref_t[idx]
-                ap = ap - patches_to_points(ref_i[:, 0], members, reduced, centers)
-                af_c = af_c - ref_i[:, 1]
-            af_t = patches_to_points(af_c, members, reduced, centers)
-            ap_full_t = idw_interpolate(reduced, ap, normed)
-            af_full_t = idw_interpolate(reduced, af_t, normed)
-            _sync(af_full_t)
-            if timings is not None:
-                timings["sample"] = t1 - t0
-                timings["compare"] = timings.get("compare", 0.0) + time.perf_counter() - t2
-            return ap_full_t, af_full_t, {"centers": centers}
-        c, mem = centers.numpy(), members.numpy()
-        if self.reference == "patch" and self.template_ref is not None:
-            ref = self.template_ref[idx].numpy()
-            ap = ap - patches_to_points(ref[:, 0], mem, reduced, c)
-            af_c = af_c - ref[:, 1]
-        af = patches_to_points(af_c, mem, reduced, c)
+        ref = self._on("template_ref", reduced.device) if self.reference == "patch" else None
+        if ref is not None:
+            ref_i = ref[idx]
+            ap = ap - patches_to_points(ref_i[:, 0], members, reduced, centers)
+            af_c = af_c - ref_i[:, 1]
+        af = patches_to_points(af_c, members, reduced, centers)
         ap_full = idw_interpolate(reduced, ap, normed)
         af_full = idw_interpolate(reduced, af, normed)
+        _sync(af_full)
         if timings is not None:
             timings["sample"] = t1 - t0
             timings["compare"] = timings.get("compare", 0.0) + time.perf_counter() - t2
-        return ap_full, af_full, {"centers": c}
+        return ap_full, af_full, {"centers": centers}
 
     def score(self, cloud: PreparedCloud) -> ScoreResult:
-        """Score one part (the module docstring's score steps) with the geometry of ``geometry_mode``."""
+        """Score one part (docs/design/imrnet.md's score steps), every step in torch on ``device``;
+        only the point scores come back."""
         if not self.fitted:
             raise RuntimeError("imrnet is not fitted: call fit() or load an artifact first")
-        if self.geometry_mode == "torch":
-            return self._score_torch(cloud)
-        t0 = time.perf_counter()
-        normed, reduced, _ = self._prepare(self._check(cloud), 4)
-        timings: dict[str, float] = {"reduce": time.perf_counter() - t0}
-        ap, af, _ = self._raw_scores(normed, reduced, self._gen(5), timings)
-        t1 = time.perf_counter()
-        mp, sp, mf, sf = self.stats
-        scores = (self.point_weight * (ap - mp) / sp + self.feature_weight * (af - mf) / sf).astype(np.float32)
-        k = max(1, int(math.ceil(self.object_top_fraction * len(scores))))
-        object_score = float(np.mean(np.partition(scores, len(scores) - k)[-k:]))
-        timings["combine"] = time.perf_counter() - t1
-        return ScoreResult(object_score=object_score, point_scores=scores, timings=timings)
-
-    def _score_torch(self, cloud: PreparedCloud) -> ScoreResult:
-        """``score`` with every step in torch on ``device``; only the point scores come back."""
         t0 = time.perf_counter()
         with torch.inference_mode():
             normed, reduced, _ = self._prepare(self._device_points(cloud), 4)

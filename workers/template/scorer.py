@@ -1,31 +1,5 @@
-"""``template``: compare each part with its golden part (registration + tolerance-normalized deviation).
-
-Enrollment (:func:`workers.template.reference.build_reference`): the good parts are registered
-to one another and fused into a reference surface (points + normals); a tolerance map keeps, per
-reference point, the mean and spread of the good parts' signed deviation and how many of them
-cover it.
-
-Scoring a part:
-
-1. Registration onto the reference (``workers.components.registration.Registrar``): PCA-frame
-   hypotheses (any rotation) and the identity (fixtured camera views), batched coarse ICP, then
-   point-to-plane ICP. Its fitness, RMSE and the estimated pose go into the result
-   (:class:`TemplateScoreResult`). Fitness under ``min_fitness`` means the part could not be
-   registered: the object score becomes :data:`FAILED_SCORE` and ``registration_failed`` is set,
-   with a reason; the daemon should give such a part ``review`` (never ``pass``).
-2. Deviation per point: ``max(|signed − offset|, distance − voxel_size) / spread`` at its nearest
-   reference point: the signed point-to-plane distance normalized by the tolerance map, or, for a
-   point off the reference (extra material, a bent end beyond the reference's edge), its
-   Euclidean distance less one voxel of sampling slack.
-3. Missing material: a reference point that good parts cover (``visibility >= min_visibility``)
-   but that has no part point within ``missing_dist`` is missing; its gap (distance to the part,
-   less ``missing_dist``, over its spread) is given to the ``rim_k`` part points nearest it (the
-   rim of a hole, which is what a point cloud's ground truth can mark).
-4. Deviations are averaged over ``smoothing_k`` spatial neighbours (missing-material scores are
-   not: a hole's rim is thin); the object score is the mean of the highest ``top_fraction`` of
-   the point scores (at least ``top_min`` points).
-
-Everything is vectorized numpy over points (scipy KD-trees); no training beyond the fusion.
+"""``template``: registration onto a fused golden part and a tolerance-normalized deviation.
+Design and choices: docs/design/template.md.
 """
 
 from __future__ import annotations
@@ -38,10 +12,11 @@ from typing import Any
 import numpy as np
 from scipy.spatial import cKDTree
 
+from workers.base import Scorer, ScoreResult
 from workers.components.knn import smooth_over_neighbours
 from workers.components.registration import Registrar, Registration, rotation_angle_deg
+from workers.params import ScorerParams, fit_field, infer_field
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
 from workers.template.reference import Reference, build_reference, signed_deviation, tolerance_map
 
 FAILED_SCORE = 1.0e6
@@ -73,55 +48,42 @@ class TemplateScoreResult(ScoreResult):
         }
 
 
-@register
+class TemplateParams(ScorerParams):
+    """Parameters of ``template`` (design: docs/design/template.md)."""
+
+    coarse_dist_factor: float = fit_field(5.0, "Coarse ICP correspondence distance, in voxels.", gt=0)
+    fine_dist_factor: float = fit_field(2.0, "Fine (point-to-plane) ICP correspondence distance, in voxels.", gt=0)
+    fusion_rounds: int = fit_field(2, "Rounds of registering the good parts onto the fused reference.", ge=0)
+    seed: int = fit_field(0, "Seed of registration's sampling.")
+    min_fitness: float = infer_field(0.6, "Registration fitness under this: the part is flagged for review.",
+                                     ge=0, le=1)
+    missing_dist_factor: float = infer_field(2.0, "A covered reference point with no part point this near "
+                                             "(in voxels) is missing material.", gt=0)
+    min_visibility: float = infer_field(0.75, "Fraction of good parts that must cover a reference point for "
+                                        "it to count as missing.", ge=0, le=1)
+    smoothing_k: int = infer_field(8, "Deviations are averaged over this many nearest points.", ge=0)
+    rim_k: int = infer_field(8, "Part points nearest a missing reference point that take its gap.", ge=0)
+    top_fraction: float = infer_field(0.005, "The object score is the mean of this top fraction of point "
+                                      "scores.", gt=0, le=1)
+    top_min: int = infer_field(5, "... and of at least this many points.", ge=0)
+
+
 class TemplateScorer(Scorer):
     """Golden-part comparison with a tolerance map. See the module docstring."""
 
     name = "template"
     version = "1.0.0"
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        coarse_dist_factor: float = 5.0,
-        fine_dist_factor: float = 2.0,
-        min_fitness: float = 0.6,
-        missing_dist_factor: float = 2.0,
-        min_visibility: float = 0.75,
-        smoothing_k: int = 8,
-        rim_k: int = 8,
-        top_fraction: float = 0.005,
-        top_min: int = 5,
-        fusion_rounds: int = 2,
-        seed: int = 0,
-    ) -> None:
-        if voxel_size <= 0 or coarse_dist_factor <= 0 or fine_dist_factor <= 0 or missing_dist_factor <= 0:
-            raise ValueError("voxel_size and the distance factors must be positive")
-        if not 0.0 <= min_fitness <= 1.0 or not 0.0 <= min_visibility <= 1.0 or not 0.0 < top_fraction <= 1.0:
-            raise ValueError("min_fitness and min_visibility must be in [0, 1], top_fraction in (0, 1]")
-        self.voxel_size = float(voxel_size)
-        self.coarse_dist_factor = float(coarse_dist_factor)
-        self.fine_dist_factor = float(fine_dist_factor)
-        self.min_fitness = float(min_fitness)
-        self.missing_dist_factor = float(missing_dist_factor)
-        self.min_visibility = float(min_visibility)
-        self.smoothing_k = int(smoothing_k)
-        self.rim_k = int(rim_k)
-        self.top_fraction = float(top_fraction)
-        self.top_min = int(top_min)
-        self.fusion_rounds = int(fusion_rounds)
-        self.seed = int(seed)
+    Params = TemplateParams
+
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
         self.reference: Reference | None = None
         self._registrar: Registrar | None = None
         self._tree: cKDTree | None = None
         self.fit_fitness: list[float] = []
 
     # -- state ---------------------------------------------------------------------------------
-
-    def params(self) -> dict[str, Any]:
-        keys = ("voxel_size", "coarse_dist_factor", "fine_dist_factor", "min_fitness", "missing_dist_factor",
-                "min_visibility", "smoothing_k", "rim_k", "top_fraction", "top_min", "fusion_rounds", "seed")
-        return {k: getattr(self, k) for k in keys}
 
     def tensors(self) -> dict[str, np.ndarray]:
         if self.reference is None:

@@ -38,20 +38,15 @@ Choices (the paper leaves them open; stated here):
   bilinearly and blurred with a Gaussian of σ = 4 pixels (BTF's values), both as *normalized*
   convolutions over the foreground (cells that are not patches and background pixels neither
   contribute nor dilute); the 224 map is then sampled bilinearly at every foreground pixel of
-  the original frame and averaged per voxel (the inverse of ``workers.frame_scoring.map_back``).
+  the original frame and averaged per voxel (the inverse of ``workers.score_frame.map_back``).
   Unorganized: each voxel takes the inverse-distance-weighted mean of its 3 nearest patch
   centres (the "bilinear" of a cloud), then a kNN Gaussian blur over its ``blur_k`` nearest
   voxels with σ = ``blur_sigma_mm``.
 
-Device path (the scorer's ``geometry_impl="torch"``, issue 6): the ``*_t`` functions and
-:class:`DevicePatchSet` are the same constructions in torch on the device of the points —
-:func:`extract_patches_t` (organized cells and centre pixels by index arithmetic on the device;
-FPS by ``workers.geometry.farthest_point_sample`` from the same start; kNN by
-``workers.geometry.knn`` instead of the KD-tree), :meth:`DevicePatchSet.pooled`,
-:func:`organized_point_scores_t` (:func:`organized_map` runs on the device of its values) and
-:func:`cloud_point_scores_t`. Everything vectorized: no Python loop over points or patches.
-Same indices as the numpy path (tested), except that an exact distance tie at a patch's k-th
-neighbour may be broken differently.
+One pipeline in torch on the device of the points (the CPU or a GPU): organized cells and
+centre pixels by index arithmetic, FPS by ``workers.geometry.farthest_point_sample``, kNN by
+``workers.components.knn``, pooling, maps. Everything vectorized: no Python loop over points or
+patches. tests/test_zeroshot_device.py checks it against KD-tree / numpy oracles.
 """
 
 from __future__ import annotations
@@ -64,8 +59,8 @@ import torch.nn.functional as F
 from scipy.spatial import cKDTree
 
 from workers import geometry
+from workers.components.knn import knn
 from workers.preprocess import PreparedCloud
-from workers.zeroshot.pointnet2 import farthest_point_sample
 
 __all__ = [
     "IMAGE_SIZE",
@@ -83,57 +78,11 @@ __all__ = [
     "resample_to",
     "organized_point_scores",
     "cloud_point_scores",
-    "DevicePatchSet",
-    "grid_view_t",
-    "foreground_index_224_t",
-    "knn_indices_t",
-    "extract_patches_t",
-    "organized_point_scores_t",
-    "cloud_point_scores_t",
 ]
 
 IMAGE_SIZE = 224
 CELL = 8
 GRID = IMAGE_SIZE // CELL  # 28
-
-
-@dataclass
-class PatchSet:
-    """The patches of one cloud: ``neighbors[i]`` are the ``k`` voxel indices of patch ``i``."""
-
-    centers: np.ndarray
-    """P voxel indices (into ``cloud.points``) of the patch centres."""
-    neighbors: np.ndarray
-    """P×k voxel indices."""
-    cells: np.ndarray | None
-    """Organized: P flat indices into the 28×28 grid; None for an unorganized cloud."""
-    fg224: np.ndarray | None
-    """Organized: the 224×224 foreground mask; None otherwise."""
-    view: GridView | None = None
-    """Organized: the frame window the grid covers."""
-    cell_voxels: np.ndarray | None = None
-    """Organized: P×64, the voxel of each resized pixel of the patch's cell (−1: not the part)."""
-
-    def pooled(self, per_point: np.ndarray, pool: str = "cell") -> np.ndarray:
-        """A per-point feature (M×D) pooled per patch (P×D): ``"cell"`` = the mean over the cell's
-        part pixels (organized; BTF's 8×8 average pooling) or over the ``k // 8`` nearest points
-        of the centre (unorganized); ``"patch"`` = the mean over the patch's ``k`` points."""
-        if pool == "patch":
-            return per_point[self.neighbors].mean(axis=1)
-        if pool != "cell":
-            raise ValueError(f"pool must be 'cell' or 'patch', got {pool!r}")
-        if self.cell_voxels is None:
-            return per_point[self.neighbors[:, : max(1, self.neighbors.shape[1] // 8)]].mean(axis=1)
-        valid = self.cell_voxels >= 0
-        vals = per_point[np.maximum(self.cell_voxels, 0)] * valid[..., None]
-        return vals.sum(axis=1) / valid.sum(axis=1, keepdims=True).clip(min=1)
-
-    @property
-    def organized(self) -> bool:
-        return self.cells is not None
-
-    def __len__(self) -> int:
-        return int(len(self.centers))
 
 
 def is_organized(cloud: PreparedCloud) -> bool:
@@ -143,6 +92,12 @@ def is_organized(cloud: PreparedCloud) -> bool:
 def resize_index(n_in: int, n_out: int) -> np.ndarray:
     """Nearest-neighbour source index of each of ``n_out`` output rows (pixel centres aligned)."""
     return np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+
+
+def _source_index(start: float, length: float, n_src: int, size: int, device: torch.device) -> torch.Tensor:
+    """Nearest source index of each of ``size`` grid positions over ``start .. start + length``, −1 outside."""
+    i = torch.floor(start + (torch.arange(size, dtype=torch.float64, device=device) + 0.5) * length / size).long()
+    return torch.where((i >= 0) & (i < n_src), i, torch.full_like(i, -1))
 
 
 @dataclass(frozen=True)
@@ -155,95 +110,12 @@ class GridView:
     h: float
     w: float
 
-    def source_rows(self, n_rows: int, size: int = IMAGE_SIZE) -> np.ndarray:
-        """Nearest source row of each grid row, −1 outside the frame."""
-        r = np.floor(self.r0 + (np.arange(size) + 0.5) * self.h / size).astype(np.int64)
-        return np.where((r >= 0) & (r < n_rows), r, -1)
+    def source_rows(self, n_rows: int, size: int = IMAGE_SIZE, device: torch.device | None = None) -> torch.Tensor:
+        """Nearest source row of each grid row, −1 outside the frame (long, on ``device``)."""
+        return _source_index(self.r0, self.h, n_rows, size, device or torch.device("cpu"))
 
-    def source_cols(self, n_cols: int, size: int = IMAGE_SIZE) -> np.ndarray:
-        c = np.floor(self.c0 + (np.arange(size) + 0.5) * self.w / size).astype(np.int64)
-        return np.where((c >= 0) & (c < n_cols), c, -1)
-
-    def normalized(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``grid_sample`` coordinates (x, y in [−1, 1]) of source pixel centres."""
-        return (cols + 0.5 - self.c0) / self.w * 2 - 1, (rows + 0.5 - self.r0) / self.h * 2 - 1
-
-
-def grid_view(cloud: PreparedCloud, crop: bool = True, margin: float = 0.05) -> GridView:
-    """The whole frame, or (``crop``) the square around the part's foreground pixels, enlarged by
-    ``margin`` of its side on each side (see the module docstring)."""
-    assert cloud.frame is not None
-    h, w = cloud.frame.points.shape[:2]
-    if not crop or len(cloud.source_flat) == 0:
-        return GridView(0.0, 0.0, float(h), float(w))
-    r, c = np.divmod(cloud.source_flat, w)
-    side = float(max(r.max() - r.min() + 1, c.max() - c.min() + 1)) * (1 + 2 * margin)
-    rc, cc = (r.min() + r.max() + 1) / 2.0, (c.min() + c.max() + 1) / 2.0
-    return GridView(rc - side / 2, cc - side / 2, side, side)
-
-
-def foreground_index_224(cloud: PreparedCloud, view: GridView, size: int = IMAGE_SIZE) -> np.ndarray:
-    """size×size int64: the voxel of each resized foreground pixel, −1 elsewhere (organized only)."""
-    assert cloud.frame is not None
-    h, w = cloud.frame.points.shape[:2]
-    vox = np.full(h * w + 1, -1, dtype=np.int64)  # the extra last entry answers for "outside"
-    vox[cloud.source_flat] = cloud.voxel_of_source
-    rows, cols = view.source_rows(h, size), view.source_cols(w, size)
-    flat = rows[:, None] * w + cols[None, :]
-    flat = np.where((rows[:, None] >= 0) & (cols[None, :] >= 0), flat, h * w)
-    return vox[flat]
-
-
-def knn_indices(tree: cKDTree, n_points: int, queries: np.ndarray, k: int) -> np.ndarray:
-    """Q×k indices of the k nearest points (nearest first); repeats points when n_points < k."""
-    kk = min(k, n_points)
-    _, idx = tree.query(np.asarray(queries, dtype=np.float64), k=kk)
-    idx = np.asarray(idx, dtype=np.int64).reshape(len(queries), kk)
-    if kk < k:
-        idx = idx[:, np.arange(k) % kk]
-    return idx
-
-
-def _organized_centers(
-    cloud: PreparedCloud, view: GridView, min_cell_pixels: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    vox = foreground_index_224(cloud, view)
-    fg = vox >= 0
-    cells = vox.reshape(GRID, CELL, GRID, CELL).transpose(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
-    count = (cells >= 0).sum(axis=1)
-    keep = np.flatnonzero(count >= max(1, min_cell_pixels))
-    r, c = np.divmod(np.arange(CELL * CELL), CELL)
-    d2 = (r - (CELL - 1) / 2) ** 2 + (c - (CELL - 1) / 2) ** 2
-    d = np.where(cells[keep] >= 0, d2[None, :], np.inf)
-    centre = cells[keep, np.argmin(d, axis=1)]
-    return keep.astype(np.int64), centre.astype(np.int64), fg, cells[keep]
-
-
-def extract_patches(
-    cloud: PreparedCloud,
-    k: int = 64,
-    mode: str = "auto",
-    max_patches: int = GRID * GRID,
-    min_cell_pixels: int = 8,
-    tree: cKDTree | None = None,
-    crop: bool = True,
-) -> PatchSet:
-    """The patches of ``cloud`` (see the module docstring); ``mode`` is auto/organized/unorganized."""
-    if mode not in ("auto", "organized", "unorganized"):
-        raise ValueError(f"patch mode must be auto, organized or unorganized, got {mode!r}")
-    pts = cloud.points
-    tree = tree if tree is not None else cKDTree(pts)
-    if mode != "unorganized" and is_organized(cloud):
-        view = grid_view(cloud, crop)
-        cells, centre, fg, cell_vox = _organized_centers(cloud, view, min_cell_pixels)
-        if len(cells):
-            return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), cells, fg, view, cell_vox)
-    elif mode == "organized":
-        raise ValueError("patch mode 'organized' needs a cloud with an organized frame")
-    n = int(min(max_patches, len(pts)))
-    centre = farthest_point_sample(torch.from_numpy(np.ascontiguousarray(pts, dtype=np.float32))[None], n)[0]
-    centre = centre.numpy().astype(np.int64)
-    return PatchSet(centre, knn_indices(tree, len(pts), pts[centre], k), None, None)
+    def source_cols(self, n_cols: int, size: int = IMAGE_SIZE, device: torch.device | None = None) -> torch.Tensor:
+        return _source_index(self.c0, self.w, n_cols, size, device or torch.device("cpu"))
 
 
 def patch_radius(xyz: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -328,59 +200,10 @@ def organized_map(
     return torch.where(bd > 1e-6, bn / bd.clamp_min(1e-6), zero)
 
 
-def organized_point_scores(
-    values: np.ndarray, patches: PatchSet, cloud: PreparedCloud, sigma: float = 4.0
-) -> np.ndarray:
-    """Per-voxel scores (M,) of an organized cloud from its patch values (P,)."""
-    assert patches.cells is not None and patches.fg224 is not None and patches.view is not None
-    assert cloud.frame is not None
-    amap = organized_map(values, patches.cells, patches.fg224, sigma)
-    r, c = np.divmod(cloud.source_flat, cloud.frame.points.shape[1])
-    gx, gy = patches.view.normalized(r, c)
-    grid = torch.stack(
-        [torch.as_tensor(gx, dtype=torch.float32), torch.as_tensor(gy, dtype=torch.float32)], dim=-1
-    ).view(1, 1, -1, 2)
-    px = F.grid_sample(amap[None, None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-    px = px.view(-1).numpy().astype(np.float64)
-    m = len(cloud.points)
-    sums = np.bincount(cloud.voxel_of_source, weights=px, minlength=m)
-    cnt = np.bincount(cloud.voxel_of_source, minlength=m)
-    return (sums / np.maximum(cnt, 1)).astype(np.float32)
-
-
-def cloud_point_scores(
-    values: np.ndarray,
-    patches: PatchSet,
-    points: np.ndarray,
-    tree: cKDTree | None = None,
-    blur_k: int = 16,
-    blur_sigma_mm: float = 2.0,
-) -> np.ndarray:
-    """Per-point scores (M,) of a cloud from its patch values: IDW over the 3 nearest patch
-    centres, then a kNN Gaussian blur (see the module docstring)."""
-    vals = np.asarray(values, dtype=np.float64)
-    centres = points[patches.centers]
-    k = min(3, len(centres))
-    d, i = cKDTree(centres).query(points, k=k)
-    d, i = np.asarray(d).reshape(len(points), k), np.asarray(i).reshape(len(points), k)
-    w = 1.0 / (d + 1e-6)
-    s = (vals[i] * w).sum(axis=1) / w.sum(axis=1)
-    kb = min(blur_k, len(points))
-    if kb > 1 and blur_sigma_mm > 0:
-        tree = tree if tree is not None else cKDTree(points)
-        d, i = tree.query(points, k=kb)
-        g = np.exp(-0.5 * (d / blur_sigma_mm) ** 2)
-        s = (s[i] * g).sum(axis=1) / g.sum(axis=1)
-    return s.astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------------
-# device path: the same patches and maps in torch, on the device of the points
-
-
 @dataclass
-class DevicePatchSet:
-    """:class:`PatchSet` as tensors on the scorer's device (the device path): same fields, same meaning."""
+class PatchSet:
+    """The patches of one cloud, as tensors on the device of its points: ``neighbors[i]`` are the
+    ``k`` voxel indices of patch ``i``."""
 
     centers: torch.Tensor
     """P (long) voxel indices of the patch centres."""
@@ -395,7 +218,9 @@ class DevicePatchSet:
     """Organized: P×64 voxel of each resized pixel of the cell (−1: not the part)."""
 
     def pooled(self, per_point: torch.Tensor, pool: str = "cell") -> torch.Tensor:
-        """:meth:`PatchSet.pooled` on the device (P×D, the dtype of ``per_point``)."""
+        """A per-point feature (M×D) pooled per patch (P×D, the dtype of ``per_point``): ``"cell"`` =
+        the mean over the cell's part pixels (organized; BTF's 8×8 average pooling) or over the
+        ``k // 8`` nearest points of the centre (unorganized); ``"patch"`` = over the patch's ``k`` points."""
         if pool == "patch":
             return per_point[self.neighbors].mean(dim=1)
         if pool != "cell":
@@ -413,20 +238,15 @@ class DevicePatchSet:
     def __len__(self) -> int:
         return int(self.centers.shape[0])
 
-    def to_host(self) -> PatchSet:
-        """The same patches as a (numpy) :class:`PatchSet`."""
-
-        def h(t: torch.Tensor | None) -> np.ndarray | None:
-            return None if t is None else t.cpu().numpy()
-
-        return PatchSet(h(self.centers), h(self.neighbors), h(self.cells), h(self.fg224), self.view,  # type: ignore[arg-type]
-                        h(self.cell_voxels))
-
-
-def grid_view_t(cloud: PreparedCloud, source_flat: torch.Tensor, crop: bool = True, margin: float = 0.05) -> GridView:
-    """:func:`grid_view` from the source pixel indices on the device (four reductions come back)."""
+def grid_view(cloud: PreparedCloud, source_flat: torch.Tensor | None = None, crop: bool = True,
+              margin: float = 0.05) -> GridView:
+    """The whole frame, or (``crop``) the square around the part's foreground pixels, enlarged by
+    ``margin`` of its side on each side (see the module docstring). ``source_flat``: the cloud's
+    source pixel indices already on a device (four reductions come back)."""
     assert cloud.frame is not None
     h, w = cloud.frame.points.shape[:2]
+    if source_flat is None:
+        source_flat = torch.from_numpy(np.asarray(cloud.source_flat, dtype=np.int64))
     if not crop or source_flat.numel() == 0:
         return GridView(0.0, 0.0, float(h), float(w))
     r, c = source_flat // w, source_flat % w
@@ -436,46 +256,45 @@ def grid_view_t(cloud: PreparedCloud, source_flat: torch.Tensor, crop: bool = Tr
     return GridView(rc - side / 2, cc - side / 2, side, side)
 
 
-def _source_index_t(start: float, length: float, n_src: int, size: int, device: torch.device) -> torch.Tensor:
-    """:meth:`GridView.source_rows` / ``source_cols`` in torch (float64, the same arithmetic)."""
-    i = torch.floor(start + (torch.arange(size, dtype=torch.float64, device=device) + 0.5) * length / size).long()
-    return torch.where((i >= 0) & (i < n_src), i, torch.full_like(i, -1))
-
-
-def foreground_index_224_t(
+def foreground_index_224(
     cloud: PreparedCloud,
     view: GridView,
-    source_flat: torch.Tensor,
-    voxel_of_source: torch.Tensor,
+    source_flat: torch.Tensor | None = None,
+    voxel_of_source: torch.Tensor | None = None,
     size: int = IMAGE_SIZE,
 ) -> torch.Tensor:
-    """:func:`foreground_index_224` on the device of ``source_flat`` (size×size long, −1 off the part)."""
+    """size×size long: the voxel of each resized foreground pixel, −1 elsewhere (organized only);
+    on the device of ``source_flat`` / ``voxel_of_source`` (the cloud's arrays, CPU when not given)."""
     assert cloud.frame is not None
     h, w = cloud.frame.points.shape[:2]
+    if source_flat is None or voxel_of_source is None:
+        source_flat = torch.from_numpy(np.asarray(cloud.source_flat, dtype=np.int64))
+        voxel_of_source = torch.from_numpy(np.asarray(cloud.voxel_of_source, dtype=np.int64))
     dev = source_flat.device
     vox = torch.full((h * w + 1,), -1, dtype=torch.long, device=dev)  # the extra last entry: "outside"
     vox[source_flat] = voxel_of_source
-    rows = _source_index_t(view.r0, view.h, h, size, dev)
-    cols = _source_index_t(view.c0, view.w, w, size, dev)
+    rows, cols = view.source_rows(h, size, dev), view.source_cols(w, size, dev)
     flat = rows[:, None] * w + cols[None, :]
     flat = torch.where((rows[:, None] >= 0) & (cols[None, :] >= 0), flat, torch.full_like(flat, h * w))
     return vox[flat]
 
 
-def knn_indices_t(points: torch.Tensor, queries: torch.Tensor, k: int) -> torch.Tensor:
-    """:func:`knn_indices` by ``workers.geometry.knn`` on the points' device (Q×k, nearest first;
-    repeats points when there are fewer than ``k``)."""
-    n = points.shape[0]
+def knn_indices(points: np.ndarray | torch.Tensor | cKDTree, queries: np.ndarray | torch.Tensor, k: int
+                ) -> np.ndarray | torch.Tensor:
+    """Q×k indices of the ``k`` points nearest each query, nearest first, repeating points when
+    there are fewer than ``k`` (``workers.components.knn``: a tensor on its device, an array or a
+    KD-tree already built on the CPU)."""
+    n = points.n if isinstance(points, cKDTree) else len(points)
     kk = min(k, n)
-    _, idx = geometry.knn(points, queries, kk)
+    _, idx = knn(points, queries, kk)
     if kk < k:
-        idx = idx[:, torch.arange(k, device=idx.device) % kk]
+        idx = idx[:, (torch.arange(k, device=idx.device) if isinstance(idx, torch.Tensor) else np.arange(k)) % kk]
     return idx
 
 
-def extract_patches_t(
+def extract_patches(
     cloud: PreparedCloud,
-    points: torch.Tensor,
+    points: torch.Tensor | None = None,
     k: int = 64,
     mode: str = "auto",
     max_patches: int = GRID * GRID,
@@ -483,9 +302,10 @@ def extract_patches_t(
     crop: bool = True,
     source_flat: torch.Tensor | None = None,
     voxel_of_source: torch.Tensor | None = None,
-) -> DevicePatchSet:
-    """:func:`extract_patches` in torch on the device of ``points`` (``cloud.points`` as an M×3
-    tensor; its dtype is the kNN's: float64 reproduces the KD-tree's float64 distances).
+) -> PatchSet:
+    """The patches of ``cloud`` (see the module docstring; ``mode``: auto/organized/unorganized), on
+    the device of ``points`` (``cloud.points`` as an M×3 tensor, default float64 on the CPU; its
+    dtype is the kNN's: float64 gives the KD-tree's float64 distances).
 
     Organized: the same 28×28 cells and centre pixels (integer index arithmetic, exact);
     ``source_flat`` / ``voxel_of_source`` are ``cloud``'s arrays on the device (uploaded here
@@ -496,13 +316,15 @@ def extract_patches_t(
     """
     if mode not in ("auto", "organized", "unorganized"):
         raise ValueError(f"patch mode must be auto, organized or unorganized, got {mode!r}")
+    if points is None:
+        points = torch.from_numpy(np.asarray(cloud.points, dtype=np.float64))
     dev = points.device
     if mode != "unorganized" and is_organized(cloud):
         sf = source_flat if source_flat is not None else torch.from_numpy(np.asarray(cloud.source_flat)).to(dev)
         vs = voxel_of_source if voxel_of_source is not None else torch.from_numpy(
             np.asarray(cloud.voxel_of_source)).to(dev)
-        view = grid_view_t(cloud, sf, crop)
-        vox = foreground_index_224_t(cloud, view, sf.long(), vs.long())
+        view = grid_view(cloud, sf, crop)
+        vox = foreground_index_224(cloud, view, sf.long(), vs.long())
         cells = vox.reshape(GRID, CELL, GRID, CELL).permute(0, 2, 1, 3).reshape(GRID * GRID, CELL * CELL)
         keep = torch.nonzero((cells >= 0).sum(dim=1) >= max(1, min_cell_pixels)).squeeze(1)
         if keep.numel():
@@ -512,25 +334,25 @@ def extract_patches_t(
             d = torch.where(kept >= 0, d2.to(torch.float64)[None, :], torch.full((), torch.inf, dtype=torch.float64,
                                                                                    device=dev))
             centre = kept.gather(1, d.argmin(dim=1, keepdim=True)).squeeze(1)  # first minimum, as numpy
-            return DevicePatchSet(centre, knn_indices_t(points, points[centre], k), keep, vox >= 0, view, kept)
+            return PatchSet(centre, knn_indices(points, points[centre], k), keep, vox >= 0, view, kept)
     elif mode == "organized":
         raise ValueError("patch mode 'organized' needs a cloud with an organized frame")
     p32 = points.float()
     n = int(min(max_patches, p32.shape[0]))
     start = ((p32 - p32.mean(dim=0, keepdim=True)) ** 2).sum(-1).argmax()
     centre = geometry.farthest_point_sample(p32, n, start=start)
-    return DevicePatchSet(centre, knn_indices_t(points, points[centre], k), None, None)
+    return PatchSet(centre, knn_indices(points, points[centre], k), None, None)
 
 
-def organized_point_scores_t(
+def organized_point_scores(
     values: torch.Tensor,
-    patches: DevicePatchSet,
+    patches: PatchSet,
     cloud: PreparedCloud,
     sigma: float = 4.0,
     source_flat: torch.Tensor | None = None,
     voxel_of_source: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`organized_point_scores` on the device of ``values``: per-voxel scores (M, float32).
+    """Per-voxel scores (M, float32) of an organized cloud from its patch values (P,), on the device of ``values``.
 
     The map (:func:`organized_map`: ``F.interpolate`` + separable Gaussian ``conv2d``) is sampled
     at every source pixel by ``F.grid_sample`` and averaged per voxel by a float64 ``index_add_``.
@@ -556,25 +378,25 @@ def organized_point_scores_t(
     return (sums / cnt.clamp(min=1)).float()
 
 
-def cloud_point_scores_t(
+def cloud_point_scores(
     values: torch.Tensor,
-    patches: DevicePatchSet,
+    patches: PatchSet,
     points: torch.Tensor,
     blur_k: int = 16,
     blur_sigma_mm: float = 2.0,
 ) -> torch.Tensor:
-    """:func:`cloud_point_scores` on the device of ``points`` (M×3; its dtype is the arithmetic's):
-    IDW over the 3 nearest patch centres, then the kNN Gaussian blur, both neighbour searches by
-    ``workers.geometry.knn``. Returns M float32 scores."""
+    """Per-point scores (M float32) of a cloud from its patch values, on the device of ``points``
+    (M×3; its dtype is the arithmetic's): IDW over the 3 nearest patch centres, then the kNN
+    Gaussian blur (see the module docstring)."""
     vals = values.to(points.dtype)
     centres = points[patches.centers]
     k = min(3, centres.shape[0])
-    d, i = geometry.knn(centres, points, k)
+    d, i = knn(centres, points, k)
     w = 1.0 / (d + 1e-6)
     s = (vals[i] * w).sum(dim=1) / w.sum(dim=1)
     kb = min(blur_k, points.shape[0])
     if kb > 1 and blur_sigma_mm > 0:
-        d, i = geometry.knn(points, points, kb)
+        d, i = knn(points, points, kb)
         g = torch.exp(-0.5 * (d / blur_sigma_mm) ** 2)
         s = (s[i] * g).sum(dim=1) / g.sum(dim=1)
     return s.float()

@@ -79,11 +79,11 @@ def ordered_image(cloud: PreparedCloud, size: int = IMAGE_SIZE, crop: bool = Tru
     if is_organized(cloud):
         assert cloud.frame is not None
         h, w = cloud.frame.points.shape[:2]
-        view = grid_view(cloud, crop)
-        rows, cols = view.source_rows(h, size), view.source_cols(w, size)
+        view = grid_view(cloud, crop=crop)
+        rows, cols = view.source_rows(h, size).numpy(), view.source_cols(w, size).numpy()
         xyz = cloud.frame.points[np.ix_(np.maximum(rows, 0), np.maximum(cols, 0))].copy()
         xyz[(rows[:, None] < 0) | (cols[None, :] < 0)] = np.nan
-        return np.ascontiguousarray(xyz, dtype=np.float32), foreground_index_224(cloud, view, size)
+        return np.ascontiguousarray(xyz, dtype=np.float32), foreground_index_224(cloud, view, size=size).numpy()
     pts = cloud.points.astype(np.float64)
     c = pts - pts.mean(axis=0)
     _, vecs = np.linalg.eigh(c.T @ c)
@@ -178,7 +178,7 @@ def adding_point_patches(
     """
     a = points[anchors].astype(np.float64)
     moved = parts - parts.mean(axis=1, keepdims=True) + a[:, None, :]
-    near = points[knn_indices(tree, len(points), a, k)].astype(np.float64)
+    near = points[knn_indices(tree, a, k)].astype(np.float64)
     union = np.concatenate([near, moved], axis=1)
     d = np.linalg.norm(union - a[:, None, :], axis=-1)
     sel = np.argsort(d, axis=1, kind="stable")[:, :k]
@@ -190,7 +190,7 @@ def removing_point_patches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(A×k×3 patches, A×k validity): each anchor's k nearest points, of which the
     ``round(ratio·k)`` nearest to a random point of the patch's inner half are removed."""
-    idx = knn_indices(tree, len(points), points[anchors], k)
+    idx = knn_indices(tree, points[anchors], k)
     patch = points[idx].astype(np.float32)
     a = len(anchors)
     hole = patch[np.arange(a), rng.integers(0, max(1, k // 2), size=a)]
@@ -220,7 +220,7 @@ def _sample_parts(pool: PoiPool, n: int, exclude: str, part_points: int, rng: np
     for s in np.unique(which):
         rows = np.flatnonzero(which == s)
         seeds = pool.poi[s][rng.integers(0, len(pool.poi[s]), size=rows.size)]
-        idx = knn_indices(pool.trees[s], len(pool.points[s]), pool.points[s][seeds], part_points)
+        idx = knn_indices(pool.trees[s], pool.points[s][seeds], part_points)
         out[rows] = pool.points[s][idx]
     out -= out.mean(axis=1, keepdims=True)
     if rotate:

@@ -1,122 +1,9 @@
-"""3DzAL as an inspectd scorer (``zeroshot``): anomaly maps for a product never seen in training.
-
-Paper: Wang et al., "Towards Zero-shot 3D Anomaly Localization" (3DzAL). ``fit`` learns from
-good parts of *other* products only; ``score`` then scores a product it never saw.
-
-Pipeline (paper section → module):
-
-1. Patches (Sec. 3 "Notation", Sec. 4 "Implementation details"): organized frames → the
-   part's window resized to 224×224 → 28×28 = 784 patches of 8×8; unorganized clouds →
-   at most 784 farthest-point-sampled centres; every patch = the 64 nearest voxels of its
-   centre (``workers.zeroshot.patches``).
-2. Pseudo anomalies (Sec. 3.2): points of interest of task-irrelevant samples from an untrained
-   He-initialized ResNet-50 on ordered xyz (top 0.1 %, multi-scale activation fusion), attached
-   to normal samples ("adding-point") or holes cut into them ("removing-point"), mixed with
-   ratio ``pseudo_mix`` (``workers.zeroshot.pseudo_anomalies``, ``workers.zeroshot.resnet``).
-3. Learned patch features f_θ: PointNet++ trained with the patch-level contrastive loss
-   (τ = 0.07) + 100 × the disentanglement loss against FPFH; normalcy classifier g_φ:
-   PointNet++ trained with BCE (``workers.zeroshot.training``, ``workers.zeroshot.pointnet2``).
-4. Memory bank (Sec. 3.3) of the concatenated patch features [FPFH ‖ learned (‖ RGB)], thinned
-   by PatchCore's greedy coreset (``workers.components.memory_bank.greedy_coreset``).
-5. Scores (Sec. 3.4): distance score with PatchCore's reweighting (Eq. 4–6,
-   ``workers.components.memory_bank`` search and reweighting), classification score S_abnormal of the
-   ε-perturbed patch (Eq. 8–10), combined λ_d·distance + λ_c·classification (Eq. 11–12);
-   patch maps upsampled and blurred (Eq. 7) and mapped to the cloud's points.
-
-**What the memory bank holds in the zero-shot setting.** Sec. 3.3 "Training and memory bank":
-after f_θ is trained, "we extract the features of the training patches with it" and store them;
-the training patches are the *normal training samples of the training class*, which in the
-zero-shot setting is never the test class (Sec. 4 "Experimental setting": train on one class,
-test on another, the remaining classes are the task-irrelevant data for the pseudo anomalies).
-So the bank holds the normal patches of the product(s) ``fit`` was given, never the test
-product's (which the scorer never sees) and never pseudo anomalies. ``fit(clouds)`` (what
-``inspectd eval --zero-shot`` and the daemon call) banks every patch of ``clouds`` and draws
-the task-irrelevant POIs from the same clouds, each POI only ever attached to a part of a
-*different* product (``Frame.meta.product``); with a single product the POIs come from that
-product (logged: there is no task-irrelevant data). ``fit_zero_shot(train, auxiliary)`` is
-the paper's exact protocol: bank + positives from ``train``, POIs from ``auxiliary``.
-
-Choices where the paper is vague (each module states its own):
-
-* Feature blocks are put on one scale before concatenation: the FPFH and RGB blocks are
-  divided by their RMS deviation from their mean over the training patches (stored), so that
-  no block dominates the Euclidean distance by its units alone (the raw FPFH spans ~100); the
-  learned block is left on its unit sphere (its contrastive training packs the normal patches
-  into an RMS spread of ~0.005, so dividing by it would blow up its noise on a new product);
-  ``learned_weight`` scales the learned block.
-* The distance score is divided by ``dist_scale``, the mean distance of the training patches
-  the coreset left out to the coreset (the typical distance of a *normal* patch to the bank),
-  so that λ_d·distance and λ_c·S_abnormal ∈ [0, 1] are commensurable; λ_d = λ_c = 1 (the
-  paper's values are not given). Without a coreset reduction, the mean leave-one-out nearest
-  neighbour distance inside the bank is used.
-* The RGB branch (optional, off by default): a local ImageNet ResNet-50 / Wide-ResNet-50-2
-  checkpoint (``rgb_checkpoint``, safetensors or a torchvision state_dict read with
-  ``weights_only=True``; nothing is ever downloaded) gives PatchCore's layer2 + layer3 features
-  (3×3 average pooled, layer3 upsampled to 28×28) per organized cell. Without a checkpoint, or
-  when a training frame has no RGB image or is not organized, the branch is left out and the
-  log says so.
-
-Backends (``use_backend``): ``torch-cpu`` (the reference); ``torch-cuda``: copies of f_θ and g_φ
-and the memory bank (search and reweighting) on the GPU, and, with the default
-``geometry_impl="auto"``, the whole patch pipeline too (see "Device path" below); ``onnxruntime``: both PointNet++ networks exported to ONNX (they export cleanly: FPS, ball query
-and gathers trace to ONNX ops with a dynamic batch axis) and run by ONNX Runtime, with one
-exception: Eq. 8's perturbation needs the gradient of g_φ's loss with respect to its input,
-which an ONNX inference graph does not carry, so with ``use_perturbation`` (the default) the
-perturbation step (a forward + backward of g_φ) stays on torch-cpu and ONNX Runtime runs the
-final forward of g_φ on the perturbed patches and all of f_θ. TensorRT is not offered for the
-same reason (the gradient step would need torch on the GPU next to it: that is ``torch-cuda``).
-``fit`` always runs on torch-cpu; the backend is set up again afterwards.
-
-Device path (issue 6, ``geometry_impl``): ``"numpy"`` is the CPU pipeline every result in
-docs/results/zeroshot.md was measured with: open3d FPFH, the organized 784-cell layout in numpy,
-cKDTree patches, numpy pooling, maps mapped to points with numpy / scipy. ``"torch"`` is the same
-pipeline in torch on the scorer's device (``_score_t``): FPFH by ``workers.geometry``
-(``workers.components.fpfh.fpfh_features_torch``: grid neighbour search, batched PCA normals, histograms),
-the organized cells / centres by torch index arithmetic, FPS centres of clouds by
-``geometry.farthest_point_sample`` (same start and picks as the CPU path), patch points by
-``geometry.knn``, pooling, feature combination, bank search and reweighting, f_θ, Eq. 8's
-perturbation (forward + backward of g_φ) and g_φ, the map (``F.interpolate`` + separable Gaussian
-``conv2d``, ``F.grid_sample`` at every source pixel, ``index_add_`` per voxel) or, for clouds,
-the IDW + kNN blur by ``geometry.knn``. What crosses to the host per frame: the points once
-(none when the frame was prepared on the device, ``PreparedCloud.device_points``), the
-pixel → voxel index arrays of an organized frame (``PreparedCloud`` keeps them on the host),
-four integers of the crop window, the maximal patch's index, two maxima and the M point
-scores (plus the few scalars ``workers.geometry``'s searches read to size their chunks). What stays on the host: the frame's resize window arithmetic (four numbers), the RGB
-branch (its ResNet runs on the CPU, the cell features are uploaded), and ONNX Runtime's networks
-when the backend is ``onnxruntime``. ``"auto"`` (default) = ``"torch"`` on ``torch-cuda``,
-``"numpy"`` on ``torch-cpu`` / ``onnxruntime``, so CPU results are unchanged bit for bit
-(``tests/test_zeroshot_device.py``). Geometry dtype: float64 on a CPU (as open3d and the
-KD-tree compute), float32 on a GPU. Parity on CPU tensors, same fitted model (the test's
-synthetic parts, scores ~60): object score within 1.5e-5, point scores within 4.6e-5 of the
-numpy path, same patches (centres and neighbour sets); with float32 geometry (the GPU's dtype)
-up to 4e-3 (organized) to 9e-3 relative of the largest point score, from pairs moved across
-FPFH's source/target swap and float32 distance ties in a patch's 64th neighbour. On a CPU the
-torch path is slower (0.30 s vs 0.22 s per ~1 000-voxel frame, 1 thread): it is for GPUs.
-``fit`` runs on the CPU: with ``"auto"`` it takes the numpy path, with an explicit ``"torch"``
-the torch geometry on CPU tensors, so bank and block scales come from the features ``score``
-sees; the networks' training and the pseudo anomalies (cKDTree) are unchanged.
-
-Timings (``ScoreResult.timings``, seconds): ``fpfh`` (FPFH of the cloud), ``patches`` (kNN tree,
-patch extraction, FPFH pooling), ``encoder`` (f_θ on the patches), ``search`` (feature
-combination, memory-bank search, reweighting), ``classifier`` (g_φ with Eq. 8's perturbation),
-``upsample`` (patch scores upsampled, blurred and mapped to the points; not ``maps``, the
-daemon's own name for writing anomaly-map files).
-
-CPU defaults (a 4-class leave-one-out ``inspectd eval --zero-shot`` on the default synthetic
-dataset takes ~1.5 min on 2 shared cores): PointNet++ width 16 with 8 SA1 centres (~22 k
-parameters per network instead of the paper's 6.8 M), 8 epochs over at most 2048 normal +
-2048 pseudo-abnormal patches (batch 64 + 64, Adam lr 1e-3), POIs from at most 24
-task-irrelevant samples, coreset 10 %, torch limited to ``torch_threads`` = 1 intra-op thread
-inside ``fit`` / ``score`` (restored after; these networks are too small to gain from more, and
-on loaded shared cores 2 threads made a training step 8× slower, measured). The paper's values
-are kept where it gives them: p = 0.1 %, 784 patches of 8×8 at 224×224, τ = 0.07, λ1 = 1,
-λ2 = 100, PatchCore k = 3, ε = 0.1, σ = 4 blur, Adam, last epoch. Its missing ones are chosen
-here: adding / removing mix 0.5, negative : positive ratio 1 : 1, λ_d = λ_c = 1.
+"""3DzAL as the ``zeroshot`` scorer: anomaly maps for a product never seen in training.
+Design, paper sections, choices and measurements: docs/design/zeroshot.md.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -128,61 +15,30 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial import cKDTree
 
 from workers.backends import NetworkRunner
-from workers.components.fpfh import MIN_POINTS, check_points, fpfh_features, fpfh_features_torch
-from workers.components.memory_bank import MemoryBank, greedy_coreset
+from workers.base import Scorer, ScoreResult
+from workers.components.fpfh import MIN_POINTS, check_points, fpfh_features
 from workers.preprocess import PreparedCloud
-from workers.scorer import Scorer, ScoreResult, register
+from workers.zeroshot.fitting import fit_model
+from workers.zeroshot.params import ZeroShotParams
 from workers.zeroshot.patches import (
     IMAGE_SIZE,
-    DevicePatchSet,
     PatchSet,
     cloud_point_scores,
-    cloud_point_scores_t,
     extract_patches,
-    extract_patches_t,
-    normalize_patches,
     organized_point_scores,
-    organized_point_scores_t,
-    patch_radius,
 )
 from workers.zeroshot.pointnet2 import PointNet2
-from workers.zeroshot.pseudo_anomalies import NormalCloud, collect_pois, generate_pseudo_anomalies
-from workers.zeroshot.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet50, load_checkpoint
+from workers.zeroshot.resnet import IMAGENET_MEAN, IMAGENET_STD, ResNet50
+from workers.zeroshot.torch_model import FEATURE_DIM, ZeroShotModel
 from workers.zeroshot.training import (
-    TrainConfig,
     abnormal_probability,
-    abnormal_probability_tensor,
     encode,
     perturb,
-    train_networks,
 )
 
 log = logging.getLogger("inspectd.zeroshot")
-
-FPFH_DIM = 33
-GEOMETRY_IMPLS = ("auto", "numpy", "torch")
-"""``geometry_impl`` values (see the module docstring, "Device path")."""
-FEATURE_DIM = FPFH_DIM
-"""The learned feature has the FPFH's dimension so that Eq. 2's cosine is defined."""
-
-
-def parse_mix(mix: str | float) -> float:
-    """``pseudo_mix`` → the fraction of adding-point pseudo anomalies."""
-    if isinstance(mix, str):
-        named = {"adding": 1.0, "removing": 0.0, "both": 0.5}
-        if mix in named:
-            return named[mix]
-        try:
-            mix = float(mix)
-        except ValueError:
-            raise ValueError(f"pseudo_mix must be 'adding', 'removing', 'both' or a ratio in [0, 1], got {mix!r}") from None
-    m = float(mix)
-    if not 0.0 <= m <= 1.0:
-        raise ValueError(f"pseudo_mix ratio must be in [0, 1], got {m}")
-    return m
 
 
 @contextmanager
@@ -200,48 +56,28 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 @dataclass
-class _Prepared:
-    cloud: PreparedCloud
-    tree: cKDTree
-    fpfh: np.ndarray
-    patches: PatchSet
-    patch_fpfh: np.ndarray
-    xyz: np.ndarray
-    """P×k×3 float32 absolute patch points."""
-
-
-@dataclass
-class _DevicePrepared:
-    """:class:`_Prepared` of the device path: every array a tensor on the scorer's device."""
+class Prepared:
+    """One cloud's patches and features, every array a tensor on one device."""
 
     cloud: PreparedCloud
     points: torch.Tensor
     """M×3 voxel centroids in the geometry dtype (float64 on a CPU, float32 on a GPU)."""
     fpfh: torch.Tensor
-    """M×33 float32."""
-    patches: DevicePatchSet
+    """M×33: open3d's float64 on a CPU (faster there), ``workers.geometry``'s float32 on a GPU."""
+    patches: PatchSet
     patch_fpfh: torch.Tensor
-    """P×33 float32."""
+    """P×33 (FPFH's dtype)."""
     xyz: torch.Tensor
     """P×k×3 float32 absolute patch points."""
     source_flat: torch.Tensor | None
     voxel_of_source: torch.Tensor | None
     """Organized clouds: ``cloud``'s pixel → voxel arrays on the device (None otherwise)."""
 
-    def to_host(self) -> _Prepared:
-        """The numpy :class:`_Prepared` of the same patches (``fit``: pseudo anomalies need a KD-tree)."""
-        pts = self.cloud.points
-        return _Prepared(self.cloud, cKDTree(pts), self.fpfh.cpu().numpy(), self.patches.to_host(),
-                         self.patch_fpfh.cpu().numpy(), self.xyz.cpu().numpy())
 
-
-@register
 class ZeroShotScorer(Scorer):
-    """3DzAL (see the module docstring). Ablation knobs: ``use_learned``, ``use_classifier``,
-    ``use_perturbation``, ``pseudo_mix``, ``contrastive_weight``, ``disentangle_weight``.
-    ``geometry_impl`` ("auto" | "numpy" | "torch", saved with the params) picks the patch
-    pipeline: numpy/open3d on the CPU, or torch on the scorer's device (module docstring,
-    "Device path")."""
+    """3DzAL (docs/design/zeroshot.md). Ablation knobs: ``use_learned``, ``use_classifier``,
+    ``use_perturbation``, ``pseudo_mix``, ``contrastive_weight``, ``disentangle_weight``. One
+    pipeline, in torch on the scorer's device (the CPU, or the GPU of ``torch-cuda``)."""
 
     name = "zeroshot"
     version = "1.0.0"
@@ -250,214 +86,43 @@ class ZeroShotScorer(Scorer):
     """Its patches, pseudo-anomalies and published figures are on voxel-grid samples; on camera-grid
     blocks its toy dent test loses its margin, and that path is not measured for it."""
 
-    def __init__(
-        self,
-        voxel_size: float = 1.0,
-        patch_points: int = 64,
-        patch_mode: str = "auto",
-        min_cell_pixels: int = 8,
-        crop_to_part: bool = True,
-        unorganized_patches: int = 784,
-        patch_scale: str = "fixed",
-        fpfh_pool: str = "cell",
-        normal_radius_factor: float = 2.0,
-        feature_radius_factor: float = 5.0,
-        poi_percent: float = 0.1,
-        poi_max_sources: int = 24,
-        pseudo_mix: str | float = 0.5,
-        part_points: int = 24,
-        remove_ratio_min: float = 0.25,
-        remove_ratio_max: float = 0.6,
-        rotate_parts: bool = True,
-        negative_ratio: float = 1.0,
-        max_train_patches: int = 2048,
-        epochs: int = 8,
-        batch_positives: int = 64,
-        lr: float = 1e-3,
-        temperature: float = 0.07,
-        contrastive_weight: float = 1.0,
-        disentangle_weight: float = 100.0,
-        disentangle_centered: bool = False,
-        disentangle_warmup: float = 0.5,
-        width: int = 16,
-        use_learned: bool = True,
-        use_classifier: bool = True,
-        use_perturbation: bool = True,
-        perturbation_epsilon: float = 0.1,
-        perturbation_direction: str = "lower",
-        distance_weight: float = 1.0,
-        classifier_weight: float = 1.0,
-        learned_weight: float = 1.0,
-        rgb_checkpoint: str | None = None,
-        coreset_ratio: float = 0.1,
-        coreset_max: int = 20000,
-        coreset_projection_dim: int = 128,
-        reweight_neighbors: int = 3,
-        blur_sigma: float = 4.0,
-        cloud_blur_k: int = 16,
-        cloud_blur_sigma_factor: float = 2.0,
-        checkpoint_dir: str | None = None,
-        torch_threads: int = 1,
-        seed: int = 0,
-        geometry_impl: str = "auto",
-    ) -> None:
-        if voxel_size <= 0:
-            raise ValueError("voxel_size must be positive")
-        if patch_points < 4 or part_points < 1:
-            raise ValueError("patch_points must be >= 4 and part_points >= 1")
-        if not 0 < poi_percent <= 100:
-            raise ValueError("poi_percent must be in (0, 100]")
-        if not 0 <= remove_ratio_min <= remove_ratio_max < 1:
-            raise ValueError("need 0 <= remove_ratio_min <= remove_ratio_max < 1")
-        if perturbation_direction not in ("lower", "raise"):
-            raise ValueError("perturbation_direction must be 'lower' or 'raise'")
-        if patch_mode not in ("auto", "organized", "unorganized"):
-            raise ValueError("patch_mode must be auto, organized or unorganized")
-        if coreset_ratio <= 0 or coreset_max < 1 or negative_ratio <= 0 or epochs < 0:
-            raise ValueError("coreset_ratio, negative_ratio must be > 0, coreset_max >= 1, epochs >= 0")
-        if geometry_impl not in GEOMETRY_IMPLS:
-            raise ValueError(f"geometry_impl must be one of {GEOMETRY_IMPLS}, got {geometry_impl!r}")
-        parse_mix(pseudo_mix)
-        self.voxel_size = float(voxel_size)
-        self.patch_points = int(patch_points)
-        self.patch_mode = patch_mode
-        self.min_cell_pixels = int(min_cell_pixels)
-        self.crop_to_part = bool(crop_to_part)
-        self.unorganized_patches = int(unorganized_patches)
-        if patch_scale not in ("patch", "fixed"):
-            raise ValueError("patch_scale must be 'patch' or 'fixed'")
-        self.patch_scale = patch_scale
-        if fpfh_pool not in ("cell", "patch"):
-            raise ValueError("fpfh_pool must be 'cell' or 'patch'")
-        self.fpfh_pool = fpfh_pool
-        self.normal_radius_factor = float(normal_radius_factor)
-        self.feature_radius_factor = float(feature_radius_factor)
-        self.poi_percent = float(poi_percent)
-        self.poi_max_sources = int(poi_max_sources)
-        self.pseudo_mix = pseudo_mix if isinstance(pseudo_mix, str) else float(pseudo_mix)
-        self.part_points = int(part_points)
-        self.remove_ratio_min = float(remove_ratio_min)
-        self.remove_ratio_max = float(remove_ratio_max)
-        self.rotate_parts = bool(rotate_parts)
-        self.negative_ratio = float(negative_ratio)
-        self.max_train_patches = int(max_train_patches)
-        self.epochs = int(epochs)
-        self.batch_positives = int(batch_positives)
-        self.lr = float(lr)
-        self.temperature = float(temperature)
-        self.contrastive_weight = float(contrastive_weight)
-        self.disentangle_weight = float(disentangle_weight)
-        self.disentangle_centered = bool(disentangle_centered)
-        self.disentangle_warmup = float(disentangle_warmup)
-        self.width = int(width)
-        self.use_learned = bool(use_learned)
-        self.use_classifier = bool(use_classifier)
-        self.use_perturbation = bool(use_perturbation)
-        self.perturbation_epsilon = float(perturbation_epsilon)
-        self.perturbation_direction = perturbation_direction
-        self.distance_weight = float(distance_weight)
-        self.classifier_weight = float(classifier_weight)
-        self.learned_weight = float(learned_weight)
-        self.rgb_checkpoint = rgb_checkpoint
-        self.coreset_ratio = float(coreset_ratio)
-        self.coreset_max = int(coreset_max)
-        self.coreset_projection_dim = int(coreset_projection_dim)
-        self.reweight_neighbors = int(reweight_neighbors)
-        self.blur_sigma = float(blur_sigma)
-        self.cloud_blur_k = int(cloud_blur_k)
-        self.cloud_blur_sigma_factor = float(cloud_blur_sigma_factor)
-        self.checkpoint_dir = checkpoint_dir
-        self.torch_threads = int(torch_threads)
-        self.seed = int(seed)
-        self.geometry_impl = geometry_impl
+    Params = ZeroShotParams
 
-        self.encoder: PointNet2 | None = None
-        self.classifier: PointNet2 | None = None
-        self.rgb_model: ResNet50 | None = None
-        self._bank: MemoryBank | None = None
-        self._block_scale: np.ndarray | None = None
-        self._fpfh_mean: np.ndarray | None = None
-        self._dist_scale: float = 1.0
-        self._patch_scale: float = 1.0
+    def __init__(self, **params: Any) -> None:
+        super().__init__(**params)
+        self.model: ZeroShotModel | None = None
+        """Networks, memory bank and scales (``workers.zeroshot.torch_model``), on ``device``."""
         self.fit_info: dict[str, Any] = {}
         self.backend = "torch-cpu"
         self.device = torch.device("cpu")
         self._cache_dir: Path | None = None
-        self._dev_encoder: PointNet2 | None = None
-        self._dev_classifier: PointNet2 | None = None
-        """f_θ and g_φ on ``device`` (torch-cuda); None: the CPU modules themselves."""
         self._runners: dict[str, NetworkRunner] = {}
         """ONNX Runtime runners of f_θ / g_φ (``onnxruntime``)."""
 
     # -- state ---------------------------------------------------------------------------------
 
-    def params(self) -> dict[str, Any]:
-        keys = (
-            "voxel_size", "patch_points", "patch_mode", "min_cell_pixels", "crop_to_part", "unorganized_patches", "patch_scale", "fpfh_pool",
-            "normal_radius_factor", "feature_radius_factor", "poi_percent", "poi_max_sources", "pseudo_mix",
-            "part_points", "remove_ratio_min", "remove_ratio_max", "rotate_parts", "negative_ratio",
-            "max_train_patches", "epochs", "batch_positives", "lr", "temperature", "contrastive_weight",
-            "disentangle_weight", "disentangle_centered", "disentangle_warmup", "width", "use_learned", "use_classifier", "use_perturbation",
-            "perturbation_epsilon", "perturbation_direction", "distance_weight", "classifier_weight",
-            "learned_weight", "rgb_checkpoint", "coreset_ratio", "coreset_max", "coreset_projection_dim",
-            "reweight_neighbors", "blur_sigma", "cloud_blur_k", "cloud_blur_sigma_factor", "checkpoint_dir",
-            "torch_threads", "seed", "geometry_impl",
-        )
-        return {k: getattr(self, k) for k in keys}
-
     def tensors(self) -> dict[str, np.ndarray]:
-        if self._bank is None or self._block_scale is None or self._fpfh_mean is None:
+        if self.model is None or not self.model.fitted:
             raise RuntimeError("zeroshot is not fitted: nothing to save")
-        out: dict[str, np.ndarray] = {
-            "memory_bank": self._bank.array,
-            "block_scale": self._block_scale.astype(np.float32),
-            "fpfh_mean": self._fpfh_mean.astype(np.float32),
-            "dist_scale": np.asarray([self._dist_scale], dtype=np.float32),
-            "patch_scale": np.asarray([self._patch_scale], dtype=np.float32),
-        }
-        for prefix, net in (("encoder.", self.encoder), ("classifier.", self.classifier), ("rgb.", self.rgb_model)):
-            if net is not None:
-                out.update({prefix + k: v.detach().cpu().numpy() for k, v in net.state_dict().items()})
-        return out
+        return self.model.tensors()
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> ZeroShotScorer:
-        for key in ("memory_bank", "block_scale", "fpfh_mean", "dist_scale"):
-            if key not in tensors:
-                raise ValueError(f"zeroshot state has no {key!r} tensor")
         scorer = cls(**params)
-
-        def sub(prefix: str) -> dict[str, torch.Tensor]:
-            return {k[len(prefix):]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith(prefix)}
-
-        enc, clf, rgb = sub("encoder."), sub("classifier."), sub("rgb.")
-        if enc:
-            scorer.encoder = PointNet2(FEATURE_DIM, width=scorer.width)
-            scorer.encoder.load_state_dict(enc)
-            scorer.encoder.eval()
-        if clf:
-            scorer.classifier = PointNet2(2, width=scorer.width)
-            scorer.classifier.load_state_dict(clf)
-            scorer.classifier.eval()
-        if rgb:
-            scorer.rgb_model = ResNet50(width_per_group=int(rgb["layer1.0.conv1.weight"].shape[0]))
-            scorer.rgb_model.layer4 = torch.nn.Sequential()  # as fitted: the features stop at layer3
-            scorer.rgb_model.fc = torch.nn.Identity()
-            scorer.rgb_model.load_state_dict(rgb)
-            scorer.rgb_model.eval()
-        scorer._block_scale = np.asarray(tensors["block_scale"], dtype=np.float32)
-        scorer._fpfh_mean = np.asarray(tensors["fpfh_mean"], dtype=np.float32)
-        scorer._dist_scale = float(np.asarray(tensors["dist_scale"]).reshape(-1)[0])
-        if "patch_scale" in tensors:
-            scorer._patch_scale = float(np.asarray(tensors["patch_scale"]).reshape(-1)[0])
-        n_blocks = 1 + int(scorer.encoder is not None) + int(scorer.rgb_model is not None)
-        if len(scorer._block_scale) != n_blocks:
-            raise ValueError(f"zeroshot state: {len(scorer._block_scale)} block scales for {n_blocks} feature blocks")
-        scorer._set_bank(np.asarray(tensors["memory_bank"]))
+        scorer.model = ZeroShotModel.from_tensors(tensors, scorer.width)
         return scorer
 
-    def _set_bank(self, bank: np.ndarray) -> None:
-        self._bank = MemoryBank(bank, "cuda" if self.backend == "torch-cuda" else "cpu")
+    @property
+    def encoder(self) -> PointNet2 | None:
+        return None if self.model is None else self.model.encoder
+
+    @property
+    def classifier(self) -> PointNet2 | None:
+        return None if self.model is None else self.model.classifier
+
+    @property
+    def rgb_model(self) -> ResNet50 | None:
+        return None if self.model is None else self.model.rgb
 
     # -- backends ------------------------------------------------------------------------------
 
@@ -468,16 +133,10 @@ class ZeroShotScorer(Scorer):
         self.backend = backend
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.device = torch.device("cuda" if backend == "torch-cuda" else "cpu")
-        self._dev_encoder = self._dev_classifier = None
         self._runners = {}
-        if self._bank is not None:
-            self._bank = self._bank.to("cuda" if backend == "torch-cuda" else "cpu")
-        if backend == "torch-cuda":
-            if self.encoder is not None:
-                self._dev_encoder = copy.deepcopy(self.encoder).to(self.device).eval()
-            if self.classifier is not None:
-                self._dev_classifier = copy.deepcopy(self.classifier).to(self.device).eval()
-        elif backend == "onnxruntime":
+        if self.model is not None:
+            self.model.to(self.device)
+        if backend == "onnxruntime":
             from workers.backends import make_runner
 
             example = [torch.zeros(2, self.patch_points, 3).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))]
@@ -487,90 +146,48 @@ class ZeroShotScorer(Scorer):
         log.info("3DzAL networks on %s", backend)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        """f_θ's L2-normalized features of normalized patches (CPU tensor), on the chosen backend."""
+        """f_θ's L2-normalized features of normalized patches, on the chosen backend; the result on
+        ``x``'s device."""
         assert self.encoder is not None
-        if "encoder" in self._runners:
-            run = self._runners["encoder"].run
-            out = [F.normalize(torch.from_numpy(run(x[i : i + 1024])[0]), dim=1) for i in range(0, len(x), 1024)]
-            return torch.cat(out) if out else torch.zeros(0, 0)
-        if self._dev_encoder is not None:
-            return encode(self._dev_encoder, x.to(self.device)).cpu()
-        return encode(self.encoder, x)
+        if "encoder" in self._runners:  # ONNX Runtime runs on the host
+            run, xh = self._runners["encoder"].run, x.cpu()
+            out = [F.normalize(torch.from_numpy(run(xh[i : i + 1024])[0]), dim=1) for i in range(0, len(xh), 1024)]
+            return (torch.cat(out) if out else torch.zeros(0, FEATURE_DIM)).to(x.device)
+        return encode(self.encoder, x.to(_module_device(self.encoder))).to(x.device)
 
-    def _abnormal(self, x: torch.Tensor) -> np.ndarray:
-        """S_abnormal (Eq. 9–10) of normalized patches, on the chosen backend."""
+    def _abnormal(self, x: torch.Tensor) -> torch.Tensor:
+        """S_abnormal (Eq. 9–10) of normalized patches, on the chosen backend; the result on ``x``'s
+        device. Eq. 8's perturbation needs g_φ's input gradient, so it runs in torch even when
+        ONNX Runtime runs the final forward."""
         assert self.classifier is not None
         eps, pert, direction = self.perturbation_epsilon, self.use_perturbation, self.perturbation_direction
         if "classifier" in self._runners:
-            out = []
-            for i in range(0, len(x), 1024):
-                xb = x[i : i + 1024]
+            out, xh = [], x.cpu()
+            for i in range(0, len(xh), 1024):
+                xb = xh[i : i + 1024]
                 if pert and eps > 0:
-                    xb = perturb(self.classifier, xb, eps, direction)  # needs input gradients: torch
+                    xb = perturb(self.classifier, xb, eps, direction)
                 logits = torch.from_numpy(self._runners["classifier"].run(xb)[0])
                 out.append(torch.softmax(logits, dim=1)[:, 1])
-            return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
-        if self._dev_classifier is not None:
-            return abnormal_probability(self._dev_classifier, x.to(self.device), eps, pert, direction)
-        return abnormal_probability(self.classifier, x, eps, pert, direction)
-
-    def _encode_t(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`_encode` for the device path: ``x`` and the result on ``x``'s device."""
-        assert self.encoder is not None
-        if "encoder" in self._runners:  # ONNX Runtime runs on the host
-            return self._encode(x.cpu()).to(x.device)
-        net = self._dev_encoder if self._dev_encoder is not None else self.encoder
-        return encode(net, x.to(_module_device(net))).to(x.device)
-
-    def _abnormal_t(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`_abnormal` for the device path: Eq. 8's perturbation and g_φ on ``x``'s device
-        (ONNX Runtime: on the host, as :meth:`_abnormal`)."""
-        assert self.classifier is not None
-        if "classifier" in self._runners:
-            return torch.from_numpy(self._abnormal(x.cpu())).to(x.device)
-        net = self._dev_classifier if self._dev_classifier is not None else self.classifier
-        p = abnormal_probability_tensor(net, x.to(_module_device(net)), self.perturbation_epsilon,
-                                        self.use_perturbation, self.perturbation_direction)
-        return p.to(x.device)
-
-    @property
-    def geometry_path(self) -> str:
-        """The patch pipeline in use for ``score``: ``geometry_impl`` with ``auto`` resolved by the
-        device (``torch`` on a GPU, ``numpy`` — the reference CPU path — otherwise)."""
-        if self.geometry_impl != "auto":
-            return self.geometry_impl
-        return "numpy" if self.device.type == "cpu" else "torch"
+            return (torch.cat(out).float() if out else torch.zeros(0)).to(x.device)
+        net = self.classifier
+        return abnormal_probability(net, x.to(_module_device(net)), eps, pert, direction).to(x.device)
 
     @property
     def fitted(self) -> bool:
-        return self._bank is not None
+        return self.model is not None and self.model.fitted
 
     @property
     def memory_bank_size(self) -> int:
-        return 0 if self._bank is None else len(self._bank)
+        return 0 if self.model is None else int(self.model.memory_bank.shape[0])
 
     # -- features ------------------------------------------------------------------------------
 
-    def _normalize(self, xyz: np.ndarray) -> torch.Tensor:
+    def _normalize(self, xyz: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Network input: per-patch unit ball, or (``patch_scale="fixed"``) the median radius of
         the normal training patches as one length for all patches."""
-        return normalize_patches(xyz, self._patch_scale if self.patch_scale == "fixed" else None)
-
-    def _prepare(self, cloud: PreparedCloud, timings: dict[str, float] | None = None) -> _Prepared:
-        t0 = time.perf_counter()
-        fpfh = fpfh_features(cloud.points, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor)
-        t1 = time.perf_counter()
-        tree = cKDTree(cloud.points)
-        patches = extract_patches(
-            cloud, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels, tree,
-            self.crop_to_part,
-        )
-        prep = _Prepared(
-            cloud, tree, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), cloud.points[patches.neighbors]
-        )
-        if timings is not None:
-            timings.update({"fpfh": t1 - t0, "patches": time.perf_counter() - t1})
-        return prep
+        assert self.model is not None
+        return self.model.normalize(xyz, self.patch_scale == "fixed")
 
     def _geometry_points(self, cloud: PreparedCloud, device: torch.device) -> torch.Tensor:
         """``cloud``'s voxel centroids on ``device`` for the device path: float64 on a CPU (the
@@ -585,27 +202,27 @@ class ZeroShotScorer(Scorer):
             check_points(np.asarray(cloud.points))  # raises with the CPU path's message
         return pts
 
-    def _prepare_t(
+    def _prepare(
         self, cloud: PreparedCloud, timings: dict[str, float] | None = None, device: torch.device | None = None
-    ) -> _DevicePrepared:
-        """:meth:`_prepare` in torch on ``device`` (default: the scorer's): FPFH by
-        ``workers.geometry`` (``workers.components.fpfh.fpfh_features_torch``), patches by ``extract_patches_t``."""
+    ) -> Prepared:
+        """FPFH and patches of ``cloud`` on ``device`` (default: the scorer's; FPFH by open3d on a
+        CPU, where it is faster, by ``workers.geometry`` on a GPU)."""
         dev = self.device if device is None else device
         t0 = time.perf_counter()
         pts = self._geometry_points(cloud, dev)
-        fpfh = fpfh_features_torch(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor).float()
+        fpfh = fpfh_features(pts, self.voxel_size, self.normal_radius_factor, self.feature_radius_factor).to(pts.dtype)
         _sync(dev)
         t1 = time.perf_counter()
         sf = vs = None
         if cloud.frame is not None and cloud.frame.organized and self.patch_mode != "unorganized":
             sf = torch.from_numpy(np.asarray(cloud.source_flat)).to(dev).long()
             vs = torch.from_numpy(np.asarray(cloud.voxel_of_source)).to(dev).long()
-        patches = extract_patches_t(
+        patches = extract_patches(
             cloud, pts, self.patch_points, self.patch_mode, self.unorganized_patches, self.min_cell_pixels,
             self.crop_to_part, sf, vs,
         )
         xyz = pts.float()[patches.neighbors]
-        prep = _DevicePrepared(cloud, pts, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), xyz, sf, vs)
+        prep = Prepared(cloud, pts, fpfh, patches, patches.pooled(fpfh, self.fpfh_pool), xyz, sf, vs)
         _sync(dev)
         if timings is not None:
             timings.update({"fpfh": t1 - t0, "patches": time.perf_counter() - t1})
@@ -618,42 +235,26 @@ class ZeroShotScorer(Scorer):
         frame = cloud.frame
         if frame is None or not frame.organized or frame.rgb is None:
             raise ValueError("the zeroshot model has an RGB branch: every cloud needs an organized frame with RGB")
-        img = torch.from_numpy(np.ascontiguousarray(frame.rgb)).permute(2, 0, 1)[None].float() / 255.0
+        dev = next(self.rgb_model.parameters()).device
+        img = torch.from_numpy(np.ascontiguousarray(frame.rgb)).permute(2, 0, 1)[None].float().to(dev) / 255.0
         img = F.interpolate(img, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", align_corners=False)
-        img = (img - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        img = (img - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(
+            IMAGENET_STD, device=dev).view(1, 3, 1, 1)
         feats = self.rgb_model.forward_features(img, ("layer2", "layer3"))
         l2 = F.avg_pool2d(feats["layer2"], 3, 1, 1)
         l3 = F.avg_pool2d(feats["layer3"], 3, 1, 1)
         l3 = F.interpolate(l3, size=l2.shape[-2:], mode="bilinear", align_corners=False)
         out = torch.cat([l2, l3], dim=1)[0]
-        return out.reshape(out.shape[0], -1).T.numpy()
+        return out.reshape(out.shape[0], -1).T.cpu().numpy()
 
-    def _blocks(self, prep: Sequence[_Prepared], timings: dict[str, float] | None = None) -> list[np.ndarray]:
-        """The raw feature blocks (FPFH, learned, RGB as present) of the patches of ``prep``."""
-        t0 = time.perf_counter()
-        blocks = [np.concatenate([p.patch_fpfh for p in prep]).astype(np.float32)]
-        if self.encoder is not None:
-            x = self._normalize(np.concatenate([p.xyz for p in prep]))
-            blocks.append(self._encode(x).numpy())
-        if timings is not None:
-            timings["encoder"] = time.perf_counter() - t0
-        if self.rgb_model is not None:
-            rgb = []
-            for p in prep:
-                if p.patches.cells is None:
-                    raise ValueError("the zeroshot model has an RGB branch: it needs organized patches")
-                rgb.append(self._rgb_cells(p.cloud)[p.patches.cells])
-            blocks.append(np.concatenate(rgb).astype(np.float32))
-        return blocks
-
-    def _blocks_t(self, prep: _DevicePrepared, timings: dict[str, float] | None = None) -> list[torch.Tensor]:
-        """:meth:`_blocks` of one device-prepared cloud, as tensors on its device (the RGB
-        branch, when present, runs on the CPU and its cell features are uploaded)."""
+    def _blocks(self, prep: Prepared, timings: dict[str, float] | None = None) -> list[torch.Tensor]:
+        """The raw feature blocks (FPFH, learned, RGB as present) of one cloud's patches, float32
+        on its device (the RGB branch, when present, runs on the CPU; its cell features are uploaded)."""
         dev = prep.xyz.device
         t0 = time.perf_counter()
         blocks = [prep.patch_fpfh.float()]
         if self.encoder is not None:
-            blocks.append(self._encode_t(self._normalize(prep.xyz)))
+            blocks.append(self._encode(self._normalize(prep.xyz)))
         _sync(dev)
         if timings is not None:
             timings["encoder"] = time.perf_counter() - t0
@@ -664,25 +265,6 @@ class ZeroShotScorer(Scorer):
             blocks.append(torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).to(dev))
         return blocks
 
-    def _combine_t(self, blocks: list[torch.Tensor]) -> torch.Tensor:
-        """:meth:`_combine` on the blocks' device."""
-        assert self._block_scale is not None
-        weights = [1.0] + ([self.learned_weight] if self.encoder is not None else []) + (
-            [1.0] if self.rgb_model is not None else []
-        )
-        return torch.cat(
-            [b / float(s) * w for b, s, w in zip(blocks, self._block_scale, weights, strict=True)], dim=1
-        ).float()
-
-    def _combine(self, blocks: list[np.ndarray]) -> np.ndarray:
-        assert self._block_scale is not None
-        weights = [1.0] + ([self.learned_weight] if self.encoder is not None else []) + (
-            [1.0] if self.rgb_model is not None else []
-        )
-        return np.concatenate(
-            [b / s * w for b, s, w in zip(blocks, self._block_scale, weights, strict=True)], axis=1
-        ).astype(np.float32)
-
     # -- fit -----------------------------------------------------------------------------------
 
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
@@ -690,7 +272,6 @@ class ZeroShotScorer(Scorer):
         patches; POIs from ``clouds`` too, only attached across products)."""
         with torch_threads(self.torch_threads):
             self._fit(clouds, None, progress)
-        self._restore_backend()
 
     def fit_zero_shot(
         self, train: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud], progress: bool = False
@@ -701,233 +282,37 @@ class ZeroShotScorer(Scorer):
             raise ValueError("fit_zero_shot needs task-irrelevant auxiliary clouds")
         with torch_threads(self.torch_threads):
             self._fit(train, auxiliary, progress)
-        self._restore_backend()
-
-    def _restore_backend(self) -> None:
-        """After ``fit`` (on torch-cpu, fresh networks and bank): set the chosen backend up again."""
-        if self.backend != "torch-cpu":
-            self.use_backend(self.backend, self._cache_dir)
-
-    def _prepare_fit(self, cloud: PreparedCloud) -> _Prepared:
-        """A training cloud's patches. ``fit`` runs on the CPU, so ``geometry_impl="auto"`` takes
-        the numpy path there; an explicit ``"torch"`` runs the device path's geometry on CPU
-        tensors, so the bank and the block scales come from the features ``score`` will see."""
-        if self.geometry_impl == "torch":
-            return self._prepare_t(cloud, device=torch.device("cpu")).to_host()
-        return self._prepare(cloud)
 
     def _fit(
         self, clouds: Sequence[PreparedCloud], auxiliary: Sequence[PreparedCloud] | None, progress: bool
     ) -> None:
-        from tqdm import tqdm
-
-        if len(clouds) == 0:
-            raise ValueError("zeroshot needs at least one good training cloud")
-        self._dev_encoder = self._dev_classifier = None  # fit runs on the CPU modules
-        self._runners = {}
-        t0 = time.perf_counter()
-        rng = np.random.default_rng(self.seed)
-        prep = [self._prepare_fit(c)
-                for c in tqdm(clouds, desc="3dzal fpfh+patches", disable=not progress, leave=False)]
-        t1 = time.perf_counter()
-        info: dict[str, Any] = {"n_clouds": len(clouds), "n_patches": int(sum(len(p.patches) for p in prep))}
-        all_fpfh = np.concatenate([p.patch_fpfh for p in prep])
-        self._fpfh_mean = all_fpfh.mean(axis=0).astype(np.float32)
-
-        self.encoder = self.classifier = None
-        if self.use_learned or self.use_classifier:
-            self._train(prep, clouds, auxiliary, rng, progress, info)
-        t2 = time.perf_counter()
-
-        self.rgb_model = self._load_rgb(clouds, prep)
-        blocks = self._blocks(prep)
-        rms = [max(float(np.sqrt(((b - b.mean(axis=0)) ** 2).sum(axis=1).mean())), 1e-6) for b in blocks]
-        if self.encoder is not None:
-            rms[1] = 1.0  # the learned block stays on its unit sphere (see the module docstring)
-        self._block_scale = np.asarray(rms, dtype=np.float32)
-        bank = self._combine(blocks)
-        n_keep = self._coreset_size(len(bank))
-        idx = np.arange(len(bank))
-        if n_keep < len(bank):
-            idx = greedy_coreset(bank, n_keep, self.coreset_projection_dim, self.seed, progress)
-        self._set_bank(bank[idx])
-        self._dist_scale = self._distance_scale(bank, idx)
-        t3 = time.perf_counter()
-        info.update(
-            {
-                "memory_bank": [int(self.memory_bank_size), int(bank.shape[1])],
-                "dist_scale": self._dist_scale,
-                "block_scale": self._block_scale.tolist(),
-                "rgb_branch": self.rgb_model is not None,
-                "seconds": {"features": t1 - t0, "train": t2 - t1, "bank": t3 - t2},
-            }
-        )
-        self.fit_info = info
-        log.info("3DzAL fitted: %s", {k: v for k, v in info.items() if k != "history"})
-
-    def _coreset_size(self, n: int) -> int:
-        if self.coreset_ratio >= 1.0:
-            return min(n, self.coreset_max)
-        return min(n, self.coreset_max, max(1, int(self.coreset_ratio * n)))
-
-    def _distance_scale(self, bank: np.ndarray, kept: np.ndarray) -> float:
-        """Mean distance of the left-out training patches to the coreset (see the module docstring)."""
-        assert self._bank is not None
-        rest = np.setdiff1d(np.arange(len(bank)), kept)
-        if len(rest):
-            d = self._bank.nearest_distances(self._bank.centre(torch.from_numpy(bank[rest]))).cpu()
-        else:
-            if len(bank) < 2:
-                return 1.0
-            t = torch.from_numpy(bank)
-            d = torch.cat(
-                [torch.cdist(t[i : i + 1024], t).scatter_(1, torch.arange(i, min(i + 1024, len(t)))[:, None], float("inf"))
-                 .amin(dim=1) for i in range(0, len(t), 1024)]
-            )
-        scale = float(d.mean())
-        return scale if scale > 1e-9 else 1.0
-
-    def _train(
-        self,
-        prep: Sequence[_Prepared],
-        clouds: Sequence[PreparedCloud],
-        auxiliary: Sequence[PreparedCloud] | None,
-        rng: np.random.Generator,
-        progress: bool,
-        info: dict[str, Any],
-    ) -> None:
-        # positives: the normal patches (a random subset of at most max_train_patches)
-        xyz = np.concatenate([p.xyz for p in prep])
-        fp = np.concatenate([p.patch_fpfh for p in prep])
-        if self.disentangle_centered:
-            fp = fp - self._fpfh_mean
-        sel = rng.permutation(len(xyz))[: self.max_train_patches] if self.max_train_patches > 0 else np.arange(len(xyz))
-        if self.patch_scale == "fixed":
-            self._patch_scale = float(patch_radius(xyz[sel]).median())
-        positives = self._normalize(xyz[sel])
-        positive_fpfh = torch.from_numpy(np.ascontiguousarray(fp[sel], dtype=np.float32))
-
-        # negatives: pseudo anomalies; POIs from task-irrelevant data
-        products = [_product(c) for c in clouds]
-        if auxiliary is None:
-            sources = list(clouds)
-            if len(set(products)) < 2:
-                log.warning("3DzAL: all training clouds are one product (%r): points of interest are taken from it, "
-                            "there is no task-irrelevant data", products[0])
-        else:
-            sources = list(auxiliary)
-        sources = _stratified(sources, self.poi_max_sources, rng)
-        mix = parse_mix(self.pseudo_mix)
-        t0 = time.perf_counter()
-        pool = collect_pois(sources, self.poi_percent / 100.0, seed=self.seed, crop=self.crop_to_part) if mix > 0 else None
-        t1 = time.perf_counter()
-        normals = [NormalCloud(p.cloud.points, p.tree, products[i]) for i, p in enumerate(prep)]
-        n_neg = max(1, int(round(self.negative_ratio * len(sel))))
-        if pool is None:  # removing-only: no POIs needed
-            from workers.zeroshot.pseudo_anomalies import PoiPool
-
-            pool = PoiPool([], [], [], [])
-        neg, kind = generate_pseudo_anomalies(
-            normals, pool, n_neg, self.patch_points, mix, self.part_points,
-            (self.remove_ratio_min, self.remove_ratio_max), self.rotate_parts, rng,
-        )
-        negatives = self._normalize(neg)
-        t2 = time.perf_counter()
-        cfg = TrainConfig(
-            epochs=self.epochs, batch_positives=self.batch_positives, lr=self.lr, temperature=self.temperature,
-            contrastive_weight=self.contrastive_weight, disentangle_weight=self.disentangle_weight,
-            disentangle_warmup=self.disentangle_warmup,
-            feature_dim=FEATURE_DIM, width=self.width, seed=self.seed,
-        )
-        self.encoder, self.classifier, history = train_networks(
-            positives, positive_fpfh, negatives, cfg, self.use_learned, self.use_classifier, progress,
-            self.checkpoint_dir,
-        )
-        t3 = time.perf_counter()
-        info.update(
-            {
-                "n_positives": len(sel),
-                "n_negatives": int(n_neg),
-                "n_adding": int(kind.sum()),
-                "poi_sources": len(sources),
-                "n_pois": int(sum(len(p) for p in pool.poi)),
-                "history": history,
-                "train_seconds": {"pois": t1 - t0, "pseudo": t2 - t1, "networks": t3 - t2},
-            }
-        )
-
-    def _load_rgb(self, clouds: Sequence[PreparedCloud], prep: Sequence[_Prepared]) -> ResNet50 | None:
-        if not self.rgb_checkpoint:
-            log.info("3DzAL: RGB branch left out (no rgb_checkpoint: no local ImageNet checkpoint given; "
-                     "nothing is downloaded)")
-            return None
-        ok = all(c.frame is not None and c.frame.organized and c.frame.rgb is not None for c in clouds) and all(
-            p.patches.organized for p in prep
-        )
-        if not ok:
-            log.warning("3DzAL: RGB branch left out: not every training frame is organized with an RGB image")
-            return None
-        try:
-            model = load_checkpoint(self.rgb_checkpoint)
-        except (OSError, ValueError) as exc:  # the operator asked for the RGB branch: do not drop it silently
-            raise ValueError(f"3DzAL: rgb_checkpoint {self.rgb_checkpoint} cannot be used ({exc}); give a local "
-                             "ImageNet ResNet-50 checkpoint or leave rgb_checkpoint empty") from exc
-        log.info("3DzAL: RGB branch on (%s)", self.rgb_checkpoint)
-        # keep only what the features use (no layer4 / fc in the artifact)
-        model.layer4 = torch.nn.Sequential()
-        model.fc = torch.nn.Identity()  # type: ignore[assignment]
-        return model
+        """Fit on the CPU (``workers.zeroshot.fitting``), then set the chosen backend up again."""
+        self.device, self._runners = torch.device("cpu"), {}
+        self.fit_info = fit_model(self, clouds, auxiliary, progress)
+        self.use_backend(self.backend, self._cache_dir)
 
     # -- score ---------------------------------------------------------------------------------
 
-    def patch_scores(
-        self, prep: _Prepared, timings: dict[str, float] | None = None
-    ) -> tuple[np.ndarray, np.ndarray, float]:
-        """(distance score per patch / dist_scale, S_abnormal per patch (zeros without a
-        classifier), PatchCore's weight w of the maximal patch)."""
-        assert self._bank is not None
-        inner: dict[str, float] = {}
-        blocks = self._blocks([prep], inner)
-        t0 = time.perf_counter()
-        feats = self._combine(blocks)
-        q = self._bank.centre(torch.from_numpy(feats))
-        dist = self._bank.nearest_distances(q).cpu().numpy() / self._dist_scale
-        star = int(np.argmax(dist))
-        w = self._bank.reweight(q[star], self.reweight_neighbors)
-        t1 = time.perf_counter()
-        if self.use_classifier and self.classifier is not None:
-            cls = self._abnormal(self._normalize(prep.xyz))
-        else:
-            cls = np.zeros(len(dist), dtype=np.float32)
-        if timings is not None:
-            timings.update({"encoder": inner.get("encoder", 0.0), "search": t1 - t0,
-                            "classifier": time.perf_counter() - t1})
-        return dist.astype(np.float32), cls, w
-
     def score(self, cloud: PreparedCloud) -> ScoreResult:
-        if self._bank is None:
+        if not self.fitted:
             raise RuntimeError("zeroshot is not fitted: call fit() or load an artifact first")
         with torch_threads(self.torch_threads):
             return self._score(cloud)
 
-    def _patch_scores_t(
-        self, prep: _DevicePrepared, timings: dict[str, float] | None = None
+    def patch_scores(
+        self, prep: Prepared, timings: dict[str, float] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """:meth:`patch_scores` on the device: (distance / dist_scale, S_abnormal) as float32
-        tensors on the scorer's device, and PatchCore's weight w."""
-        assert self._bank is not None
+        """(distance score per patch / dist_scale, S_abnormal per patch (zeros without a
+        classifier)) as float32 tensors on ``prep``'s device, and PatchCore's weight w of the maximal patch."""
+        assert self.model is not None
         dev = prep.xyz.device
         inner: dict[str, float] = {}
-        blocks = self._blocks_t(prep, inner)
+        blocks = self._blocks(prep, inner)
         t0 = time.perf_counter()
-        feats = self._combine_t(blocks)
-        q = self._bank.centre(feats)
-        dist = (self._bank.nearest_distances(q) / self._dist_scale).to(dev)
-        star = int(torch.argmax(dist))
-        w = self._bank.reweight(q[star], self.reweight_neighbors)
+        dist, w = self.model.distances(self.model.combine(blocks, self.learned_weight), self.reweight_neighbors)
         t1 = time.perf_counter()
         if self.use_classifier and self.classifier is not None:
-            cls = self._abnormal_t(self._normalize(prep.xyz))
+            cls = self._abnormal(self._normalize(prep.xyz))
         else:
             cls = torch.zeros(dist.shape[0], dtype=torch.float32, device=dev)
         _sync(dev)
@@ -936,33 +321,9 @@ class ZeroShotScorer(Scorer):
                             "classifier": time.perf_counter() - t1})
         return dist.float(), cls, w
 
-    def _score_t(self, cloud: PreparedCloud) -> ScoreResult:
-        """The device path of :meth:`score` (see the module docstring): one upload of the points
-        (none when the frame was prepared on the device), the per-point scores and two scalars back."""
-        timings: dict[str, float] = {}
-        prep = self._prepare_t(cloud, timings)
-        dist, cls, w = self._patch_scores_t(prep, timings)
-        t2 = time.perf_counter()
-        use_c = self.use_classifier and self.classifier is not None
-        lam_c = self.classifier_weight if use_c else 0.0
-        values = self.distance_weight * dist + lam_c * cls
-        if prep.patches.organized:
-            points = organized_point_scores_t(values, prep.patches, cloud, self.blur_sigma, prep.source_flat,
-                                              prep.voxel_of_source)
-        else:
-            points = cloud_point_scores_t(values, prep.patches, prep.points, self.cloud_blur_k,
-                                          self.cloud_blur_sigma_factor * self.voxel_size)
-        maxima = torch.stack([dist.max(), cls.max() if cls.numel() else dist.new_zeros(())]).tolist()
-        s_dist = w * float(maxima[0])  # Eq. 4–6
-        s_cls = float(maxima[1]) if use_c else 0.0  # Eq. 9
-        obj = self.distance_weight * s_dist + lam_c * s_cls  # Eq. 12
-        point_scores = points.cpu().numpy().astype(np.float32)
-        t3 = time.perf_counter()
-        return ScoreResult(object_score=float(obj), point_scores=point_scores, timings={**timings, "upsample": t3 - t2})
-
     def _score(self, cloud: PreparedCloud) -> ScoreResult:
-        if self.geometry_path == "torch":
-            return self._score_t(cloud)
+        """One upload of the points (none when the frame was prepared on the device), the
+        per-point scores and two scalars back."""
         timings: dict[str, float] = {}
         prep = self._prepare(cloud, timings)
         dist, cls, w = self.patch_scores(prep, timings)
@@ -971,21 +332,18 @@ class ZeroShotScorer(Scorer):
         lam_c = self.classifier_weight if use_c else 0.0
         values = self.distance_weight * dist + lam_c * cls
         if prep.patches.organized:
-            points = organized_point_scores(values, prep.patches, cloud, self.blur_sigma)
+            points = organized_point_scores(values, prep.patches, cloud, self.blur_sigma, prep.source_flat,
+                                              prep.voxel_of_source)
         else:
-            points = cloud_point_scores(
-                values, prep.patches, cloud.points, prep.tree, self.cloud_blur_k,
-                self.cloud_blur_sigma_factor * self.voxel_size,
-            )
-        s_dist = w * float(dist.max())  # Eq. 4–6
-        s_cls = float(cls.max()) if use_c else 0.0  # Eq. 9
+            points = cloud_point_scores(values, prep.patches, prep.points, self.cloud_blur_k,
+                                          self.cloud_blur_sigma_factor * self.voxel_size)
+        maxima = torch.stack([dist.max(), cls.max() if cls.numel() else dist.new_zeros(())]).tolist()
+        s_dist = w * float(maxima[0])  # Eq. 4–6
+        s_cls = float(maxima[1]) if use_c else 0.0  # Eq. 9
         obj = self.distance_weight * s_dist + lam_c * s_cls  # Eq. 12
+        point_scores = points.cpu().numpy().astype(np.float32)
         t3 = time.perf_counter()
-        return ScoreResult(
-            object_score=float(obj),
-            point_scores=points.astype(np.float32),
-            timings={**timings, "upsample": t3 - t2},
-        )
+        return ScoreResult(object_score=float(obj), point_scores=point_scores, timings={**timings, "upsample": t3 - t2})
 
 
 def _module_device(net: torch.nn.Module) -> torch.device:
@@ -996,23 +354,3 @@ def _sync(device: torch.device) -> None:
     """Wait for the device's queued work, so stage timings are not just launch times (CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _product(cloud: PreparedCloud) -> str:
-    return cloud.frame.meta.product if cloud.frame is not None else ""
-
-
-def _stratified(clouds: Sequence[PreparedCloud], n: int, rng: np.random.Generator) -> list[PreparedCloud]:
-    """At most ``n`` clouds, drawn round-robin over products (each product's order shuffled)."""
-    if n <= 0 or len(clouds) <= n:
-        return list(clouds)
-    by: dict[str, list[int]] = {}
-    for i, c in enumerate(clouds):
-        by.setdefault(_product(c), []).append(i)
-    queues = [list(rng.permutation(v)) for _, v in sorted(by.items())]
-    out: list[int] = []
-    while len(out) < n:
-        for q in queues:
-            if q and len(out) < n:
-                out.append(int(q.pop()))
-    return [clouds[i] for i in sorted(out)]

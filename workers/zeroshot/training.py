@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,7 +56,6 @@ __all__ = [
     "encode",
     "perturb",
     "abnormal_probability",
-    "abnormal_probability_tensor",
 ]
 
 
@@ -206,22 +204,9 @@ def abnormal_probability(
     use_perturbation: bool = True,
     direction: str = "lower",
     batch: int = 1024,
-) -> np.ndarray:
-    """S_abnormal of every normalized patch, after the Eq. 8 perturbation when asked (Eq. 9–10)."""
-    p = abnormal_probability_tensor(classifier, x, epsilon, use_perturbation, direction, batch)
-    return p.cpu().numpy().astype(np.float32)
-
-
-def abnormal_probability_tensor(
-    classifier: nn.Module,
-    x: torch.Tensor,
-    epsilon: float = 0.1,
-    use_perturbation: bool = True,
-    direction: str = "lower",
-    batch: int = 1024,
 ) -> torch.Tensor:
-    """:func:`abnormal_probability` left on the device of ``x`` (P float32 tensor): the device path
-    keeps the perturbation (forward + backward of g_φ), the final forward and the scores there."""
+    """S_abnormal of every normalized patch, after the Eq. 8 perturbation when asked (Eq. 9–10):
+    a P float32 tensor on the device of ``x`` (perturbation, forward and scores all run there)."""
     classifier.eval()
     out = []
     for i in range(0, len(x), batch):

@@ -44,8 +44,8 @@ import torch
 from scipy import ndimage
 
 from sensors.frame import Frame
+from workers.base import Scorer
 from workers.preprocess import PreparedCloud, PreprocessParams, prepare
-from workers.scorer import Scorer
 
 DENSE_FILL_PX = 3
 """How far (pixels) a dense organized map extends past the scored pixels (see the module doc)."""

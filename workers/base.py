@@ -1,10 +1,11 @@
-"""The scorer interface every model implements, its registry, and its artifact format.
+"""The scorer interface every model implements, and its artifact format.
 
 A scorer learns what good parts of one product look like (``fit``) and says how anomalous a
 new part is, as one object score and one score per point (``score``). It sees clouds that
 ``workers.preprocess.prepare`` already cleaned (valid points, background plane removed,
-voxel-downsampled); ``workers.frame_scoring`` maps its per-point scores back to every input
-pixel or point. PatchCore-FPFH, IMRNet and 3DzAL all plug in here.
+voxel-downsampled); ``workers.score_frame`` maps its per-point scores back to every input
+pixel or point. PatchCore-FPFH, IMRNet, 3DzAL and scorers from other packages all plug in here;
+``workers.registry`` finds them by name.
 
 Artifacts are a directory holding ``model.safetensors`` (named float/int tensors) and
 ``meta.json`` (artifact ``format_version``, scorer name, version, parameters, a hash of the
@@ -28,8 +29,9 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from safetensors.numpy import load, save_file
+from safetensors.numpy import save_file
 
+from workers.params import ScorerParams
 from workers.preprocess import PreparedCloud
 
 MODEL_FILE = "model.safetensors"
@@ -71,6 +73,19 @@ class Scorer(ABC):
     """``PreprocessParams`` fields this scorer is always enrolled and evaluated with, whatever the
     config says (a model keeps its preprocessing, so it is served with them too)."""
 
+    Params: ClassVar[type[ScorerParams]] = ScorerParams
+    """The scorer's parameter model (``workers.params``): validates the constructor's keywords."""
+
+    def __init__(self, **params: Any) -> None:
+        self.hparams = self.Params(**params)
+
+    def __getattr__(self, name: str) -> Any:
+        """A parameter reads as an attribute (``self.voxel_size``); only called for names not set."""
+        hparams = self.__dict__.get("hparams")
+        if hparams is not None and name in type(hparams).model_fields:
+            return getattr(hparams, name)
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
     batch_devices: ClassVar[tuple[str, ...]] = ()
     """Device types (``"cpu"``, ``"cuda"``) where ``score_many`` shares work over a batch and was
     measured to pay (``inspectd bench --batch``). Elsewhere the worker scores a batch part by part
@@ -101,9 +116,9 @@ class Scorer(ABC):
     def score(self, cloud: PreparedCloud) -> ScoreResult:
         """Score one part; ``point_scores`` is aligned to ``cloud.points``."""
 
-    @abstractmethod
     def params(self) -> dict[str, Any]:
         """The hyper-parameters, JSON-serializable, enough to rebuild an unfitted scorer."""
+        return self.hparams.model_dump(mode="json")
 
     @abstractmethod
     def tensors(self) -> dict[str, np.ndarray]:
@@ -131,31 +146,6 @@ class Scorer(ABC):
         }
         (d / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
         return d
-
-
-_REGISTRY: dict[str, type[Scorer]] = {}
-
-
-def register(cls: type[Scorer]) -> type[Scorer]:
-    """Class decorator: make a scorer available by its ``name`` (config, CLI, artifacts)."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def scorer_class(name: str) -> type[Scorer]:
-    """The scorer class registered under ``name``; a clear error lists the known ones."""
-    import workers.scorers  # noqa: F401  (registers the built-in scorers)
-
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown scorer {name!r}; known: {sorted(_REGISTRY)}") from None
-
-
-def available_scorers() -> list[str]:
-    import workers.scorers  # noqa: F401
-
-    return sorted(_REGISTRY)
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
@@ -190,39 +180,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def load_scorer(directory: str | Path) -> Scorer:
-    """Load a fitted scorer from an artifact directory written by ``Scorer.save``.
-
-    Strict: the format version must match, ``model.safetensors`` must have the checksum in
-    ``meta.json``, and the scorer must accept the whole state. Any failure is an
-    ``ArtifactError`` naming the directory; nothing half-loaded is returned.
-    """
-    meta = read_meta(directory)
-    check_format(meta, directory)
-    path = Path(directory) / MODEL_FILE
-    if not path.is_file():
-        raise ArtifactError(f"model artifact {directory} has no {MODEL_FILE}: re-enroll")
-    return scorer_from_bytes(meta, path.read_bytes(), directory)
-
-
-def scorer_from_bytes(meta: dict[str, Any], model: bytes, where: str | Path) -> Scorer:
-    """Rebuild a fitted scorer from ``meta.json``'s content and the bytes of ``model.safetensors``.
-
-    The same checks as :func:`load_scorer` (format version, checksum, whole state), for an
-    artifact that arrives as bytes (a Ray actor on another node gets it through the object
-    store); ``where`` names it in errors. safetensors parses the bytes: nothing is unpickled."""
-    check_format(meta, where)
-    cls = scorer_class(meta["scorer"])
-    if hashlib.sha256(model).hexdigest() != meta.get("model_sha256"):
-        raise ArtifactError(f"{where}/{MODEL_FILE} does not match the checksum in {META_FILE} (truncated or altered): "
-                            "re-enroll")
-    try:
-        tensors = load(bytes(model))
-        return cls.from_state(meta["params"], tensors)
-    except Exception as e:
-        raise ArtifactError(f"model artifact {where} cannot be loaded: {type(e).__name__}: {e}") from e
 
 
 def part_hash(points: np.ndarray) -> str:
