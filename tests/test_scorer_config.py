@@ -18,7 +18,7 @@ from workers.registry import (
     spec_differences,
 )
 
-BUILT_IN = {"patchcore-fpfh", "template", "fused", "zeroshot", "imrnet"}
+BUILT_IN = {"patchcore-fpfh", "template", "fused", "fused-defects", "zeroshot", "imrnet"}
 
 
 def test_built_in_scorers_are_entry_points() -> None:
