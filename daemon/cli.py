@@ -291,7 +291,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
+    from tools.demo import run_demo
 
     return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed,
                     scorer=args.scorer)
@@ -460,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_results_command(sub)
 
-    from daemon import bench, eval_cli, train
+    from tools import train
+    from tools.bench import run as bench
+    from tools.evaluation import cli as eval_cli
 
     eval_cli.add_commands(sub)
     train.add_commands(sub)

@@ -15,7 +15,6 @@ import yaml
 import zmq
 
 from daemon.config import Config, ConfigError, load_config
-from daemon.process import free_port
 from daemon.security import (
     SecurityError,
     create_curve_keys,
@@ -31,6 +30,7 @@ from daemon.security import (
     valid_product,
 )
 from sensors.curve import apply_client_keys, load_client_keys
+from tools.process import free_port
 
 
 def mode(path: Path) -> int:

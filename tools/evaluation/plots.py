@@ -1,7 +1,7 @@
 """Figures of ``inspectd eval``: per-class ROC curves and a gallery of anomaly maps (PIL only).
 
-Why separate: the evaluation protocol (``daemon.evaluation``) and its report text
-(``daemon.eval_report``) should not depend on how the figures are drawn.
+Why separate: the evaluation protocol (``tools.evaluation.protocol``) and its report text
+(``tools.evaluation.report``) should not depend on how the figures are drawn.
 """
 
 from __future__ import annotations

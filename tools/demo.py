@@ -32,11 +32,11 @@ import zmq
 from daemon.config import Config
 from daemon.decision import describe
 from daemon.enrollment import calibrate, enroll
-from daemon.process import DaemonProcess, free_port
 from daemon.security import client_keys, create_curve_keys, create_token
 from sensors.curve import apply_client_keys
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
+from tools.process import DaemonProcess, free_port
 
 N_ENROLL = 16  # fewer leaves pose-dependent views (e.g. into a bore) uncovered: measured AUROC 0.92 at 8, 0.98 at 16
 N_CALIBRATE = 10  # at least daemon.decision.min_parts(0.01) = 9 for the default target FRR

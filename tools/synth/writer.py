@@ -110,7 +110,7 @@ from typing import Any
 
 import numpy as np
 
-from sensors.synth_geometry import (
+from tools.synth.geometry import (
     CARVE_KIND,
     LABEL_TOL_MM,
     POSE_MAX_DEG,
@@ -474,7 +474,7 @@ def synthesize(
     out = Path(out)
     _prepare_out(out)
     # a placeholder until the end, so that an interrupted run is recognized (and replaced) as ours
-    (out / "dataset.json").write_text(json.dumps({"generator": "inspectd sensors.synth", "status": "incomplete",
+    (out / "dataset.json").write_text(json.dumps({"generator": "inspectd tools.synth.writer", "status": "incomplete",
                                                    "classes": classes}) + "\n")
     jobs = _plan(out, layout, classes, seed, counts, kinds, pose, magnitudes)
     n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
@@ -504,12 +504,12 @@ def synthesize(
 
     defective = [r["anomalous_fraction"] for r in results if r["defect"] != "good"]
     info: dict[str, Any] = {
-        "generator": "inspectd sensors.synth",
+        "generator": "inspectd tools.synth.writer",
         "generator_version": GENERATOR_VERSION,
         "layout": layout,
         "units": "m" if layout == "mvtec3d" else "mm",
         "classes": classes,
-        "class_selection": "the first N classes of " + ("sensors.synth.BENCH_CLASSES" if preset == "bench"
+        "class_selection": "the first N classes of " + ("tools.synth.writer.BENCH_CLASSES" if preset == "bench"
                                                          else "sensors.parts.PART_CLASSES"),
         "seed": seed,
         "preset": preset,
@@ -554,7 +554,7 @@ def _parameters(layout: str, pose: str = "z10") -> dict[str, Any]:
         "pose": desc,
         "max_defect_tries": MAX_DEFECT_TRIES,
         "defect_source": {**{k: f"sensors.defects.carve_defect({v!r})" for k, v in CARVE_KIND.items()},
-                          "bending": "sensors.synth.carve_bending"},
+                          "bending": "tools.synth.writer.carve_bending"},
     }
     if layout == "mvtec3d":
         from sensors.simcam import CameraParams

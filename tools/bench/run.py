@@ -78,12 +78,12 @@ import zmq
 
 from daemon.decision import Thresholds, decide
 from daemon.enrollment import calibrate, enroll
-from daemon.process import DaemonProcess, free_port
 from sensors.frame import Frame, FrameMeta
 from sensors.publisher import FramePusher
 from sensors.simcam import CameraParams
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, decode_verdict, encode_frame, encode_verdict
+from tools.process import DaemonProcess, free_port
 from workers.frame_scoring import score_frame
 from workers.model_store import load_product_model
 from workers.preprocess import PreprocessParams
@@ -588,7 +588,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="fine-tuning steps of the imrnet model the bench enrolls (scoring cost does not depend on it)")
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
     b.add_argument("--curve", action="store_true",
-                   help="measure only what CurveZMQ costs on the daemon path at 400x400 (daemon/bench_curve.py)")
+                   help="measure only what CurveZMQ costs on the daemon path at 400x400 (tools/bench/curve.py)")
     b.add_argument("--summary", action="store_true",
                    help="measure nothing: print one table over every result JSON in --out")
     b.set_defaults(func=_cmd_bench)
@@ -599,7 +599,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(summary_table(Path(args.out)), end="")
         return 0
     if args.curve:
-        from daemon.bench_curve import render, run_curve_bench
+        from tools.bench.curve import render, run_curve_bench
 
         name = "curve-cost-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
         print(render(run_curve_bench(Path(args.out), result_name(name, "", ""), args.frames)))
