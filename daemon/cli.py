@@ -1,4 +1,9 @@
-"""The ``inspectd`` command: run the daemon, run a sensor, enroll, calibrate, demo, synth, eval."""
+"""The daemon's commands: run the daemon, run a sensor, enroll, calibrate, keys, models, results.
+
+``python -m daemon.cli`` serves these alone (what a deployed daemon needs). The ``inspectd``
+console script is ``tools.cli``, which adds the offline tools (eval, synth, bench, demo, train) to
+this parser, so imports flow tools → daemon and never the other way.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -290,13 +296,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 1 if old else 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from tools.demo import run_demo
-
-    return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed,
-                    scorer=args.scorer)
-
-
 def cmd_results(args: argparse.Namespace) -> int:
     """``inspectd results``: export verdicts from the result log; ``results prune``: retention."""
     from daemon import results_query as rq
@@ -344,7 +343,8 @@ def add_results_command(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--vacuum", action="store_true", help="afterwards rewrite the log file to its used size")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]) -> argparse.ArgumentParser:
+    """The daemon's commands; each of ``registrars`` adds more subcommands (``tools.cli`` adds the tools)."""
     p = argparse.ArgumentParser(prog="inspectd", description="3D inspection daemon: pass / fail / review with anomaly maps.")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("INSPECTD_LOG_FORMAT", "text"),
@@ -449,29 +449,16 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("dir", help="the models folder (storage.models_dir)")
     mo.set_defaults(func=cmd_models)
 
-    d = sub.add_parser("demo", help="enroll, calibrate, start the daemon and a simulated camera, report")
-    d.add_argument("--out", default="out/demo")
-    d.add_argument("--parts", type=int, default=40)
-    d.add_argument("--products", default="flange,gear")
-    d.add_argument("--rate", type=float, default=2.0)
-    d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
-    d.set_defaults(func=cmd_demo)
 
     add_results_command(sub)
-
-    from tools import train
-    from tools.bench import run as bench
-    from tools.evaluation import cli as eval_cli
-
-    eval_cli.add_commands(sub)
-    train.add_commands(sub)
-    bench.add_commands(sub)
+    for register in registrars:
+        register(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse ``argv`` with ``parser`` (default: the daemon's commands), run the command, return its exit code."""
+    args = (parser or build_parser()).parse_args(argv)
     _setup_logging(args.verbose, args.log_format)
     try:
         return int(args.func(args) or 0)

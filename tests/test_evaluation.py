@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.cli import main
 from sensors.datasets import list_samples
 from sensors.parts import PART_CLASSES
+from tools.cli import main
 from tools.evaluation.protocol import evaluate, recompute_metrics, score_file
 from tools.synth.writer import synthesize
 from workers.patchcore import MemoryBankScorer

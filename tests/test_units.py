@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.cli import main
 from sensors.datasets import LAYOUT_UNITS, dataset_units, list_samples
 from sensors.frame import UNITS_MM, Frame, FrameError, FrameMeta
 from sensors.replay import replay_frames
 from sensors.wire import decode_frame, encode_frame
+from tools.cli import main
 from tools.evaluation.protocol import recompute_metrics
 from workers.preprocess import PreprocessParams, prepare
 

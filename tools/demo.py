@@ -15,6 +15,7 @@ Everything lands under the output folder: config, models, result log, anomaly ma
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -204,3 +205,21 @@ def run_demo(out: Path, n_parts: int, products: list[str], rate: float, seed: in
     print(f"   metrics scraped while running: {'yes' if scraped else 'no'} ({out / 'metrics.txt'}); "
           f"maps in {out / 'maps'}; log {out / 'results.sqlite'}")
     return 0 if summary["lost"] == 0 and daemon.returncode == 0 else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``inspectd demo``: :func:`run_demo` with the command line's settings."""
+    return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed,
+                    scorer=args.scorer)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``demo`` on the ``inspectd`` parser (sets ``func``)."""
+    d = sub.add_parser("demo", help="enroll, calibrate, start the daemon and a simulated camera, report")
+    d.add_argument("--out", default="out/demo")
+    d.add_argument("--parts", type=int, default=40)
+    d.add_argument("--products", default="flange,gear")
+    d.add_argument("--rate", type=float, default=2.0)
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
+    d.set_defaults(func=cmd_demo)
