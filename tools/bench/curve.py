@@ -28,7 +28,8 @@ from sensors.curve import ClientKeys, apply_client_keys, load_client_keys
 from sensors.frame import Frame
 from sensors.publisher import FramePusher
 from sensors.wire import decode_verdict, encode_frame, encode_verdict
-from tools.bench.run import enroll_for_bench, load_average, machine_description, make_frames, pct
+from tools.bench.measure import load_average, machine_description, pct
+from tools.bench.run import enroll_for_bench, make_frames
 from tools.process import DaemonProcess, free_port
 
 SIZE = "organized-400"
