@@ -34,7 +34,8 @@ from typing import Any
 import pytest
 
 from tools.evaluation.protocol import evaluate
-from tools.synth.writer import BENCH_DEFECTS, synthesize
+from tools.synth.presets import BENCH_DEFECTS
+from tools.synth.writer import synthesize
 from workers.scorer import available_scorers
 
 LAYOUT = "anomaly-shapenet"

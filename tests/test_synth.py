@@ -16,7 +16,8 @@ from PIL import Image
 from sensors.datasets import list_classes, list_samples
 from sensors.parts import PART_CLASSES
 from sensors.pointfiles import read_pcd
-from tools.synth.writer import DEFECTS, FRACTION_RANGE, synthesize
+from tools.synth.presets import DEFECTS, FRACTION_RANGE
+from tools.synth.writer import synthesize
 
 TINY = {"n_train": 1, "n_test_good": 1, "n_test_per_defect": 1, "n_validation": 1, "progress": False, "workers": 1}
 

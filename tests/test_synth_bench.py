@@ -16,7 +16,7 @@ from sensors.datasets import list_samples
 from sensors.defects import SEVERITY_RANGES, severity_value
 from tools.cli import main
 from tools.evaluation.breakdown import SampleResult, breakdown, p_auroc_interval, pixel_histograms
-from tools.synth.writer import BENCH_CLASSES, BENCH_DEFECTS, PRESETS
+from tools.synth.presets import BENCH_CLASSES, BENCH_DEFECTS, PRESETS
 from workers.metrics import p_auroc
 
 

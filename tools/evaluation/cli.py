@@ -42,7 +42,8 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tools.synth.writer import PRESETS, synthesize
+    from tools.synth.presets import PRESETS
+    from tools.synth.writer import synthesize
 
     kwargs: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {"n_classes": 4}
     flags = (("n_classes", args.classes), ("n_train", args.train), ("n_test_good", args.test_good),
