@@ -114,7 +114,8 @@ def test_bootstrap_intervals() -> None:
 @pytest.mark.parametrize("kind", ["contamination", "missing"])
 def test_added_defect_kinds_mark_the_part(kind: str) -> None:
     from sensors.defects import ALL_KINDS, carve_defect, sample_cloud
-    from sensors.parts import make_part, subdivide_uniform
+    from sensors.mesh import subdivide_uniform
+    from sensors.parts import make_part
 
     assert kind in ALL_KINDS
     base = subdivide_uniform(make_part("bracket", np.random.default_rng(0)), 1.0)

@@ -102,7 +102,8 @@ def make_frames(
     """``n`` simulated parts of ``product`` at ``size``; half defective unless ``good_only``."""
     if size == "cloud-30k":
         from sensors.defects import carve_defect, sample_cloud
-        from sensors.parts import make_part, subdivide_uniform
+        from sensors.mesh import subdivide_uniform
+        from sensors.parts import make_part
 
         frames = []
         for i in range(n):

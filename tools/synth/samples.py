@@ -194,7 +194,8 @@ def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
 
 def run_job(job: Job) -> dict[str, Any]:
     """Generate and write one sample (runs in a worker process; module-level for spawn)."""
-    from sensors.parts import make_part, subdivide_uniform
+    from sensors.mesh import subdivide_uniform
+    from sensors.parts import make_part
 
     t0 = time.perf_counter()
     rng = np.random.default_rng([job.seed, job.class_index, job.sample_index])
