@@ -31,6 +31,6 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[dev,onnx]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,onnx,eval]"
 touch "$VENV/.installed"
 echo "setup: ready ($VENV)"

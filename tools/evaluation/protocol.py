@@ -71,7 +71,13 @@ from tools.evaluation.breakdown import (
     pixel_histograms,
     severity_bin,
 )
-from tools.evaluation.plots import GalleryItem, draw_gallery, draw_roc_curves, gallery_picks
+from tools.evaluation.plots import (
+    GalleryItem,
+    draw_gallery,
+    draw_roc_curves,
+    gallery_picks,
+    require_matplotlib,
+)
 from tools.evaluation.report import (
     AUPRO_FPR_LIMIT,
     dataset_info,
@@ -202,6 +208,7 @@ def evaluate(
     ``ValueError`` (a ``DatasetError`` for layout problems) on unknown classes, layouts or
     scorers, and when no training frame of a class can be prepared.
     """
+    require_matplotlib()
     from tqdm import tqdm
 
     from workers.preprocess import prepare
