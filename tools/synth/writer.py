@@ -272,7 +272,7 @@ def synthesize(
         "layout": layout,
         "units": "m" if layout == "mvtec3d" else "mm",
         "classes": classes,
-        "class_selection": "the first N classes of " + ("tools.synth.writer.BENCH_CLASSES" if preset == "bench"
+        "class_selection": "the first N classes of " + ("tools.synth.presets.BENCH_CLASSES" if preset == "bench"
                                                          else "sensors.parts.PART_CLASSES"),
         "seed": seed,
         "preset": preset,
