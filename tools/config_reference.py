@@ -106,7 +106,7 @@ def _render(model: type[BaseModel], values: BaseModel | None, depth: int) -> lis
     """The YAML lines of one model's fields (``values``: the instance whose values to show)."""
     indent = "  " * depth
     out: list[str] = []
-    for name, field in model.model_fields.items():
+    for name, field in sorted(model.model_fields.items(), key=lambda kv: not _is_tag(kv[1])):
         out += _comment(field.description, indent)
         value = getattr(values, name) if values is not None else _default(field)
         inner = _dict_value_model(field.annotation)
@@ -120,6 +120,12 @@ def _render(model: type[BaseModel], values: BaseModel | None, depth: int) -> lis
         else:
             out.append(f"{indent}{name}: {_scalar(value)}")
     return out
+
+
+def _is_tag(field: FieldInfo) -> bool:
+    """A field that can hold one value only (``type: Literal["fused"]``): a union member's tag,
+    shown first so the default form of a union reads ``type: fused`` then its parameters."""
+    return typing.get_origin(field.annotation) is typing.Literal and len(typing.get_args(field.annotation)) == 1
 
 
 def _instance(model: type[BaseModel]) -> BaseModel | None:
