@@ -3,7 +3,7 @@
 * tools → daemon → workers, sensors: nothing in ``daemon/``, ``workers/`` or ``sensors/`` imports
   ``tools``; ``workers/`` and ``sensors/`` never import ``daemon``; ``sensors/`` never imports
   ``workers``.
-* No Python file of ``daemon/``, ``sensors/`` or ``tools/`` is over 500 lines.
+* No Python file of ``daemon/``, ``sensors/``, ``tools/``, ``tests/`` or ``scripts/`` is over 500 lines.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {"daemon": {"tools"}, "workers": {"tools", "daemon"}, "sensors": {"tools", "daemon", "workers"}}
 MAX_LINES = 500
-SIZE_CHECKED = ("daemon", "sensors", "tools")
+SIZE_CHECKED = ("daemon", "sensors", "tools", "tests", "scripts")
+"""``workers/`` joins them once its scorers are split (three files there are over 500 lines today)."""
 
 
 def imported_packages(path: Path) -> set[str]:
