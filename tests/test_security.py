@@ -131,6 +131,7 @@ def test_config_sections(tmp_path: Path) -> None:
         load_config(path)
     kwargs = ray_init_kwargs(Config())
     assert kwargs["_node_ip_address"] == "127.0.0.1" and kwargs["include_dashboard"] is False
+    assert kwargs["address"] == "local"  # embedded: never a cluster `ray start` left on this machine
     assert "_node_ip_address" not in ray_init_kwargs(Config.model_validate({"ray": {"address": "auto"}}))
 
 
