@@ -15,14 +15,14 @@ demo: setup
 	$(BIN)/inspectd demo --out $(OUT)/demo
 
 test: setup
-	$(BIN)/ruff check sensors workers daemon tests
+	$(BIN)/ruff check sensors workers daemon tools tests
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check sensors workers daemon tests
+	$(BIN)/ruff check sensors workers daemon tools tests
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -1,4 +1,9 @@
-"""The ``inspectd`` command: run the daemon, run a sensor, enroll, calibrate, demo, synth, eval."""
+"""The daemon's commands: run the daemon, run a sensor, enroll, calibrate, keys, models, results.
+
+``python -m daemon.cli`` serves these alone (what a deployed daemon needs). The ``inspectd``
+console script is ``tools.cli``, which adds the offline tools (eval, synth, bench, demo, train) to
+this parser, so imports flow tools → daemon and never the other way.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -284,11 +290,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon.demo import run_demo
-
-    return run_demo(Path(args.out), n_parts=args.parts, products=args.products.split(","), rate=args.rate, seed=args.seed,
-                    scorer=args.scorer, serve=args.serve)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -338,7 +339,8 @@ def add_results_command(sub: argparse._SubParsersAction) -> None:
     pr.add_argument("--vacuum", action="store_true", help="afterwards rewrite the log file to its used size")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*registrars: Callable[[argparse._SubParsersAction], None]) -> argparse.ArgumentParser:
+    """The daemon's commands; each of ``registrars`` adds more subcommands (``tools.cli`` adds the tools)."""
     p = argparse.ArgumentParser(prog="inspectd", description="3D inspection daemon: pass / fail / review with anomaly maps.")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--log-format", choices=["text", "json"], default=os.environ.get("INSPECTD_LOG_FORMAT", "text"),
@@ -451,33 +453,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--models")
     c.set_defaults(func=cmd_calibrate)
 
-    d = sub.add_parser("demo", help="enroll, calibrate, start the daemon and a simulated camera, report")
-    d.add_argument("--out", default="out/demo")
-    d.add_argument("--parts", type=int, default=40)
-    d.add_argument("--products", default="flange,gear")
-    d.add_argument("--rate", type=float, default=2.0)
-    d.add_argument("--seed", type=int, default=7)
-    d.add_argument("--scorer", default="fused", help="the scorer every demo product is enrolled with")
-    d.add_argument("--serve", action="store_true",
-                   help="after the summary, keep the daemon and its review station running until Ctrl-C")
-    d.set_defaults(func=cmd_demo)
-
     add_results_command(sub)
+    from daemon import models_cli
     from daemon.review import cli as labels_cli
 
     labels_cli.add_commands(sub)
-
-    from daemon import bench, eval_cli, models_cli, train
-
     models_cli.add_commands(sub)
-    eval_cli.add_commands(sub)
-    train.add_commands(sub)
-    bench.add_commands(sub)
+    for register in registrars:
+        register(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse ``argv`` with ``parser`` (default: the daemon's commands), run the command, return its exit code."""
+    args = (parser or build_parser()).parse_args(argv)
     _setup_logging(args.verbose, args.log_format)
     try:
         return int(args.func(args) or 0)

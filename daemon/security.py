@@ -161,8 +161,12 @@ def prepare_ray_environment(cfg: Config) -> None:
 
 
 def ray_init_kwargs(cfg: Config) -> dict[str, Any]:
-    """``ray.init`` arguments: the embedded Ray on ``ray.node_ip`` with no dashboard."""
-    kwargs: dict[str, Any] = {"address": cfg.ray.address, "include_dashboard": False}
+    """``ray.init`` arguments: the embedded Ray on ``ray.node_ip`` with no dashboard.
+
+    ``ray.address: null`` passes ``address="local"``: Ray's own default (None) would join any
+    cluster ``ray start`` left on this machine (``/tmp/ray/ray_current_cluster``, ``RAY_ADDRESS``)
+    and then refuse the embedded object store size, so the daemon would not start."""
+    kwargs: dict[str, Any] = {"address": cfg.ray.address or "local", "include_dashboard": False}
     if cfg.ray.address is None:
         kwargs["_node_ip_address"] = cfg.ray.node_ip
     return kwargs

@@ -15,7 +15,7 @@ seeded random order, so N = 1 is a part of random magnitude and the sets are nes
 and D's ``--split`` (the parts scored). Confirmations are the operator's marks: the ground-truth
 region of each pool part. ``report``: for each N, the bank from the first N pool parts per seen
 kind, every scored part's object score with the head (exactly what ``FusedDefectsScorer.score``
-returns), I-AUROC per kind with bootstrap 95 % intervals (daemon.eval_breakdown), and the
+returns), I-AUROC per kind with bootstrap 95 % intervals (tools.evaluation.breakdown), and the
 **gain** over N = 0 per kind and for the seen / unseen groups with a paired bootstrap interval
 (the same resampled parts for both). ``--grid`` evaluates a grid of head parameters (base_power × weight × radius × min_base) instead
 (for tuning on seed 1's validation split).
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.eval_breakdown import SampleResult, breakdown, severity_bin
-from daemon.eval_scoring import sample_magnitudes
-from daemon.evaluation import preprocess_params
 from sensors.datasets import list_classes, list_samples
+from tools.evaluation.breakdown import SampleResult, breakdown, severity_bin
+from tools.evaluation.protocol import preprocess_params
+from tools.evaluation.scoring import sample_magnitudes
 from workers.components.memory_bank import MemoryBank
 from workers.defect_head import (
     HeadParams,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """IMRNet ablations (Li et al., CVPR 2024, Sec. 5.5) and the 30K-point timing, via ``inspectd eval``.
 
-Every run is ``daemon.evaluation.evaluate`` (the code behind ``inspectd eval``) with one scorer
+Every run is ``tools.evaluation.protocol.evaluate`` (the code behind ``inspectd eval``) with one scorer
 parameter changed from the ``imrnet`` defaults, i.e. the same as::
 
     inspectd eval --dataset D --layout L --scorer imrnet --out OUT/<name> --scorer-param KEY=VALUE
@@ -14,7 +14,7 @@ ablated sampler / mask ratio too, the pretrained weights stay those shipped):
 * ``mask_ratio``: 0.2, 0.4 (default), 0.6 (Fig. 5).
 
 ``--timing`` writes a one-class synthetic dataset whose test parts have 30 000 points
-(``sensors.synth`` with its point count raised; single process so the override applies) and
+(``tools.synth.writer`` with its point count raised; single process so the override applies) and
 evaluates it with ``--voxel-size 0.05`` (eval needs a positive voxel; at 0.05 mm practically no
 two points share a voxel, so the scorer sees ~30 000 points; the count is reported):
 ``score_seconds_per_sample`` of that report is the time to score one 30K-point part.
@@ -60,7 +60,7 @@ def run_ablations(dataset: str, layout: str, out: Path, which: list[str], classe
                   extra: dict[str, Any], reuse: bool = False) -> dict[str, Any]:
     """Evaluate every setting of ``which``; with ``reuse``, a run whose ``OUT/<run>/report.json``
     exists is read back instead of evaluated again (to resume an interrupted set)."""
-    from daemon.evaluation import evaluate
+    from tools.evaluation.protocol import evaluate
 
     out.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict[str, Any]] = {}
@@ -100,8 +100,8 @@ def run_ablations(dataset: str, layout: str, out: Path, which: list[str], classe
 
 
 def run_timing(out: Path, n_points: int, scorer: str, extra: dict[str, Any]) -> dict[str, Any]:
-    import sensors.synth as synth
-    from daemon.evaluation import evaluate
+    import tools.synth.writer as synth
+    from tools.evaluation.protocol import evaluate
 
     data = out / f"dense{n_points // 1000}k"
     if not (data / "dataset.json").exists() or "incomplete" in (data / "dataset.json").read_text():
@@ -114,8 +114,8 @@ def run_timing(out: Path, n_points: int, scorer: str, extra: dict[str, Any]) -> 
                       progress=False, voxel_size=TIMING_VOXEL,
                       command=f"inspectd eval --dataset {data} --layout anomaly-shapenet --scorer {scorer} "
                               f"--voxel-size {TIMING_VOXEL} --out {out / f'eval-{scorer}'}")
-    from daemon.evaluation import preprocess_params
     from sensors.datasets import list_samples
+    from tools.evaluation.protocol import preprocess_params
     from workers.preprocess import prepare
 
     cls_name = next(iter(report["classes"]))

@@ -33,7 +33,7 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q -e ".[dev,onnx]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,onnx,eval]"
 # A scorer from outside this package, found through the inspectd.scorers entry points (tests/test_external_scorer.py).
 "$VENV/bin/python" -m pip install -q --no-deps -e tests/plugins/inspectd_example_scorer
 touch "$VENV/.installed"

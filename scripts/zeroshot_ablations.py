@@ -12,7 +12,7 @@ n·(n−1) experiments. This script runs that protocol:
 
 then scores every test sample of B through the production path
 (``workers.score_frame.score_frame``) and computes the metrics with
-``daemon.evaluation.compute_metrics`` (I-AUROC, P-AUROC, AUPRO@0.3), exactly as ``inspectd eval``.
+``tools.evaluation.protocol.compute_metrics`` (I-AUROC, P-AUROC, AUPRO@0.3), exactly as ``inspectd eval``.
 
 Ablations (Table 3 rows, cumulative as in the paper; Table 4 pseudo-anomaly kinds), one fitted
 model per training configuration, test-time switches applied to the same fitted model:
@@ -58,9 +58,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from daemon.evaluation import compute_metrics, preprocess_params  # noqa: E402
 from sensors.datasets import list_classes, list_samples  # noqa: E402
 from sensors.frame import Frame  # noqa: E402
+from tools.evaluation.protocol import compute_metrics, preprocess_params  # noqa: E402
 from workers.base import Scorer  # noqa: E402
 from workers.patchcore import PatchCoreFPFHScorer  # noqa: E402
 from workers.preprocess import PreparedCloud, PreprocessParams, prepare  # noqa: E402

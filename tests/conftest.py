@@ -19,7 +19,7 @@ import pytest
 import yaml
 import zmq
 
-from daemon.process import DaemonProcess, free_port
+from tools.process import DaemonProcess, free_port
 
 PRODUCT = "flange"
 

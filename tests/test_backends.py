@@ -200,7 +200,8 @@ def test_bench_plan_and_stage_names(imrnet_fitted, zeroshot_fitted) -> None:
     from test_imrnet import box_cloud
     from test_zeroshot import cloud_of
 
-    from daemon.bench import STAGE_OF, STAGES, bench_plan, map_stages
+    from tools.bench.run import bench_plan
+    from tools.bench.stages import STAGE_OF, STAGES, map_stages
 
     plan, skipped = bench_plan(["all"], ["all"])
     assert ("imrnet", "onnxruntime") in plan and ("zeroshot", "torch-cpu") in plan

@@ -40,34 +40,3 @@ def test_bad_product_name_and_missing_file(tmp_path: Path) -> None:
         load_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
-
-
-def _leaf_keys(model: type, prefix: str = "") -> set[str]:
-    from pydantic import BaseModel
-
-    keys = set()
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys |= _leaf_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.add(f"{prefix}{name}")
-    return keys
-
-
-def test_readme_reference_is_valid_and_complete(tmp_path: Path) -> None:
-    """The README's configuration reference loads, and names every key of the schema."""
-    import re
-
-    import yaml
-
-    from daemon.config import Config
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"## Configuration reference.*?```yaml\n(.*?)```", readme, re.S).group(1)
-    p = tmp_path / "ref.yaml"
-    p.write_text(block)
-    assert load_config(p) == Config()
-    raw = yaml.safe_load(block)
-    documented = {f"{s}.{k}" if k else s for s, v in raw.items() for k in ((v or [None]) if isinstance(v, dict) else [None])}
-    assert documented == _leaf_keys(Config)

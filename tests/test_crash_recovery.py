@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.process import wait_ready
 from daemon.service import FAULT_ENV
 from sensors.publisher import FramePusher
 from sensors.simulated import simulated_parts
+from tools.process import wait_ready
 
 from conftest import PRODUCT, daemon_config
 

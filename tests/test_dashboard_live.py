@@ -27,11 +27,11 @@ import pytest
 import yaml
 import zmq
 
-from daemon.process import free_port
 from sensors.frame import Frame
 from sensors.publisher import FramePusher
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_verdict
+from tools.process import free_port
 
 from conftest import PRODUCT, launch_daemon
 from malformed import BAD_MESSAGES

@@ -1,4 +1,4 @@
-"""``inspectd eval`` (daemon.evaluation) end to end on tiny synthetic datasets of each layout.
+"""``inspectd eval`` (tools.evaluation.protocol) end to end on tiny synthetic datasets of each layout.
 
 Checks the report schema, the saved per-sample scores (and that every metric can be
 recomputed from them), the figures, the CLI, and that --zero-shot never fits on the class it
@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.cli import main
-from daemon.evaluation import evaluate, recompute_metrics, score_file
 from sensors.datasets import list_samples
 from sensors.parts import PART_CLASSES
-from sensors.synth import synthesize
+from tools.cli import main
+from tools.evaluation.protocol import evaluate, recompute_metrics, score_file
+from tools.synth.writer import synthesize
 from workers.patchcore import PatchCoreFPFHScorer
 
 FAST = {"coreset_ratio": 0.05}

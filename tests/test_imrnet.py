@@ -251,7 +251,7 @@ def test_train_cli_pretrains_and_the_scorer_loads_the_weights(tmp_path) -> None:
     import json
     import warnings
 
-    from daemon import train as train_cli
+    from tools import train as train_cli
     from workers.imrnet.training import load_pretrained
 
     parser = argparse.ArgumentParser(prog="inspectd")

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from sensors.lzf import lzf_decompress
 from sensors.pointfiles import (
     PointFileError,
-    lzf_decompress,
     read_labeled_txt,
     read_pcd,
     read_ply,

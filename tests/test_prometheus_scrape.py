@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.process import free_port
+from tools.process import free_port
 
 from conftest import RunningDaemon
 

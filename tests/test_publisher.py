@@ -10,10 +10,10 @@ import time
 import numpy as np
 import zmq
 
-from daemon.process import free_port
 from sensors.frame import Frame, FrameMeta
 from sensors.publisher import AckedPusher
 from sensors.wire import decode_frame, encode_ack
+from tools.process import free_port
 
 
 def frame(seq: int) -> Frame:

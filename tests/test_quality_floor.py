@@ -2,7 +2,7 @@
 
 Why: a change that makes a scorer blind to a defect kind passes every functional test; this one
 fails the build instead. The set is made here, deterministically, in ~20 s of CPU
-(``sensors.synth``: Anomaly-ShapeNet layout, the first two classes (flange, bracket), seed 5,
+(``tools.synth.writer``: Anomaly-ShapeNet layout, the first two classes (flange, bracket), seed 5,
 3 training parts, 6 good and one defective test part per kind of the bench's eight kinds at
 their default sizes, per class: 28 test parts), and each scorer runs ``inspectd eval``'s
 protocol on it at 2 mm voxels, with the small settings of ``PARAMS`` (a fast configuration of
@@ -35,8 +35,9 @@ from typing import Any
 
 import pytest
 
-from daemon.evaluation import evaluate
-from sensors.synth import BENCH_DEFECTS, synthesize
+from tools.evaluation.protocol import evaluate
+from tools.synth.presets import BENCH_DEFECTS
+from tools.synth.writer import synthesize
 from workers.registry import builtin_scorers
 
 LAYOUT = "anomaly-shapenet"

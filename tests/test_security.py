@@ -15,7 +15,6 @@ import yaml
 import zmq
 
 from daemon.config import Config, ConfigError, load_config
-from daemon.process import free_port
 from daemon.security import (
     SecurityError,
     create_curve_keys,
@@ -31,6 +30,7 @@ from daemon.security import (
     valid_product,
 )
 from sensors.curve import apply_client_keys, load_client_keys
+from tools.process import free_port
 
 
 def mode(path: Path) -> int:
@@ -131,6 +131,7 @@ def test_config_sections(tmp_path: Path) -> None:
         load_config(path)
     kwargs = ray_init_kwargs(Config())
     assert kwargs["_node_ip_address"] == "127.0.0.1" and kwargs["include_dashboard"] is False
+    assert kwargs["address"] == "local"  # embedded: never a cluster `ray start` left on this machine
     assert "_node_ip_address" not in ray_init_kwargs(Config.model_validate({"ray": {"address": "auto"}}))
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from sensors.defects import DEFECT_KINDS, carve_defect, label_points, sample_cloud
 from sensors.frame import Frame
-from sensors.parts import PART_CLASSES, make_part, subdivide_uniform
+from sensors.mesh import subdivide_uniform
+from sensors.parts import PART_CLASSES, make_part
 from sensors.simcam import MIN_VISIBLE_GT_PIXELS, CameraParams, render, simulate_frame
 
 

@@ -1,4 +1,4 @@
-"""sensors.synth: the synthetic datasets are written exactly as sensors.datasets reads them.
+"""tools.synth.writer: the synthetic datasets are written exactly as sensors.datasets reads them.
 
 Tiny datasets (one class, one part per split and defect kind) keep this fast; the defaults
 and the 4-class timing are exercised by ``inspectd synth`` in docs/results.
@@ -16,7 +16,8 @@ from PIL import Image
 from sensors.datasets import list_classes, list_samples
 from sensors.parts import PART_CLASSES
 from sensors.pointfiles import read_pcd
-from sensors.synth import DEFECTS, FRACTION_RANGE, synthesize
+from tools.synth.presets import DEFECTS, FRACTION_RANGE
+from tools.synth.writer import synthesize
 
 TINY = {"n_train": 1, "n_test_good": 1, "n_test_per_defect": 1, "n_validation": 1, "progress": False, "workers": 1}
 

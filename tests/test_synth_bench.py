@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.cli import main
-from daemon.eval_breakdown import SampleResult, breakdown, p_auroc_interval, pixel_histograms
 from sensors.datasets import list_samples
 from sensors.defects import SEVERITY_RANGES, severity_value
-from sensors.synth import BENCH_CLASSES, BENCH_DEFECTS, PRESETS
+from tools.cli import main
+from tools.evaluation.breakdown import SampleResult, breakdown, p_auroc_interval, pixel_histograms
+from tools.synth.presets import BENCH_CLASSES, BENCH_DEFECTS, PRESETS
 from workers.metrics import p_auroc
 
 
@@ -114,7 +114,8 @@ def test_bootstrap_intervals() -> None:
 @pytest.mark.parametrize("kind", ["contamination", "missing"])
 def test_added_defect_kinds_mark_the_part(kind: str) -> None:
     from sensors.defects import ALL_KINDS, carve_defect, sample_cloud
-    from sensors.parts import make_part, subdivide_uniform
+    from sensors.mesh import subdivide_uniform
+    from sensors.parts import make_part
 
     assert kind in ALL_KINDS
     base = subdivide_uniform(make_part("bracket", np.random.default_rng(0)), 1.0)

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon.cli import main
-from daemon.evaluation import recompute_metrics
 from sensors.datasets import LAYOUT_UNITS, dataset_units, list_samples
 from sensors.frame import UNITS_MM, Frame, FrameError, FrameMeta
 from sensors.replay import replay_frames
 from sensors.wire import decode_frame, encode_frame
+from tools.cli import main
+from tools.evaluation.protocol import recompute_metrics
 from workers.preprocess import PreprocessParams, prepare
 
 from malformed import header_and_buffers
@@ -72,9 +72,9 @@ def test_loaders_and_replay_know_their_units(tmp_path: Path) -> None:
     assert len(frames) == 3 and {f.meta.units for f in frames} == {"m"}
     assert {f.meta.units for f in replay_frames(FIXTURE, layout="mvtec3d", units="mm")} == {"mm"}
     # an inspectd synth dataset declares its units; an old one (no "units") was written in mm
-    (tmp_path / "dataset.json").write_text(json.dumps({"generator": "inspectd sensors.synth"}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"generator": "inspectd tools.synth.writer"}))
     assert dataset_units(tmp_path, "mvtec3d") == "mm"
-    (tmp_path / "dataset.json").write_text(json.dumps({"generator": "inspectd sensors.synth", "units": "m"}))
+    (tmp_path / "dataset.json").write_text(json.dumps({"generator": "inspectd tools.synth.writer", "units": "m"}))
     assert dataset_units(tmp_path, "mvtec3d") == "m"
 
 

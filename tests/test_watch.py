@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import zmq
 
-from daemon.process import free_port
 from sensors.pointfiles import write_pcd, write_xyz_tiff
 from sensors.simulated import simulated_parts
 from sensors.watch import JOURNAL, HotFolder, Journal
 from sensors.wire import decode_frame
+from tools.process import free_port
 
 from conftest import PRODUCT, RunningDaemon, receive_verdicts
 

@@ -23,13 +23,14 @@ import numpy as np
 import yaml
 import zmq
 
-from daemon.bench import enroll_for_bench, load_average, machine_description, make_frames, pct
-from daemon.process import DaemonProcess, free_port
 from daemon.security import create_curve_keys
 from sensors.curve import ClientKeys, apply_client_keys, load_client_keys
 from sensors.frame import Frame
 from sensors.publisher import FramePusher
 from sensors.wire import decode_verdict, encode_frame, encode_verdict
+from tools.bench.measure import load_average, machine_description, pct
+from tools.bench.run import enroll_for_bench, make_frames
+from tools.process import DaemonProcess, free_port
 
 SIZE = "organized-400"
 

@@ -1,7 +1,7 @@
 """Geometry of ``inspectd synth``: part poses, where a defect goes, bending, ground-truth tolerance.
 
-Why separate: ``sensors.synth`` plans and writes datasets; this module holds what it does to one
-mesh (pose it, carve it, shade its render), so each file keeps one job. See ``sensors.synth``
+Why separate: ``tools.synth.writer`` plans and writes datasets; this module holds what it does to one
+mesh (pose it, carve it, shade its render), so each file keeps one job. See ``tools.synth.writer``
 for the pipeline these steps belong to.
 """
 

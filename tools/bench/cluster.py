@@ -24,10 +24,11 @@ from typing import Any
 import yaml
 import zmq
 
-from daemon.bench import _run_stream, enroll_for_bench, load_average, machine_description, make_frames
-from daemon.bench_batch import lscpu_model
-from daemon.process import DaemonProcess, free_port
 from sensors.frame import Frame
+from tools.bench.batch import lscpu_model
+from tools.bench.measure import load_average, machine_description
+from tools.bench.run import enroll_for_bench, make_frames, run_stream
+from tools.process import DaemonProcess, free_port
 
 LOOPBACK = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}
 
@@ -66,10 +67,10 @@ def _one(models: Path, frames: list[Frame], nodes: int, root: Path) -> dict[str,
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
         sub.connect(cfg["publish"]["endpoint"])
         time.sleep(0.5)
-        _run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
+        run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
         load_before = load_average()
         seen: set[str] = set()
-        lat, wall = _run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
+        lat, wall = run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
         return {
             "nodes": nodes,
             "actors": nodes,

@@ -7,7 +7,7 @@ preprocess → scorer → map back) on a dataset in one of the published layouts
 (``sensors.datasets``), writes the scores of every test sample, and the metrics of the field
 (``workers.metrics``), so the report can be recomputed from what it saved
 (:func:`recompute_metrics`). ``inspectd synth`` writes synthetic datasets in those layouts
-(``sensors.synth``, the Anomaly-ShapeNet pipeline of IMRNet Sec. 3 over procedural parts).
+(``tools.synth.writer``, the Anomaly-ShapeNet pipeline of IMRNet Sec. 3 over procedural parts).
 
 Protocol (per class):
 
@@ -60,7 +60,9 @@ from typing import Any
 
 import numpy as np
 
-from daemon.eval_breakdown import (
+from sensors.datasets import LAYOUTS, Sample, dataset_units, list_classes, list_samples
+from sensors.frame import UNITS_MM
+from tools.evaluation.breakdown import (
     BOOTSTRAP,
     PixelHistograms,
     SampleResult,
@@ -69,8 +71,14 @@ from daemon.eval_breakdown import (
     pixel_histograms,
     severity_bin,
 )
-from daemon.eval_plots import GalleryItem, draw_gallery, draw_roc_curves, gallery_picks
-from daemon.eval_report import (
+from tools.evaluation.plots import (
+    GalleryItem,
+    draw_gallery,
+    draw_roc_curves,
+    gallery_picks,
+    require_matplotlib,
+)
+from tools.evaluation.report import (
     AUPRO_FPR_LIMIT,
     dataset_info,
     environment,
@@ -78,7 +86,7 @@ from daemon.eval_report import (
     markdown,
     metric_notes,
 )
-from daemon.eval_scoring import (
+from tools.evaluation.scoring import (
     ClassRun,
     class_curves,
     class_details,
@@ -86,8 +94,6 @@ from daemon.eval_scoring import (
     score_both,
     worst_scores,
 )
-from sensors.datasets import LAYOUTS, Sample, dataset_units, list_classes, list_samples
-from sensors.frame import UNITS_MM
 from workers.preprocess import PreprocessParams
 
 log = logging.getLogger("inspectd.eval")
@@ -189,7 +195,7 @@ def evaluate(
                            "score_seconds_per_sample"} (+ "aupro_served" for organized data)},
          "mean": {"i_auroc", "p_auroc", "aupro"} (+ "aupro_served"),
          "ci95": {"i_auroc": [lo, hi], "p_auroc": [lo, hi]},
-         "breakdown": per defect kind / magnitude bin (``daemon.eval_breakdown.breakdown``),
+         "breakdown": per defect kind / magnitude bin (``tools.evaluation.breakdown.breakdown``),
          "failures": [{"class", "sample", "defect", "label", "stage", "reason", "object_score"}],
          ...extra keys: "units", "zero_shot", "voxel_size", "preprocess", "scorer_params", "details"
             (per class: fit_classes, n_train, n_good, n_defective, per-defect I-AUROC...),
@@ -202,6 +208,7 @@ def evaluate(
     ``ValueError`` (a ``DatasetError`` for layout problems) on unknown classes, layouts or
     scorers, and when no training frame of a class can be prepared.
     """
+    require_matplotlib()
     from tqdm import tqdm
 
     from workers.preprocess import prepare

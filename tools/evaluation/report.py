@@ -1,7 +1,7 @@
 """The text of an ``inspectd eval`` report: ``report.md``, metric notes, environment.
 
-Why separate: ``daemon.evaluation`` runs the protocol; this module only formats what it
-measured (and ``daemon.eval_breakdown`` adds the per-kind / per-magnitude tables with their
+Why separate: ``tools.evaluation.protocol`` runs the protocol; this module only formats what it
+measured (and ``tools.evaluation.breakdown`` adds the per-kind / per-magnitude tables with their
 bootstrap intervals).
 """
 
@@ -225,7 +225,7 @@ def markdown(report: dict[str, Any]) -> str:
         "![Anomaly maps](gallery.png)",
         "",
         f"Per-sample scores: `scores/<class>/<stem>.npz`{' (`<defect>_<stem>.npz`)' if report['layout'] == 'mvtec3d' else ''}"
-        "; `daemon.evaluation.recompute_metrics(OUT)` recomputes every number above from them.",
+        "; `tools.evaluation.protocol.recompute_metrics(OUT)` recomputes every number above from them.",
         "",
     ]
     return "\n".join(lines)

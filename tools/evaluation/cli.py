@@ -1,4 +1,4 @@
-"""``inspectd synth`` and ``inspectd eval``: the command-line side of ``daemon.evaluation``.
+"""``inspectd synth`` and ``inspectd eval``: the command-line side of ``tools.evaluation.protocol``.
 
 Why separate: argument parsing and the printed summary are not the evaluation protocol.
 """
@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from daemon.eval_report import markdown_table
 from sensors.datasets import LAYOUTS
 from sensors.frame import UNITS_MM
+from tools.evaluation.report import markdown_table
 
 __all__ = ["add_commands", "cmd_eval", "cmd_synth", "parse_params"]
 
@@ -42,7 +42,8 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from sensors.synth import PRESETS, synthesize
+    from tools.synth.presets import PRESETS
+    from tools.synth.writer import synthesize
 
     kwargs: dict[str, Any] = dict(PRESETS[args.preset]) if args.preset else {"n_classes": 4}
     flags = (("n_classes", args.classes), ("n_train", args.train), ("n_test_good", args.test_good),
@@ -61,7 +62,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from daemon.evaluation import evaluate
+    from tools.evaluation.protocol import evaluate
 
     report = evaluate(
         args.dataset,

@@ -72,80 +72,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import yaml
 import zmq
 
 from daemon.decision import Thresholds, decide
 from daemon.enrollment import calibrate, enroll
-from daemon.process import DaemonProcess, free_port
 from sensors.frame import Frame, FrameMeta
 from sensors.publisher import FramePusher
 from sensors.simcam import CameraParams
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, decode_verdict, encode_frame, encode_verdict
+from tools.bench.measure import PeakRSS, load_average, machine_description, pct
+from tools.bench.report import render_markdown, summary_table
+from tools.bench.stages import SIZES, STAGE_OF, map_stages
+from tools.process import DaemonProcess, free_port
 from workers.model_store import load_product_model
 from workers.preprocess import PreprocessParams
 from workers.score_frame import score_frame
 
-SIZES = ("cloud-30k", "organized-400", "organized-1920x1200")
 PRODUCT = "flange"
 ZEROSHOT_TRAIN = ("gear", "bracket")
 """Products the zero-shot scorer is fitted on (never the benched product)."""
-STAGES = ("decode", "preprocess", "features", "network", "search", "decision", "emit")
-STAGE_OF = {
-    "decode": "decode", "preprocess": "preprocess", "map_back": "emit", "decision": "decision",
-    "encode_verdict": "emit", "maps": "emit", "log": "emit", "publish": "emit",
-    "queue": "transport", "actor_wait": "transport", "transfer": "transport",
-    # patchcore-fpfh
-    "features": "features", "search": "search", "smooth": "search",
-    # imrnet
-    "reduce": "preprocess", "sample": "preprocess", "reconstruct": "network", "dfc": "network",
-    "template_search": "search", "compare": "search", "combine": "search",
-    # zeroshot ("search" shared with patchcore)
-    "fpfh": "features", "patches": "preprocess", "encoder": "network", "classifier": "network",
-    "upsample": "search",
-}
-"""Measured key → issue stage (see the module docstring); keys not listed (``score``) are not mapped."""
 DEFAULT_IMRNET_FINETUNE_STEPS = 10
-
-
-def map_stages(raw_ms: dict[str, float]) -> dict[str, float | None]:
-    """Raw per-key means (ms) → the issue's stages (+ ``transport``); None where nothing maps."""
-    out: dict[str, float | None] = {k: None for k in (*STAGES, "transport")}
-    for key, ms in raw_ms.items():
-        stage = STAGE_OF.get(key)
-        if stage is not None:
-            out[stage] = (out[stage] or 0.0) + ms
-    return out
-
-
-def load_average() -> list[float]:
-    """1, 5 and 15 minute load averages (the machine may be shared)."""
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def machine_description() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-    }
 
 
 def make_frames(
@@ -154,7 +102,8 @@ def make_frames(
     """``n`` simulated parts of ``product`` at ``size``; half defective unless ``good_only``."""
     if size == "cloud-30k":
         from sensors.defects import carve_defect, sample_cloud
-        from sensors.parts import make_part, subdivide_uniform
+        from sensors.mesh import subdivide_uniform
+        from sensors.parts import make_part
 
         frames = []
         for i in range(n):
@@ -169,45 +118,6 @@ def make_frames(
     camera = CameraParams() if size == "organized-400" else CameraParams(width=1920, height=1200, fov_mm=160.0)
     frames = list(simulated_parts([product], n, 0.0 if good_only else 0.5, seed, camera=camera, good_only=good_only))
     return frames, PreprocessParams(remove_plane=True, voxel_size=1.0)
-
-
-class PeakRSS:
-    """Samples the resident memory of a process (and optionally its children) in a thread."""
-
-    def __init__(self, pid: int, children: bool = False, period: float = 0.02) -> None:
-        self.proc = psutil.Process(pid)
-        self.children = children
-        self.period = period
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self) -> int:
-        procs = [self.proc, *(self.proc.children(recursive=True) if self.children else [])]
-        total = 0
-        for p in procs:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.period)
-
-    def __enter__(self) -> PeakRSS:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def pct(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
 
 
 def bench_in_process(models: Path, frames: list[Frame], backend: str = "torch-cpu") -> dict[str, Any]:
@@ -266,7 +176,7 @@ def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[
     }
 
 
-def _run_stream(
+def run_stream(
     d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float, seen: set[str] | None = None
 ) -> tuple[list[float], float]:
     """Push ``frames`` (at ``rate``/s, 0 = unpaced); latencies (s) and wall time until the last
@@ -360,15 +270,15 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
         sub.connect(cfg["publish"]["endpoint"])
         time.sleep(0.5)
-        _run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
+        run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
         assert daemon.proc is not None
         with PeakRSS(daemon.proc.pid, children=True) as mem:
             seen: set[str] = set()
-            lat_sat, wall = _run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
+            lat_sat, wall = run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
             throughput = len(lat_sat) / wall
             rate = max(0.05, 0.5 * throughput)
             before = stage_histogram(f"http://127.0.0.1:{http}")
-            lat, _ = _run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen)
+            lat, _ = run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen)
             raw = stage_means_ms(before, stage_histogram(f"http://127.0.0.1:{http}"))
         return {
             "frames": len(frames),
@@ -501,79 +411,6 @@ def run_bench(
     return results
 
 
-def _ms(v: float | None) -> str:
-    return "–" if v is None else f"{v:.1f}"
-
-
-def render_markdown(r: dict[str, Any]) -> str:
-    """The result as a Markdown page: summary table, stage tables, notes and conditions."""
-    m = r["machine"]
-    lines = [
-        f"# inspectd bench: {r['scorer']} on {r['backend']}",
-        "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
-        f"Python {m['python']}, torch {m['torch']}.",
-        f"Command: `{r['command']}`",
-        "",
-        "| frame | points | in-process p50 / p99 ms | daemon p50 / p99 ms (offered rate) | saturated throughput /s "
-        "| overhead (daemon / in-process p50) | peak RSS MiB in-process / daemon+workers | load avg (1 min) start → end |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for size, e in r["sizes"].items():
-        ip, d = e["in_process"], e.get("daemon")
-        load = f"{e['load_average_start'][0]} → {e['load_average_end'][0]}" if "load_average_start" in e else "-"
-        if d:
-            lines.append(
-                f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | "
-                f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f} ({d['offered_rate_per_s']:.2f}/s) | "
-                f"{d['throughput_per_s_saturated']:.2f} | {e['overhead_ratio_p50']:.2f} | "
-                f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f} | {load} |")
-        else:
-            lines.append(
-                f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | "
-                f"- | - | - | {ip['peak_rss_mib']:.0f} / - | {load} |")
-    for title, part in (("In-process", "in_process"), ("Daemon path (the daemon's own measurement, paced run)", "daemon")):
-        rows = [(size, e[part]["stages_ms_mean"]) for size, e in r["sizes"].items() if part in e
-                and "stages_ms_mean" in e[part]]
-        if not rows:
-            continue
-        extra = ["transport"] if part == "daemon" else []
-        lines += ["", f"{title} stages, mean ms (– : the scorer has no such stage):", "",
-                  "| frame | " + " | ".join([*STAGES, *extra]) + " |", "|---|" + "---|" * (len(STAGES) + len(extra))]
-        for size, st in rows:
-            lines.append(f"| {size} | " + " | ".join(_ms(st.get(k)) for k in (*STAGES, *extra)) + " |")
-    notes = sorted({e["note"] for e in r["sizes"].values() if e.get("note")})
-    lines += ["", "Stage mapping (measured key → stage): "
-              + ", ".join(f"`{k}` → {v}" for k, v in r.get("stage_map", STAGE_OF).items()) + "; "
-              "`transport` (daemon only, not an issue stage) = queue + actor wait + Ray transfer."]
-    for n in notes:
-        lines += ["", f"Enrollment: {n}."]
-    for s in r.get("skipped", []):
-        lines += ["", f"Skipped: {s['scorer']} on {s['backend']}: {s['reason']}."]
-    return "\n".join(lines) + "\n"
-
-
-def summary_table(out: Path) -> str:
-    """One Markdown table over every ``*.json`` result in ``out``: per scorer × backend × size the
-    in-process p50, daemon p50 / p99, saturated throughput, overhead ratio, peak RSS, load."""
-    lines = ["| scorer | backend | frame | in-process p50 ms | daemon p50 / p99 ms | saturated /s "
-             "| overhead (p50 ratio) | peak RSS MiB in-process / daemon+workers | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted(Path(out).glob("*.json")):
-        r = json.loads(path.read_text())
-        for size in [s for s in SIZES if s in r.get("sizes", {})]:
-            e = r["sizes"][size]
-            ip, d = e["in_process"], e.get("daemon")
-            load = f"{e['load_average_start'][0]}–{e['load_average_end'][0]}" if "load_average_start" in e else "n/a"
-            dcol = f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f}" if d else "-"
-            sat = f"{d['throughput_per_s_saturated']:.2f}" if d else "-"
-            ratio = f"{e['overhead_ratio_p50']:.2f}" if d else "-"
-            rss = f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f}" if d else f"{ip['peak_rss_mib']:.0f} / -"
-            lines.append(f"| {r['scorer']} | {r['backend']} | {size} | {ip['latency_ms_p50']:.0f} | {dcol} | {sat} "
-                         f"| {ratio} | {rss} | {load} |")
-    return "\n".join(lines) + "\n"
-
-
 def add_commands(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="measure scoring speed in-process and through the daemon path")
     b.add_argument("--out", default="bench/results")
@@ -588,13 +425,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="fine-tuning steps of the imrnet model the bench enrolls (scoring cost does not depend on it)")
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
     b.add_argument("--curve", action="store_true",
-                   help="measure only what CurveZMQ costs on the daemon path at 400x400 (daemon/bench_curve.py)")
+                   help="measure only what CurveZMQ costs on the daemon path at 400x400 (tools/bench/curve.py)")
     b.add_argument("--batch", default=None, metavar="1,4,8",
                    help="measure only batching: per-frame time at these batch sizes against batch 1, in-process "
-                        "(daemon/bench_batch.py); --name defaults to batching-{host}")
+                        "(tools/bench/batch.py); --name defaults to batching-{host}")
     b.add_argument("--nodes", default=None, metavar="1,2",
                    help="measure only the daemon's throughput on a local Ray cluster of this many scoring nodes "
-                        "(daemon/bench_cluster.py; first --scorer and --sizes); --name defaults to cluster-nodes-{host}")
+                        "(tools/bench/cluster.py; first --scorer and --sizes); --name defaults to cluster-nodes-{host}")
     b.add_argument("--summary", action="store_true",
                    help="measure nothing: print one table over every result JSON in --out")
     b.set_defaults(func=_cmd_bench)
@@ -605,7 +442,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(summary_table(Path(args.out)), end="")
         return 0
     if args.curve:
-        from daemon.bench_curve import render, run_curve_bench
+        from tools.bench.curve import render, run_curve_bench
 
         name = "curve-cost-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
         print(render(run_curve_bench(Path(args.out), result_name(name, "", ""), args.frames)))
@@ -616,8 +453,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown sizes {sorted(unknown)}; known: {SIZES}")
     scorers = [s for s in args.scorer.split(",") if s]
     if args.nodes:
-        from daemon.bench_cluster import render as render_nodes
-        from daemon.bench_cluster import run_cluster_bench
+        from tools.bench.cluster import render as render_nodes
+        from tools.bench.cluster import run_cluster_bench
 
         name = "cluster-nodes-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
         counts = sorted({int(n) for n in args.nodes.split(",") if n})
@@ -625,8 +462,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                              args.frames)))
         return 0
     if args.batch:
-        from daemon.bench_batch import render as render_batch
-        from daemon.bench_batch import run_batch_bench
+        from tools.bench.batch import render as render_batch
+        from tools.bench.batch import run_batch_bench
 
         name = "batching-{host}" if args.name == "{scorer}-{backend}-{host}" else args.name
         batches = sorted({int(b) for b in args.batch.split(",") if b})

@@ -1,6 +1,6 @@
 """Scoring one class's test split for ``inspectd eval``: one sample at a time, surviving bad ones.
 
-Why separate: ``daemon.evaluation`` runs the protocol over classes; this module holds what is
+Why separate: ``tools.evaluation.protocol`` runs the protocol over classes; this module holds what is
 done per sample (score it with the production path, keep both the dense and the served map of
 an organized frame) and per class (give failed samples the worst score, per-class details, ROC
 curves), so the protocol stays readable.
@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from daemon.eval_breakdown import SampleResult
-from daemon.eval_plots import thin_curve
+from tools.evaluation.breakdown import SampleResult
+from tools.evaluation.plots import thin_curve
 from workers.preprocess import PreprocessParams
 
 __all__ = ["ClassRun", "class_curves", "class_details", "sample_magnitudes", "score_both", "worst_scores"]

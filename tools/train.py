@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from daemon.eval_cli import parse_params
+from tools.evaluation.cli import parse_params
 
 log = logging.getLogger("inspectd.train")
 

@@ -1,7 +1,10 @@
-"""Figures of ``inspectd eval``: per-class ROC curves and a gallery of anomaly maps (PIL only).
+"""Figures of ``inspectd eval``: per-class ROC curves and a gallery of anomaly maps, drawn with
+matplotlib (the optional extra ``eval``: ``pip install inspectd[eval]``).
 
-Why separate: the evaluation protocol (``daemon.evaluation``) and its report text
-(``daemon.eval_report``) should not depend on how the figures are drawn.
+Why separate: the evaluation protocol (``tools.evaluation.protocol``) and its report text
+(``tools.evaluation.report``) should not depend on how the figures are drawn, and the daemon
+never needs matplotlib. The panels themselves (depth shading, the top-down z-buffered view of a
+cloud) are numpy images shown with ``imshow``.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import numpy as np
 
 from sensors.datasets import Sample
 
-__all__ = ["GalleryItem", "colormap", "draw_gallery", "draw_roc_curves", "gallery_picks", "thin_curve"]
+__all__ = ["GalleryItem", "colormap", "draw_gallery", "draw_roc_curves", "gallery_picks", "require_matplotlib",
+           "thin_curve"]
 
 
 def _fmt(x: float | None, nd: int = 3) -> str:
@@ -26,6 +30,8 @@ def _fmt(x: float | None, nd: int = 3) -> str:
 
 @dataclass
 class GalleryItem:
+    """One gallery sample: its class, name, label, object score, per-point scores, gt and geometry."""
+
     cls: str
     name: str
     label: int
@@ -54,87 +60,60 @@ def gallery_picks(samples: Sequence[Sample], k: int) -> list[int]:
     return sorted(picks)[:k]
 
 
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend; a clear error when the extra is missing."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise RuntimeError("inspectd eval draws its figures with matplotlib: pip install 'inspectd[eval]'") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-_PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]
-_CMAP = np.array(  # an inferno-like ramp: black → purple → red → yellow → white
-    [(0, 0, 4), (40, 11, 84), (101, 21, 110), (159, 42, 99), (212, 72, 66), (245, 125, 21),
-     (250, 193, 39), (252, 255, 164)], dtype=np.float64
-)
+    return plt
+
+
+def require_matplotlib() -> None:
+    """Fail before a long evaluation rather than at its end when matplotlib is not installed."""
+    _pyplot()
 
 
 def colormap(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map values to RGB uint8 with an inferno-like ramp; NaN → dark grey."""
+    """Map values to RGB uint8 with matplotlib's ``inferno`` between ``lo`` and ``hi``; NaN → dark grey."""
+    import matplotlib
+
     v = np.asarray(values, dtype=np.float64)
     t = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0.0, 1.0)
-    t = np.nan_to_num(t, nan=0.0)
-    x = t * (len(_CMAP) - 1)
-    rgb = np.stack([np.interp(x, np.arange(len(_CMAP)), _CMAP[:, k]) for k in range(3)], axis=-1)
+    rgb = (matplotlib.colormaps["inferno"](np.nan_to_num(t, nan=0.0))[..., :3] * 255).round().astype(np.uint8)
     rgb[~np.isfinite(v)] = (48, 48, 48)
-    return rgb.astype(np.uint8)
-
-
-def _font():
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=13)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    return rgb
 
 
 def draw_roc_curves(data: dict[str, dict[str, np.ndarray]], per_class: dict[str, dict[str, Any]],
                     path: Path, title: str = "") -> None:
     """One PNG, two panels: per-class image-level ROC (I-AUROC in the legend) and pixel/point ROC."""
-    from PIL import Image, ImageDraw
-
-    size, margin, top = 420, 50, 40
-    img = Image.new("RGB", (2 * (size + 2 * margin), size + 2 * margin + top + 18 * len(data)), "white")
-    draw = ImageDraw.Draw(img)
-    font = _font()
-    draw.text((margin, 8), title, fill="black", font=font)
-    for p, (key, metric, name) in enumerate((("image", "i_auroc", "image-level ROC"),
-                                             ("pixel", "p_auroc", "pixel / point-level ROC"))):
-        x0, y0 = p * (size + 2 * margin) + margin, top + margin // 2
-        draw.rectangle([x0, y0, x0 + size, y0 + size], outline="black")
-        for k in range(1, 10):
-            g = k * size / 10
-            draw.line([x0 + g, y0, x0 + g, y0 + size], fill=(230, 230, 230))
-            draw.line([x0, y0 + g, x0 + size, y0 + g], fill=(230, 230, 230))
-        draw.line([x0, y0 + size, x0 + size, y0], fill=(180, 180, 180))
-        for k in range(0, 11, 2):
-            draw.text((x0 + k * size / 10 - 8, y0 + size + 4), f"{k / 10:.1f}", fill="black", font=font)
-            draw.text((x0 - 30, y0 + size - k * size / 10 - 7), f"{k / 10:.1f}", fill="black", font=font)
-        draw.text((x0 + size // 2 - 40, y0 + size + 20), "false positive rate", fill="black", font=font)
-        draw.text((x0 + 4, y0 - 18), f"{name} (y: true positive rate)", fill="black", font=font)
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2 + 0.22 * len(data)), squeeze=False)
+    for ax, (key, metric, name) in zip(axes[0], (("image", "i_auroc", "image-level ROC"),
+                                                 ("pixel", "p_auroc", "pixel / point-level ROC")), strict=True):
+        ax.plot([0, 1], [0, 1], color="0.7", linewidth=1)
         for c, (cls, curves) in enumerate(data.items()):
             fpr, tpr = curves[key]
             ok = np.isfinite(fpr) & np.isfinite(tpr)
-            xy = np.stack([x0 + fpr[ok] * size, y0 + size - tpr[ok] * size], axis=1)
-            colour = _PALETTE[c % len(_PALETTE)]
-            if len(xy) >= 2:
-                draw.line([tuple(q) for q in xy.tolist()], fill=colour, width=2)
-            ly = y0 + size + 40 + 18 * c
-            draw.line([x0, ly + 7, x0 + 24, ly + 7], fill=colour, width=3)
-            draw.text((x0 + 30, ly), f"{cls}  AUROC {_fmt(per_class[cls][metric])}", fill="black", font=font)
+            ax.plot(fpr[ok], tpr[ok], color=f"C{c % 10}", linewidth=1.6,
+                    label=f"{cls}  AUROC {_fmt(per_class[cls][metric])}")
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="false positive rate", ylabel="true positive rate", title=name)
+        ax.set_aspect("equal")
+        ax.grid(color="0.9")
+        if data:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
+    fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
-def _fit_panel(rgb: np.ndarray, size: int):
-    from PIL import Image
-
-    im = Image.fromarray(rgb)
-    scale = size / max(im.width, im.height)
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), Image.NEAREST)
-    panel = Image.new("RGB", (size, size), (255, 255, 255))
-    panel.paste(im, ((size - im.width) // 2, (size - im.height) // 2))
-    return panel
-
-
-def _organized_panels(item: GalleryItem, lo: float, hi: float, size: int):
+def _organized_panels(item: GalleryItem, lo: float, hi: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Depth shading and anomaly map of an organized frame, the ground truth's contour in green."""
     from scipy import ndimage
 
     depth = item.points.astype(np.float64)
@@ -152,7 +131,7 @@ def _organized_panels(item: GalleryItem, lo: float, hi: float, size: int):
     edge = ndimage.binary_dilation(edge, iterations=max(1, round(item.gt.shape[0] / size) - 1))
     amap[edge] = (0, 255, 0)
     grey[edge] = (0, 255, 0)
-    return _fit_panel(grey, size), _fit_panel(amap, size)
+    return grey, amap
 
 
 def _topdown(points: np.ndarray, colours: np.ndarray, size: int) -> np.ndarray:
@@ -182,46 +161,41 @@ def _topdown(points: np.ndarray, colours: np.ndarray, size: int) -> np.ndarray:
     return img
 
 
-def _cloud_panels(item: GalleryItem, lo: float, hi: float, size: int):
-    from PIL import Image
-
+def _cloud_panels(item: GalleryItem, lo: float, hi: float, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-down views of a cloud coloured by score and by ground truth (anomalous in red)."""
     score_rgb = colormap(item.score, lo, hi)
     gt_rgb = np.where((item.gt != 0)[:, None], np.array([[220, 30, 30]], np.uint8), np.array([[170, 170, 170]], np.uint8))
-    return (Image.fromarray(_topdown(item.points, score_rgb, size)),
-            Image.fromarray(_topdown(item.points, gt_rgb.astype(np.uint8), size)))
+    return _topdown(item.points, score_rgb, size), _topdown(item.points, gt_rgb.astype(np.uint8), size)
 
 
 def draw_gallery(items: Sequence[GalleryItem], ranges: dict[str, tuple[float, float]], organized: bool,
                  path: Path, size: int = 200) -> None:
     """A grid: one row per class, per sample two panels (organized: depth | anomaly map with the gt
     contour in green; clouds: top-down view coloured by score | by gt, anomalous in red)."""
-    from PIL import Image, ImageDraw
-
+    plt = _pyplot()
     by_cls: dict[str, list[GalleryItem]] = {}
     for it in items:
         by_cls.setdefault(it.cls, []).append(it)
     cols = max((len(v) for v in by_cls.values()), default=1)
-    head, label_h, gap = 24, 34, 12
-    cell_w = 2 * size + gap
-    img = Image.new("RGB", (max(1, cols * cell_w), head + max(1, len(by_cls)) * (size + label_h)), "white")
-    draw = ImageDraw.Draw(img)
-    font = _font()
+    rows = max(1, len(by_cls))
+    inch = size / 100
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * inch, rows * (inch + 0.45) + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
     legend = ("z image (high = bright) | anomaly map (gt contour green)" if organized
               else "top-down view coloured by score | by ground truth (red = anomalous)")
-    draw.text((6, 5), legend + "; colour scale per class: min .. 99.9th percentile of its test scores",
-              fill="black", font=font)
+    fig.suptitle(legend + "; colour scale per class: min .. 99.9th percentile of its test scores", fontsize=9)
     for r, (cls, its) in enumerate(by_cls.items()):
         lo, hi = ranges.get(cls, (0.0, 1.0))
         for c, it in enumerate(its):
-            x, y = c * cell_w, head + r * (size + label_h)
             a, b = (_organized_panels(it, lo, hi, size) if organized else _cloud_panels(it, lo, hi, size))
-            img.paste(a, (x, y + label_h))
-            img.paste(b, (x + size, y + label_h))
-            draw.text((x + 4, y + 2), f"{cls}: {it.name}", fill="black", font=font)
-            draw.text((x + 4, y + 17), f"label {it.label}, object score {it.object_score:.3g}", fill=(80, 80, 80),
-                      font=font)
+            axes[r, 2 * c].imshow(a, interpolation="nearest")
+            axes[r, 2 * c + 1].imshow(b, interpolation="nearest")
+            axes[r, 2 * c].set_title(f"{cls}: {it.name}\nlabel {it.label}, object score {it.object_score:.3g}",
+                                     fontsize=7, loc="left")
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def thin_curve(fpr: np.ndarray, tpr: np.ndarray, n: int = 2000) -> np.ndarray:

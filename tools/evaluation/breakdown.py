@@ -18,7 +18,7 @@ separately), a replicate sums the histograms with its counts and integrates the 
 (ties within a bin count ½). The point value printed is the exact metric; only the interval
 comes from the binned statistic. AUPRO is given per class and as a mean, without interval.
 
-Magnitude bins: ``sensors.synth`` records a severity in [0, 1] per defective sample (its place in
+Magnitude bins: ``tools.synth.writer`` records a severity in [0, 1] per defective sample (its place in
 its kind's range, from subtle to gross) and a bin: ``subtle`` [0, ⅓), ``moderate`` [⅓, ⅔),
 ``gross`` [⅔, 1]. Samples of a dataset without that record have no bin.
 """

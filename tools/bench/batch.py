@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.bench import PRODUCT, enroll_for_bench, load_average, machine_description, make_frames
 from sensors.frame import Frame
+from tools.bench.measure import load_average, machine_description
+from tools.bench.run import PRODUCT, enroll_for_bench, make_frames
 
 ROUNDS = 3
 

@@ -1,0 +1,1 @@
+"""``inspectd bench``: speed and overhead per scorer, backend and frame size; CurveZMQ's cost."""

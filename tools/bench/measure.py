@@ -1,0 +1,83 @@
+"""Measuring helpers of the bench: the machine it ran on, the load, peak resident memory, percentiles."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+
+def load_average() -> list[float]:
+    """1, 5 and 15 minute load averages (the machine may be shared)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_description() -> dict[str, Any]:
+    """CPU, cores, memory, GPU, Python, torch and platform of this machine (every result records them)."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+
+class PeakRSS:
+    """Samples the resident memory of a process (and optionally its children) in a thread."""
+
+    def __init__(self, pid: int, children: bool = False, period: float = 0.02) -> None:
+        self.proc = psutil.Process(pid)
+        self.children = children
+        self.period = period
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        procs = [self.proc, *(self.proc.children(recursive=True) if self.children else [])]
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.period)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def pct(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``values`` (NaN when there are none)."""
+    return float(np.percentile(values, q)) if values else float("nan")

@@ -1,0 +1,84 @@
+"""The bench's results as Markdown: one page per scorer × backend, one summary table over a folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tools.bench.stages import SIZES, STAGE_OF, STAGES
+
+
+def _ms(v: float | None) -> str:
+    """A stage time for a table cell; "–" where the scorer has no such stage."""
+    return "–" if v is None else f"{v:.1f}"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    """The result as a Markdown page: summary table, stage tables, notes and conditions."""
+    m = r["machine"]
+    lines = [
+        f"# inspectd bench: {r['scorer']} on {r['backend']}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
+        f"Python {m['python']}, torch {m['torch']}.",
+        f"Command: `{r['command']}`",
+        "",
+        "| frame | points | in-process p50 / p99 ms | daemon p50 / p99 ms (offered rate) | saturated throughput /s "
+        "| overhead (daemon / in-process p50) | peak RSS MiB in-process / daemon+workers | load avg (1 min) start → end |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for size, e in r["sizes"].items():
+        ip, d = e["in_process"], e.get("daemon")
+        load = f"{e['load_average_start'][0]} → {e['load_average_end'][0]}" if "load_average_start" in e else "-"
+        if d:
+            lines.append(
+                f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | "
+                f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f} ({d['offered_rate_per_s']:.2f}/s) | "
+                f"{d['throughput_per_s_saturated']:.2f} | {e['overhead_ratio_p50']:.2f} | "
+                f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f} | {load} |")
+        else:
+            lines.append(
+                f"| {size} | {e['points_per_frame']:,} | {ip['latency_ms_p50']:.0f} / {ip['latency_ms_p99']:.0f} | "
+                f"- | - | - | {ip['peak_rss_mib']:.0f} / - | {load} |")
+    for title, part in (("In-process", "in_process"), ("Daemon path (the daemon's own measurement, paced run)", "daemon")):
+        rows = [(size, e[part]["stages_ms_mean"]) for size, e in r["sizes"].items() if part in e
+                and "stages_ms_mean" in e[part]]
+        if not rows:
+            continue
+        extra = ["transport"] if part == "daemon" else []
+        lines += ["", f"{title} stages, mean ms (– : the scorer has no such stage):", "",
+                  "| frame | " + " | ".join([*STAGES, *extra]) + " |", "|---|" + "---|" * (len(STAGES) + len(extra))]
+        for size, st in rows:
+            lines.append(f"| {size} | " + " | ".join(_ms(st.get(k)) for k in (*STAGES, *extra)) + " |")
+    notes = sorted({e["note"] for e in r["sizes"].values() if e.get("note")})
+    lines += ["", "Stage mapping (measured key → stage): "
+              + ", ".join(f"`{k}` → {v}" for k, v in r.get("stage_map", STAGE_OF).items()) + "; "
+              "`transport` (daemon only, not an issue stage) = queue + actor wait + Ray transfer."]
+    for n in notes:
+        lines += ["", f"Enrollment: {n}."]
+    for s in r.get("skipped", []):
+        lines += ["", f"Skipped: {s['scorer']} on {s['backend']}: {s['reason']}."]
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(out: Path) -> str:
+    """One Markdown table over every ``*.json`` result in ``out``: per scorer × backend × size the
+    in-process p50, daemon p50 / p99, saturated throughput, overhead ratio, peak RSS, load."""
+    lines = ["| scorer | backend | frame | in-process p50 ms | daemon p50 / p99 ms | saturated /s "
+             "| overhead (p50 ratio) | peak RSS MiB in-process / daemon+workers | load avg (1 min) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(Path(out).glob("*.json")):
+        r = json.loads(path.read_text())
+        for size in [s for s in SIZES if s in r.get("sizes", {})]:
+            e = r["sizes"][size]
+            ip, d = e["in_process"], e.get("daemon")
+            load = f"{e['load_average_start'][0]}–{e['load_average_end'][0]}" if "load_average_start" in e else "n/a"
+            dcol = f"{d['latency_ms_p50']:.0f} / {d['latency_ms_p99']:.0f}" if d else "-"
+            sat = f"{d['throughput_per_s_saturated']:.2f}" if d else "-"
+            ratio = f"{e['overhead_ratio_p50']:.2f}" if d else "-"
+            rss = f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f}" if d else f"{ip['peak_rss_mib']:.0f} / -"
+            lines.append(f"| {r['scorer']} | {r['backend']} | {size} | {ip['latency_ms_p50']:.0f} | {dcol} | {sat} "
+                         f"| {ratio} | {rss} | {load} |")
+    return "\n".join(lines) + "\n"
+

@@ -1,0 +1,31 @@
+"""What the bench measures: its frame sizes, the stages it reports under and how each measured
+key maps onto one of them (the mapping is described in ``tools.bench.run``'s docstring)."""
+
+from __future__ import annotations
+
+SIZES = ("cloud-30k", "organized-400", "organized-1920x1200")
+STAGES = ("decode", "preprocess", "features", "network", "search", "decision", "emit")
+STAGE_OF = {
+    "decode": "decode", "preprocess": "preprocess", "map_back": "emit", "decision": "decision",
+    "encode_verdict": "emit", "maps": "emit", "log": "emit", "publish": "emit",
+    "queue": "transport", "actor_wait": "transport", "transfer": "transport",
+    # patchcore-fpfh
+    "features": "features", "search": "search", "smooth": "search",
+    # imrnet
+    "reduce": "preprocess", "sample": "preprocess", "reconstruct": "network", "dfc": "network",
+    "template_search": "search", "compare": "search", "combine": "search",
+    # zeroshot ("search" shared with patchcore)
+    "fpfh": "features", "patches": "preprocess", "encoder": "network", "classifier": "network",
+    "upsample": "search",
+}
+"""Measured key → issue stage (see the module docstring); keys not listed (``score``) are not mapped."""
+
+
+def map_stages(raw_ms: dict[str, float]) -> dict[str, float | None]:
+    """Raw per-key means (ms) → the issue's stages (+ ``transport``); None where nothing maps."""
+    out: dict[str, float | None] = {k: None for k in (*STAGES, "transport")}
+    for key, ms in raw_ms.items():
+        stage = STAGE_OF.get(key)
+        if stage is not None:
+            out[stage] = (out[stage] or 0.0) + ms
+    return out

@@ -1,0 +1,1 @@
+"""``inspectd eval``: the evaluation protocol, its scoring, breakdowns, report and plots."""

@@ -1,0 +1,1 @@
+"""``inspectd synth``: synthetic 3D anomaly-detection datasets in the public layouts."""
