@@ -16,7 +16,6 @@ average (``/proc/loadavg``) before and after. Timings are measured here, never a
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import statistics
@@ -28,6 +27,7 @@ from typing import Any
 
 from sensors.frame import Frame
 from tools.bench.measure import load_average, machine_description
+from tools.bench.report import write_report
 from tools.bench.run import PRODUCT, enroll_for_bench, make_frames
 
 ROUNDS = 3
@@ -121,9 +121,7 @@ def run_batch_bench(out: Path, name: str, scorers: list[str], sizes: list[str], 
         "results": [bench_batching(s, z, n_frames, batches, backend) for s in scorers for z in sizes],
         "load_end": load_average(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(render(report))
+    write_report(out, name, report, render)
     return report
 
 

@@ -27,6 +27,7 @@ import zmq
 from sensors.frame import Frame
 from tools.bench.batch import lscpu_model
 from tools.bench.measure import load_average, machine_description
+from tools.bench.report import write_report
 from tools.bench.run import enroll_for_bench, make_frames, run_stream
 from tools.process import DaemonProcess, free_port
 
@@ -105,9 +106,7 @@ def run_cluster_bench(out: Path, name: str, node_counts: list[int], scorer: str,
     base = report["runs"][0]["throughput_per_s"]
     for run in report["runs"]:
         run["ratio_to_first"] = run["throughput_per_s"] / base
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(render(report))
+    write_report(out, name, report, render)
     return report
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +83,9 @@ def summary_table(out: Path) -> str:
                          f"| {ratio} | {rss} | {load} |")
     return "\n".join(lines) + "\n"
 
+
+def write_report(out: Path, name: str, report: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """Write a bench result as ``<out>/<name>.json`` (the figures) and ``<name>.md`` (``render``'s page)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(render(report))
