@@ -1,5 +1,7 @@
 """``fused``: ``template`` and ``patchcore-fpfh``, each normalized on held-out good parts, summed.
-Design and measured choices: docs/design/fused.md.
+The fitted state is ``workers.fused_model.FusedModel`` (both component models and the scales);
+this scorer fits the components, measures the scales and scores parts. Design and measured
+choices: docs/design/fused.md.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import numpy as np
 from pydantic import model_validator
 
 from workers.base import Scorer, ScoreResult
+from workers.fused_model import FusedModel
 from workers.params import ScorerParams, fit_field, infer_field
 from workers.patchcore import PatchCoreFPFHScorer
 from workers.preprocess import PreparedCloud
@@ -57,8 +60,8 @@ class FusedScorer(Scorer):
         self.patchcore_params = {"voxel_size": self.voxel_size, **self.hparams.patchcore}
         self.template = TemplateScorer(**self.template_params)
         self.patchcore = PatchCoreFPFHScorer(**self.patchcore_params)
-        self.scales: np.ndarray | None = None
-        """[template object, template point, patchcore object, patchcore point] typical good values."""
+        self.model: FusedModel | None = None
+        """Both component models and their scales (``workers.fused_model``), set by fit or load."""
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -70,12 +73,9 @@ class FusedScorer(Scorer):
         }
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self.scales is None:
+        if self.model is None:
             raise RuntimeError("fused is not fitted: nothing to save")
-        out = {"scales": self.scales.astype(np.float64)}
-        out.update({f"template.{k}": v for k, v in self.template.tensors().items()})
-        out.update({f"patchcore.{k}": v for k, v in self.patchcore.tensors().items()})
-        return out
+        return self.model.tensors()
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> FusedScorer:
@@ -88,11 +88,14 @@ class FusedScorer(Scorer):
 
         scorer.template = TemplateScorer.from_state(scorer.template.params(), sub("template."))
         scorer.patchcore = PatchCoreFPFHScorer.from_state(scorer.patchcore.params(), sub("patchcore."))
-        scales = np.asarray(tensors["scales"], dtype=np.float64).reshape(-1)
-        if scales.shape != (4,) or not np.isfinite(scales).all() or (scales <= 0).any():
-            raise ValueError("fused state: 'scales' must be 4 positive finite values")
-        scorer.scales = scales
+        scorer._set_model(np.asarray(tensors["scales"], dtype=np.float64))
         return scorer
+
+    def _set_model(self, scales: np.ndarray) -> None:
+        """Hold the fused model of the two fitted components and ``scales``."""
+        if self.template.model is None or self.patchcore.model is None:
+            raise RuntimeError("fused: both components must be fitted first")
+        self.model = FusedModel(self.template.model, self.patchcore.model, scales)
 
     def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
         super().use_backend(backend, cache_dir)
@@ -100,7 +103,12 @@ class FusedScorer(Scorer):
 
     @property
     def fitted(self) -> bool:
-        return self.scales is not None
+        return self.model is not None
+
+    @property
+    def scales(self) -> np.ndarray | None:
+        """[template object, template point, patchcore object, patchcore point] typical good values."""
+        return None if self.model is None else self.model.scale_array
 
     @property
     def batches(self) -> bool:
@@ -129,10 +137,11 @@ class FusedScorer(Scorer):
             np.mean([r.object_score for r in p_res]),
             np.quantile(np.concatenate([r.point_scores for r in p_res]), q),
         ], dtype=np.float64)
-        self.scales = np.where(np.isfinite(scales) & (scales > 1e-9), scales, 1.0)
+        scales = np.where(np.isfinite(scales) & (scales > 1e-9), scales, 1.0)
         if self.refit:
             self.template.fit(clouds, progress)
             self.patchcore.fit(clouds, progress)
+        self._set_model(scales)
 
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
         return self.score_many([cloud])[0]
@@ -140,7 +149,7 @@ class FusedScorer(Scorer):
     def score_many(self, clouds: Sequence[PreparedCloud]) -> list[TemplateScoreResult]:
         """Score a batch: the template part by part (a registration each), the patchcore
         component as one batch (``PatchCoreFPFHScorer.score_many``: one bank search for all)."""
-        if self.scales is None:
+        if self.model is None:
             raise RuntimeError("fused is not fitted: call fit() or load an artifact first")
         t_res, t_s = [], []
         for cloud in clouds:
@@ -155,13 +164,10 @@ class FusedScorer(Scorer):
     def fuse(self, t: TemplateScoreResult, p: ScoreResult, stage_times: dict[str, float]) -> TemplateScoreResult:
         """One part's fused result from its two components' (see docs/design/fused.md;
         ``stage_times``: seconds per component)."""
-        if self.scales is None:
+        if self.model is None:
             raise RuntimeError("fused is not fitted: call fit() or load an artifact first")
-        s = self.scales
-        assert s is not None
-        obj = self.template_weight * t.object_score / s[0] + self.patchcore_weight * p.object_score / s[2]
-        pts = (self.template_weight * t.point_scores.astype(np.float64) / s[1]
-               + self.patchcore_weight * p.point_scores.astype(np.float64) / s[3])
+        obj, pts = self.model.combine(t.object_score, t.point_scores, p.object_score, p.point_scores,
+                                      self.template_weight, self.patchcore_weight)
         if t.registration_failed:
             obj = FAILED_SCORE
         timings = {f"template_{k}": v for k, v in t.timings.items()}

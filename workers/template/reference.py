@@ -10,13 +10,13 @@ of the good parts' points that fall nearest to it: their mean (a systematic offs
 voxel-centroid bias on a curved face) and spread, and how many good parts cover it at all
 (visibility: a camera sees only part of a product; a point cloud should cover all of it). The
 spread is floored by the pooled robust spread of all deviations, so a location seen by few
-points cannot get a near-zero tolerance.
+points cannot get a near-zero tolerance. The fitted result is held by
+``workers.template.torch_model.TemplateModel``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,48 +26,6 @@ from workers import geometry
 from workers.components.registration import Registrar, estimate_normals
 
 NORMAL_K = 16
-
-
-@dataclass
-class Reference:
-    """The fused reference surface and its tolerance map (all arrays N×… over reference points)."""
-
-    points: np.ndarray
-    normals: np.ndarray
-    offset: np.ndarray
-    """Mean signed deviation of good parts at each reference point."""
-    spread: np.ndarray
-    """Tolerance: standard deviation of the signed deviation (floored), > 0."""
-    visibility: np.ndarray
-    """Fraction of good parts with a point within ``cover_dist`` of each reference point."""
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {
-            "reference_points": self.points.astype(np.float32),
-            "reference_normals": self.normals.astype(np.float32),
-            "tolerance_offset": self.offset.astype(np.float32),
-            "tolerance_spread": self.spread.astype(np.float32),
-            "visibility": self.visibility.astype(np.float32),
-        }
-
-    @classmethod
-    def from_arrays(cls, t: dict[str, np.ndarray]) -> Reference:
-        keys = ("reference_points", "reference_normals", "tolerance_offset", "tolerance_spread", "visibility")
-        missing = [k for k in keys if k not in t]
-        if missing:
-            raise ValueError(f"template state lacks {missing}")
-        pts = np.asarray(t["reference_points"], dtype=np.float64)
-        n = len(pts)
-        if pts.ndim != 2 or pts.shape[1] != 3 or n < 10 or any(len(t[k]) != n for k in keys):
-            raise ValueError("template state: reference arrays have inconsistent shapes")
-        if not all(np.isfinite(np.asarray(t[k])).all() for k in keys):
-            raise ValueError("template state holds non-finite values")
-        spread = np.asarray(t["tolerance_spread"], dtype=np.float64)
-        if (spread <= 0).any():
-            raise ValueError("template state: tolerance spread must be positive")
-        return cls(pts, np.asarray(t["reference_normals"], dtype=np.float64),
-                   np.asarray(t["tolerance_offset"], dtype=np.float64), spread,
-                   np.asarray(t["visibility"], dtype=np.float64))
 
 
 def fuse(clouds: Sequence[np.ndarray], voxel_size: float) -> np.ndarray:

@@ -17,7 +17,8 @@ from workers.components.knn import smooth_over_neighbours
 from workers.components.registration import Registrar, Registration, rotation_angle_deg
 from workers.params import ScorerParams, fit_field, infer_field
 from workers.preprocess import PreparedCloud
-from workers.template.reference import Reference, build_reference, signed_deviation, tolerance_map
+from workers.template.reference import build_reference, tolerance_map
+from workers.template.torch_model import TemplateModel
 
 FAILED_SCORE = 1.0e6
 """Object score of a part that could not be registered: above any threshold, so never a pass."""
@@ -78,36 +79,37 @@ class TemplateScorer(Scorer):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self.reference: Reference | None = None
+        self.model: TemplateModel | None = None
+        """The fused reference and its tolerance map (``workers.template.torch_model``)."""
         self._registrar: Registrar | None = None
-        self._tree: cKDTree | None = None
         self.fit_fitness: list[float] = []
 
     # -- state ---------------------------------------------------------------------------------
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self.reference is None:
+        if self.model is None:
             raise RuntimeError("template is not fitted: nothing to save")
-        return self.reference.arrays()
+        return self.model.tensors()
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> TemplateScorer:
         scorer = cls(**params)
-        scorer._set_reference(Reference.from_arrays(tensors))
+        scorer._set_model(TemplateModel.from_tensors(tensors))
         return scorer
 
     def _registrar_kw(self) -> dict[str, Any]:
         return {"coarse_dist": self.coarse_dist_factor * self.voxel_size,
                 "fine_dist": self.fine_dist_factor * self.voxel_size, "seed": self.seed}
 
-    def _set_reference(self, ref: Reference) -> None:
-        self.reference = ref
-        self._registrar = Registrar(ref.points, ref.normals, **self._registrar_kw())
-        self._tree = self._registrar.tree
+    def _set_model(self, model: TemplateModel) -> None:
+        """Hold ``model`` and the registrar onto its reference surface."""
+        self.model = model
+        self._registrar = Registrar(model.array("reference_points"), model.array("reference_normals"),
+                                    **self._registrar_kw())
 
     @property
     def fitted(self) -> bool:
-        return self.reference is not None
+        return self.model is not None
 
     # -- fit / score ---------------------------------------------------------------------------
 
@@ -128,7 +130,7 @@ class TemplateScorer(Scorer):
         offset, spread, vis = tolerance_map(registered, points, normals,
                                             self.missing_dist_factor * self.voxel_size, 0.02 * self.voxel_size)
         self.fit_fitness = fitness
-        self._set_reference(Reference(points, normals, offset, spread, vis))
+        self._set_model(TemplateModel(points, normals, offset, spread, vis))
 
     def register_part(self, cloud: PreparedCloud) -> Registration:
         """The registration of ``cloud`` onto the reference (pose, fitness, RMSE)."""
@@ -137,28 +139,18 @@ class TemplateScorer(Scorer):
         return self._registrar.register(self._points(cloud))
 
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
-        if self.reference is None or self._tree is None or self._registrar is None:
+        if self.model is None or self._registrar is None:
             raise RuntimeError("template is not fitted: call fit() or load an artifact first")
-        ref = self.reference
         pts = self._points(cloud)
         t0 = time.perf_counter()
         reg = self._registrar.register(pts)
         moved = pts @ reg.transform[:3, :3].T + reg.transform[:3, 3]
         t1 = time.perf_counter()
-        signed, dist, j = signed_deviation(moved, ref.points, ref.normals, self._tree)
-        dev = np.maximum(np.abs(signed - ref.offset[j]), dist - self.voxel_size) / ref.spread[j]
+        dev = self.model.deviation(moved, self.voxel_size)
         t2 = time.perf_counter()
-        missing_dist = self.missing_dist_factor * self.voxel_size
-        seen = ref.visibility >= self.min_visibility
         part_tree = cKDTree(moved)
-        gap, _ = part_tree.query(ref.points[seen], workers=1)
-        miss = gap > missing_dist
-        missing = np.zeros(len(moved))
-        if miss.any():
-            gap_score = (gap[miss] - missing_dist) / ref.spread[seen][miss]
-            _, rim = part_tree.query(ref.points[seen][miss], k=min(self.rim_k, len(moved)), workers=1)
-            rim = rim.reshape(len(gap_score), -1)
-            np.maximum.at(missing, rim.ravel(), np.repeat(gap_score, rim.shape[1]))
+        missing = self.model.missing(moved, part_tree, self.missing_dist_factor * self.voxel_size,
+                                     self.min_visibility, self.rim_k)
         t3 = time.perf_counter()
         smoothed = smooth_over_neighbours(moved, dev, self.smoothing_k, part_tree)
         scores = np.maximum(smoothed, missing).astype(np.float32)

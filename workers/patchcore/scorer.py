@@ -1,4 +1,5 @@
-"""PatchCore over FPFH (``patchcore-fpfh``): the BTF baseline. Design, paper sections and measured
+"""The ``patchcore-fpfh`` scorer: FPFH features, coreset fitting, smoothing and map-back around
+the memory bank model of ``workers.patchcore.torch_model``. Design, paper sections and measured
 choices: docs/design/patchcore-fpfh.md.
 """
 
@@ -15,8 +16,9 @@ import torch
 from workers.base import Scorer, ScoreResult
 from workers.components.fpfh import FPFH_IMPLS, fpfh_features
 from workers.components.knn import knn, smooth_over_neighbours
-from workers.components.memory_bank import MemoryBank, coreset_size, greedy_coreset
+from workers.components.memory_bank import coreset_size, greedy_coreset
 from workers.params import ScorerParams, fit_field, infer_field
+from workers.patchcore.torch_model import PatchCoreModel
 from workers.preprocess import PreparedCloud
 
 __all__ = ["FPFH_IMPLS", "PatchCoreFPFHScorer", "fpfh_features", "greedy_coreset"]
@@ -58,39 +60,38 @@ class PatchCoreFPFHScorer(Scorer):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        self.bank: MemoryBank | None = None
-        """The fitted FPFH memory bank, on this scorer's device."""
+        self.model: PatchCoreModel | None = None
+        """The fitted FPFH memory bank and its search (``workers.patchcore.torch_model``), on ``device``."""
         self.device = torch.device("cpu")
 
     # -- state ---------------------------------------------------------------------------------
 
     def tensors(self) -> dict[str, np.ndarray]:
-        if self.bank is None:
+        if self.model is None:
             raise RuntimeError("patchcore-fpfh is not fitted: nothing to save")
-        return {"memory_bank": self.bank.array}
+        return self.model.tensors()
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> PatchCoreFPFHScorer:
-        if "memory_bank" not in tensors:
-            raise ValueError("patchcore-fpfh state has no 'memory_bank' tensor")
+        model = PatchCoreModel.from_tensors(tensors)
         scorer = cls(**params)
-        scorer.bank = MemoryBank(tensors["memory_bank"], scorer.device)
+        scorer.model = model.to(scorer.device)
         return scorer
 
     def use_backend(self, backend: str, cache_dir: Path | None = None) -> None:
         """Keep the bank on the CUDA device for ``torch-cuda``; features are uploaded per frame."""
         super().use_backend(backend, cache_dir)
         self.device = torch.device("cuda" if backend == "torch-cuda" else "cpu")
-        if self.bank is not None:
-            self.bank = self.bank.to(self.device)
+        if self.model is not None:
+            self.model.to(self.device)
 
     @property
     def fitted(self) -> bool:
-        return self.bank is not None
+        return self.model is not None
 
     @property
     def memory_bank_size(self) -> int:
-        return 0 if self.bank is None else len(self.bank)
+        return 0 if self.model is None else len(self.model)
 
     # -- fit / score ---------------------------------------------------------------------------
 
@@ -139,7 +140,7 @@ class PatchCoreFPFHScorer(Scorer):
         if n_keep < len(bank):
             idx = greedy_coreset(bank, n_keep, self.coreset_projection_dim, self.seed, progress)
             bank = bank[idx]
-        self.bank = MemoryBank(bank, self.device)
+        self.model = PatchCoreModel(bank).to(self.device)
 
     def score(self, cloud: PreparedCloud) -> ScoreResult:
         return self.score_many([cloud])[0]
@@ -149,7 +150,7 @@ class PatchCoreFPFHScorer(Scorer):
         over the features of every part together (one matmul stream instead of one per part),
         then smoothing and reweighting per part. ``search`` timings are the batch's shared
         search time split by feature rows."""
-        if self.bank is None:
+        if self.model is None:
             raise RuntimeError("patchcore-fpfh is not fitted: call fit() or load an artifact first")
         feats, feat_s = [], []
         for cloud in clouds:
@@ -157,8 +158,7 @@ class PatchCoreFPFHScorer(Scorer):
             feats.append(self.features_t(cloud))
             feat_s.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        q_all = self.bank.centre(torch.cat(feats) if len(feats) > 1 else feats[0])
-        d_all = self.bank.nearest_distances(q_all)
+        q_all, d_all = self.model(torch.cat(feats) if len(feats) > 1 else feats[0])
         search = time.perf_counter() - t1
         sizes = [len(f) for f in feats]
         out = []
@@ -181,17 +181,17 @@ class PatchCoreFPFHScorer(Scorer):
                 _, nbr_t = knn(*[self._device_points(cloud)] * 2, k)
                 scores_t = scores_t[nbr_t].mean(dim=1)
         star = int(torch.argmax(scores_t))
-        object_score = float(scores_t[star]) * self.bank.reweight(q[star], self.reweight_neighbors)
+        assert self.model is not None
+        object_score = float(scores_t[star]) * self.model.reweight(q[star], self.reweight_neighbors)
         return object_score, scores_t.float().cpu().numpy()
 
     def score_features(self, cloud: PreparedCloud, feat: torch.Tensor) -> ScoreResult:
         """``score`` from FPFH features already computed (``features_t``), for a scorer that
         also uses the features themselves (``fused-defects``); ``timings`` lacks ``features``."""
-        if self.bank is None:
+        if self.model is None:
             raise RuntimeError("patchcore-fpfh is not fitted: call fit() or load an artifact first")
         t1 = time.perf_counter()
-        q = self.bank.centre(feat)
-        d = self.bank.nearest_distances(q)
+        q, d = self.model(feat)
         t2 = time.perf_counter()
         object_score, scores = self._finish(cloud, q, d)
         return ScoreResult(object_score=object_score, point_scores=scores,

@@ -1,0 +1,99 @@
+"""The fitted template as one ``nn.Module``: the fused golden part and its tolerance map as buffers.
+
+The buffers are the reference surface (``reference_points``, ``reference_normals``) and, per
+reference point, the tolerance map (``tolerance_offset``, ``tolerance_spread``, ``visibility``);
+their names are the artifact's tensor names, so saved models still load, and ``.to(device)`` /
+``state_dict()`` come free. They are held in float64 (the precision fit computes them in; an
+artifact stores float32). What the model computes is only what needs the fitted state: a
+registered part's tolerance-normalized deviation (:meth:`TemplateModel.deviation`) and the
+missing-material score its points take (:meth:`TemplateModel.missing`). Both run on the CPU
+(scipy's KD-tree). The scorer (``workers.template.scorer``) fits, registers, smooths and scores.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from torch import nn
+
+from workers.template.reference import signed_deviation
+
+KEYS = ("reference_points", "reference_normals", "tolerance_offset", "tolerance_spread", "visibility")
+MIN_REFERENCE_POINTS = 10
+
+
+class TemplateModel(nn.Module):
+    """The fused reference surface (points, normals) with its offset, spread and visibility per point."""
+
+    reference_points: torch.Tensor
+    reference_normals: torch.Tensor
+    tolerance_offset: torch.Tensor
+    """Mean signed deviation of good parts at each reference point."""
+    tolerance_spread: torch.Tensor
+    """Tolerance: standard deviation of the signed deviation (floored), > 0."""
+    visibility: torch.Tensor
+    """Fraction of good parts with a point within the cover distance of each reference point."""
+
+    def __init__(self, points: np.ndarray, normals: np.ndarray, offset: np.ndarray, spread: np.ndarray,
+                 visibility: np.ndarray) -> None:
+        super().__init__()
+        for key, value in zip(KEYS, (points, normals, offset, spread, visibility), strict=True):
+            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value, dtype=np.float64)))
+        self._tree: tuple[torch.Tensor, cKDTree] | None = None
+
+    def array(self, key: str) -> np.ndarray:
+        """Buffer ``key`` as a float64 host array (a view when the model is on the CPU)."""
+        return getattr(self, key).detach().cpu().numpy()
+
+    @property
+    def tree(self) -> cKDTree:
+        """KD-tree of the reference points (built once per points tensor)."""
+        if self._tree is None or self._tree[0] is not self.reference_points:
+            self._tree = (self.reference_points, cKDTree(self.array("reference_points")))
+        return self._tree[1]
+
+    def deviation(self, moved: np.ndarray, voxel_size: float) -> np.ndarray:
+        """Per registered part point: its signed deviation from the nearest reference point, less
+        that point's good offset (or its distance beyond one voxel, if larger), in tolerances."""
+        signed, dist, j = signed_deviation(moved, self.array("reference_points"), self.array("reference_normals"),
+                                           self.tree)
+        return np.maximum(np.abs(signed - self.array("tolerance_offset")[j]), dist - voxel_size) / \
+            self.array("tolerance_spread")[j]
+
+    def missing(self, moved: np.ndarray, part_tree: cKDTree, missing_dist: float, min_visibility: float,
+                rim_k: int) -> np.ndarray:
+        """Per registered part point: the largest gap score of a reference point the good parts
+        cover (visibility >= ``min_visibility``) with no part point within ``missing_dist``, taken
+        by the ``rim_k`` part points nearest that reference point (0 elsewhere)."""
+        seen = self.array("visibility") >= min_visibility
+        ref_seen = self.array("reference_points")[seen]
+        gap, _ = part_tree.query(ref_seen, workers=1)
+        miss = gap > missing_dist
+        out = np.zeros(len(moved))
+        if miss.any():
+            gap_score = (gap[miss] - missing_dist) / self.array("tolerance_spread")[seen][miss]
+            _, rim = part_tree.query(ref_seen[miss], k=min(rim_k, len(moved)), workers=1)
+            rim = rim.reshape(len(gap_score), -1)
+            np.maximum.at(out, rim.ravel(), np.repeat(gap_score, rim.shape[1]))
+        return out
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The artifact's tensors: ``state_dict()`` on the host, in float32."""
+        return {k: v.detach().cpu().numpy().astype(np.float32) for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, np.ndarray]) -> TemplateModel:
+        """Rebuild a fitted model from :meth:`tensors`, refusing missing, inconsistent or non-finite arrays."""
+        missing = [k for k in KEYS if k not in t]
+        if missing:
+            raise ValueError(f"template state lacks {missing}")
+        pts = np.asarray(t["reference_points"], dtype=np.float64)
+        n = len(pts)
+        if pts.ndim != 2 or pts.shape[1] != 3 or n < MIN_REFERENCE_POINTS or any(len(t[k]) != n for k in KEYS):
+            raise ValueError("template state: reference arrays have inconsistent shapes")
+        if not all(np.isfinite(np.asarray(t[k])).all() for k in KEYS):
+            raise ValueError("template state holds non-finite values")
+        if (np.asarray(t["tolerance_spread"]) <= 0).any():
+            raise ValueError("template state: tolerance spread must be positive")
+        return cls(*(np.asarray(t[k], dtype=np.float64) for k in KEYS)).eval()
