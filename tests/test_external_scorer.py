@@ -30,7 +30,7 @@ PRODUCT = "gear"
 
 
 def inspectd(*args: str) -> str:
-    run = subprocess.run([sys.executable, "-m", "daemon.cli", *args], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "tools.cli", *args], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
 
