@@ -4,15 +4,35 @@
 // only the one whose ``active`` is set answers the mouse.
 "use strict";
 
-class PointView {
+// What both views share: the canvas, the marked region and its callback, the background.
+class MarkableView {
   constructor(canvas) {
     this.canvas = canvas;
     this.ctx = canvas.getContext("2d");
-    this.yaw = 0.6; this.pitch = -0.5; this.zoom = 1.0;
-    this.xyz = null; this.rgb = null; this.n = 0;
     this.marked = new Set();
     this.markMode = false;
     this.onMark = () => {};
+  }
+
+  clearMarks() { this.marked = new Set(); this.onMark(0); this.draw(); }
+
+  // Tell the page how many are marked, and redraw with them.
+  marksChanged() { this.onMark(this.marked.size); this.draw(); }
+
+  // Paint the background; true when there is something to draw on it.
+  clear(hasContent) {
+    const { ctx, canvas } = this;
+    ctx.fillStyle = "#101418";
+    ctx.fillRect(0, 0, canvas.width, canvas.height);
+    return hasContent;
+  }
+}
+
+class PointView extends MarkableView {
+  constructor(canvas) {
+    super(canvas);
+    this.yaw = 0.6; this.pitch = -0.5; this.zoom = 1.0;
+    this.xyz = null; this.rgb = null; this.n = 0;
     this.projected = null;
     let drag = null;
     canvas.addEventListener("mousedown", (e) => {
@@ -55,17 +75,12 @@ class PointView {
       const dx = p[2 * i] - x, dy = p[2 * i + 1] - y;
       if (dx * dx + dy * dy <= r2) this.marked.add(this.index[i]);
     }
-    this.onMark(this.marked.size);
-    this.draw();
+    this.marksChanged();
   }
-
-  clearMarks() { this.marked = new Set(); this.onMark(0); this.draw(); }
 
   draw() {
     const { ctx, canvas } = this;
-    ctx.fillStyle = "#101418";
-    ctx.fillRect(0, 0, canvas.width, canvas.height);
-    if (!this.n) return;
+    if (!this.clear(this.n > 0)) return;
     const cy = Math.cos(this.yaw), sy = Math.sin(this.yaw), cp = Math.cos(this.pitch), sp = Math.sin(this.pitch);
     const scale = this.zoom * 0.45 * Math.min(canvas.width, canvas.height) / this.radius;
     const w2 = canvas.width / 2, h2 = canvas.height / 2;
@@ -92,13 +107,9 @@ class PointView {
 }
 
 // An organized frame: the heat-map overlay as an image; marking paints pixels (row * width + col).
-class ImageView {
+class ImageView extends MarkableView {
   constructor(canvas) {
-    this.canvas = canvas;
-    this.ctx = canvas.getContext("2d");
-    this.marked = new Set();
-    this.markMode = false;
-    this.onMark = () => {};
+    super(canvas);
     this.img = null; this.showBase = false;
     let down = false;
     canvas.addEventListener("mousedown", (e) => { down = this.active; if (down && this.markMode) this.paint(e.offsetX, e.offsetY); });
@@ -132,17 +143,12 @@ class ImageView {
       const rr = row + dr, cc = col + dc;
       if (rr >= 0 && rr < height && cc >= 0 && cc < width && dr * dr + dc * dc <= r * r) this.marked.add(rr * width + cc);
     }
-    this.onMark(this.marked.size);
-    this.draw();
+    this.marksChanged();
   }
 
-  clearMarks() { this.marked = new Set(); this.onMark(0); this.draw(); }
-
   draw() {
-    const { ctx, canvas } = this;
-    ctx.fillStyle = "#101418";
-    ctx.fillRect(0, 0, canvas.width, canvas.height);
-    if (!this.view) return;
+    const { ctx } = this;
+    if (!this.clear(Boolean(this.view))) return;
     const { s, ox, oy } = this.fit(), { width } = this.view;
     ctx.imageSmoothingEnabled = false;
     ctx.drawImage(this.showBase ? this.images.base : this.images.overlay, ox, oy, s * width, s * this.view.height);
