@@ -12,6 +12,13 @@ voxel-centroid bias on a curved face) and spread, and how many good parts cover 
 spread is floored by the pooled robust spread of all deviations, so a location seen by few
 points cannot get a near-zero tolerance. The fitted result is held by
 ``workers.template.torch_model.TemplateModel``.
+
+Faces (:func:`segment_faces`): the reference split into connected regions of near-constant
+normal. Part-to-part variation of a dimension (a wall a little thicker, a boss a little taller)
+moves a whole face along its normal; :func:`face_offsets` measures that shift per face as the
+median signed deviation of a part's points on it, so that it can be removed before the part
+is scored (a bulge or a dent covers only part of a face and survives the median). The
+tolerance map is measured after the same removal, so it holds what the scorer compares.
 """
 
 from __future__ import annotations
@@ -20,12 +27,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from workers import geometry
 from workers.components.registration import Registrar, estimate_normals
 
 NORMAL_K = 16
+FACE_NORMAL_K = 8
+"""Neighbours of the sharper normals the faces are grown on (the reference's own, k = 16, blur edges)."""
+FACE_NEIGHBOURS = 8
+FACE_LINK_VOXELS = 1.5
+"""Two reference points join one face when they are among each other's 8 nearest, at most
+1.5 voxels apart, and their normals agree to ``face_cos``."""
 
 
 def fuse(clouds: Sequence[np.ndarray], voxel_size: float) -> np.ndarray:
@@ -40,6 +55,38 @@ def signed_deviation(points: np.ndarray, reference: np.ndarray, normals: np.ndar
     d, j = tree.query(points, workers=1)
     signed = np.einsum("ij,ij->i", points - reference[j], normals[j])
     return signed, d, j
+
+
+def segment_faces(points: np.ndarray, voxel_size: float, cos: float) -> np.ndarray:
+    """Face label (0..F-1) of every reference point: connected components of the graph joining
+    near neighbours whose (sharp, k = 8) normals agree to ``cos`` in absolute value."""
+    pts = np.asarray(points, dtype=np.float64)
+    normals = estimate_normals(pts, FACE_NORMAL_K)
+    k = min(FACE_NEIGHBOURS, len(pts) - 1)
+    d, nb = cKDTree(pts).query(pts, k=k + 1, workers=1)
+    i = np.repeat(np.arange(len(pts)), k)
+    j = nb[:, 1:].ravel()
+    ok = (np.abs(np.einsum("ij,ij->i", normals[i], normals[j])) > cos) & (d[:, 1:].ravel() < FACE_LINK_VOXELS * voxel_size)
+    graph = coo_matrix((np.ones(int(ok.sum())), (i[ok], j[ok])), shape=(len(pts), len(pts)))
+    return connected_components(graph, directed=False)[1].astype(np.int64)
+
+
+def face_offsets(faces: np.ndarray, signed: np.ndarray, shrink: float) -> np.ndarray:
+    """Per point, the shift of its face: the median of ``signed`` over the points of that face
+    (``faces``: the face of each point), shrunk towards 0 by n / (n + ``shrink``) for a face
+    with n points, so a face seen by a few points is barely moved."""
+    faces = np.asarray(faces, dtype=np.int64)
+    signed = np.asarray(signed, dtype=np.float64)
+    if len(signed) == 0:
+        return signed
+    n_faces = int(faces.max()) + 1
+    order = np.lexsort((signed, faces))
+    count = np.bincount(faces, minlength=n_faces)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]])
+    median = np.zeros(n_faces)
+    seen = count > 0
+    median[seen] = signed[order][start[seen] + count[seen] // 2]
+    return (median * count / (count + shrink))[faces]
 
 
 def build_reference(clouds: Sequence[np.ndarray], voxel_size: float, registrar_kw: dict,
@@ -60,8 +107,10 @@ def build_reference(clouds: Sequence[np.ndarray], voxel_size: float, registrar_k
 
 
 def tolerance_map(registered: Sequence[np.ndarray], points: np.ndarray, normals: np.ndarray,
-                  cover_dist: float, floor_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(offset, spread, visibility) per reference point from the registered good parts."""
+                  cover_dist: float, floor_min: float, faces: np.ndarray | None = None,
+                  face_shrink: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(offset, spread, visibility) per reference point from the registered good parts; with
+    ``faces``, each part's face shifts (:func:`face_offsets`) are removed first."""
     tree = cKDTree(points)
     n = len(points)
     s1 = np.zeros(n)
@@ -71,6 +120,8 @@ def tolerance_map(registered: Sequence[np.ndarray], points: np.ndarray, normals:
     pooled = []
     for part in registered:  # one iteration per good part, vectorized over its points
         signed, _, j = signed_deviation(part, points, normals, tree)
+        if faces is not None:
+            signed = signed - face_offsets(faces[j], signed, face_shrink)
         s1 += np.bincount(j, signed, n)
         s2 += np.bincount(j, signed * signed, n)
         cnt += np.bincount(j, minlength=n)

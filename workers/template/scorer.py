@@ -17,7 +17,7 @@ from workers.components.knn import smooth_over_neighbours
 from workers.components.registration import Registrar, Registration, rotation_angle_deg
 from workers.params import ScorerParams, fit_field, infer_field
 from workers.preprocess import PreparedCloud
-from workers.template.reference import build_reference, tolerance_map
+from workers.template.reference import build_reference, segment_faces, tolerance_map
 from workers.template.torch_model import TemplateModel
 
 FAILED_SCORE = 1.0e6
@@ -56,6 +56,10 @@ class TemplateParams(ScorerParams):
     fine_dist_factor: float = fit_field(2.0, "Fine (point-to-plane) ICP correspondence distance, in voxels.", gt=0)
     fusion_rounds: int = fit_field(2, "Rounds of registering the good parts onto the fused reference.", ge=0)
     seed: int = fit_field(0, "Seed of registration's sampling.")
+    face_cos: float = fit_field(0.99, "Neighbouring reference points whose normals agree this closely (|cos|) "
+                                "lie on one face; 1 turns the face shifts off.", gt=0, le=1)
+    face_shrink: float = fit_field(20.0, "A face's median shift is shrunk by n / (n + this) for a face of n "
+                                   "points.", ge=0)
     min_fitness: float = infer_field(0.6, "Registration fitness under this: the part is flagged for review.",
                                      ge=0, le=1)
     missing_dist_factor: float = infer_field(2.0, "A covered reference point with no part point this near "
@@ -82,6 +86,8 @@ class TemplateScorer(Scorer):
         self.model: TemplateModel | None = None
         """The fused reference and its tolerance map (``workers.template.torch_model``)."""
         self._registrar: Registrar | None = None
+        self.faces: np.ndarray | None = None
+        """Face label per reference point (``reference.segment_faces``; None: face shifts off)."""
         self.fit_fitness: list[float] = []
 
     # -- state ---------------------------------------------------------------------------------
@@ -93,7 +99,8 @@ class TemplateScorer(Scorer):
 
     @classmethod
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> TemplateScorer:
-        scorer = cls(**params)
+        # an artifact fitted before face shifts existed has a tolerance map measured without them
+        scorer = cls(**{"face_cos": 1.0, **params})
         scorer._set_model(TemplateModel.from_tensors(tensors))
         return scorer
 
@@ -104,8 +111,13 @@ class TemplateScorer(Scorer):
     def _set_model(self, model: TemplateModel) -> None:
         """Hold ``model`` and the registrar onto its reference surface."""
         self.model = model
+        self.faces = self._faces(model.array("reference_points"))
         self._registrar = Registrar(model.array("reference_points"), model.array("reference_normals"),
                                     **self._registrar_kw())
+
+    def _faces(self, points: np.ndarray) -> np.ndarray | None:
+        """The reference's faces (recomputed from the points, so artifacts need no new tensor)."""
+        return None if self.face_cos >= 1.0 else segment_faces(points, self.voxel_size, self.face_cos)
 
     @property
     def fitted(self) -> bool:
@@ -128,7 +140,8 @@ class TemplateScorer(Scorer):
         points, normals, registered, fitness = build_reference(parts, self.voxel_size, self._registrar_kw(),
                                                                self.fusion_rounds)
         offset, spread, vis = tolerance_map(registered, points, normals,
-                                            self.missing_dist_factor * self.voxel_size, 0.02 * self.voxel_size)
+                                            self.missing_dist_factor * self.voxel_size, 0.02 * self.voxel_size,
+                                            self._faces(points), self.face_shrink)
         self.fit_fitness = fitness
         self._set_model(TemplateModel(points, normals, offset, spread, vis))
 
@@ -146,7 +159,7 @@ class TemplateScorer(Scorer):
         reg = self._registrar.register(pts)
         moved = pts @ reg.transform[:3, :3].T + reg.transform[:3, 3]
         t1 = time.perf_counter()
-        dev = self.model.deviation(moved, self.voxel_size)
+        dev = self.model.deviation(moved, self.voxel_size, self.faces, self.face_shrink)
         t2 = time.perf_counter()
         part_tree = cKDTree(moved)
         missing = self.model.missing(moved, part_tree, self.missing_dist_factor * self.voxel_size,

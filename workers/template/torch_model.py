@@ -17,7 +17,7 @@ import torch
 from scipy.spatial import cKDTree
 from torch import nn
 
-from workers.template.reference import signed_deviation
+from workers.template.reference import face_offsets, signed_deviation
 
 KEYS = ("reference_points", "reference_normals", "tolerance_offset", "tolerance_spread", "visibility")
 MIN_REFERENCE_POINTS = 10
@@ -53,11 +53,16 @@ class TemplateModel(nn.Module):
             self._tree = (self.reference_points, cKDTree(self.array("reference_points")))
         return self._tree[1]
 
-    def deviation(self, moved: np.ndarray, voxel_size: float) -> np.ndarray:
+    def deviation(self, moved: np.ndarray, voxel_size: float, faces: np.ndarray | None = None,
+                  face_shrink: float = 0.0) -> np.ndarray:
         """Per registered part point: its signed deviation from the nearest reference point, less
-        that point's good offset (or its distance beyond one voxel, if larger), in tolerances."""
+        that point's good offset and, with ``faces`` (a face label per reference point), less its
+        face's shift in this part (``reference.face_offsets``); or its distance beyond one voxel,
+        if larger; in tolerances."""
         signed, dist, j = signed_deviation(moved, self.array("reference_points"), self.array("reference_normals"),
                                            self.tree)
+        if faces is not None:
+            signed = signed - face_offsets(faces[j], signed, face_shrink)
         return np.maximum(np.abs(signed - self.array("tolerance_offset")[j]), dist - voxel_size) / \
             self.array("tolerance_spread")[j]
 
