@@ -8,9 +8,18 @@ import torch
 from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
+from workers.components.fpfh import fpfh_features
 from workers.components.knn import knn, smooth_over_neighbours
-from workers.components.memory_bank import MemoryBank, coreset_size, greedy_coreset
+from workers.components.memory_bank import (
+    CELLS_MIN_BANK,
+    BankCells,
+    MemoryBank,
+    coreset_size,
+    greedy_coreset,
+    nearest_distances,
+)
 from workers.components.registration import Registrar, cube_rotations, rotation_angle_deg
+from workers.preprocess import voxel_downsample
 
 
 def l_part(seed: int, n: int = 6000) -> np.ndarray:
@@ -69,6 +78,59 @@ def test_memory_bank_distances_and_reweight() -> None:
     assert 0.0 < w < 1.0 and mb.reweight(mb.centre(torch.from_numpy(q[:1]))[0], 1) == 1.0
     with pytest.raises(ValueError):
         MemoryBank(np.full((3, 2), np.nan, dtype=np.float32))
+
+
+def histogram_bank(seed: int, n: int, modes: int = 40) -> np.ndarray:
+    """FPFH-like features: three 11-bin histograms of 100 each, around ``modes`` typical shapes."""
+    rng = np.random.default_rng(seed)
+    centres = rng.dirichlet(np.ones(11), (modes, 3)) * 100.0
+    x = centres[rng.integers(0, modes, n)] + rng.normal(0.0, 2.0, (n, 3, 11))
+    return x.reshape(n, 33).astype(np.float32)
+
+
+def test_bank_cells_search_is_the_whole_search() -> None:
+    """The cell search returns the whole search's nearest distances (to float32 rounding) for
+    queries near the bank, exact copies of bank elements and far outliers, and searches less."""
+    bank = histogram_bank(3, 3000)
+    mb = MemoryBank(bank)
+    assert len(bank) >= CELLS_MIN_BANK and mb.cells is not None and len(mb.cells) > 10
+    rng = np.random.default_rng(4)
+    near = histogram_bank(5, 2000)
+    copies = bank[rng.choice(len(bank), 200, replace=False)]
+    far = near[:50] + rng.normal(0.0, 40.0, (50, 33)).astype(np.float32)
+    q = mb.centre(torch.from_numpy(np.concatenate([near, copies, far])))
+    whole = nearest_distances(q, mb.centred_t, mb.sq)
+    cells = mb.cells.nearest_distances(q)
+    assert cells is not None  # near the bank: the cells pay
+    exact = torch.cdist(q.double(), mb.centred.double()).min(dim=1).values
+    # float32 by ‖a‖² + ‖b‖² − 2ab: near 0 a distance is only good to ~sqrt(eps)·‖a‖ (both searches)
+    np.testing.assert_allclose(cells.numpy(), whole.numpy(), rtol=1e-4, atol=0.1)
+    np.testing.assert_allclose(cells.numpy(), exact.numpy(), rtol=1e-4, atol=0.1)
+    np.testing.assert_allclose(mb.nearest_distances(q).numpy(), cells.numpy())
+    assert (cells[2000:2200] < 0.1).all()  # an element of the bank finds itself
+    # queries far from every cell: searched whole, with the same answer
+    lost = mb.centre(torch.from_numpy(near[:100] + 500.0))
+    assert BankCells(mb.centred).nearest_distances(lost) is None
+    np.testing.assert_allclose(mb.nearest_distances(lost).numpy(),
+                               torch.cdist(lost.double(), mb.centred.double()).min(dim=1).values.numpy(), rtol=1e-5)
+
+
+def test_fpfh_open3d_engine_is_open3ds_legacy_fpfh() -> None:
+    """The tensor-pipeline histograms on the legacy normals are the legacy FPFH (a voxelized cloud)."""
+    import open3d as o3d
+
+    pts = voxel_downsample(l_part(3, 20000).astype(np.float32), 1.0)[0].astype(np.float64)
+    pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
+    pcd.estimate_normals(o3d.geometry.KDTreeSearchParamHybrid(radius=2.0, max_nn=30))
+    n = np.asarray(pcd.normals).copy()
+    n[np.einsum("ij,ij->i", n, pts - pts.mean(axis=0)) < 0] *= -1.0
+    pcd.normals = o3d.utility.Vector3dVector(n)
+    ref = np.asarray(o3d.pipelines.registration.compute_fpfh_feature(
+        pcd, o3d.geometry.KDTreeSearchParamHybrid(radius=5.0, max_nn=100)).data).T
+    mine = fpfh_features(pts, 1.0)
+    rows = np.abs(mine - ref).max(axis=1)
+    # the same formulas in another build: a near-tied pair may land in the next bin (few rows)
+    assert (rows > 1e-3).mean() < 0.01 and np.median(rows) < 1e-4, f"{(rows > 1e-3).mean():.2%} rows differ"
 
 
 def test_cube_rotations_are_the_24_proper_ones() -> None:

@@ -1,10 +1,17 @@
 """FPFH descriptors (Rusu et al. 2009, 33-D) with the BTF radii, normals oriented away from the centroid.
 
-One function, :func:`fpfh_features`, with two engines for the same formulas: open3d's C++
-KD-tree on the CPU, kept because it is measurably faster there (on a 28 386-point cloud 0.9–1.2 s
-against 3.0–4.9 s for torch on 2 shared cores), and ``workers.geometry`` (grid neighbour search,
-batched PCA and histograms) on the points' device, what a GPU uses. They agree to 4e-13 (float64)
-/ 9e-5 (float32) with the same normals; caveats in docs/design/patchcore-fpfh.md.
+One function, :func:`fpfh_features`, with two engines for the same formulas: open3d on the CPU,
+kept because it is measurably faster there (on a 28 386-point cloud 0.9–1.2 s against 3.0–4.9 s
+for torch on 2 shared cores), and ``workers.geometry`` (grid neighbour search, batched PCA and
+histograms) on the points' device, what a GPU uses. They agree to 4e-13 (float64) / 9e-5
+(float32) with the same normals; caveats in docs/design/patchcore-fpfh.md.
+
+open3d's engine takes the normals of its legacy ``PointCloud.estimate_normals`` and the
+histograms of its tensor pipeline (``open3d.t.pipelines.registration.compute_fpfh_feature``):
+with the same normals that one returns the legacy ``compute_fpfh_feature``'s histograms (same
+formulas, same neighbours) in 0.55–0.65 of its time on one core; its own normal estimate differs
+from the legacy one in the last bits, which moves near-tied pairs between bins, so the legacy
+normals stay (measured in docs/design/patchcore-fpfh.md).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ def fpfh_features(
 ) -> np.ndarray | torch.Tensor:
     """FPFH (M×33) of every point, normals oriented away from the centroid (BTF radii).
 
-    ``impl``: ``"open3d"`` (its C++ KD-tree, on the CPU: 4–5× faster there), ``"torch"``
+    ``impl``: ``"open3d"`` (C++, on the CPU: 4–5× faster there), ``"torch"``
     (``workers.geometry`` on the points' device, in their dtype), ``"auto"``: torch for a tensor on
     a GPU, open3d otherwise. An array in gives a float32 array; a tensor in, a tensor on its device.
     """
@@ -65,6 +72,8 @@ def fpfh_features(
 
 def _open3d_fpfh(pts: np.ndarray, voxel_size: float, normal_radius_factor: float,
                  feature_radius_factor: float) -> np.ndarray:
+    """FPFH (M×33 float32) by open3d: legacy normals, oriented away from the centroid, then the
+    tensor pipeline's histograms (see the module docstring for why each)."""
     import open3d as o3d
 
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(pts))
@@ -74,12 +83,9 @@ def _open3d_fpfh(pts: np.ndarray, voxel_size: float, normal_radius_factor: float
     normals = np.asarray(pcd.normals)
     flip = np.einsum("ij,ij->i", normals, pts - pts.mean(axis=0)) < 0
     normals[flip] *= -1.0
-    pcd.normals = o3d.utility.Vector3dVector(normals)
-    feat = o3d.pipelines.registration.compute_fpfh_feature(
-        pcd,
-        o3d.geometry.KDTreeSearchParamHybrid(
-            radius=feature_radius_factor * voxel_size, max_nn=FEATURE_MAX_NN
-        ),
-    )
-    out = np.asarray(feat.data).T.astype(np.float32)
+    cloud = o3d.t.geometry.PointCloud(o3d.core.Tensor(pts))
+    cloud.point.normals = o3d.core.Tensor(np.ascontiguousarray(normals))
+    feat = o3d.t.pipelines.registration.compute_fpfh_feature(
+        cloud, max_nn=FEATURE_MAX_NN, radius=feature_radius_factor * voxel_size)
+    out = feat.numpy().astype(np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)

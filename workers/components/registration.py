@@ -63,6 +63,11 @@ def cube_rotations() -> np.ndarray:
     return np.stack(out)
 
 
+_CUBE = cube_rotations()
+_CUBE.setflags(write=False)
+"""The 24 rotations, built once: every registration's hypotheses start from them."""
+
+
 def _axis_rotation(axis: np.ndarray, angle: float) -> np.ndarray:
     k = axis / np.linalg.norm(axis)
     kx = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
@@ -149,12 +154,12 @@ class Registrar:
     def hypotheses(self, source: np.ndarray) -> np.ndarray:
         """Initial transforms (B×4×4) for ``source``: PCA-frame rotations, spins, and the identity."""
         c_s, a_s, e_s = _pca(source)
-        rots = [self.axes @ g @ a_s.T for g in cube_rotations()]
+        rots = [self.axes @ g @ a_s.T for g in _CUBE]
         e = np.maximum(np.minimum(self.evals, e_s), 1e-12)
         for i in range(3):  # axis i distinct, the other two nearly equal: spin about axis i
             j, k = [x for x in range(3) if x != i]
             if min(e[j], e[k]) / max(e[j], e[k]) >= self.degenerate_ratio and self.spins > 1:
-                base = [self.axes @ g @ a_s.T for g in cube_rotations() if abs(g[i, i]) == 1.0]
+                base = [self.axes @ g @ a_s.T for g in _CUBE if abs(g[i, i]) == 1.0]
                 for ang in np.arange(1, self.spins) * (2 * math.pi / self.spins):
                     spin = _axis_rotation(self.axes[:, i], ang)
                     rots.extend(spin @ r for r in base)
@@ -177,7 +182,7 @@ class Registrar:
         cost = np.zeros(len(t))
         for it in range(iterations):
             b = len(t)
-            p = np.einsum("bij,nj->bni", t[:, :3, :3], src) + t[:, None, :3, 3]
+            p = np.matmul(src, t[:, :3, :3].transpose(0, 2, 1)) + t[:, None, :3, 3]
             d, j = self.tree.query(p.reshape(-1, 3), distance_upper_bound=max_dist, workers=1)
             d, j = d.reshape(b, n), j.reshape(b, n)
             ok = np.isfinite(d)
@@ -188,10 +193,16 @@ class Registrar:
             jj = np.where(ok, j, 0)
             q, nrm = self.reference[jj], self.normals[jj]
             w = ok.astype(np.float64)
-            a = np.concatenate([np.cross(p, nrm), nrm], axis=2) * w[:, :, None]
-            r = -np.einsum("bni,bni->bn", p - q, nrm) * w
-            ata = np.einsum("bni,bnj->bij", a, a) + 1e-9 * np.eye(6)
-            atb = np.einsum("bni,bn->bi", a, r)
+            a = np.empty(p.shape[:2] + (6,))  # rows (p × n, n) of the point-to-plane Jacobian
+            a[..., 0] = p[..., 1] * nrm[..., 2] - p[..., 2] * nrm[..., 1]
+            a[..., 1] = p[..., 2] * nrm[..., 0] - p[..., 0] * nrm[..., 2]
+            a[..., 2] = p[..., 0] * nrm[..., 1] - p[..., 1] * nrm[..., 0]
+            a[..., 3:] = nrm
+            a *= w[:, :, None]
+            r = -((p - q) * nrm).sum(axis=2) * w
+            at = a.transpose(0, 2, 1)
+            ata = np.matmul(at, a) + 1e-9 * np.eye(6)
+            atb = np.matmul(at, r[:, :, None])[:, :, 0]
             x = np.linalg.solve(ata, atb[:, :, None])[:, :, 0]
             x[ok.sum(axis=1) < 6] = 0.0
             step = np.tile(np.eye(4), (len(t), 1, 1))
