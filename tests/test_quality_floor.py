@@ -13,9 +13,9 @@ regression shows as a drop, not as noise):
 
 * patchcore-fpfh 0.833 (10.9 s CPU to fit and score both classes)
 * zeroshot       0.740 (14.4 s CPU; fitted on each class's own train split here)
-* template       0.906 (default parameters; with fused, about 20 s CPU for both)
-* fused          0.938 (default parameters: template + 0.5 × patchcore-fpfh)
-* fused-defects  0.938 (fitted on good parts only, so its defect bank is empty and it scores as fused;
+* template       0.917 (default parameters; with fused, about 20 s CPU for both)
+* fused          0.906 (default parameters: template + 0.5 × patchcore-fpfh)
+* fused-defects  0.906 (fitted on good parts only, so its defect bank is empty and it scores as fused;
   what confirmed defects add is measured in docs/results/few-defects.md)
 * imrnet         0.500 (28.1 s CPU; no fine-tuning and 1024 points at these settings, so near chance:
   the floor still catches a scorer that breaks outright. Its defaults without fine-tuning
@@ -53,9 +53,9 @@ FLOORS: dict[str, float] = {
     "patchcore-fpfh": 0.78,  # measured 0.833
     "zeroshot": 0.69,  # measured 0.740
     "imrnet": 0.45,  # measured 0.500
-    "template": 0.85,  # measured 0.906
-    "fused": 0.88,  # measured 0.938
-    "fused-defects": 0.88,  # measured 0.938 (no confirmed defects: it is fused)
+    "template": 0.86,  # measured 0.917
+    "fused": 0.85,  # measured 0.906
+    "fused-defects": 0.85,  # measured 0.906 (no confirmed defects: it is fused)
 }
 
 
