@@ -44,6 +44,11 @@ class ServiceLoops:
     """The service's thread loops; they use its config, queues, pool, delivery, metrics and lanes."""
 
     def _ingest_loop(self) -> None:
+        """Read, decode and queue frames. A decoded frame's arrays are views on its received
+        ZeroMQ buffers (``recv_multipart(copy=False)``, ``sensors.wire``), which the frame keeps
+        alive until its verdict is out: their number is bounded, as the frames are, by the
+        bounded queue, the calls in flight and the emitter's bounded lanes
+        (``daemon.config.held_frames``)."""
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         max_wait = self.cfg.ingest.max_wait_ms / 1000.0
@@ -150,6 +155,7 @@ class ServiceLoops:
         retry: deque[Job] = deque()
         restarts_seen = 0
         while True:
+            pool.rearm()  # from here on, a frame queued or a result in ends the poll below at once
             while pool.has_capacity():
                 batch = self._next_batch(retry)
                 if not batch:

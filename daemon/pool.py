@@ -202,6 +202,11 @@ class ActorPool:
         """Wake the dispatch thread (``poll``): a frame was queued."""
         self.wake.set()
 
+    def rearm(self) -> None:
+        """Clear ``wake``: the dispatch thread calls it before it looks at its queues, so a frame
+        queued or a result arriving from then on ends its next ``poll`` at once."""
+        self.wake.clear()
+
     def _wake_on(self, ref: ray.ObjectRef) -> Future:
         """The future of ``ref``, which sets ``wake`` when the result (or its failure) is in."""
         future = ref.future()
@@ -235,9 +240,8 @@ class ActorPool:
 
     def poll(self, timeout: float) -> list[tuple[Job, dict[str, Any] | BaseException]]:
         """Finished jobs with their result dict or exception (``ActorDied`` when the actor died);
-        waits up to ``timeout`` for one, returning as soon as ``wake`` is set. Each result's
-        ``collected_at`` (wall clock) is when it was taken here."""
-        self.wake.clear()  # before looking: a completion from now on sets it again
+        waits up to ``timeout`` for one, returning as soon as ``wake`` is set (see ``rearm``).
+        Each result's ``collected_at`` (wall clock) is when it was taken here."""
         self._check_probes()
         done = [ref for ref, call in self.inflight.items() if call.future.done()]
         if not done and self.wake.wait(timeout):
