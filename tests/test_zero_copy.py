@@ -20,7 +20,7 @@ from daemon.pool import for_actor
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, encode_frame
 from tests.test_components import l_part
-from tools.bench.daemon_path import HOPS, hops_ms
+from tools.bench.daemon_path import HOPS, PATH_HOPS, hops_ms
 from tools.bench.report import render_markdown
 from tools.bench.stages import STAGE_OF, map_stages
 from workers.actor import ScoringWorker
@@ -101,6 +101,7 @@ def test_bench_reports_every_hop() -> None:
     hops = hops_ms(raw, verdicts)
     assert set(HOPS) <= set(hops) and hops["total"] == pytest.approx(112.0)
     assert sum(hops[h] for h in HOPS) == pytest.approx(hops["total"])  # the hops account for the latency
+    assert hops["path"] == pytest.approx(sum(hops[h] for h in PATH_HOPS))
     assert map_stages(raw)["transport"] == pytest.approx(0.5 + 3.0 + 1.5 + 0.2 + 2.5)
     machine = {"cpu": "test", "cores": 2, "memory_gib": 1.0, "gpu": None, "python": "3.11", "torch": "x"}
     sizes = {"cloud-30k": {"points_per_frame": 30_000, "overhead_ratio_p50": 1.1,
@@ -108,10 +109,11 @@ def test_bench_reports_every_hop() -> None:
                                           "stages_ms_mean": map_stages(raw)},
                            "daemon": {"latency_ms_p50": 110.0, "latency_ms_p99": 130.0, "offered_rate_per_s": 1.0,
                                       "throughput_per_s_saturated": 2.0, "peak_rss_mib_daemon_and_workers": 1.0,
-                                      "stages_ms_mean": map_stages(raw), "hops_ms_mean": hops}}}
+                                      "stages_ms_mean": map_stages(raw), "hops_ms_mean": hops,
+                                      "overhead_ratio_hops": 1.08}}}
     page = render_markdown({"machine": machine, "scorer": "patchcore-fpfh", "backend": "torch-cpu",
                             "command": "inspectd bench", "sizes": sizes})
     header = next(line for line in page.splitlines() if line.startswith("| frame | decode | queue | put"))
     for column in ("actor wait", "deserialize", "preprocess", "score", "map back", "return", "decision", "log",
-                   "publish", "wire", "total"):
+                   "publish", "wire", "total", "path", "overhead within the run"):
         assert f"| {column} |" in header, column

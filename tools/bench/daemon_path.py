@@ -16,7 +16,13 @@ Where each hop's time comes from (all means over the paced run, ms):
   emitter's lane), and ``wire`` is the subscriber's latency less ``latency_ms``, ``log`` and
   ``publish``: ZeroMQ both ways (the frame to the daemon, the verdict and its map back).
 
-The hops add up to ``total``, the mean latency the subscriber measured.
+The hops add up to ``total``, the mean latency the subscriber measured. ``PATH_HOPS`` are the
+ones in-process scoring does not have (the hand-over to the actor and back, the log, ZeroMQ);
+``overhead_ratio_hops`` = ``total / (total - path)`` is the daemon path's overhead measured
+within the one run, which the load of a shared machine cannot shift between two measurements
+as it can the ratio of the in-process and daemon p50s (taken minutes apart). It slightly
+overstates the overhead: in-process scoring also encodes its verdict and copies the frame
+once, which are not subtracted.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from tools.process import DaemonProcess, free_port
 HOPS = ("decode", "queue", "put", "actor_wait", "deserialize", "preprocess", "score", "map_back", "return",
         "decision", "maps", "other", "log", "publish", "wire")
 """The daemon path's hops, in the order a frame takes them (see the module docstring)."""
+PATH_HOPS = ("queue", "put", "actor_wait", "deserialize", "return", "other", "log", "publish", "wire")
+"""The hops in-process scoring does not have."""
 _TIMED_TO_MAPS = ("decode", "queue", "put", "actor_wait", "deserialize", "preprocess", "score", "map_back", "shadow",
                   "return", "decision", "maps")
 
@@ -120,20 +128,21 @@ def stage_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tupl
 
 
 def hops_ms(raw: dict[str, float], verdicts: list[tuple[float, dict[str, Any]]]) -> dict[str, float | None]:
-    """Mean ms per hop of the daemon path (``HOPS``, then ``total``) from the daemon's per-stage
+    """Mean ms per hop of the daemon path (``HOPS``, then ``total`` and ``path``, the sum of
+    ``PATH_HOPS``) from the daemon's per-stage
     means ``raw`` and the scored verdicts with their subscriber latency (see the module
     docstring); None for a hop nothing measured."""
     scored = [(s, h) for s, h in verdicts if not h.get("error") and h.get("latency_ms") is not None]
     out: dict[str, float | None] = {h: raw.get(h) for h in HOPS}
     if not scored:
-        return {**out, "total": None}
+        return {**out, "total": None, "path": None}
     daemon_ms = statistics.fmean(h["latency_ms"] for _, h in scored)
     total = 1000.0 * statistics.fmean(s for s, _ in scored)
     out["other"] = daemon_ms - sum(raw.get(k, 0.0) for k in _TIMED_TO_MAPS)
     out["wire"] = total - daemon_ms - raw.get("log", 0.0) - raw.get("publish", 0.0)
     if raw.get("shadow"):
         out["score"] = (out["score"] or 0.0) + raw["shadow"]
-    return {**out, "total": total}
+    return {**out, "total": total, "path": sum(out[h] or 0.0 for h in PATH_HOPS)}
 
 
 def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu") -> dict[str, Any]:
@@ -183,7 +192,9 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
             "verdict_backends": sorted(seen),
             "stages_ms_raw": raw,
             "stages_ms_mean": map_stages(raw),
-            "hops_ms_mean": hops_ms(raw, verdicts),
+            "hops_ms_mean": (hops := hops_ms(raw, verdicts)),
+            "overhead_ratio_hops": (hops["total"] / (hops["total"] - hops["path"])
+                                    if hops["total"] and hops["total"] > hops["path"] else None),
             "stages_source": "the daemon's inspectd_stage_seconds histogram over the paced run",
         }
     finally:

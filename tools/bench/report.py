@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tools.bench.daemon_path import HOPS
+from tools.bench.daemon_path import HOPS, PATH_HOPS
 from tools.bench.stages import SIZES, STAGE_OF, STAGES
 
 
@@ -68,15 +68,22 @@ def render_markdown(r: dict[str, Any]) -> str:
 def hop_table(r: dict[str, Any]) -> list[str]:
     """The daemon path's hops per size (``tools.bench.daemon_path``), as Markdown lines; none
     for results measured before the hops were."""
-    rows = [(size, e["daemon"]["hops_ms_mean"]) for size, e in r["sizes"].items()
-            if "hops_ms_mean" in e.get("daemon", {})]
+    rows = [(size, e["daemon"]) for size, e in r["sizes"].items() if "hops_ms_mean" in e.get("daemon", {})]
     if not rows:
         return []
+
+    def ratio(d: dict[str, Any]) -> str:
+        return "–" if d.get("overhead_ratio_hops") is None else f"{d['overhead_ratio_hops']:.3f}"
+
+    cols = (*HOPS, "total")
     return ["", "Daemon path, per hop, mean ms over the paced run (they add up to the subscriber's mean latency, "
-            "`total`; `other`: the daemon's time no hop accounts for; `wire`: ZeroMQ both ways):", "",
-            "| frame | " + " | ".join(h.replace("_", " ") for h in (*HOPS, "total")) + " |",
-            "|---|" + "---|" * (len(HOPS) + 1),
-            *(f"| {size} | " + " | ".join(_ms(hops.get(h)) for h in (*HOPS, "total")) + " |" for size, hops in rows)]
+            "`total`; `other`: the daemon's time no hop accounts for; `wire`: ZeroMQ both ways; `path`: the hops "
+            f"in-process scoring does not have, {', '.join(PATH_HOPS)}; overhead within the run = total / "
+            "(total − path)):", "",
+            "| frame | " + " | ".join(h.replace("_", " ") for h in cols) + " | path | overhead within the run |",
+            "|---|" + "---|" * (len(cols) + 2),
+            *(f"| {size} | " + " | ".join(_ms(d["hops_ms_mean"].get(h)) for h in cols)
+              + f" | {_ms(d['hops_ms_mean'].get('path'))} | {ratio(d)} |" for size, d in rows)]
 
 
 def summary_table(out: Path) -> str:
