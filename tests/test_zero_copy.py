@@ -22,6 +22,7 @@ from sensors.wire import decode_frame, encode_frame
 from tests.test_components import l_part
 from tools.bench.daemon_path import HOPS, PATH_HOPS, hops_ms
 from tools.bench.report import render_markdown
+from tools.bench.run import bracket
 from tools.bench.stages import STAGE_OF, map_stages
 from workers.actor import ScoringWorker
 from workers.fused import FusedScorer
@@ -117,3 +118,14 @@ def test_bench_reports_every_hop() -> None:
     for column in ("actor wait", "deserialize", "preprocess", "score", "map back", "return", "decision", "log",
                    "publish", "wire", "total", "path", "overhead within the run"):
         assert f"| {column} |" in header, column
+
+
+def test_in_process_rounds_bracket_the_daemon_run() -> None:
+    def round_(lat: list[float], decode: float) -> dict:
+        raw = {"decode": decode, "score": 50.0}
+        return {"frames": len(lat), "latency_ms_p50": float(np.percentile(lat, 50)), "latencies_ms": lat,
+                "stage_samples": len(lat), "stages_ms_raw": raw, "stages_ms_mean": map_stages(raw), "peak_rss_mib": 5.0}
+
+    both = bracket(round_([100.0, 110.0, 120.0], 2.0), round_([200.0, 210.0, 220.0], 4.0))
+    assert both["frames"] == 6 and both["rounds_p50_ms"] == [110.0, 210.0]
+    assert both["latency_ms_p50"] == pytest.approx(160.0) and both["stages_ms_raw"]["decode"] == pytest.approx(3.0)

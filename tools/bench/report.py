@@ -53,6 +53,11 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "| frame | " + " | ".join([*STAGES, *extra]) + " |", "|---|" + "---|" * (len(STAGES) + len(extra))]
         for size, st in rows:
             lines.append(f"| {size} | " + " | ".join(_ms(st.get(k)) for k in (*STAGES, *extra)) + " |")
+    rounds = [f"{size} {e['in_process']['rounds_p50_ms'][0]:.0f} / {e['in_process']['rounds_p50_ms'][1]:.0f}"
+              for size, e in r["sizes"].items() if "rounds_p50_ms" in e["in_process"]]
+    if rounds:
+        lines += ["", "In-process p50 over two rounds, before and after the daemon's run (each round's p50 ms: "
+                  + ", ".join(rounds) + ")."]
     lines += hop_table(r)
     notes = sorted({e["note"] for e in r["sizes"].values() if e.get("note")})
     lines += ["", "Stage mapping (measured key → stage): "
