@@ -129,7 +129,11 @@ def bench_in_process(models: Path, frames: list[Frame], backend: str = "torch-cp
 
     Runs in a freshly spawned process with one OpenMP and one torch thread, as a default
     actor has (Ray sets ``OMP_NUM_THREADS=1`` in its workers), so the comparison with the
-    daemon path is like for like and the peak memory is this measurement's own."""
+    daemon path is like for like and the peak memory is this measurement's own. Like an actor
+    in the daemon's paced run (half the saturated rate over two actors: each busy about half
+    the time), it idles after each frame as long as the frame took: on a machine shared with
+    other work, the kernel's scheduler favours a process that has slept over one that has run
+    without pause, and scoring back to back measured up to 2x slower than the actors did."""
     import multiprocessing
 
     saved = os.environ.get("OMP_NUM_THREADS")
@@ -169,6 +173,7 @@ def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[
             for k, v in {"decode": t1 - t0, **r.timings, "decision": t3 - t2, "encode_verdict": t4 - t3}.items():
                 stages.setdefault(k, []).append(v)
             totals.append(t4 - t0)
+            time.sleep(t4 - t0)  # idle as long as it worked, as each actor does in the paced run (see above)
     return {
         "frames": len(frames),
         "latency_ms_p50": 1000 * pct(totals, 50),
