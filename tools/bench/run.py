@@ -131,9 +131,9 @@ def bench_in_process(models: Path, frames: list[Frame], backend: str = "torch-cp
     actor has (Ray sets ``OMP_NUM_THREADS=1`` in its workers), so the comparison with the
     daemon path is like for like and the peak memory is this measurement's own. Like an actor
     in the daemon's paced run (half the saturated rate over two actors: each busy about half
-    the time), it idles after each frame as long as the frame took: on a machine shared with
-    other work, the kernel's scheduler favours a process that has slept over one that has run
-    without pause, and scoring back to back measured up to 2x slower than the actors did."""
+    the time), it idles after each frame as long as the frame took, so both score at the same
+    duty cycle: on a machine shared with other work the kernel's scheduler treats a process
+    that sleeps between frames differently from one that runs without pause."""
     import multiprocessing
 
     saved = os.environ.get("OMP_NUM_THREADS")
