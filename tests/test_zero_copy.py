@@ -20,7 +20,7 @@ from daemon.pool import for_actor
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, encode_frame
 from tests.test_components import l_part
-from tools.bench.daemon_path import HOPS, PATH_HOPS, hops_ms
+from tools.bench.daemon_path import HOPS, PATH_HOPS, header_stage_means, hops_ms
 from tools.bench.report import render_markdown
 from tools.bench.run import bracket
 from tools.bench.stages import STAGE_OF, map_stages
@@ -99,6 +99,8 @@ def test_bench_reports_every_hop() -> None:
            "score": 80.0, "features": 60.0, "search": 20.0, "map_back": 1.0, "return": 2.5, "decision": 0.1,
            "maps": 0.0, "log": 1.2, "publish": 0.3}
     verdicts = [(0.110, {"latency_ms": 102.0}), (0.114, {"latency_ms": 104.0}), (0.2, {"error": {"reason": "x"}})]
+    assert header_stage_means([(0.1, {"stage_ms": {"queue": 1.0}}), (0.1, {"stage_ms": {"queue": 3.0, "put": 2.0}}),
+                               (0.2, {"error": {"reason": "x"}, "stage_ms": {"queue": 50.0}})]) == {"queue": 2.0, "put": 1.0}
     hops = hops_ms(raw, verdicts)
     assert set(HOPS) <= set(hops) and hops["total"] == pytest.approx(112.0)
     assert sum(hops[h] for h in HOPS) == pytest.approx(hops["total"])  # the hops account for the latency
