@@ -27,6 +27,9 @@ from sensors.frame import Frame, FrameError
 from sensors.wire import decode_frame, salvage_header
 
 log = logging.getLogger("inspectd.service")
+POLL_S = 0.05
+"""The longest the dispatch thread sleeps: results and queued frames wake it at once, this
+only paces its deadline checks and gauges."""
 STOP = object()
 """Put on the emitter's lanes to end its loop once everything before it is out."""
 IDENTITY_FIELDS = ("sensor_id", "product", "part_id", "seq", "capture_time", "truth")
@@ -41,6 +44,11 @@ class ServiceLoops:
     """The service's thread loops; they use its config, queues, pool, delivery, metrics and lanes."""
 
     def _ingest_loop(self) -> None:
+        """Read, decode and queue frames. A decoded frame's arrays are views on its received
+        ZeroMQ buffers (``recv_multipart(copy=False)``, ``sensors.wire``), which the frame keeps
+        alive until its verdict is out: their number is bounded, as the frames are, by the
+        bounded queue, the calls in flight and the emitter's bounded lanes
+        (``daemon.config.held_frames``)."""
         poller = zmq.Poller()
         poller.register(self.pull, zmq.POLLIN)
         max_wait = self.cfg.ingest.max_wait_ms / 1000.0
@@ -92,6 +100,8 @@ class ServiceLoops:
             elif not self._put(job, max_wait):
                 self._emit_error(ident, "overloaded", f"queue full for {max_wait:.1f}s", received, mono=mono)
                 continue
+            if self.pool is not None:
+                self.pool.notify()  # dispatch takes it now, not at its next poll
             self.metrics.queue_depth.set(self.queue.qsize())
 
     def _put(self, job: Job, max_wait: float) -> bool:
@@ -145,6 +155,7 @@ class ServiceLoops:
         retry: deque[Job] = deque()
         restarts_seen = 0
         while True:
+            pool.rearm()  # from here on, a frame queued or a result in ends the poll below at once
             while pool.has_capacity():
                 batch = self._next_batch(retry)
                 if not batch:
@@ -157,7 +168,7 @@ class ServiceLoops:
             idle = self.queue.empty() and self.large_queue.empty() and not retry and not self.retry_large
             if self.ingest_done.is_set() and idle and not pool.inflight:
                 break
-            for job, outcome in pool.poll(timeout=0.01):
+            for job, outcome in pool.poll(timeout=POLL_S):
                 try:
                     self._finish(job, outcome, retry)
                 except Exception as e:  # a bug in the decision stage must not strand the frame
@@ -239,11 +250,11 @@ class ServiceLoops:
             detail = outcome.detail if isinstance(outcome, FrameError) else f"{type(outcome).__name__}: {outcome}"
             self._emit_error(ident, reason, detail, job.received_at, job.timings, job.received_mono)
             return
-        t0, mono0 = time.time(), time.monotonic()
-        worker_total = sum(outcome["timings"].get(k, 0.0) for k in ("preprocess", "score", "map_back", "shadow"))
+        mono0 = time.monotonic()
         timings = {**outcome["timings"], **job.timings}  # the daemon's own stages win a name clash
+        # hops between processes, on the wall clock (one host's, or synchronized nodes')
         timings["actor_wait"] = max(0.0, outcome["started_at"] - job.dispatched_at)
-        timings["transfer"] = max(0.0, (t0 - job.dispatched_at) - timings["actor_wait"] - worker_total)
+        timings["return"] = max(0.0, outcome["collected_at"] - outcome["finished_at"])
         score = float(outcome["object_score"])
         cal = {"threshold": outcome["threshold"], "normalization": outcome.get("normalization")}
         t = self.thresholds_for(m.product, cal)

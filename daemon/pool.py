@@ -16,14 +16,26 @@ call has a deadline (``WorkersConfig.deadline_s`` summed over its frames, on the
 clock); a call past it is answered ``scoring_timeout`` and its actor is recycled (killed and
 restarted by Ray), which frees the CPU the runaway frame held. A frame of a product with a
 shadow model (``shadowed``) is scored twice in its call, so its deadline counts twice.
+
+The hand-over (docs/design/daemon-path.md): ``submit`` puts the call's frames into Ray's object
+store with one ``ray.put`` (their arrays, views on the received ZeroMQ buffers, are copied
+once, into shared memory; the ground-truth mask, which never decides, stays behind) and passes
+the reference nested in a list, so Ray does not resolve it before the call starts: the actor
+fetches it itself (``ScoringWorker.score_shared``), as numpy arrays reading the shared memory in
+place, and times that. Only frames in flight are in the object store; each call's object is
+released when its result is collected. Results are watched through their futures, whose
+completion, like a new frame at ingest (``notify``), wakes the dispatch thread at once instead
+of at its next poll.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -59,6 +71,24 @@ class Job:
 
 class ActorDied(Exception):
     """The actor scoring a job died before answering."""
+
+
+@dataclass
+class Call:
+    """One ``score_shared`` call in flight: its actor, jobs, deadline, the frames' object in the
+    object store (held until the result is collected) and the result's future."""
+
+    actor: int
+    jobs: list[Job]
+    deadline: float
+    shared: ray.ObjectRef
+    future: Future
+
+
+def for_actor(frame: Any) -> Any:
+    """What of a frame travels to the actor: everything but the ground-truth mask, which only
+    simulators and datasets send and the daemon never reads to decide."""
+    return frame if frame.gt_mask is None else replace(frame, gt_mask=None)
 
 
 def pool_size(cfg: Config) -> int:
@@ -102,7 +132,9 @@ class ActorPool:
                        else large.remote(*args, cfg.workers.large_nice, cache_dir=cache) for lane in self.lane_of]
         self.load = [0] * self.size
         self.busy_until = [0.0] * self.size
-        self.inflight: dict[ray.ObjectRef, tuple[int, list[Job], float]] = {}
+        self.inflight: dict[ray.ObjectRef, Call] = {}
+        self.wake = threading.Event()
+        """Set when a call finishes, a probe answers or a frame is queued (``notify``): ``poll`` returns."""
         self.pids: list[int | None] = [None] * self.size
         self.nodes: list[str | None] = [None] * self.size
         """The Ray node each actor runs on (as of its last start)."""
@@ -166,62 +198,88 @@ class ActorPool:
         limit = 1 if lane == LARGE else self.max_inflight
         return sum(max(0, limit - self.load[i]) for i in self._alive(lane))
 
+    def notify(self) -> None:
+        """Wake the dispatch thread (``poll``): a frame was queued."""
+        self.wake.set()
+
+    def rearm(self) -> None:
+        """Clear ``wake``: the dispatch thread calls it before it looks at its queues, so a frame
+        queued or a result arriving from then on ends its next ``poll`` at once."""
+        self.wake.clear()
+
+    def _wake_on(self, ref: ray.ObjectRef) -> Future:
+        """The future of ``ref``, which sets ``wake`` when the result (or its failure) is in."""
+        future = ref.future()
+        future.add_done_callback(lambda _: self.wake.set())
+        return future
+
     def submit(self, jobs: list[Job], lane: str = NORMAL) -> None:
-        """Send a batch of jobs to the least-loaded alive actor of ``lane``, in one call."""
+        """Send a batch of jobs to the least-loaded alive actor of ``lane``, in one call: one
+        ``ray.put`` of the frames (timed as ``put``), then the call with the reference."""
         i = min(self._alive(lane), key=self.load.__getitem__)
+        t0 = time.monotonic()
+        shared = ray.put([for_actor(job.frame) for job in jobs])
+        put_s = time.monotonic() - t0
         now = time.time()
         for job in jobs:
             job.dispatched_at = now
             job.attempts += 1
+            job.timings["put"] = put_s
         # a call queued behind others on the same actor starts its clock when they are due
         start = max(time.monotonic(), self.busy_until[i] if self.load[i] else 0.0)
         deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points)
                                * (2 if job.frame.meta.product in self.shadowed else 1) for job in jobs)
         self.busy_until[i] = deadline
-        ref = self.actors[i].score_batch.remote([job.frame for job in jobs])
-        self.inflight[ref] = (i, jobs, deadline)
+        ref = self.actors[i].score_shared.remote([shared])  # nested: the actor fetches it itself
+        self.inflight[ref] = Call(i, jobs, deadline, shared, self._wake_on(ref))
         self.load[i] += 1
 
     @property
     def inflight_frames(self) -> int:
-        return sum(len(jobs) for _, jobs, _ in self.inflight.values())
+        return sum(len(call.jobs) for call in self.inflight.values())
 
     def poll(self, timeout: float) -> list[tuple[Job, dict[str, Any] | BaseException]]:
-        """Finished jobs with their result dict or exception (``ActorDied`` when the actor died)."""
+        """Finished jobs with their result dict or exception (``ActorDied`` when the actor died);
+        waits up to ``timeout`` for one, returning as soon as ``wake`` is set (see ``rearm``).
+        Each result's ``collected_at`` (wall clock) is when it was taken here."""
         self._check_probes()
-        if not self.inflight:
-            if self.probes:
-                ray.wait(list(self.probes.values()), num_returns=1, timeout=timeout)
-            else:
-                time.sleep(timeout)
-            return []
-        done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=timeout)
+        done = [ref for ref, call in self.inflight.items() if call.future.done()]
+        if not done and self.wake.wait(timeout):
+            self._check_probes()
+            done = [ref for ref, call in self.inflight.items() if call.future.done()]
         out = self._expire(set(done))
         for ref in done:
-            i, jobs, _ = self.inflight.pop(ref)
-            self.load[i] -= 1
+            call = self.inflight.pop(ref)
+            self.load[call.actor] -= 1
             try:
-                out.extend(zip(jobs, ray.get(ref), strict=True))
+                results = call.future.result()
+                now = time.time()
+                for r in results:
+                    if isinstance(r, dict):
+                        r["collected_at"] = now
+                out.extend(zip(call.jobs, results, strict=True))
             except RayTaskError as e:
                 cause = e.cause if isinstance(e.cause, BaseException) else e
-                out.extend((job, cause) for job in jobs)
+                out.extend((job, cause) for job in call.jobs)
             except RayActorError as e:
-                self._note_death(i)
+                self._note_death(call.actor)
                 died = ActorDied(str(e).splitlines()[0] if str(e) else "actor died")
-                out.extend((job, died) for job in jobs)
+                out.extend((job, died) for job in call.jobs)
         return out
 
     def _expire(self, done: set[ray.ObjectRef]) -> list[tuple[Job, dict[str, Any] | BaseException]]:
         """Answer calls past their deadline with ``scoring_timeout`` and recycle their actors."""
         now = time.monotonic()
         out: list[tuple[Job, dict[str, Any] | BaseException]] = []
-        for ref, (i, jobs, deadline) in list(self.inflight.items()):
-            if ref in done or now < deadline:
+        for ref, call in list(self.inflight.items()):
+            if ref in done or now < call.deadline:
                 continue
             del self.inflight[ref]
+            i = call.actor
             self.load[i] -= 1
-            late = FrameError("scoring_timeout", f"not scored within its deadline ({len(jobs)} frame(s) in the call)")
-            out.extend((job, late) for job in jobs)
+            late = FrameError("scoring_timeout",
+                              f"not scored within its deadline ({len(call.jobs)} frame(s) in the call)")
+            out.extend((job, late) for job in call.jobs)
             log.warning("actor %d missed a scoring deadline; recycling it", i)
             ray.kill(self.actors[i], no_restart=False)
             self._note_death(i)
@@ -235,6 +293,7 @@ class ActorPool:
             log.warning("actor %d died; Ray restarts it", i)
         if i not in self.probes:
             self.probes[i] = self.actors[i].info.remote()
+            self._wake_on(self.probes[i])
 
     def _check_probes(self) -> None:
         if not self.probes:
@@ -247,6 +306,7 @@ class ActorPool:
                     info = ray.get(ref)
                 except RayActorError:
                     self.probes[i] = self.actors[i].info.remote()
+                    self._wake_on(self.probes[i])
                     continue
                 self.pids[i], self.nodes[i] = info["pid"], info["node_id"]
                 log.info("actor %d restarted: pid %d on node %s", i, info["pid"], info["node_id"])

@@ -146,11 +146,18 @@ class InspectionService(ServiceApi, ServiceLoops):
         log.info("metrics on http://%s:%d/metrics", self.cfg.http.host, self.http.port)
         products = self._load_products()
         if not ray.is_initialized():
+            embedded = self.cfg.ray.address is None
             ray.init(
                 **ray_init_kwargs(self.cfg),
                 num_cpus=self.cfg.ray.num_cpus,
-                object_store_memory=self.cfg.ray.object_store_mb * 2**20 if self.cfg.ray.address is None else None,
+                object_store_memory=self.cfg.ray.object_store_mb * 2**20 if embedded else None,
                 logging_level=logging.WARNING,
+                # Ray starts its workers 15 nice levels below their parent by default: the scoring
+                # actors would then yield the CPU to every other process of the host, the daemon's
+                # own threads included (preprocessing a 1920x1200 frame took 2x as long as
+                # in-process). The actors run at the daemon's priority; the large-frame lane still
+                # lowers its own (workers.large_nice). A cluster's nodes set it at `ray start`.
+                _system_config={"worker_niceness": 0} if embedded else None,
             )
         self.pool = ActorPool(self.cfg, products)
         self.pool.shadowed = {p for p in products if read_shadow(self.cfg.storage.models_dir, p)}

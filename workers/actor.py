@@ -12,6 +12,10 @@ product changes model without a restart, and loads or drops its shadow model
 (``workers.model_versions``), which scores every frame after the live one without deciding
 (``workers.shadow``). ``score`` returns plain data (no custom classes) so Ray moves results
 cheaply.
+
+The daemon calls ``score_shared`` with a reference to frames it put into Ray's object store:
+the actor fetches them itself (timed as ``deserialize``), so their arrays are read in place in
+shared memory, read-only, never copied into the actor (docs/design/daemon-path.md).
 """
 
 from __future__ import annotations
@@ -209,13 +213,34 @@ class ScoringWorker:
             "shadows": {p: f"{m.model_version}@{m.revision}" for p, m in self.shadows.items()},
         }
 
-    def score_batch(self, frames: list[Frame]) -> list[dict[str, Any] | BaseException]:
+    def score_shared(self, shared: list[Any]) -> list[dict[str, Any] | BaseException]:
+        """``score_batch`` for the frames of ``shared[0]``, a reference to a list of frames in
+        Ray's object store (nested in a list so that Ray hands over the reference, not the
+        frames). Fetching it maps the frames' arrays from shared memory without a copy; each
+        result's ``timings`` get that as ``deserialize``, and ``finished_at`` (wall clock) when
+        the call returns, from which the daemon times the way back."""
+        import ray
+
+        started = time.time()
+        t0 = time.perf_counter()
+        frames = ray.get(shared[0])
+        deserialize = time.perf_counter() - t0
+        out = self.score_batch(frames, started)
+        finished = time.time()
+        for r in out:
+            if isinstance(r, dict):
+                r["timings"]["deserialize"] = deserialize
+                r["finished_at"] = finished
+        return out
+
+    def score_batch(self, frames: list[Frame], started: float | None = None) -> list[dict[str, Any] | BaseException]:
         """Score several frames in one call; a frame that fails gives its exception, not the batch's.
+        ``started``: when the call began (wall clock; default now), reported as ``started_at``.
 
         Frames of one model are scored together (``workers.score_frame.score_frames``) where
         the scorer's batching was measured to pay on its device (``Scorer.batches``); elsewhere,
         and for a single frame, one by one."""
-        started = time.time()
+        started = time.time() if started is None else started
         out: list[dict[str, Any] | BaseException | None] = [None] * len(frames)
         groups: dict[str, list[int]] = {}
         for i, frame in enumerate(frames):
@@ -234,7 +259,7 @@ class ScoringWorker:
                 continue
             for i in members:
                 try:
-                    out[i] = self.score(frames[i])
+                    out[i] = self.score(frames[i], started)
                 except Exception as e:
                     out[i] = e
         return [r for r in out if r is not None]
@@ -251,9 +276,10 @@ class ScoringWorker:
             raise KeyError(f"product {frame.meta.product!r} has no model and there is no cold-start model")
         return model, True
 
-    def score(self, frame: Frame) -> dict[str, Any]:
-        """Score one frame of an enrolled product: object score, anomaly map, stage timings."""
-        started = time.time()
+    def score(self, frame: Frame, started: float | None = None) -> dict[str, Any]:
+        """Score one frame of an enrolled product: object score, anomaly map, stage timings.
+        ``started``: when the call began (wall clock; default now), reported as ``started_at``."""
+        started = time.time() if started is None else started
         model, zero_shot = self._model_for(frame)
         return self._reply(model, score_frame(model.scorer, frame, model.preprocess), zero_shot, started, frame)
 

@@ -26,9 +26,10 @@ import zmq
 
 from sensors.frame import Frame
 from tools.bench.batch import lscpu_model
+from tools.bench.daemon_path import run_stream
 from tools.bench.measure import load_average, machine_description
 from tools.bench.report import write_report
-from tools.bench.run import enroll_for_bench, make_frames, run_stream
+from tools.bench.run import enroll_for_bench, make_frames
 from tools.process import DaemonProcess, free_port
 
 LOOPBACK = {"node_ip_address": "127.0.0.1", "object_store_memory": 100 * 2**20}

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tools.bench.daemon_path import HOPS, PATH_HOPS
 from tools.bench.stages import SIZES, STAGE_OF, STAGES
 
 
@@ -52,15 +53,42 @@ def render_markdown(r: dict[str, Any]) -> str:
                   "| frame | " + " | ".join([*STAGES, *extra]) + " |", "|---|" + "---|" * (len(STAGES) + len(extra))]
         for size, st in rows:
             lines.append(f"| {size} | " + " | ".join(_ms(st.get(k)) for k in (*STAGES, *extra)) + " |")
+    rounds = [f"{size} {e['in_process']['rounds_p50_ms'][0]:.0f} / {e['in_process']['rounds_p50_ms'][1]:.0f}"
+              for size, e in r["sizes"].items() if "rounds_p50_ms" in e["in_process"]]
+    if rounds:
+        lines += ["", "In-process p50 over two rounds, before and after the daemon's run (each round's p50 ms: "
+                  + ", ".join(rounds) + ")."]
+    lines += hop_table(r)
     notes = sorted({e["note"] for e in r["sizes"].values() if e.get("note")})
     lines += ["", "Stage mapping (measured key → stage): "
               + ", ".join(f"`{k}` → {v}" for k, v in r.get("stage_map", STAGE_OF).items()) + "; "
-              "`transport` (daemon only, not an issue stage) = queue + actor wait + Ray transfer."]
+              "`transport` (daemon only, not an issue stage) = queue + put + actor wait + deserialize + return."]
     for n in notes:
         lines += ["", f"Enrollment: {n}."]
     for s in r.get("skipped", []):
         lines += ["", f"Skipped: {s['scorer']} on {s['backend']}: {s['reason']}."]
     return "\n".join(lines) + "\n"
+
+
+def hop_table(r: dict[str, Any]) -> list[str]:
+    """The daemon path's hops per size (``tools.bench.daemon_path``), as Markdown lines; none
+    for results measured before the hops were."""
+    rows = [(size, e["daemon"]) for size, e in r["sizes"].items() if "hops_ms_mean" in e.get("daemon", {})]
+    if not rows:
+        return []
+
+    def ratio(d: dict[str, Any]) -> str:
+        return "–" if d.get("overhead_ratio_hops") is None else f"{d['overhead_ratio_hops']:.3f}"
+
+    cols = (*HOPS, "total")
+    return ["", "Daemon path, per hop, mean ms over the paced run (they add up to the subscriber's mean latency, "
+            "`total`; `other`: the daemon's time no hop accounts for; `wire`: ZeroMQ both ways; `path`: the hops "
+            f"in-process scoring does not have, {', '.join(PATH_HOPS)}; overhead within the run = total / "
+            "(total − path)):", "",
+            "| frame | " + " | ".join(h.replace("_", " ") for h in cols) + " | path | overhead within the run |",
+            "|---|" + "---|" * (len(cols) + 2),
+            *(f"| {size} | " + " | ".join(_ms(d["hops_ms_mean"].get(h)) for h in cols)
+              + f" | {_ms(d['hops_ms_mean'].get('path'))} | {ratio(d)} |" for size, d in rows)]
 
 
 def summary_table(out: Path) -> str:

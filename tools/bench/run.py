@@ -16,14 +16,16 @@ stitched cloud, a 400×400 camera frame, a 1920×1200 camera frame) it
    product's good parts (the threshold only sets the verdict, not the timing);
 2. measures in-process scoring per stage (wire decode, the scorer's stages, map back, decision,
    verdict encoding) and the peak memory of the process, in a spawned 1-thread process like
-   an actor, on the backend;
+   an actor, on the backend; with the daemon path, in two rounds, before and after the daemon's
+   run (``bracket``), so both figures span the same stretch of a shared machine's load;
 3. starts the daemon (``inspectd run``, embedded Ray, every core, ``workers.backend`` set) and
    measures, through ZeroMQ + Ray + decision: throughput at saturation (frames pushed unpaced)
    and p50 / p99 latency (send → verdict received) at a fixed offered rate (half the saturation
    throughput), the peak memory of the daemon and its Ray workers, and the daemon's own stage
    times over the paced run (deltas of its ``inspectd_stage_seconds`` histogram, scraped from
-   ``/metrics`` before and after: the daemon measures decode, queue, actor wait, transfer,
-   every worker stage, decision, map files, log and publish itself);
+   ``/metrics`` before and after: the daemon measures decode, queue, put, actor wait,
+   deserialize, every worker stage, return, decision, map files, log and publish itself), and
+   from them and the verdicts every hop of the path (``tools.bench.daemon_path``);
 4. reports the daemon path's overhead over in-process scoring as the ratio of p50 latencies.
 
 Stages, under the issue's names. Each measured key maps onto one stage (``STAGE_OF``); a stage a
@@ -40,15 +42,22 @@ scorer does not have is left empty (``null`` / "–"), not zero:
   Eq. 8's perturbation).
 * ``search``: comparison with what was learned and the arithmetic that turns it into point and
   object scores: patchcore ``search`` and ``smooth``; imrnet ``template_search``, ``compare``,
-  ``combine``; zeroshot ``search`` and ``upsample``.
+  ``combine``; zeroshot ``search`` and ``upsample``; template ``registration`` (aligning the
+  part to its golden reference), ``deviation``, ``missing`` and ``smooth``; fused-defects
+  ``defect_head``. ``fused`` reports its components' keys prefixed (``template_registration``,
+  ``patchcore_features``, ...), mapped as the components' own; its per-component totals
+  (``template``, ``patchcore``) are not mapped, their parts are.
 * ``decision``: pass / review / fail (in-process: ``decide``; daemon: its ``decision`` stage).
 * ``emit``: per-point scores mapped back to the frame (``map_back``) and the verdict put out:
   in-process, verdict encoding (``encode_verdict``); daemon, ``maps`` (map files; ``none`` in
   the bench), ``log`` (SQLite commit) and ``publish`` (ZeroMQ PUB).
 
 Not an issue stage, reported beside them for the daemon path: ``transport`` = ``queue`` +
-``actor_wait`` + ``transfer`` (Ray hand-over of frames and results). The raw per-key means are
-kept in the JSON (``stages_ms_raw``); ``score`` (the scorer's total) is not mapped, its parts are.
+``put`` + ``actor_wait`` + ``deserialize`` + ``return`` (the hand-over of frames to the actors
+and of results back). The raw per-key means are kept in the JSON (``stages_ms_raw``); ``score``
+(the scorer's total) is not mapped, its parts are. The daemon path also gets a table of its
+hops, which add up to the subscriber's mean latency (``hops_ms_mean``, see
+``tools.bench.daemon_path``).
 
 Results: ``<out>/<name>.json`` and ``<out>/<name>.md`` per scorer × backend (``--name`` may use
 ``{scorer}``, ``{backend}``, ``{host}``), with the machine described and the load average at
@@ -64,28 +73,23 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
-import zmq
 
 from daemon.decision import Thresholds, decide
 from daemon.enrollment import calibrate, enroll
 from sensors.frame import Frame, FrameMeta
-from sensors.publisher import FramePusher
 from sensors.simcam import CameraParams
 from sensors.simulated import simulated_parts
-from sensors.wire import decode_frame, decode_verdict, encode_frame, encode_verdict
+from sensors.wire import decode_frame, encode_frame, encode_verdict
+from tools.bench.daemon_path import bench_daemon
 from tools.bench.measure import PeakRSS, load_average, machine_description, pct
 from tools.bench.report import render_markdown, summary_table
 from tools.bench.stages import SIZES, STAGE_OF, map_stages
-from tools.process import DaemonProcess, free_port
 from workers.model_store import load_product_model
 from workers.preprocess import PreprocessParams
 from workers.score_frame import score_frame
@@ -125,7 +129,11 @@ def bench_in_process(models: Path, frames: list[Frame], backend: str = "torch-cp
 
     Runs in a freshly spawned process with one OpenMP and one torch thread, as a default
     actor has (Ray sets ``OMP_NUM_THREADS=1`` in its workers), so the comparison with the
-    daemon path is like for like and the peak memory is this measurement's own."""
+    daemon path is like for like and the peak memory is this measurement's own. Like an actor
+    in the daemon's paced run (half the saturated rate over two actors: each busy about half
+    the time), it idles after each frame as long as the frame took, so both score at the same
+    duty cycle: on a machine shared with other work the kernel's scheduler treats a process
+    that sleeps between frames differently from one that runs without pause."""
     import multiprocessing
 
     saved = os.environ.get("OMP_NUM_THREADS")
@@ -165,6 +173,7 @@ def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[
             for k, v in {"decode": t1 - t0, **r.timings, "decision": t3 - t2, "encode_verdict": t4 - t3}.items():
                 stages.setdefault(k, []).append(v)
             totals.append(t4 - t0)
+            time.sleep(t4 - t0)  # idle as long as it worked, as each actor does in the paced run (see above)
     return {
         "frames": len(frames),
         "latency_ms_p50": 1000 * pct(totals, 50),
@@ -173,131 +182,32 @@ def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[
         "stages_ms_raw": (raw := {k: 1000 * statistics.fmean(v) for k, v in stages.items()}),
         "stages_ms_mean": map_stages(raw),
         "peak_rss_mib": mem.peak / 2**20,
+        "latencies_ms": [1000 * x for x in totals],
+        "stage_samples": len(totals),
     }
 
 
-def run_stream(
-    d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float, seen: set[str] | None = None
-) -> tuple[list[float], float]:
-    """Push ``frames`` (at ``rate``/s, 0 = unpaced); latencies (s) and wall time until the last
-    verdict. ``seen`` collects the verdicts' ``backend`` (and ``error`` reasons)."""
-    sent_at: dict[str, float] = {}
-    lat: list[float] = []
-    done = threading.Event()
-
-    def receive() -> None:
-        while len(lat) < len(frames):
-            if sub.poll(200):
-                h = decode_verdict(sub.recv_multipart()).header
-                if h.get("part_id") in sent_at:
-                    lat.append(time.time() - sent_at[h["part_id"]])
-                    if seen is not None:
-                        seen.add(str(h.get("backend")) if not h.get("error") else f"error: {h['error'].get('reason')}")
-            elif done.is_set() and time.time() - last[0] > 120:
-                return
-
-    last = [time.time()]
-    rx = threading.Thread(target=receive, daemon=True)
-    rx.start()
-    t0 = time.time()
-    with FramePusher(d_ingest) as push:
-        for i, f in enumerate(frames):
-            if rate > 0:
-                time.sleep(max(0.0, t0 + i / rate - time.time()))
-            f = replace(f, meta=replace(f.meta, part_id=f"{f.meta.part_id}-r{rate:g}-{i}", capture_time=time.time()))
-            sent_at[f.meta.part_id] = time.time()
-            push.send(f)
-            last[0] = time.time()
-        done.set()
-        rx.join()
-    return lat, time.time() - t0
-
-
-def stage_histogram(http_url: str) -> dict[str, tuple[float, float]]:
-    """The daemon's ``inspectd_stage_seconds`` histogram: stage → (sum of seconds, count)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(http_url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, list[float]] = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name != "inspectd_stage_seconds":
-            continue
-        for sample in fam.samples:
-            stage = sample.labels.get("stage")
-            if stage is None:
-                continue
-            slot = out.setdefault(stage, [0.0, 0.0])
-            if sample.name.endswith("_sum"):
-                slot[0] = sample.value
-            elif sample.name.endswith("_count"):
-                slot[1] = sample.value
-    return {k: (v[0], v[1]) for k, v in out.items()}
-
-
-def stage_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
-    """Mean ms per stage over the frames observed between two scrapes."""
-    out = {}
-    for stage, (total, count) in after.items():
-        t0, c0 = before.get(stage, (0.0, 0.0))
-        if count > c0:
-            out[stage] = 1000.0 * (total - t0) / (count - c0)
-    return out
-
-
-def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu") -> dict[str, Any]:
-    """Throughput at saturation and latency at half of it, through ZeroMQ + Ray + decision."""
-    http = free_port()
-    cfg = {
-        "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 32, "max_wait_ms": 60000,
-                   "max_points": max(f.n_points for f in frames), "max_age_ms": 600_000, "max_connections": 1},
-        "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "max_subscribers": 1},
-        "http": {"host": "127.0.0.1", "port": http},
-        "storage": {"results": str(root / "results.sqlite"), "maps_dir": str(root / "maps"), "maps": "none",
-                    "models_dir": str(models)},
-        "ray": {"object_store_mb": 1024},
-        "workers": {"backend": backend, "large_actors": 0},  # every frame size on the same actors
-        "memory": {"bound_mb": 1_000_000},  # the bench measures the peak RSS itself
+def bracket(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two in-process rounds, one before and one after the daemon's run, as one measurement:
+    percentiles over both rounds' frames, stage means over both, the larger peak memory. On a
+    shared machine whose load drifts, the in-process figure then covers the daemon's time span
+    instead of the minutes before it; each round's p50 is kept (``rounds_p50_ms``)."""
+    lat = first["latencies_ms"] + second["latencies_ms"]
+    n1, n2 = first["stage_samples"], second["stage_samples"]
+    keys = first["stages_ms_raw"].keys() & second["stages_ms_raw"].keys()
+    raw = {k: (first["stages_ms_raw"][k] * n1 + second["stages_ms_raw"][k] * n2) / (n1 + n2) for k in keys}
+    return {
+        "frames": first["frames"] + second["frames"],
+        "latency_ms_p50": pct(lat, 50),
+        "latency_ms_p99": pct(lat, 99),
+        "rounds_p50_ms": [first["latency_ms_p50"], second["latency_ms_p50"]],
+        "throughput_per_s_one_core": 1000 * len(lat) / sum(lat),
+        "stages_ms_raw": raw,
+        "stages_ms_mean": map_stages(raw),
+        "peak_rss_mib": max(first["peak_rss_mib"], second["peak_rss_mib"]),
+        "latencies_ms": lat,
+        "stage_samples": n1 + n2,
     }
-    path = root / "bench.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    daemon = DaemonProcess(path, root / "daemon.log", f"http://127.0.0.1:{http}").start()
-    ctx = zmq.Context()
-    try:
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
-        sub.connect(cfg["publish"]["endpoint"])
-        time.sleep(0.5)
-        run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
-        assert daemon.proc is not None
-        with PeakRSS(daemon.proc.pid, children=True) as mem:
-            seen: set[str] = set()
-            lat_sat, wall = run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
-            throughput = len(lat_sat) / wall
-            rate = max(0.05, 0.5 * throughput)
-            before = stage_histogram(f"http://127.0.0.1:{http}")
-            lat, _ = run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen)
-            raw = stage_means_ms(before, stage_histogram(f"http://127.0.0.1:{http}"))
-        return {
-            "frames": len(frames),
-            "verdicts": len(lat_sat) + len(lat),
-            "lost": 2 * len(frames) - len(lat_sat) - len(lat),
-            "throughput_per_s_saturated": throughput,
-            "offered_rate_per_s": rate,
-            "latency_ms_p50": 1000 * pct(lat, 50),
-            "latency_ms_p99": 1000 * pct(lat, 99),
-            "latency_ms_p50_saturated": 1000 * pct(lat_sat, 50),
-            "peak_rss_mib_daemon_and_workers": mem.peak / 2**20,
-            "verdict_backends": sorted(seen),
-            "stages_ms_raw": raw,
-            "stages_ms_mean": map_stages(raw),
-            "stages_source": "the daemon's inspectd_stage_seconds histogram over the paced run",
-        }
-    finally:
-        daemon.stop()
-        ctx.destroy(linger=0)
 
 
 def bench_plan(scorers: list[str], backends: list[str]) -> tuple[list[tuple[str, str]], list[dict[str, str]]]:
@@ -397,6 +307,8 @@ def run_bench(
                         root = Path(tmp) / f"daemon-{backend}"
                         root.mkdir()
                         entry["daemon"] = bench_daemon(models, test, root, backend)
+                        log(f"[{scorer} {backend} {size}] in-process again, after the daemon's run")
+                        entry["in_process"] = bracket(entry["in_process"], bench_in_process(models, test, backend))
                         entry["overhead_ratio_p50"] = (entry["daemon"]["latency_ms_p50"]
                                                        / entry["in_process"]["latency_ms_p50"])
                     entry["load_average_end"] = load_average()
