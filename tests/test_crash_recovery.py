@@ -244,8 +244,9 @@ def test_sigterm_with_a_full_queue_answers_every_accepted_frame(
         assert d1.terminate(200) == 0, d1.log()[-3000:]
         assert "stop: drained, all" in d1.log()
         at_stop = sum(rows_by_seq(db, sid).values())
-        # a deadline too short for the queue: the exit code says frames were left
-        cfg0 = {**cfg, "shutdown": {"drain_timeout_s": 0}}
+        # a deadline too short for the queue: the exit code says frames were left (one actor, so
+        # that the sensor's backlog queues up even when scoring keeps pace with two)
+        cfg0 = {**cfg, "shutdown": {"drain_timeout_s": 0}, "workers": {**cfg["workers"], "actors": 1}}
         d2 = Daemon(cfg0, tmp_path, "second")
         started.append(d2)
         wait_for(lambda: _metric(d2.get_text("/metrics"), "inspectd_queue_depth") >= 2, 300, "a full queue")
