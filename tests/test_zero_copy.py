@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import zmq
 from test_few_defects import FUSED, prepared
 from test_template import posed
@@ -62,7 +63,6 @@ def test_decode_is_a_view_on_the_zeromq_buffer() -> None:
 
 
 def test_actor_reads_the_put_frames_in_place(enrolled_models: Path) -> None:
-    ray = pytest.importorskip("ray")
     frames = list(simulated_parts([PRODUCT], 2, 0.0, seed=5, good_only=True))
     worker = ScoringWorker(str(enrolled_models))
     ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=128 * 2**20,
