@@ -39,7 +39,7 @@ FACE_NORMAL_K = 8
 """Neighbours of the sharper normals the faces are grown on (the reference's own, k = 16, blur edges)."""
 FACE_NEIGHBOURS = 8
 FACE_LINK_VOXELS = 1.5
-"""Two reference points join one face when they are among each other's 8 nearest, at most
+"""Two reference points join one face when one is among the other's 8 nearest, at most
 1.5 voxels apart, and their normals agree to ``face_cos``."""
 
 
