@@ -12,8 +12,11 @@ Parts are built from the closed primitives of ``sensors.mesh`` (and open3d's ``c
 for hex heads), merged without booleans. A part rests on the z = 0 plane (min z = 0) and its
 bounding box is centred on the xy origin; sizes are 30-80 mm across.
 
-:func:`make_part` jitters each dimension by up to ``±variation`` (relative), deterministically
-for the given ``numpy.random.Generator`` (no open3d randomness is used).
+:func:`make_part` jitters each dimension within a tolerance, deterministically for the given
+``numpy.random.Generator`` (no open3d randomness is used): by default the permissible deviation
+of ISO 2768-1 class m ("medium", the general tolerance most drawings state) for the dimension's
+size, so that good parts differ the way good parts off one line do; or by a relative amount, for
+shape families (IMRNet's pretraining pool).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from sensors.mesh import (
     sweep_arc,
     transform,
 )
+from sensors.tolerance import DEFAULT_TOLERANCE, Tolerance, permissible_deviation
 
 Jitter = Callable[[float], float]
 
@@ -157,7 +161,7 @@ def _cap(j: Jitter) -> Mesh:
 def _gear(j: Jitter) -> Mesh:
     teeth = 20
     rt, rb, rh = j(32.0), j(7.0), j(13.0)
-    rr = rt * j(0.86)
+    rr = j(rt * 0.86)
     t, th = j(9.0), j(15.0)
     ratio = rr / rt
 
@@ -292,18 +296,22 @@ _BUILDERS: dict[str, Callable[[Jitter], Mesh]] = {
 assert tuple(_BUILDERS) == PART_CLASSES
 
 
-def make_part(cls: str, rng: np.random.Generator, variation: float = 0.02) -> o3d.geometry.TriangleMesh:
+def make_part(cls: str, rng: np.random.Generator,
+              tolerance: Tolerance = DEFAULT_TOLERANCE) -> o3d.geometry.TriangleMesh:
     """A coarse, defect-free part of class ``cls`` (one of :data:`PART_CLASSES`), in mm.
 
-    Every nominal dimension is multiplied by ``1 + U(-variation, variation)`` drawn from ``rng``
-    (part-to-part variation; deterministic for the generator's state). The part rests on z = 0
+    Every nominal dimension x becomes ``x + U(-t, t)`` drawn from ``rng``, with t its
+    :func:`permissible_deviation` under ``tolerance`` (part-to-part variation, uniform over the
+    band as a worst case; deterministic for the generator's state). The part rests on z = 0
     and its xy bounding box is centred on the origin. Call ``sensors.mesh.subdivide_uniform`` before
     carving defects or sampling.
     """
     if cls not in _BUILDERS:
         raise ValueError(f"unknown part class {cls!r}; known: {', '.join(PART_CLASSES)}")
+    permissible_deviation(1.0, tolerance)  # an unknown class or a bad value fails before any draw
 
     def jitter(x: float) -> float:
-        return float(x) * (1.0 + float(rng.uniform(-variation, variation)))
+        t = permissible_deviation(x, tolerance)
+        return float(x) + float(rng.uniform(-t, t))
 
     return finish(_BUILDERS[cls](jitter))

@@ -41,7 +41,7 @@ import open3d as o3d
 from sensors.defects import DEFECT_KINDS, carve_defect
 from sensors.frame import Frame, FrameMeta
 from sensors.mesh import subdivide_uniform
-from sensors.parts import make_part
+from sensors.parts import DEFAULT_TOLERANCE, Tolerance, make_part
 
 MIN_VISIBLE_GT_PIXELS = 20
 """A defective frame has at least this many valid ground-truth pixels (see simulate_frame)."""
@@ -198,23 +198,23 @@ def simulate_frame(
     sensor_id: str = "simcam-0",
     part_id: str | None = None,
     defect_kinds: tuple[str, ...] = DEFECT_KINDS,
-    variation: float = 0.02,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
     max_edge: float = 1.0,
     gt_tol: float = 0.3,
     max_retries: int = 8,
 ) -> Frame:
     """One organized frame of a part of class ``product`` (a ``sensors.parts`` class).
 
-    Builds the part (with ``variation``), subdivides it to ``max_edge`` mm, poses it (see the
-    module docstring), carves one defect of a kind drawn from ``defect_kinds`` when
-    ``defective``, and renders it. A defect must show in at least
+    Builds the part (within ``tolerance``: ``sensors.parts.make_part``), subdivides it to
+    ``max_edge`` mm, poses it (see the module docstring), carves one defect of a kind drawn from
+    ``defect_kinds`` when ``defective``, and renders it. A defect must show in at least
     :data:`MIN_VISIBLE_GT_PIXELS` valid ground-truth pixels; otherwise a new defect (kind and
     site) is drawn, up to ``max_retries`` times, then RuntimeError. ``meta.truth`` is
     ``{"defective": bool, "defect": kind or None}``, ``gt_mask`` the pixel ground truth (all
     zeros for a good part). Deterministic for the generator's state.
     """
     camera = camera or CameraParams()
-    base = subdivide_uniform(make_part(product, rng, variation), max_edge)
+    base = subdivide_uniform(make_part(product, rng, tolerance), max_edge)
     base.transform(_pose(rng))
     kind = None
     if not defective:

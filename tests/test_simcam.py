@@ -10,6 +10,7 @@ from sensors.frame import Frame
 from sensors.mesh import subdivide_uniform
 from sensors.parts import PART_CLASSES, make_part
 from sensors.simcam import MIN_VISIBLE_GT_PIXELS, CameraParams, render, simulate_frame
+from sensors.tolerance import permissible_deviation
 
 
 def _edges(mesh) -> np.ndarray:
@@ -42,9 +43,22 @@ def test_make_part_variation_and_unknown_class():
     c = np.asarray(make_part("gear", np.random.default_rng(4)).vertices)
     assert np.array_equal(a, b)
     assert a.shape == c.shape and not np.allclose(a, c)
-    assert np.allclose(np.ptp(a, axis=0), np.ptp(c, axis=0), rtol=0.06)
+    # ISO 2768-m: the gear's 64 mm outer diameter is the sum of two jittered radii (±0.3 mm each)
+    assert np.abs(np.ptp(a, axis=0) - np.ptp(c, axis=0)).max() <= 1.2 + 1e-9
+    wide = np.asarray(make_part("gear", np.random.default_rng(4), tolerance=0.1).vertices)
+    assert np.abs(np.ptp(wide, axis=0) - np.ptp(a, axis=0)).max() > 1.2  # a ±10 % family is wider
     with pytest.raises(ValueError, match="flange"):
         make_part("sprocket", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="ISO 2768"):
+        make_part("gear", np.random.default_rng(0), tolerance="x")
+
+
+def test_permissible_deviation_follows_iso_2768_1():
+    assert [permissible_deviation(x, "m") for x in (1.2, 3.0, 4.0, 30.0, 31.0, 130.0)] == [0.1, 0.1, 0.1, 0.2, 0.3, 0.5]
+    assert [permissible_deviation(x, "f") for x in (10.0, 60.0)] == [0.1, 0.15]
+    assert permissible_deviation(50.0, 0.02) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="relative"):
+        permissible_deviation(50.0, 1.5)
 
 
 def test_subdivide_uniform_bounds_edges_and_keeps_surface():

@@ -98,6 +98,7 @@ def test_dataset_json(tiny: tuple[str, Path, dict]) -> None:
     meta = json.loads((root / "dataset.json").read_text())
     assert meta["layout"] == layout and meta["seed"] == 3 and meta["classes"] == [PART_CLASSES[0]]
     assert meta["generator_version"] and meta["defect_kinds"] == list(DEFECTS)
+    assert meta["parameters"]["part_tolerance"].startswith("ISO 2768-m")
     n = 1 + (1 if layout == "mvtec3d" else 0) + 1 + len(DEFECTS)
     assert meta["counts"]["total"] == n == len(meta["samples"])
     lo, hi = meta["anomalous_fraction"]["min"], meta["anomalous_fraction"]["max"]

@@ -41,6 +41,13 @@ def parse_params(items: Sequence[str] | None) -> dict[str, Any]:
     return params
 
 
+def _tolerance(text: str | None) -> str | float | None:
+    """``--tolerance``: an ISO 2768-1 class letter, or a percentage such as ``2%`` (relative)."""
+    if text is None or not text.endswith("%"):
+        return text
+    return float(text[:-1]) / 100.0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from tools.synth.presets import PRESETS
     from tools.synth.writer import synthesize
@@ -49,6 +56,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
     flags = (("n_classes", args.classes), ("n_train", args.train), ("n_test_good", args.test_good),
              ("n_test_per_defect", args.test_per_defect), ("n_validation", args.validation),
              ("n_validation_per_defect", args.validation_per_defect), ("pose", args.pose),
+             ("tolerance", _tolerance(args.tolerance)),
              ("kinds", _class_list(args.kinds)))
     kwargs.update({k: v for k, v in flags if v is not None})
     t0 = time.perf_counter()
@@ -130,6 +138,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--pose", choices=["z10", "so3"],
                    help="z10: test parts turned ±10° about z (the default without a preset); so3: any rotation "
                    "for point clouds, fixture jitter for the camera (the bench preset's)")
+    s.add_argument("--tolerance",
+                   help="how good parts differ: an ISO 2768-1 general-tolerance class (f, m, c, v; default m) or a "
+                   "relative jitter of every dimension such as 2%% (generator 1.0.0's)")
     s.add_argument("--workers", type=int, help="processes (default: min(2, CPUs))")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_synth)

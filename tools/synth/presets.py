@@ -31,7 +31,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"
+"""1.1.0: good parts vary within ISO 2768-m general tolerances (1.0.0: ±2 % of every dimension)."""
 LAYOUTS = ("mvtec3d", "real3d", "anomaly-shapenet")
 DEFECTS: tuple[str, ...] = ("bulge", "concavity", "hole", "crack", "break", "bending")
 """The six defect kinds of Anomaly-ShapeNet, with the paper's names (folder / file names)."""
@@ -47,7 +48,6 @@ POINTS: dict[str, dict[str, dict[str, float]]] = {
 FRACTION_RANGE = (0.01, 0.10)
 MAX_DEFECT_TRIES = 24
 MAX_EDGE_MM = 1.0
-VARIATION = 0.02
 RIM_MM = {"hole": 2.5, "crack": 2.5}
 """Rim of removed material marked anomalous in point clouds (default 1 mm, ``sensors.defects``)."""
 DEFAULT_COUNTS = {"n_train": 4, "n_validation": 2, "n_test_good": 6, "n_test_per_defect": 1}

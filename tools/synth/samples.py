@@ -2,7 +2,8 @@
 
 Pipeline for one part (vectorized numpy / open3d; no loop over points):
 
-1. ``sensors.parts.make_part`` (class geometry with ±2 % part-to-part variation), then
+1. ``sensors.parts.make_part`` (class geometry, part-to-part variation within the job's tolerance:
+   ISO 2768-m by default), then
    ``subdivide_uniform`` to edges ≤ 1 mm (IMRNet's mesh subdivision to a uniform density);
 2. pose: every camera part and every point-cloud *test* part is rotated about z by
    U(−10°, 10°) and shifted by U(−5, 5) mm in x and y (point-cloud train parts stay canonical);
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from sensors.tolerance import DEFAULT_TOLERANCE, Tolerance
 from tools.synth.geometry import (
     LABEL_TOL_MM,
     camera_defect_direction,
@@ -58,7 +60,6 @@ from tools.synth.presets import (
     MAX_EDGE_MM,
     POINTS,
     RIM_MM,
-    VARIATION,
 )
 
 
@@ -79,6 +80,7 @@ class Job:
     seed: int
     pose: str = "z10"  # z10 | so3 (see POSES)
     severity: float | None = None  # defect magnitude in [0, 1]; None: the default sizes
+    tolerance: Tolerance = DEFAULT_TOLERANCE  # part-to-part variation (sensors.tolerance)
 
 
 def _fraction_ok(job: Job, frac: float, n_anomalous: int, min_count: int) -> bool:
@@ -199,7 +201,7 @@ def run_job(job: Job) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     rng = np.random.default_rng([job.seed, job.class_index, job.sample_index])
-    base = subdivide_uniform(make_part(job.cls, rng, VARIATION), MAX_EDGE_MM)
+    base = subdivide_uniform(make_part(job.cls, rng, job.tolerance), MAX_EDGE_MM)
     stats = _run_camera(job, rng, base) if job.layout == "mvtec3d" else _run_cloud(job, rng, base)
     return {"file": job.rel, "gt": job.gt_rel, "class": job.cls, "split": job.split, "defect": job.kind,
             **stats, "seconds": time.perf_counter() - t0}

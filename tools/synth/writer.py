@@ -62,6 +62,7 @@ from typing import Any
 
 import numpy as np
 
+from sensors.tolerance import DEFAULT_TOLERANCE, Tolerance, permissible_deviation
 from tools.synth.geometry import (
     CARVE_KIND,
     LABEL_TOL_MM,
@@ -83,7 +84,6 @@ from tools.synth.presets import (
     POINTS,
     POSES,
     RIM_MM,
-    VARIATION,
     class_names,
 )
 from tools.synth.samples import Job, run_job
@@ -105,7 +105,8 @@ def _severities(n: int) -> list[float]:
 
 
 def _plan(out: Path, layout: str, classes: Sequence[str], seed: int, counts: dict[str, int],
-          kinds: Sequence[str], pose: str = "z10", magnitudes: bool = False) -> list[Job]:
+          kinds: Sequence[str], pose: str = "z10", magnitudes: bool = False,
+          tolerance: Tolerance = DEFAULT_TOLERANCE) -> list[Job]:
     from sensors.datasets import GT_DIRS
     from sensors.parts import PART_CLASSES
 
@@ -149,7 +150,8 @@ def _plan(out: Path, layout: str, classes: Sequence[str], seed: int, counts: dic
                     stem = f"positive{k}" if kind == "good" else f"{kind}{k}"
                 rel = f"{folder}/{stem}.pcd"
                 gt_rel = None if kind == "good" else f"{gt_dir}/{stem}.txt"
-            jobs.append(Job(str(out), layout, cls, ci, si, split, kind, rel, gt_rel, rgb_rel, seed, pose, severity))
+            jobs.append(Job(str(out), layout, cls, ci, si, split, kind, rel, gt_rel, rgb_rel, seed, pose, severity,
+                            tolerance))
     return jobs
 
 
@@ -195,6 +197,7 @@ def synthesize(
     pose: str = "z10",
     magnitudes: bool = False,
     preset: str | None = None,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
 ) -> dict[str, Any]:
     """Write a synthetic dataset in ``layout`` under ``out``; return what ``dataset.json`` holds.
 
@@ -207,6 +210,8 @@ def synthesize(
     good and 6 defective (one per kind) test parts: 16 train + 48 test samples for 4 classes.
     ``pose``: one of :data:`POSES`. ``magnitudes``: grade each kind's defects from subtle to
     gross (severities spread evenly over [0, 1], recorded per sample in ``dataset.json``).
+    ``tolerance``: how good parts differ (``sensors.parts.Tolerance``: an ISO 2768-1 class,
+    default m, or a relative jitter such as 0.02 for ±2 %; docs/design/benchmark.md says why).
     ``preset``: only recorded (``--preset bench`` fills the other arguments, :data:`PRESETS`).
     ``workers``: processes (default ``min(2, CPUs)``, 1 = in this process); the output does not
     depend on it. A previous synth output in ``out`` is replaced; any other non-empty folder
@@ -222,6 +227,7 @@ def synthesize(
         raise ValueError(f"unknown defect kind(s) {', '.join(bad)}; expected some of {', '.join(BENCH_DEFECTS)}")
     if pose not in POSES:
         raise ValueError(f"unknown pose {pose!r}; expected one of {', '.join(POSES)}")
+    permissible_deviation(1.0, tolerance)  # a bad tolerance fails before any sample is written
     counts = {"n_train": n_train,
               "n_validation": n_validation if layout == "mvtec3d" or n_validation_per_defect > 0 else 0,
               "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect,
@@ -239,7 +245,7 @@ def synthesize(
     # a placeholder until the end, so that an interrupted run is recognized (and replaced) as ours
     (out / "dataset.json").write_text(json.dumps({"generator": "inspectd tools.synth.writer", "status": "incomplete",
                                                    "classes": classes}) + "\n")
-    jobs = _plan(out, layout, classes, seed, counts, kinds, pose, magnitudes)
+    jobs = _plan(out, layout, classes, seed, counts, kinds, pose, magnitudes, tolerance)
     n_workers = min(2, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     n_workers = min(n_workers, len(jobs))
     results: list[dict[str, Any]] = []
@@ -292,7 +298,7 @@ def synthesize(
         "anomalous_fraction": {"required": list(BENCH_FRACTION_RANGE if magnitudes else FRACTION_RANGE),
                                "min": min(defective) if defective else None,
                                "max": max(defective) if defective else None},
-        "parameters": _parameters(layout, pose),
+        "parameters": _parameters(layout, pose, tolerance),
         "samples": [{k: v for k, v in r.items() if k != "seconds"} for r in results],
     }
     (out / "dataset.json").write_text(json.dumps(info, indent=1) + "\n")
@@ -301,7 +307,7 @@ def synthesize(
     return info
 
 
-def _parameters(layout: str, pose: str = "z10") -> dict[str, Any]:
+def _parameters(layout: str, pose: str = "z10", tolerance: Tolerance = DEFAULT_TOLERANCE) -> dict[str, Any]:
     z10 = (f"rotation about z U(-{POSE_MAX_DEG}, {POSE_MAX_DEG}) deg, shift U(-{POSE_MAX_SHIFT_MM}, "
            f"{POSE_MAX_SHIFT_MM}) mm in x, y")
     if pose == "so3":
@@ -313,7 +319,8 @@ def _parameters(layout: str, pose: str = "z10") -> dict[str, Any]:
         desc = ("test parts: " if layout != "mvtec3d" else "all parts: ") + z10
     p: dict[str, Any] = {
         "subdivision_max_edge_mm": MAX_EDGE_MM,
-        "part_variation": VARIATION,
+        "part_tolerance": (f"ISO 2768-{tolerance}: every dimension within ± its permissible deviation, uniform"
+                           if isinstance(tolerance, str) else f"every dimension within ±{tolerance:.1%}, uniform"),
         "pose": desc,
         "max_defect_tries": MAX_DEFECT_TRIES,
         "defect_source": {**{k: f"sensors.defects.carve_defect({v!r})" for k, v in CARVE_KIND.items()},

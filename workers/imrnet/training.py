@@ -7,8 +7,8 @@ patches (Eq. 12). ShapeNet cannot be downloaded here, so pretraining uses our pr
 library (``sensors.parts``: 12 classes of industrial parts) instead:
 
 * **Pretraining data** (:func:`synthetic_pool`): ``instances`` parts per class with dimensions
-  jittered by ``±variation`` (default 10 %, five times the production-line variation of the
-  benchmark so the network sees a family of shapes, not 12 templates), the surface sampled
+  jittered by ``±variation`` (relative; default 10 %, far wider than the ISO 2768-m part-to-part
+  tolerance of the benchmark, so the network sees a family of shapes, not 12 templates), the surface sampled
   area-uniformly (``dense`` points, like a scan before voxelization), then reduced to
   ``n_points`` by farthest point sampling, the same reduction the scorer applies to a voxelized
   scan. Only defect-free shapes are used (the method never sees a defect). Note: the benchmark's
@@ -166,7 +166,7 @@ def synthetic_pool(
     jobs = [(c, i) for c in names for i in range(instances)]
     for cls, i in tqdm(jobs, desc="synthetic parts", disable=not progress, leave=False):
         rng = np.random.default_rng([seed, names.index(cls), i, 7])
-        mesh = make_part(cls, rng, variation=variation)
+        mesh = make_part(cls, rng, tolerance=variation)
         v = np.asarray(mesh.vertices, dtype=np.float64)
         f = np.asarray(mesh.triangles, dtype=np.int64)
         dense_pts = sample_surface(v, f, dense, rng)
