@@ -211,7 +211,7 @@ def synthesize(
     ``pose``: one of :data:`POSES`. ``magnitudes``: grade each kind's defects from subtle to
     gross (severities spread evenly over [0, 1], recorded per sample in ``dataset.json``).
     ``tolerance``: how good parts differ (``sensors.parts.Tolerance``: an ISO 2768-1 class,
-    default m, or a relative jitter such as 0.02 for ±2 %; docs/design/benchmark.md says why).
+    default m, or a relative jitter such as 0.02 for ±2 %; docs/results/bench-preset.md says why).
     ``preset``: only recorded (``--preset bench`` fills the other arguments, :data:`PRESETS`).
     ``workers``: processes (default ``min(2, CPUs)``, 1 = in this process); the output does not
     depend on it. A previous synth output in ``out`` is replaced; any other non-empty folder
