@@ -134,3 +134,15 @@ def test_rewrites_its_own_output_and_refuses_other_folders(tmp_path: Path) -> No
         synthesize(tmp_path / "x", "kitti", 1, seed=0, **kw)
     with pytest.raises(ValueError, match="between 1 and"):
         synthesize(tmp_path / "y", "real3d", len(PART_CLASSES) + 1, seed=0, **kw)
+
+
+def test_a_graded_defect_too_small_to_show_grows_instead_of_ending_the_run() -> None:
+    from tools.synth.presets import MAX_DEFECT_TRIES
+    from tools.synth.samples import SEVERITY_STEP, Job, _max_tries, _severity
+
+    job = Job("/tmp/x", "mvtec3d", "flange", 0, 0, "test", "hole", "x.tiff", None, None, 0, "so3", 0.05)
+    assert [_severity(job, t) for t in (1, MAX_DEFECT_TRIES)] == [0.05, 0.05]
+    assert _severity(job, MAX_DEFECT_TRIES + 2) == pytest.approx(0.05 + 2 * SEVERITY_STEP)
+    assert _severity(job, 10 * MAX_DEFECT_TRIES) == 1.0 and _max_tries(job) == 2 * MAX_DEFECT_TRIES
+    default = Job("/tmp/x", "real3d", "flange", 0, 0, "test", "hole", "x.pcd", None, None, 0)
+    assert _severity(default, MAX_DEFECT_TRIES + 5) is None and _max_tries(default) == MAX_DEFECT_TRIES

@@ -110,13 +110,13 @@ def _run_cloud(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
     else:
         while True:
             tries += 1
-            mesh, info = carve(base, job.kind, rng, defect_direction(rng), job.severity)
+            mesh, info = carve(base, job.kind, rng, defect_direction(rng), _severity(job, tries))
             pts, lab = sample_cloud(mesh, base, n, rng, noise_sigma=noise, info=info,
                                     tol=label_tol(info, LABEL_TOL_MM), rim=RIM_MM.get(job.kind, 1.0))
             fracs.append(float(lab.mean()))
             if _fraction_ok(job, fracs[-1], int(lab.sum()), BENCH_MIN_ANOMALOUS):
                 break
-            if tries >= MAX_DEFECT_TRIES:
+            if tries >= _max_tries(job):
                 lo, hi = FRACTION_RANGE if job.severity is None and job.kind in DEFECTS else BENCH_FRACTION_RANGE
                 raise RuntimeError(
                     f"{job.cls} {job.kind}: no defect with {lo:.2%}-{hi:.0%} anomalous "
@@ -135,16 +135,35 @@ def _run_cloud(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
         table = np.column_stack([pts.astype(np.float64), lab.astype(np.float64)])
         np.savetxt(path, table, fmt=["%.6f", "%.6f", "%.6f", "%d"], delimiter=sep)
     return {"n_points": int(len(pts)), "anomalous_fraction": round(float(lab.mean()), 6), "tries": tries,
-            **_magnitude_record(info)}
+            **_magnitude_record(info, job)}
 
 
-def _magnitude_record(info: dict[str, Any]) -> dict[str, Any]:
+SEVERITY_STEP = 0.02
+"""After :data:`MAX_DEFECT_TRIES` failed sites, a graded defect grows by this much severity per try
+(up to as many tries again), so that a defect too small to show on a part (a 1 mm hole seen by
+the camera) is made a little larger instead of ending the run; the record keeps both."""
+
+
+def _severity(job: Job, tries: int) -> float | None:
+    """The severity to carve at try ``tries`` (1-based): the job's, raised after MAX_DEFECT_TRIES."""
+    if job.severity is None or tries <= MAX_DEFECT_TRIES:
+        return job.severity
+    return min(1.0, job.severity + SEVERITY_STEP * (tries - MAX_DEFECT_TRIES))
+
+
+def _max_tries(job: Job) -> int:
+    return MAX_DEFECT_TRIES if job.severity is None else 2 * MAX_DEFECT_TRIES
+
+
+def _magnitude_record(info: dict[str, Any], job: Job) -> dict[str, Any]:
     """``{"magnitude": {...}}`` for a sample with a graded defect (its bin added), else ``{}``."""
     mag = info.get("magnitude")
     if not mag:
         return {}
     bins = ("subtle", "moderate", "gross")
-    return {"magnitude": {**mag, "bin": bins[min(int(float(mag["severity"]) * 3.0), 2)]}}
+    raised = ({"planned_severity": job.severity}
+              if job.severity is not None and abs(float(mag["severity"]) - job.severity) > 1e-3 else {})
+    return {"magnitude": {**mag, "bin": bins[min(int(float(mag["severity"]) * 3.0), 2)], **raised}}
 
 
 def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
@@ -166,7 +185,7 @@ def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
     else:
         while True:
             tries += 1
-            mesh, info = carve(base, job.kind, rng, camera_defect_direction(rng, tries), job.severity)
+            mesh, info = carve(base, job.kind, rng, camera_defect_direction(rng, tries), _severity(job, tries))
             pts, gt = render(mesh, camera, rng, reference=base, gt_tol=label_tol(info, 0.3))
             valid = np.isfinite(pts).all(axis=-1)
             anomalous = gt.astype(bool)
@@ -176,7 +195,7 @@ def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
             visible = int((anomalous & valid).sum())
             if _fraction_ok(job, frac, visible, MIN_VISIBLE_GT_PIXELS) and visible >= MIN_VISIBLE_GT_PIXELS:
                 break
-            if tries >= MAX_DEFECT_TRIES:
+            if tries >= _max_tries(job):
                 lo, hi = FRACTION_RANGE if job.severity is None and job.kind in DEFECTS else BENCH_FRACTION_RANGE
                 raise RuntimeError(
                     f"{job.cls} {job.kind}: no visible defect covering {lo:.2%}-{hi:.0%} "
@@ -191,7 +210,7 @@ def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
         (out / job.gt_rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((gt > 0).astype(np.uint8) * 255, mode="L").save(out / job.gt_rel)
     n_valid = int(np.isfinite(pts).all(axis=-1).sum())
-    return {"n_points": n_valid, "anomalous_fraction": round(frac, 6), "tries": tries, **_magnitude_record(info)}
+    return {"n_points": n_valid, "anomalous_fraction": round(frac, 6), "tries": tries, **_magnitude_record(info, job)}
 
 
 def run_job(job: Job) -> dict[str, Any]:
