@@ -96,11 +96,12 @@ class PreparedCloud:
         ``fused``'s two components smooth over the same neighbours, so one search serves both."""
         tree, cache = self._searched()
         k = int(min(max(k, 1), tree.n))
-        wider = [kk for kk in cache if kk >= k]
-        if wider:
-            return cache[min(wider)][:, :k]
-        _, idx = tree.query(tree.data, k=k, workers=1)
-        cache[k] = np.asarray(idx).reshape(-1, k)
+        if k not in cache:
+            wider = [kk for kk in cache if kk > k]
+            if wider:  # a wider search holds the answer: its first k columns
+                return cache[min(wider)][:, :k]
+            _, idx = tree.query(tree.data, k=k, workers=1)
+            cache[k] = np.asarray(idx).reshape(-1, k)
         return cache[k]
 
 

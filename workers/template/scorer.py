@@ -163,8 +163,11 @@ class TemplateScorer(Scorer):
         t2 = time.perf_counter()
         # the part's own searches run on the cloud's KD-tree in the part's frame (built once per
         # cloud and shared with patchcore-fpfh in ``fused``): a rigid motion keeps every distance
-        missing = self.model.missing(cloud.tree, self.missing_dist_factor * self.voxel_size,
-                                     self.min_visibility, self.rim_k, reg.transform)
+        missing_dist = self.missing_dist_factor * self.voxel_size
+        covered = np.zeros(len(self.model.reference_points), dtype=bool)
+        covered[reg.nearest_index[reg.nearest_distance < missing_dist]] = True
+        missing = self.model.missing(cloud.tree, missing_dist, self.min_visibility, self.rim_k, reg.transform,
+                                     covered)
         t3 = time.perf_counter()
         nbr = cloud.neighbours(self.smoothing_k) if self.smoothing_k > 1 else None
         smoothed = smooth_over_neighbours(pts, dev, self.smoothing_k, neighbours=nbr)

@@ -68,7 +68,7 @@ class TemplateModel(nn.Module):
             self.array("tolerance_spread")[j]
 
     def missing(self, part_tree: cKDTree, missing_dist: float, min_visibility: float, rim_k: int,
-                pose: np.ndarray | None = None) -> np.ndarray:
+                pose: np.ndarray | None = None, covered: np.ndarray | None = None) -> np.ndarray:
         """Per part point (of ``part_tree``'s points): the largest gap score of a reference point
         the good parts cover (visibility >= ``min_visibility``) with no part point within
         ``missing_dist``, taken by the ``rim_k`` part points nearest that reference point (0
@@ -76,9 +76,14 @@ class TemplateModel(nn.Module):
         transform): the reference points are moved into the part's frame by its inverse, so the
         part's own KD-tree, built once per cloud, serves (None: the tree is of registered points).
 
-        The covered reference points are searched with ``missing_dist`` as the bound (a bounded
-        search stops early); only the few beyond it are searched again for their rim."""
+        ``covered`` (bool per reference point): points already known to have a part point within
+        ``missing_dist`` (the nearest reference point of a part point that near, from
+        registration's query), which need no search. The others are searched with
+        ``missing_dist`` as the bound (a bounded search stops early); only the few beyond it are
+        searched again for their rim."""
         seen = self.array("visibility") >= min_visibility
+        if covered is not None:
+            seen &= ~covered
         ref_seen = self.array("reference_points")[seen]
         if pose is not None:
             ref_seen = (ref_seen - pose[:3, 3]) @ pose[:3, :3]
