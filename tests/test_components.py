@@ -154,3 +154,52 @@ def test_registration_recovers_an_arbitrary_rotation(seed: int) -> None:
     expected = np.eye(4)
     expected[:3, :3] = rot.T
     assert rotation_angle_deg(result.transform[:3, :3] @ expected[:3, :3].T) < 1.0
+
+
+def flanged_ring(seed: int, n: int = 6000) -> np.ndarray:
+    """Surface samples of a ring (outer radius 30, inner 12, 6 mm thick) with one 6 mm lug: nearly
+    rotationally symmetric, so registration spins its hypotheses about the ring's axis."""
+    rng = np.random.default_rng(seed)
+    r = np.sqrt(rng.uniform(12.0 ** 2, 30.0 ** 2, n))
+    a = rng.uniform(0, 2 * np.pi, n)
+    z = rng.choice([0.0, 6.0], n)
+    ring = np.stack([r * np.cos(a), r * np.sin(a), z], axis=1)
+    lug = rng.uniform((28.0, -3.0, 0.0), (34.0, 3.0, 6.0), (n // 60, 3))
+    lug[:, 2] = rng.choice([0.0, 6.0], len(lug))
+    return np.concatenate([ring, lug]) + rng.normal(0, 0.03, (n + n // 60, 3))
+
+
+def test_registration_runs_each_distinct_hypothesis_once_with_the_same_result(monkeypatch) -> None:
+    ref = flanged_ring(0)
+    src = flanged_ring(1) @ Rotation.random(random_state=3).as_matrix().T + np.array([4.0, 2.0, -9.0])
+    reg = Registrar(ref, coarse_dist=5.0, fine_dist=2.0)
+    hyp = reg.hypotheses(src)
+    rows, inverse = reg._distinct(hyp)
+    assert len(rows) < len(hyp)  # spins by 180° repeat cube rotations
+    np.testing.assert_allclose(hyp[rows][inverse], hyp, atol=1e-6)
+    deduped = reg.register(src)
+    monkeypatch.setattr(Registrar, "_distinct", staticmethod(lambda t: (np.arange(len(t)), np.arange(len(t)))))
+    every = reg.register(src)
+    assert deduped.fitness > 0.95
+    np.testing.assert_allclose(deduped.transform, every.transform, atol=1e-9)
+
+
+def test_registration_hands_on_its_fitness_query() -> None:
+    ref = l_part(0)
+    src = l_part(11) @ Rotation.random(random_state=2).as_matrix().T + np.array([3.0, 1.0, 2.0])
+    result = Registrar(ref, coarse_dist=5.0, fine_dist=2.0, tree=cKDTree(ref)).register(src)
+    moved = src @ result.transform[:3, :3].T + result.transform[:3, 3]
+    np.testing.assert_array_equal(result.moved, moved)
+    d, j = cKDTree(ref).query(moved, distance_upper_bound=2.0)
+    np.testing.assert_array_equal(result.nearest_distance, d)
+    np.testing.assert_array_equal(result.nearest_index, j)
+    with pytest.raises(ValueError, match="KD-tree of the reference"):
+        Registrar(ref, tree=cKDTree(src))
+
+
+def test_smoothing_over_neighbours_found_already() -> None:
+    pts = np.random.default_rng(4).normal(size=(300, 3))
+    values = np.random.default_rng(5).normal(size=300)
+    _, nbr = cKDTree(pts).query(pts, k=12)
+    np.testing.assert_allclose(smooth_over_neighbours(pts, values, 8, neighbours=nbr),
+                               smooth_over_neighbours(pts, values, 8), rtol=1e-12)

@@ -118,3 +118,19 @@ def test_plane_fitted_on_a_pixel_stride_removes_the_same_table() -> None:
     few = prepare(f, PreprocessParams(voxel_size=1.0, plane_samples=2_000))
     every = prepare(f, PreprocessParams(voxel_size=1.0, plane_samples=10**9))
     np.testing.assert_array_equal(few.source_flat, every.source_flat)
+
+
+def test_cloud_neighbours_are_searched_once_per_cloud() -> None:
+    from scipy.spatial import cKDTree
+
+    from workers.preprocess import PreparedCloud
+
+    pts = np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32)
+    cloud = PreparedCloud(points=pts, source_flat=np.arange(500), voxel_of_source=np.arange(500))
+    _, expected = cKDTree(pts.astype(np.float64)).query(pts.astype(np.float64), k=8)
+    first = cloud.neighbours(8)
+    np.testing.assert_array_equal(first, expected)
+    assert cloud.neighbours(8) is first and cloud.tree is cloud.tree
+    np.testing.assert_array_equal(cloud.neighbours(4), expected[:, :4])  # the wider search serves
+    cloud.points = pts[:100].copy()  # new points: new searches
+    assert cloud.tree.n == 100 and cloud.neighbours(8).shape == (100, 8)

@@ -96,3 +96,32 @@ def test_fused_round_trip_and_detects_the_bend(tmp_path) -> None:
     loaded = load_scorer(tmp_path / "f")
     cloud = prepared(posed(l_part(300), 300))
     np.testing.assert_allclose(loaded.score(cloud).point_scores, scorer.score(cloud).point_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_searches_score_as_fresh_searches_of_the_registered_part(fitted: TemplateScorer) -> None:
+    """Registration's nearest points, the cloud's KD-tree in the part's frame and its shared
+    neighbours give the scores that fresh searches of the registered points give."""
+    from scipy.spatial import cKDTree
+
+    from workers.components.knn import smooth_over_neighbours
+
+    part = bent(l_part(51))
+    part = part[np.linalg.norm(part - np.array([20.0, 10.0, 6.0]), axis=1) > 4.0]  # a hole in the plate
+    cloud = prepared(posed(part, 51))
+    got = fitted.score(cloud).point_scores
+    m, voxel = fitted.model, fitted.voxel_size
+    assert m is not None
+    moved = fitted.register_part(cloud).moved
+    tree = cKDTree(moved)
+    dev = m.deviation(moved, voxel, fitted.faces, fitted.face_shrink)
+    seen = m.array("visibility") >= fitted.min_visibility
+    ref = m.array("reference_points")[seen]
+    gap, _ = tree.query(ref)
+    miss = gap > fitted.missing_dist_factor * voxel
+    missing = np.zeros(len(moved))
+    _, rim = tree.query(ref[miss], k=fitted.rim_k)
+    score = (gap[miss] - fitted.missing_dist_factor * voxel) / m.array("tolerance_spread")[seen][miss]
+    np.maximum.at(missing, rim.ravel(), np.repeat(score, fitted.rim_k))
+    assert (missing > 0).any()
+    expected = np.maximum(smooth_over_neighbours(moved, dev, fitted.smoothing_k, tree), missing)
+    np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-5, atol=1e-6)

@@ -33,11 +33,12 @@ a 2.3M-point RANSAC or voxel problem. docs/design/preprocessing.md has the measu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import open3d as o3d
 import torch
+from scipy.spatial import cKDTree
 
 from sensors.frame import Frame, FrameError
 from workers import geometry
@@ -74,6 +75,35 @@ class PreparedCloud:
     voxel_of_source: np.ndarray
     frame: Frame | None = None
     device_points: torch.Tensor | None = None
+    _search: tuple[np.ndarray, cKDTree, dict[int, np.ndarray]] | None = field(
+        default=None, init=False, repr=False, compare=False)
+    """(points it was built for, KD-tree of ``points``, neighbour indices per k), built on first use."""
+
+    def _searched(self) -> tuple[cKDTree, dict[int, np.ndarray]]:
+        if self._search is None or self._search[0] is not self.points:
+            # sliding-midpoint splits: built and searched (k = 8) ~15 % faster here than median splits
+            self._search = (self.points, cKDTree(np.asarray(self.points, dtype=np.float64), balanced_tree=False), {})
+        return self._search[1], self._search[2]
+
+    @property
+    def tree(self) -> cKDTree:
+        """KD-tree of ``points`` (float64), built once per cloud: every scorer component that
+        searches the part's own points (smoothing, missing material) shares it."""
+        return self._searched()[0]
+
+    def neighbours(self, k: int) -> np.ndarray:
+        """Indices (M×k, ascending distance, the point itself included) of every point's
+        ``k`` nearest points of the cloud (``k`` capped at M), found once per cloud and ``k``:
+        ``fused``'s two components smooth over the same neighbours, so one search serves both."""
+        tree, cache = self._searched()
+        k = int(min(max(k, 1), tree.n))
+        if k not in cache:
+            wider = [kk for kk in cache if kk > k]
+            if wider:  # a wider search holds the answer: its first k columns
+                return cache[min(wider)][:, :k]
+            _, idx = tree.query(tree.data, k=k, workers=1)
+            cache[k] = np.asarray(idx).reshape(-1, k)
+        return cache[k]
 
 
 def plane_fit_points(frame: Frame, limit: int) -> np.ndarray:

@@ -40,14 +40,18 @@ def knn(ref: np.ndarray | torch.Tensor | cKDTree, query: np.ndarray | torch.Tens
     return np.asarray(d).reshape(-1, kk), np.asarray(i).reshape(-1, kk)
 
 
-def smooth_over_neighbours(points: np.ndarray, values: np.ndarray, k: int, tree: cKDTree | None = None) -> np.ndarray:
+def smooth_over_neighbours(points: np.ndarray, values: np.ndarray, k: int, tree: cKDTree | None = None,
+                           neighbours: np.ndarray | None = None) -> np.ndarray:
     """Every value replaced by the mean over its point's ``k`` nearest neighbours (itself included).
 
     Damps per-point noise of an anomaly map while keeping a defect that spans many points.
-    ``k <= 1`` returns ``values`` unchanged. ``tree``: a KD-tree of ``points`` already built.
+    ``k <= 1`` returns ``values`` unchanged. ``tree``: a KD-tree of ``points`` already built;
+    ``neighbours``: the points' nearest-neighbour indices already found (M×k' with k' >= ``k``,
+    ascending, e.g. ``PreparedCloud.neighbours``), so no search is made.
     """
     k = min(int(k), len(points))
     if k <= 1:
         return np.asarray(values)
-    _, nbr = (tree if tree is not None else cKDTree(points)).query(points, k=k)
-    return np.asarray(values)[nbr].mean(axis=1)
+    if neighbours is None or neighbours.shape[1] < k:
+        _, neighbours = (tree if tree is not None else cKDTree(points)).query(points, k=k)
+    return np.asarray(values)[neighbours[:, :k]].mean(axis=1)

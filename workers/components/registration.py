@@ -16,6 +16,8 @@ What (:class:`Registrar`, numpy + scipy's KD-tree, vectorized over points and hy
 3. Fine ICP on up to ``fine_points`` source points with correspondences within ``fine_dist``
    (a defect farther off the surface than that does not pull the pose), until the step is tiny.
 4. Fitness: the fraction of the source within ``fine_dist`` of the reference after the fine ICP.
+   The result keeps the moved source and that query's answer (nearest reference point within
+   ``fine_dist``), so a caller comparing the part with the reference need not search again.
 
 Why not open3d's FPFH + RANSAC: FPFH alone costs 0.9–1.2 s on a 28 K-point cloud on 2 cores
 (``workers.components.fpfh``), far over a 150 ms budget, and RANSAC is random; the PCA-frame
@@ -29,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -49,6 +51,14 @@ class Registration:
     """RMS distance of those inlier points (reference units)."""
     seconds: float
     n_hypotheses: int
+    moved: np.ndarray | None = field(default=None, repr=False)
+    """The source moved by ``transform`` (N×3 float64)."""
+    nearest_distance: np.ndarray | None = field(default=None, repr=False)
+    """Per moved source point, the distance to its nearest reference point, ``inf`` beyond the fine
+    correspondence distance: the fitness query's own answer, handed on so a caller that needs the
+    same nearest points (the template's deviation) does not search for them again."""
+    nearest_index: np.ndarray | None = field(default=None, repr=False)
+    """Per moved source point, the index of that nearest reference point (``len(reference)`` beyond)."""
 
 
 def cube_rotations() -> np.ndarray:
@@ -134,12 +144,16 @@ class Registrar:
         degenerate_ratio: float = 0.85,
         spins: int = 6,
         seed: int = 0,
+        tree: cKDTree | None = None,
     ) -> None:
         ref = np.asarray(reference, dtype=np.float64)
         if ref.ndim != 2 or ref.shape[1] != 3 or len(ref) < 10 or not np.isfinite(ref).all():
             raise ValueError(f"reference must be a finite N×3 array of at least 10 points, got {ref.shape}")
+        if tree is not None and (tree.n != len(ref) or not np.array_equal(tree.data, ref)):
+            raise ValueError("tree must be a KD-tree of the reference points")
         self.reference = ref
-        self.tree = cKDTree(ref)
+        self.tree = tree if tree is not None else cKDTree(ref)
+        """KD-tree of the reference (``tree`` when given: one built once and shared with the caller)."""
         self.normals = (np.asarray(reference_normals, dtype=np.float64) if reference_normals is not None
                         else estimate_normals(ref, 16, self.tree))
         self.coarse_dist, self.fine_dist = float(coarse_dist), float(fine_dist)
@@ -173,13 +187,18 @@ class Registrar:
     # -- ICP ----------------------------------------------------------------------------------
 
     def _icp(self, src: np.ndarray, t: np.ndarray, max_dist: float, iterations: int,
-             prune_after: int | None = None, keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+             prune_after: int | None = None, keep: int = 1,
+             inverse: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Batched point-to-plane ICP of ``src`` (N×3) from every transform in ``t`` (B×4×4).
 
         Returns the final transforms and each one's truncated cost ``mean(min(d, max_dist)²)``.
+        ``inverse``: ``t`` holds the distinct ones of a longer list of transforms and
+        ``inverse[i]`` is the row of its i-th; the pruning keeps the ``keep`` best of that list
+        (copies included, as if all had run), so dropping copies does not change which go on.
         """
         n = len(src)
         cost = np.zeros(len(t))
+        n_listed = len(t) if inverse is None else len(inverse)
         for it in range(iterations):
             b = len(t)
             p = np.matmul(src, t[:, :3, :3].transpose(0, 2, 1)) + t[:, None, :3, 3]
@@ -187,8 +206,12 @@ class Registrar:
             d, j = d.reshape(b, n), j.reshape(b, n)
             ok = np.isfinite(d)
             cost = np.where(ok, d * d, max_dist * max_dist).mean(axis=1)
-            if prune_after is not None and it == prune_after and b > keep:
-                best = np.argsort(cost)[:keep]
+            if prune_after is not None and it == prune_after and n_listed > keep:
+                if inverse is None:
+                    best = np.argsort(cost)[:keep]
+                else:
+                    listed = inverse[np.argsort(cost[inverse])[:keep]]
+                    best = listed[np.sort(np.unique(listed, return_index=True)[1])]
                 t, p, d, j, ok, cost = t[best], p[best], d[best], j[best], ok[best], cost[best]
             jj = np.where(ok, j, 0)
             q, nrm = self.reference[jj], self.normals[jj]
@@ -213,6 +236,20 @@ class Registrar:
                 break
         return t, cost
 
+    @staticmethod
+    def _distinct(t: np.ndarray, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of the distinct transforms of ``t`` (B×4×4), first occurrences in order; for
+        every row of ``t``, the position of its distinct one among them). Two transforms are the
+        same when no entry differs by more than ``tol``: the hypotheses of a symmetric part
+        repeat (a spin by 180° about the distinct axis is itself one of the 24 cube rotations,
+        so spins and cube rotations meet: 65 hypotheses hold about 41 distinct ones), and a
+        copy's ICP is its original's up to float rounding."""
+        flat = t[:, :3, :].reshape(len(t), 12)
+        same = np.abs(flat[:, None, :] - flat[None, :, :]).max(axis=2) <= tol
+        first = np.argmax(same, axis=1)
+        rows = np.unique(first)
+        return rows, np.searchsorted(rows, first)
+
     def _subsample(self, points: np.ndarray, n: int, salt: int) -> np.ndarray:
         if len(points) <= n:
             return points
@@ -229,8 +266,9 @@ class Registrar:
             hyp = self.hypotheses(src)
             n_hyp = len(hyp)
             coarse = self._subsample(src, self.coarse_points, 1)
-            hyp, cost = self._icp(coarse, hyp, self.coarse_dist, self.coarse_iterations,
-                                  self.coarse_prune_after, self.coarse_keep)
+            rows, inverse = self._distinct(hyp)
+            hyp, cost = self._icp(coarse, hyp[rows], self.coarse_dist, self.coarse_iterations,
+                                  self.coarse_prune_after, self.coarse_keep, inverse)
             best = hyp[int(np.argmin(cost))][None]
         else:
             best = np.asarray(init, dtype=np.float64).reshape(1, 4, 4)
@@ -239,8 +277,8 @@ class Registrar:
         t, _ = self._icp(fine, best, self.fine_dist, self.fine_iterations)
         transform = t[0]
         moved = src @ transform[:3, :3].T + transform[:3, 3]
-        d, _ = self.tree.query(moved, distance_upper_bound=self.fine_dist, workers=1)
+        d, j = self.tree.query(moved, distance_upper_bound=self.fine_dist, workers=1)
         ok = np.isfinite(d)
         fitness = float(ok.mean())
         rmse = float(np.sqrt(np.mean(d[ok] ** 2))) if ok.any() else math.inf
-        return Registration(transform, fitness, rmse, time.perf_counter() - t0, n_hyp)
+        return Registration(transform, fitness, rmse, time.perf_counter() - t0, n_hyp, moved, d, j)

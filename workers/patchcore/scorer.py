@@ -176,7 +176,8 @@ class PatchCoreFPFHScorer(Scorer):
         k = min(self.score_smoothing_k, len(scores_t))
         if k > 1:
             if self.device.type == "cpu":  # scipy's KD-tree; brute force is for devices
-                scores_t = torch.from_numpy(smooth_over_neighbours(cloud.points, scores_t.numpy(), k))
+                scores_t = torch.from_numpy(smooth_over_neighbours(cloud.points, scores_t.numpy(), k,
+                                                                   neighbours=cloud.neighbours(k)))
             else:
                 _, nbr_t = knn(*[self._device_points(cloud)] * 2, k)
                 scores_t = scores_t[nbr_t].mean(dim=1)

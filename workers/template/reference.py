@@ -49,10 +49,21 @@ def fuse(clouds: Sequence[np.ndarray], voxel_size: float) -> np.ndarray:
     return geometry.voxel_downsample(pts, voxel_size)[0].numpy().astype(np.float64)
 
 
-def signed_deviation(points: np.ndarray, reference: np.ndarray, normals: np.ndarray,
-                     tree: cKDTree) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(signed point-to-plane deviation, Euclidean distance, index of the nearest reference point)."""
-    d, j = tree.query(points, workers=1)
+def signed_deviation(points: np.ndarray, reference: np.ndarray, normals: np.ndarray, tree: cKDTree,
+                     nearest: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(signed point-to-plane deviation, Euclidean distance, index of the nearest reference point).
+
+    ``nearest``: (distances, indices) of a bounded query of ``points`` against ``tree`` already
+    made (``inf`` / ``tree.n`` beyond its bound, e.g. registration's fitness query): only the
+    points beyond the bound are searched again, so the answer is the unbounded query's."""
+    if nearest is None:
+        d, j = tree.query(points, workers=1)
+    else:
+        d, j = nearest
+        far = ~np.isfinite(d)
+        if far.any():
+            d, j = d.copy(), j.copy()
+            d[far], j[far] = tree.query(points[far], workers=1)
     signed = np.einsum("ij,ij->i", points - reference[j], normals[j])
     return signed, d, j
 

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from workers.base import Scorer, ScoreResult
 from workers.components.knn import smooth_over_neighbours
@@ -113,7 +112,7 @@ class TemplateScorer(Scorer):
         self.model = model
         self.faces = self._faces(model.array("reference_points"))
         self._registrar = Registrar(model.array("reference_points"), model.array("reference_normals"),
-                                    **self._registrar_kw())
+                                    tree=model.tree, **self._registrar_kw())
 
     def _faces(self, points: np.ndarray) -> np.ndarray | None:
         """The reference's faces (recomputed from the points, so artifacts need no new tensor)."""
@@ -157,15 +156,21 @@ class TemplateScorer(Scorer):
         pts = self._points(cloud)
         t0 = time.perf_counter()
         reg = self._registrar.register(pts)
-        moved = pts @ reg.transform[:3, :3].T + reg.transform[:3, 3]
+        assert reg.moved is not None and reg.nearest_distance is not None and reg.nearest_index is not None
         t1 = time.perf_counter()
-        dev = self.model.deviation(moved, self.voxel_size, self.faces, self.face_shrink)
+        dev = self.model.deviation(reg.moved, self.voxel_size, self.faces, self.face_shrink,
+                                   (reg.nearest_distance, reg.nearest_index))
         t2 = time.perf_counter()
-        part_tree = cKDTree(moved)
-        missing = self.model.missing(moved, part_tree, self.missing_dist_factor * self.voxel_size,
-                                     self.min_visibility, self.rim_k)
+        # the part's own searches run on the cloud's KD-tree in the part's frame (built once per
+        # cloud and shared with patchcore-fpfh in ``fused``): a rigid motion keeps every distance
+        missing_dist = self.missing_dist_factor * self.voxel_size
+        covered = np.zeros(len(self.model.reference_points), dtype=bool)
+        covered[reg.nearest_index[reg.nearest_distance < missing_dist]] = True
+        missing = self.model.missing(cloud.tree, missing_dist, self.min_visibility, self.rim_k, reg.transform,
+                                     covered)
         t3 = time.perf_counter()
-        smoothed = smooth_over_neighbours(moved, dev, self.smoothing_k, part_tree)
+        nbr = cloud.neighbours(self.smoothing_k) if self.smoothing_k > 1 else None
+        smoothed = smooth_over_neighbours(pts, dev, self.smoothing_k, neighbours=nbr)
         scores = np.maximum(smoothed, missing).astype(np.float32)
         k = min(len(scores), max(self.top_min, int(round(self.top_fraction * len(scores)))))
         object_score = float(np.partition(scores, len(scores) - k)[-k:].mean())

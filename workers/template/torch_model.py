@@ -54,33 +54,49 @@ class TemplateModel(nn.Module):
         return self._tree[1]
 
     def deviation(self, moved: np.ndarray, voxel_size: float, faces: np.ndarray | None = None,
-                  face_shrink: float = 0.0) -> np.ndarray:
+                  face_shrink: float = 0.0, nearest: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
         """Per registered part point: its signed deviation from the nearest reference point, less
         that point's good offset and, with ``faces`` (a face label per reference point), less its
         face's shift in this part (``reference.face_offsets``); or its distance beyond one voxel,
-        if larger; in tolerances."""
+        if larger; in tolerances. ``nearest``: registration's bounded nearest-point answer
+        (``reference.signed_deviation``), which spares most of the search."""
         signed, dist, j = signed_deviation(moved, self.array("reference_points"), self.array("reference_normals"),
-                                           self.tree)
+                                           self.tree, nearest)
         if faces is not None:
             signed = signed - face_offsets(faces[j], signed, face_shrink)
         return np.maximum(np.abs(signed - self.array("tolerance_offset")[j]), dist - voxel_size) / \
             self.array("tolerance_spread")[j]
 
-    def missing(self, moved: np.ndarray, part_tree: cKDTree, missing_dist: float, min_visibility: float,
-                rim_k: int) -> np.ndarray:
-        """Per registered part point: the largest gap score of a reference point the good parts
-        cover (visibility >= ``min_visibility``) with no part point within ``missing_dist``, taken
-        by the ``rim_k`` part points nearest that reference point (0 elsewhere)."""
+    def missing(self, part_tree: cKDTree, missing_dist: float, min_visibility: float, rim_k: int,
+                pose: np.ndarray | None = None, covered: np.ndarray | None = None) -> np.ndarray:
+        """Per part point (of ``part_tree``'s points): the largest gap score of a reference point
+        the good parts cover (visibility >= ``min_visibility``) with no part point within
+        ``missing_dist``, taken by the ``rim_k`` part points nearest that reference point (0
+        elsewhere). ``pose`` (4×4) takes the tree's points onto the reference (registration's
+        transform): the reference points are moved into the part's frame by its inverse, so the
+        part's own KD-tree, built once per cloud, serves (None: the tree is of registered points).
+
+        ``covered`` (bool per reference point): points already known to have a part point within
+        ``missing_dist`` (the nearest reference point of a part point that near, from
+        registration's query), which need no search. The others are searched with
+        ``missing_dist`` as the bound (a bounded search stops early); only the few beyond it are
+        searched again for their rim."""
         seen = self.array("visibility") >= min_visibility
+        if covered is not None:
+            seen &= ~covered
         ref_seen = self.array("reference_points")[seen]
-        gap, _ = part_tree.query(ref_seen, workers=1)
-        miss = gap > missing_dist
-        out = np.zeros(len(moved))
+        if pose is not None:
+            ref_seen = (ref_seen - pose[:3, 3]) @ pose[:3, :3]
+        gap, _ = part_tree.query(ref_seen, distance_upper_bound=missing_dist, workers=1)
+        miss = ~np.isfinite(gap)
+        out = np.zeros(part_tree.n)
         if miss.any():
-            gap_score = (gap[miss] - missing_dist) / self.array("tolerance_spread")[seen][miss]
-            _, rim = part_tree.query(ref_seen[miss], k=min(rim_k, len(moved)), workers=1)
-            rim = rim.reshape(len(gap_score), -1)
-            np.maximum.at(out, rim.ravel(), np.repeat(gap_score, rim.shape[1]))
+            kk = min(rim_k, part_tree.n) if rim_k > 0 else 1
+            d_rim, rim = part_tree.query(ref_seen[miss], k=kk, workers=1)
+            d_rim, rim = d_rim.reshape(-1, kk), rim.reshape(-1, kk)
+            gap_score = (d_rim[:, 0] - missing_dist) / self.array("tolerance_spread")[seen][miss]
+            if rim_k > 0:
+                np.maximum.at(out, rim.ravel(), np.repeat(gap_score, kk))
         return out
 
     def tensors(self) -> dict[str, np.ndarray]:
