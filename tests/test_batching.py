@@ -19,6 +19,14 @@ from workers.patchcore import PatchCoreFPFHScorer
 from conftest import PRODUCT
 
 
+def float32_distance_tolerance(scores: np.ndarray) -> float:
+    """Absolute tolerance between two exact bank searches that sum ``‖b‖² − 2ab + ‖a‖²`` in other
+    float32 blocks (a batch searches the whole bank, one part its cells): the rounding of that sum
+    is a fixed share of the feature norms, so a near-zero distance differs by up to ~1e-3 of the
+    map's largest score while the object score agrees to 1e-5."""
+    return 1e-3 * float(np.nanmax(np.abs(scores)))
+
+
 def test_patchcore_score_many_equals_score() -> None:
     scorer = PatchCoreFPFHScorer()
     scorer.fit([box_cloud(seed) for seed in range(3)])
@@ -27,7 +35,8 @@ def test_patchcore_score_many_equals_score() -> None:
     for cloud, together in zip(clouds, batch, strict=True):
         alone = scorer.score(cloud)
         assert together.object_score == pytest.approx(alone.object_score, rel=1e-5)
-        np.testing.assert_allclose(together.point_scores, alone.point_scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(together.point_scores, alone.point_scores, rtol=1e-5,
+                                   atol=float32_distance_tolerance(alone.point_scores))
     assert not scorer.batches  # measured not to pay on the CPU: the worker scores part by part there
 
 
@@ -45,5 +54,6 @@ def test_worker_batch_matches_single_frames_and_isolates_failures(
         alone = worker.score(frame)
         assert isinstance(together, dict)
         assert together["object_score"] == pytest.approx(alone["object_score"], rel=1e-5)
-        np.testing.assert_allclose(together["anomaly_map"], alone["anomaly_map"], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(together["anomaly_map"], alone["anomaly_map"], rtol=1e-5,
+                                   atol=float32_distance_tolerance(alone["anomaly_map"]))
         assert together["model_revision"] == alone["model_revision"]
