@@ -41,7 +41,8 @@ import open3d as o3d
 from sensors.defects import DEFECT_KINDS, carve_defect
 from sensors.frame import Frame, FrameMeta
 from sensors.mesh import subdivide_uniform
-from sensors.parts import DEFAULT_TOLERANCE, Tolerance, make_part
+from sensors.parts import make_part
+from sensors.tolerance import DEFAULT_TOLERANCE, Tolerance
 
 MIN_VISIBLE_GT_PIXELS = 20
 """A defective frame has at least this many valid ground-truth pixels (see simulate_frame)."""

@@ -3,7 +3,8 @@
 Why: a synthetic benchmark must make good parts differ the way good parts off one line do. A
 drawing without a tolerance on a dimension means its general tolerance, most often ISO 2768-1
 class m; a deviation larger than that is out of tolerance, i.e. a defect. ``sensors.parts``
-jitters each nominal dimension within the band this module gives (docs/results/bench-preset.md, "Part-to-part variation").
+jitters each nominal dimension within the band this module gives (docs/results/bench-preset.md,
+"Part-to-part variation").
 """
 
 from __future__ import annotations
