@@ -21,9 +21,10 @@ from conftest import PRODUCT
 
 def float32_distance_tolerance(scores: np.ndarray) -> float:
     """Absolute tolerance between two exact bank searches that sum ``‖b‖² − 2ab + ‖a‖²`` in other
-    float32 blocks (a batch searches the whole bank, one part its cells): the rounding of that sum
-    is a fixed share of the feature norms, so a near-zero distance differs by up to ~1e-3 of the
-    map's largest score while the object score agrees to 1e-5."""
+    float32 blocks (a batch and a single part are searched in blocks of other shapes): the
+    rounding of that sum is a share of the feature norms, not of the distance, so a near-zero
+    distance differs by up to ~1e-3 of the map's largest score while the object score agrees to
+    1e-5."""
     return 1e-3 * float(np.nanmax(np.abs(scores)))
 
 
