@@ -8,6 +8,7 @@ never asserted here."""
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from daemon.pool import for_actor
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, encode_frame
 from tests.test_components import l_part
-from tools.bench.daemon_path import HOPS, PATH_HOPS, header_stage_means, hops_ms
+from tools.bench.daemon_path import HOPS, PATH_HOPS, account_for_frames, header_stage_means, hops_ms
+from tools.bench.measure import PeakRSS
 from tools.bench.report import render_markdown
 from tools.bench.run import bracket
 from tools.bench.stages import STAGE_OF, map_stages
@@ -131,3 +133,25 @@ def test_in_process_rounds_bracket_the_daemon_run() -> None:
     both = bracket(round_([100.0, 110.0, 120.0], 2.0), round_([200.0, 210.0, 220.0], 4.0))
     assert both["frames"] == 6 and both["rounds_p50_ms"] == [110.0, 210.0]
     assert both["latency_ms_p50"] == pytest.approx(160.0) and both["stages_ms_raw"]["decode"] == pytest.approx(3.0)
+
+
+def test_bench_tells_a_dropped_publish_from_a_lost_frame() -> None:
+    counts = account_for_frames(["a", "b", "c", "d"], received={"a", "b"}, logged={"a", "b", "c"})
+    assert counts == {"sent": 4, "received": 2, "not_published": 1, "unanswered": 1}
+
+
+def test_memory_sampler_sees_a_child_and_costs_little() -> None:
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 * 2**20); time.sleep(3)"])
+    try:
+        time.sleep(1.0)
+        with PeakRSS(os.getpid(), children=True, period=0.05) as alone:
+            time.sleep(0.3)
+        assert alone.peak > 64 * 2**20  # the child's buffer is counted
+        assert 0.0 <= alone.cpu_fraction < 0.5
+    finally:
+        child.kill()
+        child.wait()

@@ -59,11 +59,12 @@ _TIMED_TO_MAPS = ("decode", "queue", "put", "actor_wait", "deserialize", "prepro
 
 def run_stream(
     d_ingest: str, sub: zmq.Socket, frames: list[Frame], rate: float, seen: set[str] | None = None,
-    verdicts: list[tuple[float, dict[str, Any]]] | None = None,
+    verdicts: list[tuple[float, dict[str, Any]]] | None = None, sent: list[str] | None = None,
 ) -> tuple[list[float], float]:
     """Push ``frames`` (at ``rate``/s, 0 = unpaced); latencies (s) and wall time until the last
     verdict. ``seen`` collects the verdicts' ``backend`` (and ``error`` reasons), ``verdicts``
-    each (latency, header). Verdicts are received without a copy, as a subscriber should."""
+    each (latency, header), ``sent`` the part ids sent. Verdicts are received without a copy, as
+    a subscriber should."""
     sent_at: dict[str, float] = {}
     lat: list[float] = []
     done = threading.Event()
@@ -92,6 +93,8 @@ def run_stream(
             f = replace(f, meta=replace(f.meta, part_id=f"{f.meta.part_id}-r{rate:g}-{i}", capture_time=time.time()))
             sent_at[f.meta.part_id] = time.time()
             push.send(f)
+            if sent is not None:
+                sent.append(f.meta.part_id)
             last[0] = time.time()
         done.set()
         rx.join()
@@ -158,6 +161,27 @@ def hops_ms(raw: dict[str, float], verdicts: list[tuple[float, dict[str, Any]]])
     return {**out, "total": total, "path": sum(out[h] or 0.0 for h in PATH_HOPS)}
 
 
+def logged_part_ids(results: Path) -> set[str]:
+    """Part ids with a verdict in the daemon's result log (read after the daemon stopped)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{results}?mode=ro", uri=True) as db:
+        return {row[0] for row in db.execute("SELECT part_id FROM verdicts")}
+
+
+def account_for_frames(sent: list[str], received: set[str], logged: set[str]) -> dict[str, int]:
+    """Where each frame sent ended: ``received`` (its verdict reached the subscriber),
+    ``not_published`` (logged by the daemon, its verdict not received: PUB drops for a slow
+    subscriber beyond ``publish.buffer_mb``, by design, the log keeps it) and ``unanswered``
+    (not even logged: a frame the daemon lost, which must never happen)."""
+    return {
+        "sent": len(sent),
+        "received": sum(1 for p in sent if p in received),
+        "not_published": sum(1 for p in sent if p not in received and p in logged),
+        "unanswered": sum(1 for p in sent if p not in received and p not in logged),
+    }
+
+
 def burst_buffer_mb(frames: list[Frame]) -> float:
     """Bytes (MiB) of ``len(frames) + 2`` verdicts with their maps inline: one stream's burst and
     the warm-up's, so the bench's subscriber can fall behind by a whole run without a drop."""
@@ -196,20 +220,26 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
         time.sleep(0.5)
         run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
         assert daemon.proc is not None
+        sent: list[str] = []
+        every: list[tuple[float, dict[str, Any]]] = []
         with PeakRSS(daemon.proc.pid, children=True) as mem:
             seen: set[str] = set()
-            lat_sat, wall = run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen)
+            lat_sat, wall = run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen, every, sent)
             throughput = len(lat_sat) / wall
             rate = max(0.05, 0.5 * throughput)
             before = stage_histogram(f"http://127.0.0.1:{http}")
             verdicts: list[tuple[float, dict[str, Any]]] = []
-            lat, _ = run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen, verdicts)
+            lat, _ = run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen, verdicts, sent)
             raw = stage_means_ms(before, stage_histogram(f"http://127.0.0.1:{http}"))
             raw.update(header_stage_means(verdicts))  # exact where the verdicts carry them
+        daemon.stop()
+        received = {str(h.get("part_id")) for _, h in every + verdicts}
         return {
             "frames": len(frames),
             "verdicts": len(lat_sat) + len(lat),
             "lost": 2 * len(frames) - len(lat_sat) - len(lat),
+            "accounting": account_for_frames(sent, received, logged_part_ids(root / "results.sqlite")),
+            "rss_sampler_cpu_fraction": mem.cpu_fraction,
             "throughput_per_s_saturated": throughput,
             "offered_rate_per_s": rate,
             "latency_ms_p50": 1000 * pct(lat, 50),

@@ -58,6 +58,18 @@ def render_markdown(r: dict[str, Any]) -> str:
     if rounds:
         lines += ["", "In-process p50 over two rounds, before and after the daemon's run (each round's p50 ms: "
                   + ", ".join(rounds) + ")."]
+    counts = [f"{size}: {a['sent']} sent, {a['received']} received, {a['not_published']} logged but not "
+              f"published, {a['unanswered']} unanswered"
+              for size, e in r["sizes"].items() if (a := e.get("daemon", {}).get("accounting"))]
+    if counts:
+        lines += ["", "Every frame of the daemon's two streams (unpaced and paced), by where it ended (a verdict "
+                  "received by the subscriber; logged by the daemon but dropped by its PUB socket for a slow "
+                  "subscriber; not even logged): " + "; ".join(counts) + "."]
+    samplers = [f"{size} {100 * e['daemon']['rss_sampler_cpu_fraction']:.1f} %"
+                for size, e in r["sizes"].items() if "rss_sampler_cpu_fraction" in e.get("daemon", {})]
+    if samplers:
+        lines += ["", "CPU the bench's memory sampler took during the daemon's run (share of one core): "
+                  + ", ".join(samplers) + "."]
     lines += hop_table(r)
     notes = sorted({e["note"] for e in r["sizes"].values() if e.get("note")})
     lines += ["", "Stage mapping (measured key → stage): "
