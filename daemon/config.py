@@ -127,7 +127,8 @@ class WorkersConfig(Section):
     gpus_per_actor: float = Field(0.0, ge=0)
     """Ray GPUs each scoring actor reserves; fractions share a GPU between actors."""
     threads_per_actor: int = Field(1, ge=1)
-    """Torch (and OpenMP) threads inside each actor."""
+    """Torch (and OpenMP) threads inside each actor. open3d's FPFH is not bound by it: it runs on
+    every core of the machine in its own thread pool."""
     max_inflight_per_actor: int = Field(1, ge=1)
     """Frames sent to one actor before it answers; 1 keeps waiting frames in the daemon's queue."""
     max_batch: int = Field(4, ge=1)

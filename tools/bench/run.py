@@ -129,7 +129,8 @@ def bench_in_process(models: Path, frames: list[Frame], backend: str = "torch-cp
 
     Runs in a freshly spawned process with one OpenMP and one torch thread, as a default
     actor has (Ray sets ``OMP_NUM_THREADS=1`` in its workers), so the comparison with the
-    daemon path is like for like and the peak memory is this measurement's own. Like an actor
+    daemon path is like for like and the peak memory is this measurement's own. open3d's FPFH
+    ignores both and runs on every core (its own TBB pool), here as in an actor. Like an actor
     in the daemon's paced run (half the saturated rate over two actors: each busy about half
     the time), it idles after each frame as long as the frame took, so both score at the same
     duty cycle: on a machine shared with other work the kernel's scheduler treats a process
