@@ -183,8 +183,10 @@ def test_training_resume_continues_exactly(tmp_path) -> None:
 @pytest.fixture(scope="module")
 def fitted() -> IMRNetScorer:
     torch.manual_seed(0)
+    # ICP from near the identity: the box is symmetric under half turns, and a global registration
+    # may turn the bumped box of test_bump_scores_higher_than_good upside down
     scorer = IMRNetScorer(**TINY, pretrained="none", finetune_steps=60, batch_size=4, finetune_lr=2e-3,
-                          finetune_samplings=4, template_samplings=2, aug_rotate_deg=0.0)
+                          finetune_samplings=4, template_samplings=2, aug_rotate_deg=0.0, align="icp")
     scorer.fit([box_cloud(seed) for seed in range(3)])
     return scorer
 
@@ -287,6 +289,26 @@ def test_icp_recovers_a_known_pose() -> None:
     assert info["fitness"] > 0.99
     assert rotation_deg(est) == pytest.approx(8.0, abs=0.3)
     assert np.allclose(apply(est.numpy(), src), ref, atol=1e-3)
+
+
+def test_a_part_in_any_orientation_is_registered_before_scoring(fitted: IMRNetScorer) -> None:
+    """align="global" (the default): a part turned far beyond ICP's reach (here 150° about a
+    tilted axis) is registered by the shared registration and scores as it does unturned;
+    align="icp" (±10° about z) cannot. A good box: it is symmetric under half turns, so every pose
+    the registration may pick puts the same surface in place."""
+    from scipy.spatial.transform import Rotation
+
+    cloud = box_cloud(400)
+    turn = Rotation.from_rotvec(np.radians(150.0) * np.array([1.0, 2.0, 3.0]) / np.sqrt(14.0)).as_matrix()
+    pts = cloud.points.astype(np.float64)
+    turned = PreparedCloud(points=((pts - pts.mean(axis=0)) @ turn.T + pts.mean(axis=0)).astype(np.float32),
+                           source_flat=cloud.source_flat, voxel_of_source=cloud.voxel_of_source)
+    state = {**fitted.params(), "align": "global"}
+    scorer = IMRNetScorer.from_state(state, fitted.tensors())
+    upright, rotated = scorer.score(cloud), scorer.score(turned)
+    assert rotated.object_score == pytest.approx(upright.object_score, rel=0.1)
+    assert abs(fitted.score(turned).object_score - upright.object_score) > 3 * abs(rotated.object_score
+                                                                                  - upright.object_score)
 
 
 @pytest.mark.parametrize("key,value", [("point_score", "knn"), ("test_mask", "random"), ("reference", "none"),

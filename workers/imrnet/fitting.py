@@ -52,11 +52,11 @@ def fit_model(scorer: IMRNetScorer, clouds: Sequence[PreparedCloud], progress: b
     for i, p in enumerate(tqdm(raw, desc="imrnet reduce", disable=not progress, leave=False)):
         nm = scorer._normalize(torch.from_numpy(p))
         rs = [nm[reduce_points(nm, scorer.config.n_points, scorer._gen(1, i, j))] for j in range(n_red)]
-        if scorer.align == "icp":
+        if scorer.align != "none":
             if scorer.align_reference is None:
                 scorer.align_reference = rs[0].numpy()  # the first good part's pose is the product's reference
             else:
-                t, _ = scorer._icp(rs[0])
+                t, _ = scorer._register(rs[0])
                 nm, rs = apply(t, nm), [apply(t, r) for r in rs]
         normed.append(nm)
         reduced.append(rs)

@@ -41,7 +41,9 @@ class IMRNetParams(ScorerParams):
                                                      "restoration) or per point (kNN Chamfer).")
     reference: Literal["patch", "none"] = fit_field("patch", "Scores relative to the training phase's own "
                                                     "scores of the corresponding template patch.")
-    align: Literal["icp", "none"] = fit_field("icp", "Register every cloud to the first good cloud.")
+    align: Literal["global", "icp", "none"] = fit_field(
+        "global", "Register every cloud to the first good cloud: 'global' in any orientation (the shared "
+        "registration, workers.components.registration), 'icp' only within ±10° about z, or 'none'.")
     pretrained: str = fit_field("auto", "Pretrained weights: 'auto' (the shipped ones), 'none' or a path.")
     seed: int = fit_field(0, "Seed of every random choice (reductions, centres, masks).")
     iterations: int = infer_field(3, "Rounds of Algorithm 1's iterative mask reconstruction.", ge=1)
