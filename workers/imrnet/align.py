@@ -20,6 +20,11 @@ on fewer than 6 correspondences or a step of norm ``< 1e-7`` (at most ``iteratio
 Kabsch / Umeyama (SVD) step. tests/test_imrnet_device.py checks it against a numpy + KD-tree
 oracle, one start after the other.
 
+``align="global"`` (the default) registers with the shared registration instead
+(``workers.components.registration``: PCA-frame hypotheses, then ICP, numpy on the CPU), so a
+part in any orientation is found; :func:`align_registrar` and :func:`register_global` adapt it to
+the normalized units and to tensors. ``icp_align`` stays for models fitted with ``align="icp"``.
+
 Choices: correspondence distance ``max_dist`` (normalized units, the part's largest radius is
 ~1: 0.05 ≈ 1.8 mm on a 36 mm radius part); at most 30 ICP iterations; PCA normals of the
 reference from 16 nearest neighbours. Registration runs on the reduced clouds (2048 points).
@@ -33,9 +38,27 @@ import numpy as np
 import torch
 
 from workers.components.knn import knn
+from workers.components.registration import Registrar
 from workers.imrnet.sampling import local_geometry
 
 ICP_METHODS = ("plane", "point")
+GLOBAL_COARSE_DIST = 0.15
+GLOBAL_FINE_DIST = 0.05
+"""Correspondence distances of ``align="global"`` in normalized units (the part's largest radius
+~1): coarse ICP within 0.15, fine ICP within 0.05, the ``max_dist`` of ``icp_align``."""
+
+
+def align_registrar(reference: torch.Tensor, seed: int) -> Registrar:
+    """The shared registration onto ``reference`` (the reduced first good cloud, normalized)."""
+    ref = reference.detach().double().cpu().numpy()
+    return Registrar(ref, coarse_dist=GLOBAL_COARSE_DIST, fine_dist=GLOBAL_FINE_DIST, seed=seed)
+
+
+def register_global(registrar: Registrar, source: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """The 4×4 transform (float64, on the device of ``source``) registering ``source`` (N×3), and
+    its fitness and RMSE, as :func:`icp_align` returns them."""
+    reg = registrar.register(source.detach().double().cpu().numpy())
+    return torch.from_numpy(reg.transform).to(source.device), {"fitness": reg.fitness, "rmse": reg.rmse}
 
 
 def rot_z(deg: float) -> np.ndarray:

@@ -19,7 +19,7 @@ from workers.backends import NetworkRunner, TorchRunner
 from workers.base import Scorer, ScoreResult
 from workers.components.knn import knn
 from workers.components.registration import Registrar
-from workers.imrnet.align import apply, icp_align, rotation_deg
+from workers.imrnet.align import align_registrar, apply, icp_align, register_global, rotation_deg
 from workers.imrnet.fitting import CONFIG_KEYS, fit_model
 from workers.imrnet.network import IMRNet, IMRNetConfig, chamfer_l2, mask_count
 from workers.imrnet.params import IMRNetParams
@@ -34,9 +34,6 @@ from workers.preprocess import PreparedCloud
 log = logging.getLogger("inspectd.imrnet")
 
 MIN_POINTS = 10
-ALIGN_COARSE_DIST = 0.15
-ALIGN_FINE_DIST = 0.05
-"""Correspondence distances of ``align="global"``, in normalized units (see ``_registrar``)."""
 
 
 def idw_interpolate(src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, k: int = 3) -> torch.Tensor:
@@ -334,26 +331,16 @@ class IMRNetScorer(Scorer):
 
     def _register(self, reduced: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """The transform (4×4 float64, on the tensor's device) registering ``reduced`` to
-        ``align_reference``, and its fitness and RMSE. ``align="global"``: the shared registration
-        (PCA-frame hypotheses, then ICP; numpy on the CPU, 4096 points), so a part in any
-        orientation is found; ``"icp"``: ICP from ±10° about z on the points' device."""
+        ``align_reference``, and its fitness and RMSE (``align``: "global" or "icp", see
+        ``workers.imrnet.align``); the shared registration is built once per fitted reference."""
         ref = self._on("align_reference", reduced.device)
         assert ref is not None
         if self.align == "icp":
             return icp_align(reduced, ref, reference_normals=self._device_cache["align_normals"][2])
-        reg = self._registrar().register(reduced.detach().double().cpu().numpy())
-        return torch.from_numpy(reg.transform).to(reduced.device), {"fitness": reg.fitness, "rmse": reg.rmse}
-
-    def _registrar(self) -> Registrar:
-        """The shared registration onto ``align_reference`` (built once per fitted reference).
-        Distances in the normalized units (the part's largest radius ~1): coarse ICP within 0.15
-        and fine ICP within 0.05, which is what ``icp_align`` takes (≈ 1.8 mm on a 36 mm part)."""
         obj = self.align_reference
         if self._registrar_of is None or self._registrar_of[0] is not obj:
-            ref = obj.detach().double().cpu().numpy() if isinstance(obj, torch.Tensor) else np.asarray(obj, np.float64)
-            self._registrar_of = (obj, Registrar(ref, coarse_dist=ALIGN_COARSE_DIST, fine_dist=ALIGN_FINE_DIST,
-                                                 seed=self.seed))
-        return self._registrar_of[1]
+            self._registrar_of = (obj, align_registrar(ref, self.seed))
+        return register_global(self._registrar_of[1], reduced)
 
     def fit(self, clouds: Sequence[PreparedCloud], progress: bool = False) -> None:
         """Fine-tune and build the template on good parts (docs/design/imrnet.md, fit steps), on the CPU."""
