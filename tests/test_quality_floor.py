@@ -15,7 +15,8 @@ ISO 2768-m; the figures are deterministic, so a regression shows as a drop, not 
 * patchcore-fpfh 0.646 (10.9 s CPU to fit and score both classes)
 * zeroshot       0.698 (14.4 s CPU; fitted on each class's own train split here)
 * template       0.948 (default parameters; with fused, about 20 s CPU for both)
-* fused          0.948 (default parameters: template + 0.5 × patchcore-fpfh)
+* fused          0.948 (default parameters: template + 0.5 × patchcore-fpfh on 1.5-voxel cells; the same
+  with the patchcore component on the template's voxels, before that became the default)
 * fused-defects  0.948 (fitted on good parts only, so its defect bank is empty and it scores as fused;
   what confirmed defects add is measured in docs/results/few-defects.md)
 * imrnet         0.604 (8 s CPU; no fine-tuning and 1024 points at these settings, so not far above

@@ -98,6 +98,29 @@ def test_fused_round_trip_and_detects_the_bend(tmp_path) -> None:
     np.testing.assert_allclose(loaded.score(cloud).point_scores, scorer.score(cloud).point_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_patchcore_on_coarser_voxels(tmp_path) -> None:
+    """``patchcore_voxel_factor``: the patchcore component describes the part at coarser voxels,
+    one score per part point still, the bend still found, and the factor survives a round trip;
+    an artifact saved without the factor loads with the factor it was fitted with (1)."""
+    scorer = FusedScorer(patchcore={"coreset_ratio": 0.2}, patchcore_voxel_factor=2.0)
+    assert scorer.patchcore.voxel_size == 2.0
+    scorer.fit([prepared(posed(l_part(s), s)) for s in range(4)])
+    cloud = prepared(posed(l_part(300), 300))
+    coarse, voxel_of = scorer.coarse(cloud)
+    assert voxel_of is not None and len(voxel_of) == len(cloud.points) and len(coarse.points) < len(cloud.points) / 2
+    r = scorer.score(cloud)
+    assert r.point_scores.shape == (len(cloud.points),)
+    good = [scorer.score(prepared(posed(l_part(s), s))).object_score for s in (100, 101)]
+    assert scorer.score(prepared(posed(bent(l_part(200)), 200))).object_score > max(good)
+    scorer.save(tmp_path / "f", train_hash="x")
+    loaded = load_scorer(tmp_path / "f")
+    assert isinstance(loaded, FusedScorer) and loaded.patchcore_voxel_factor == 2.0
+    np.testing.assert_allclose(loaded.score(cloud).point_scores, r.point_scores, rtol=1e-5, atol=1e-5)
+    params = scorer.params()
+    params.pop("patchcore_voxel_factor")
+    assert FusedScorer.from_state(params, scorer.tensors()).patchcore_voxel_factor == 1.0
+
+
 def test_shared_searches_score_as_fresh_searches_of_the_registered_part(fitted: TemplateScorer) -> None:
     """Registration's nearest points, the cloud's KD-tree in the part's frame and its shared
     neighbours give the scores that fresh searches of the registered points give."""

@@ -18,7 +18,7 @@ from workers.base import Scorer, ScoreResult
 from workers.fused_model import FusedModel
 from workers.params import ScorerParams, fit_field, infer_field
 from workers.patchcore import PatchCoreFPFHScorer
-from workers.preprocess import PreparedCloud
+from workers.preprocess import PreparedCloud, voxel_downsample
 from workers.template import FAILED_SCORE, TemplateScorer, TemplateScoreResult
 
 COMPONENTS = ("template", "patchcore")
@@ -34,6 +34,10 @@ class FusedParams(ScorerParams):
     refit: bool = fit_field(True, "Fit both components again on all good parts after the scales are measured.")
     template: dict[str, Any] = fit_field({}, "Parameters of the template component (voxel_size excepted).")
     patchcore: dict[str, Any] = fit_field({}, "Parameters of the patchcore-fpfh component (voxel_size excepted).")
+    patchcore_voxel_factor: float = fit_field(
+        1.5, "The patchcore-fpfh component describes the part at this many voxels: its cloud is the part's "
+        "points downsampled again to voxel_size × this (its radii, in voxels, grow with it), and each point "
+        "takes the score of the coarse voxel it falls in.", ge=1)
     template_weight: float = infer_field(1.0, "Weight of the template's normalized scores.", ge=0)
     patchcore_weight: float = infer_field(0.5, "Weight of patchcore-fpfh's normalized scores.", ge=0)
 
@@ -57,7 +61,8 @@ class FusedScorer(Scorer):
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
         self.template_params = {"voxel_size": self.voxel_size, **self.hparams.template}
-        self.patchcore_params = {"voxel_size": self.voxel_size, **self.hparams.patchcore}
+        self.patchcore_params = {"voxel_size": self.voxel_size * self.patchcore_voxel_factor,
+                                 **self.hparams.patchcore}
         self.template = TemplateScorer(**self.template_params)
         self.patchcore = PatchCoreFPFHScorer(**self.patchcore_params)
         self.model: FusedModel | None = None
@@ -72,6 +77,23 @@ class FusedScorer(Scorer):
             "patchcore": {k: v for k, v in self.patchcore.params().items() if k != "voxel_size"},
         }
 
+    def coarse(self, cloud: PreparedCloud) -> tuple[PreparedCloud, np.ndarray | None]:
+        """The cloud the patchcore component sees and, when it is coarser than ``cloud``, the coarse
+        voxel of each of ``cloud``'s points (``None``: the same cloud)."""
+        if self.patchcore_voxel_factor == 1.0:
+            return cloud, None
+        pts, voxel_of = voxel_downsample(np.asarray(cloud.points), self.patchcore.voxel_size)
+        return PreparedCloud(points=pts, source_flat=np.arange(len(voxel_of)), voxel_of_source=voxel_of), voxel_of
+
+    def patchcore_score_many(self, clouds: Sequence[PreparedCloud]) -> list[ScoreResult]:
+        """The patchcore component's results on ``clouds``, its point scores on their own points."""
+        coarse = [self.coarse(c) for c in clouds]
+        results = self.patchcore.score_many([c for c, _ in coarse])
+        for r, (_, voxel_of) in zip(results, coarse, strict=True):
+            if voxel_of is not None:
+                r.point_scores = r.point_scores[voxel_of]
+        return results
+
     def tensors(self) -> dict[str, np.ndarray]:
         if self.model is None:
             raise RuntimeError("fused is not fitted: nothing to save")
@@ -81,7 +103,8 @@ class FusedScorer(Scorer):
     def from_state(cls, params: dict[str, Any], tensors: dict[str, np.ndarray]) -> FusedScorer:
         if "scales" not in tensors:
             raise ValueError("fused state has no 'scales' tensor")
-        scorer = cls(**params)
+        # an artifact fitted before the factor existed describes the part at its own voxels
+        scorer = cls(**{"patchcore_voxel_factor": 1.0, **params})
 
         def sub(prefix: str) -> dict[str, np.ndarray]:
             return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -127,9 +150,9 @@ class FusedScorer(Scorer):
         n_val = min(self.validation_parts, len(clouds) - 1)
         train, val = list(clouds[:-n_val]), list(clouds[-n_val:])
         self.template.fit(train, progress)
-        self.patchcore.fit(train, progress)
+        self.patchcore.fit([self.coarse(c)[0] for c in train], progress)
         t_res = [self.template.score(c) for c in val]
-        p_res = [self.patchcore.score(c) for c in val]
+        p_res = self.patchcore_score_many(val)
         q = self.point_quantile
         scales = np.array([
             np.mean([r.object_score for r in t_res]),
@@ -140,7 +163,7 @@ class FusedScorer(Scorer):
         scales = np.where(np.isfinite(scales) & (scales > 1e-9), scales, 1.0)
         if self.refit:
             self.template.fit(clouds, progress)
-            self.patchcore.fit(clouds, progress)
+            self.patchcore.fit([self.coarse(c)[0] for c in clouds], progress)
         self._set_model(scales)
 
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
@@ -157,7 +180,7 @@ class FusedScorer(Scorer):
             t_res.append(self.template.score(cloud))
             t_s.append(time.perf_counter() - t0)
         t1 = time.perf_counter()
-        p_res = self.patchcore.score_many(clouds)
+        p_res = self.patchcore_score_many(clouds)
         p_s = (time.perf_counter() - t1) / max(1, len(clouds))
         return [self.fuse(t, p, {"template": ts, "patchcore": p_s}) for t, p, ts in zip(t_res, p_res, t_s, strict=True)]
 

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from typing import Any
 
 import numpy as np
+import torch
 
 from workers.components.memory_bank import MemoryBank
 from workers.defect_head import HeadParams, bank_entries, descriptors, evidence, voxel_mask
@@ -80,8 +81,12 @@ class FusedDefectsScorer(FusedScorer):
         t0 = time.perf_counter()
         t = self.template.score(cloud)
         t1 = time.perf_counter()
-        feat = self.patchcore.features_t(cloud)
-        p = self.patchcore.score_features(cloud, feat)
+        coarse, voxel_of = self.coarse(cloud)
+        feat = self.patchcore.features_t(coarse)
+        p = self.patchcore.score_features(coarse, feat)
+        if voxel_of is not None:  # back onto the part's own points
+            p.point_scores = p.point_scores[voxel_of]
+            feat = feat[torch.from_numpy(voxel_of).to(feat.device)]
         t2 = time.perf_counter()
         base = self.fuse(t, p, {"template": t1 - t0, "patchcore": t2 - t1})
         desc = descriptors(feat.cpu().numpy(), t.point_scores, self.scales[3], self.scales[1])
