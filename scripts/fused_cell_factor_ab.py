@@ -44,7 +44,7 @@ def main() -> None:
             enroll(root, PRODUCT, good[:5], "fused", params, {"patchcore_voxel_factor": f}, progress=False)
             models[f] = load_product_model(root, PRODUCT)
             score_frame(models[f].scorer, test[0], models[f].preprocess)  # warm-up
-        print(f"| round | factor | p50 ms | stage means, ms |\n|---|---|---:|---|")
+        print("| round | factor | p50 ms | stage means, ms |\n|---|---|---:|---|")
         for rnd in range(args.rounds):
             for f, m in models.items():
                 totals, stages = [], {}
