@@ -129,6 +129,15 @@ def test_voxel_downsample_equals_the_numpy_version() -> None:
     assert isinstance(cent_np, np.ndarray) and cent_np.dtype == np.float32
 
 
+def test_cell_ranks_are_the_sorted_unique_inverse() -> None:
+    """Counted (a key range near the key count) or sorted (a wide range): the same ranks."""
+    g = torch.Generator().manual_seed(0)
+    for n_keys in (1000, 1 << 30):
+        key = torch.randint(0, n_keys, (5000,), generator=g)
+        want = torch.unique(key, sorted=True, return_inverse=True)[1]
+        assert torch.equal(geometry.cell_ranks(key, n_keys), want)
+
+
 def test_ransac_finds_a_known_plane() -> None:
     rng = np.random.default_rng(0)
     xy = rng.uniform(-50, 50, (6000, 2))

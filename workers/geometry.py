@@ -393,6 +393,17 @@ def _fps_numpy(pts: np.ndarray, n: int, start: int, valid: np.ndarray) -> np.nda
     return out
 
 
+def cell_ranks(key: torch.Tensor, n_keys: int) -> torch.Tensor:
+    """Each key's rank among the distinct keys, i.e. ``torch.unique(key, sorted=True,
+    return_inverse=True)[1]``. Keys below ``n_keys``, when that is at most a few times the key
+    count, are ranked by one count per key instead of a sort (a 1920×1200 frame's 0.5 M
+    foreground points: 5 instead of 14 ms); wider ranges are sorted."""
+    if n_keys <= 4 * key.numel() + (1 << 20):
+        present = torch.bincount(key, minlength=n_keys) > 0
+        return (torch.cumsum(present, 0) - 1)[key]
+    return torch.unique(key, sorted=True, return_inverse=True)[1]
+
+
 def voxel_downsample(points: torch.Tensor, voxel: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Voxel centroids (M×3 float32) and, for each input point, the index of its voxel (N, long).
 
@@ -406,7 +417,7 @@ def voxel_downsample(points: torch.Tensor, voxel: float) -> tuple[torch.Tensor, 
     cells = torch.floor((points - points.amin(dim=0)) / voxel).long()
     dims = cells.amax(dim=0) + 1
     key = (cells[:, 0] * dims[1] + cells[:, 1]) * dims[2] + cells[:, 2]
-    _, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    inverse = cell_ranks(key, int(dims.prod()))
     m = int(inverse.max()) + 1
     sums = torch.zeros(m, 3, dtype=torch.float64, device=points.device).index_add_(0, inverse, points.double())
     counts = torch.bincount(inverse, minlength=m).double()
@@ -432,7 +443,7 @@ def grid_downsample(
     n_cols = int(cols.max()) + 1
     n_layers = int(layer.max()) + 1
     key = (rows * n_cols + cols) * n_layers + layer
-    _, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    inverse = cell_ranks(key, (int(rows.max()) + 1) * n_cols * n_layers)
     m = int(inverse.max()) + 1
     sums = torch.zeros(m, 3, dtype=torch.float64, device=points.device).index_add_(0, inverse, points.double())
     counts = torch.bincount(inverse, minlength=m).double()

@@ -143,14 +143,15 @@ def remove_background_plane(
     if len(inliers) < params.plane_min_fraction * len(fit):
         return keep
     normal = np.asarray(plane[:3], dtype=np.float32)
-    d = points @ normal + np.float32(plane[3])
+    d = points @ normal  # one frame-sized temporary, then in place
+    d += np.float32(plane[3])
     off = np.abs(d) > params.plane_distance
     if np.count_nonzero(off) < params.min_points:
         return keep  # nothing stands off the plane: the plane is the part itself
     d_fit = fit @ normal + np.float32(plane[3])
     far = d_fit[np.abs(d_fit) > params.plane_distance]
-    side = np.sign(np.median(far if len(far) else d[off]))
-    return d * side > params.plane_distance
+    d *= np.float32(np.sign(np.median(far if len(far) else d[off])))
+    return d > params.plane_distance
 
 
 def remove_background_plane_torch(
