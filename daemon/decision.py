@@ -24,7 +24,7 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta
+from scipy.stats import beta, t
 
 from workers.normalization import ScoreNormalizer
 
@@ -42,6 +42,9 @@ NEAR_ZERO_RATIO = 0.01
 MAX_LOO_Z = 10.0
 """Real-valued scores: a good score further than this many standard deviations of the other
 good scores from their median (leave-one-out, so the outlier does not hide in its own spread)."""
+LOO_FALSE_REFUSAL = 1e-3
+"""Chance that a calibration on normally distributed good scores is refused as implausible. With
+few parts the spread of the others is itself uncertain, so the bound widens (``loo_z_bound``)."""
 
 _N = NormalDist()
 
@@ -135,6 +138,19 @@ def _leave_one_out_z(s: np.ndarray) -> np.ndarray:
     return np.where(sd > 0, dev / np.where(sd > 0, sd, 1.0), np.where(dev > 0, np.inf, 0.0))
 
 
+def loo_z_bound(n: int) -> float:
+    """The leave-one-out z a good score may reach among ``n``: ``MAX_LOO_Z``, or more where the
+    Student-t bound of ``n`` normal scores at ``LOO_FALSE_REFUSAL`` (over all ``n``) is wider.
+
+    ``(s_i - mean(others)) / std(others)`` of normal scores is ``t(n - 2)`` times
+    ``sqrt(1 + 1 / (n - 1))``; with 3 parts that is Cauchy-tailed, and a fixed bound of 10 would
+    refuse about one good calibration in five."""
+    if n < 3:
+        return math.inf
+    q = float(t.ppf(1.0 - LOO_FALSE_REFUSAL / (2 * n), df=n - 2)) * math.sqrt(1.0 + 1.0 / (n - 1))
+    return max(MAX_LOO_Z, q)
+
+
 def check_good_scores(s: np.ndarray, target_frr: float, domain: str, part_ids: Sequence[str] | None) -> ScoreNormalizer:
     """Refuse good-part scores that cannot calibrate (``CalibrationRefused``); their normalizer."""
     if domain not in SCORE_DOMAINS:
@@ -167,9 +183,10 @@ def check_good_scores(s: np.ndarray, target_frr: float, domain: str, part_ids: S
         raise CalibrationRefused("the good scores are all equal: the scorer does not tell these parts apart "
                                  "(the same scan copied? the model's training parts?); use distinct good parts") from None
     if domain == "real":
-        far = np.flatnonzero(_leave_one_out_z(s) > MAX_LOO_Z)
+        bound = loo_z_bound(len(s))
+        far = np.flatnonzero(_leave_one_out_z(s) > bound)
         if len(far):
-            raise CalibrationRefused(f"implausible spread: {_named(far, part_ids, s)} lie more than {MAX_LOO_Z:g} standard "
+            raise CalibrationRefused(f"implausible spread: {_named(far, part_ids, s)} lie more than {bound:.3g} standard "
                                      f"deviations of the other good parts from their median ({med:.4g}); a very high "
                                      "score is a defective part among the good ones, a very low one a part the model "
                                      "was fitted on: remove it")

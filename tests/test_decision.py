@@ -86,6 +86,20 @@ def test_degenerate_calibrations_are_refused(scores: list[float], domain: str, m
         calibrate_threshold(scores, 0.01, domain=domain)
 
 
+@pytest.mark.parametrize("n", [3, 4, 6])
+def test_normal_good_scores_on_few_parts_are_rarely_refused(n: int) -> None:
+    """With few parts the others' spread is uncertain: good normal scores must still calibrate
+    (a fixed 10-sigma bound refused about one 3-part calibration in five)."""
+    rng = np.random.default_rng(n)
+    refused = 0
+    for _ in range(2000):
+        try:
+            calibrate_threshold(list(rng.normal(size=n)), 0.4, domain="real")
+        except CalibrationRefused:
+            refused += 1
+    assert refused <= 10  # 0.1 % expected (LOO_FALSE_REFUSAL); 0.5 % allowed for the draw
+
+
 def test_refusal_names_the_part_and_what_to_do() -> None:
     ids = [f"p{i}" for i in range(9)]
     scores = list(HEALTHY)
