@@ -189,6 +189,11 @@ def burst_buffer_mb(frames: list[Frame]) -> float:
     return float(math.ceil((len(frames) + 2) * largest / 2**20))
 
 
+GPU_ACTORS = {b: {"gpus_per_actor": 0.25} for b in ("torch-cuda", "tensorrt")}
+"""Actors of a GPU backend reserve a quarter of a GPU each, so Ray gives them the device (an
+actor that reserves none is not guaranteed to see it) and four share it."""
+
+
 def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu") -> dict[str, Any]:
     """Throughput at saturation and latency at half of it, through ZeroMQ + Ray + decision."""
     http = free_port()
@@ -206,7 +211,8 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
         "storage": {"results": str(root / "results.sqlite"), "maps_dir": str(root / "maps"), "maps": "none",
                     "models_dir": str(models)},
         "ray": {"object_store_mb": 1024},
-        "workers": {"backend": backend, "large_actors": 0},  # every frame size on the same actors
+        # every frame size on the same actors; on a GPU backend four actors share each GPU
+        "workers": {"backend": backend, "large_actors": 0, **GPU_ACTORS.get(backend, {})},
         "memory": {"bound_mb": 1_000_000},  # the bench measures the peak RSS itself
     }
     path = root / "bench.yaml"

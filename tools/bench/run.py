@@ -279,6 +279,7 @@ def run_bench(
     machine = machine_description()
     command = " ".join(["inspectd", *sys.argv[1:]])
     results: dict[str, dict[str, Any]] = {}
+    frames: dict[str, tuple[list[Frame], PreprocessParams, list[Frame]]] = {}  # per size, shared by the scorers
     for scorer in dict.fromkeys(s for s, _ in plan):
         mine = [b for s, b in plan if s == scorer]
         for b in mine:
@@ -288,8 +289,10 @@ def run_bench(
             }
         for size in sizes:
             log(f"[{scorer} {size}] simulating frames, enrolling")
-            good, params = make_frames(size, 8, seed=11, good_only=True)
-            test, _ = make_frames(size, n_frames, seed=12, good_only=False)
+            if size not in frames:
+                frames[size] = (*make_frames(size, 8, seed=11, good_only=True),
+                                make_frames(size, n_frames, seed=12, good_only=False)[0])
+            good, params, test = frames[size]
             with tempfile.TemporaryDirectory() as tmp:
                 models = Path(tmp) / "models"
                 enrolled = enroll_for_bench(models, scorer, size, good, params, imrnet_steps)
