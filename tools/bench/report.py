@@ -104,11 +104,12 @@ def hop_table(r: dict[str, Any]) -> list[str]:
 
 
 def summary_table(out: Path) -> str:
-    """One Markdown table over every ``*.json`` result in ``out``: per scorer × backend × size the
-    in-process p50, daemon p50 / p99, saturated throughput, overhead ratio, peak RSS, load."""
-    lines = ["| scorer | backend | frame | in-process p50 ms | daemon p50 / p99 ms | saturated /s "
+    """One Markdown table over every ``*.json`` result in ``out``: per result file (its name says
+    the machine and the code measured) × size the scorer, backend, in-process p50, daemon p50 /
+    p99, saturated throughput, overhead ratio, peak RSS, load."""
+    lines = ["| result | scorer | backend | frame | in-process p50 ms | daemon p50 / p99 ms | saturated /s "
              "| overhead (p50 ratio) | peak RSS MiB in-process / daemon+workers | load avg (1 min) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted(Path(out).glob("*.json")):
         r = json.loads(path.read_text())
         for size in [s for s in SIZES if s in r.get("sizes", {})]:
@@ -119,7 +120,7 @@ def summary_table(out: Path) -> str:
             sat = f"{d['throughput_per_s_saturated']:.2f}" if d else "-"
             ratio = f"{e['overhead_ratio_p50']:.2f}" if d else "-"
             rss = f"{ip['peak_rss_mib']:.0f} / {d['peak_rss_mib_daemon_and_workers']:.0f}" if d else f"{ip['peak_rss_mib']:.0f} / -"
-            lines.append(f"| {r['scorer']} | {r['backend']} | {size} | {ip['latency_ms_p50']:.0f} | {dcol} | {sat} "
+            lines.append(f"| {path.stem} | {r['scorer']} | {r['backend']} | {size} | {ip['latency_ms_p50']:.0f} | {dcol} | {sat} "
                          f"| {ratio} | {rss} | {load} |")
     return "\n".join(lines) + "\n"
 
