@@ -190,8 +190,9 @@ def burst_buffer_mb(frames: list[Frame]) -> float:
 
 
 GPU_ACTORS = {b: {"gpus_per_actor": 0.25} for b in ("torch-cuda", "tensorrt")}
-"""Actors of a GPU backend reserve a quarter of a GPU each, so Ray gives them the device (an
-actor that reserves none is not guaranteed to see it) and four share it."""
+"""Actors of a GPU backend reserve a quarter of a GPU each: ``workers.actors: auto`` then starts
+four per GPU, not one per CPU core each with a CUDA context of its own, and Ray accounts for the
+device (an actor that reserves none sees it only while Ray leaves ``CUDA_VISIBLE_DEVICES`` alone)."""
 
 
 def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu") -> dict[str, Any]:
