@@ -322,10 +322,10 @@ def farthest_point_sample(
     Starts at ``start`` (an index, or one per cloud) and repeatedly takes the point farthest
     (squared Euclidean, float32) from those already taken; the first of equally far points wins.
     ``valid`` (N or B×N, bool) restricts the picks to a subset; when it has fewer than ``n``
-    points, picks repeat. ``impl``: ``"torch"`` runs on the points' device, batched over clouds;
-    ``"numpy"`` runs a planar-coordinate numpy loop per cloud (about 3× faster on a CPU than torch's
-    per-pick kernel launches); ``"auto"`` takes numpy for CPU tensors, torch otherwise. Both give
-    the same picks (same float32 arithmetic, same tie rule).
+    points, picks repeat. ``impl``: ``"torch"`` runs on the points' device, batched, ~15 kernels a pick;
+    ``"numpy"``, a planar numpy loop per cloud on the host (3× faster on a CPU); ``"auto"``: torch for a
+    batch on an accelerator, else numpy (one cloud's 4096 picks cost imrnet ~0.8 s of launches on an H200,
+    docs/design/imrnet.md). Both give the same picks (same float32 arithmetic, same tie rule).
     """
     single = points.ndim == 2
     pts = (points.unsqueeze(0) if single else points).float()
@@ -342,7 +342,7 @@ def farthest_point_sample(
     st = torch.as_tensor(start, dtype=torch.long, device=dev).reshape(-1).expand(b)
     if impl not in ("auto", "torch", "numpy"):
         raise ValueError(f"impl must be auto, torch or numpy, got {impl!r}")
-    if impl == "numpy" or (impl == "auto" and dev.type == "cpu"):
+    if impl == "numpy" or (impl == "auto" and (dev.type == "cpu" or b == 1)):
         p_np, v_np, s_np = pts.cpu().numpy(), vb.cpu().numpy(), st.cpu().numpy()
         out = torch.from_numpy(np.stack([_fps_numpy(p_np[i], n, int(s_np[i]), v_np[i]) for i in range(b)]))
         out = out.to(dev)
