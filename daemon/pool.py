@@ -132,6 +132,7 @@ class ActorPool:
                        else large.remote(*args, cfg.workers.large_nice, cache_dir=cache) for lane in self.lane_of]
         self.load = [0] * self.size
         self.busy_until = [0.0] * self.size
+        self.next_actor = 0
         self.inflight: dict[ray.ObjectRef, Call] = {}
         self.wake = threading.Event()
         """Set when a call finishes, a probe answers or a frame is queued (``notify``): ``poll`` returns."""
@@ -215,8 +216,13 @@ class ActorPool:
 
     def submit(self, jobs: list[Job], lane: str = NORMAL) -> None:
         """Send a batch of jobs to the least-loaded alive actor of ``lane``, in one call: one
-        ``ray.put`` of the frames (timed as ``put``), then the call with the reference."""
-        i = min(self._alive(lane), key=self.load.__getitem__)
+        ``ray.put`` of the frames (timed as ``put``), then the call with the reference. Among
+        equally loaded actors the turn goes round (``next_actor``), so an idle pool spreads its
+        frames over every actor and node instead of sending each to the first."""
+        alive = self._alive(lane)
+        least = min(self.load[j] for j in alive)
+        i = min((j for j in alive if self.load[j] == least), key=lambda j: (j - self.next_actor) % self.size)
+        self.next_actor = (i + 1) % self.size
         t0 = time.monotonic()
         shared = ray.put([for_actor(job.frame) for job in jobs])
         put_s = time.monotonic() - t0
