@@ -31,7 +31,9 @@ class Section(BaseModel):
 
 class IngestConfig(Section):
     endpoint: str = "tcp://127.0.0.1:5555"
-    """ZeroMQ PULL socket the daemon binds; sensors connect a PUSH socket to it."""
+    """ZeroMQ PULL socket the daemon binds; sensors connect a PUSH socket to it. A sensor adapter on
+    the daemon's machine is best served over ``ipc://`` (a Unix socket): a 1920×1200 frame
+    arrives in half the time it takes over loopback TCP (docs/design/daemon-path.md)."""
     queue_size: int = Field(64, ge=1)
     """Frames decoded and waiting for a worker. When full, ingest waits (backpressure)."""
     max_wait_ms: int = Field(5000, ge=0)
@@ -55,7 +57,8 @@ class IngestConfig(Section):
 
 class PublishConfig(Section):
     endpoint: str = "tcp://127.0.0.1:5556"
-    """ZeroMQ PUB socket the daemon binds; verdict subscribers connect to it."""
+    """ZeroMQ PUB socket the daemon binds; verdict subscribers connect to it (``ipc://`` for one on
+    the daemon's machine, as for ``ingest.endpoint``)."""
     maps: Literal["inline", "none"] = "inline"
     """Send each anomaly map with its verdict, or never (subscribers read ``map_path`` files)."""
     buffer_mb: float = Field(32.0, gt=0)

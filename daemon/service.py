@@ -157,7 +157,7 @@ class InspectionService(ServiceApi, ServiceLoops):
                 # own threads included (preprocessing a 1920x1200 frame took 2x as long as
                 # in-process). The actors run at the daemon's priority; the large-frame lane still
                 # lowers its own (workers.large_nice). A cluster's nodes set it at `ray start`.
-                _system_config={"worker_niceness": 0} if embedded else None,
+                _system_config={"worker_niceness": 0, "max_direct_call_object_size": 1 << 20} if embedded else None,
             )
         self.pool = ActorPool(self.cfg, products)
         self.pool.shadowed = {p for p in products if read_shadow(self.cfg.storage.models_dir, p)}

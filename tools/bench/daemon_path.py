@@ -182,11 +182,27 @@ def account_for_frames(sent: list[str], received: set[str], logged: set[str]) ->
     }
 
 
-def burst_buffer_mb(frames: list[Frame]) -> float:
-    """Bytes (MiB) of ``len(frames) + 2`` verdicts with their maps inline: one stream's burst and
-    the warm-up's, so the bench's subscriber can fall behind by a whole run without a drop."""
+def burst_buffer_mb(frames: list[Frame], warmup: int = 2) -> float:
+    """Bytes (MiB) of the verdicts, maps inline, of the longer burst, one stream or the
+    ``warmup`` frames, so the bench's subscriber can fall behind by a whole burst without a drop."""
     largest = max(f.n_points for f in frames) * 4 + 2 * MAX_HEADER_BYTES  # as daemon.config.max_verdict_bytes
-    return float(math.ceil((len(frames) + 2) * largest / 2**20))
+    return float(math.ceil(max(len(frames), warmup) * largest / 2**20))
+
+
+OBJECT_STORE_MB = 1024
+"""The bench daemon's Ray object store: every GPU actor's calls in flight with 1920×1200 frames."""
+
+
+def warmup_count(frames: list[Frame], store_mb: int = OBJECT_STORE_MB, most: int = 80) -> int:
+    """Frames the bench sends before it measures: enough for the daemon's steady state.
+
+    Each process maps Ray's object store page by page as objects first land in each part of
+    it; a frame written to a part the daemon (or read from a part an actor) has not touched yet
+    pays a page fault per 4 KiB (~7 ms more per 1920×1200 frame's put on this machine). A daemon
+    on a line has cycled its store within minutes; so, up to ``most``, twice the store's size in
+    frames (each of two actors reads half of them), and at least 2."""
+    frame_bytes = max(f.n_points for f in frames) * (4 * 3 + 1)  # XYZ float32 and the valid mask
+    return max(2, min(most, math.ceil(2 * store_mb * 2**20 / frame_bytes)))
 
 
 GPU_ACTORS = {b: {"gpus_per_actor": 0.25} for b in ("torch-cuda", "tensorrt")}
@@ -195,23 +211,39 @@ four per GPU, not one per CPU core each with a CUDA context of its own, and Ray 
 device (an actor that reserves none sees it only while Ray leaves ``CUDA_VISIBLE_DEVICES`` alone)."""
 
 
-def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu") -> dict[str, Any]:
-    """Throughput at saturation and latency at half of it, through ZeroMQ + Ray + decision."""
+TRANSPORTS = ("ipc", "tcp")
+"""How the bench's sensor and subscriber reach the daemon: ``ipc`` (Unix sockets, as a sensor
+adapter on the daemon's machine connects) or ``tcp`` (loopback TCP, as a sensor on another
+machine does, less the network)."""
+
+
+def endpoint(transport: str, root: Path, name: str) -> str:
+    """A ZeroMQ endpoint of ``transport`` for one of the daemon's listeners (``name``)."""
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport {transport!r}; known: {TRANSPORTS}")
+    return f"ipc://{root / name}.sock" if transport == "ipc" else f"tcp://127.0.0.1:{free_port()}"
+
+
+def bench_daemon(
+    models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu", transport: str = "ipc"
+) -> dict[str, Any]:
+    """Throughput at saturation and latency at half of it, through ZeroMQ (``transport``) + Ray
+    + decision."""
     http = free_port()
     # each stream opens its own pusher; ingest may still count the previous one until it sees
     # its disconnect, so admit a few (with 1, a new pusher can be refused and the bench waits)
     cfg = {
-        "ingest": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "queue_size": 32, "max_wait_ms": 60000,
+        "ingest": {"endpoint": endpoint(transport, root, "ingest"), "queue_size": 32, "max_wait_ms": 60000,
                    "max_points": max(f.n_points for f in frames), "max_age_ms": 600_000, "max_connections": 4},
         # the unpaced run publishes a burst of verdicts, each with its map inline: a PUB buffer
         # for the whole burst, so that a drop for a slow subscriber (by design beyond the
         # buffer; the log keeps the verdict) does not count as a frame without a verdict
-        "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}", "max_subscribers": 1,
-                    "buffer_mb": burst_buffer_mb(frames)},
+        "publish": {"endpoint": endpoint(transport, root, "verdicts"), "max_subscribers": 1,
+                    "buffer_mb": burst_buffer_mb(frames, warmup_count(frames))},
         "http": {"host": "127.0.0.1", "port": http},
         "storage": {"results": str(root / "results.sqlite"), "maps_dir": str(root / "maps"), "maps": "none",
                     "models_dir": str(models)},
-        "ray": {"object_store_mb": 1024},
+        "ray": {"object_store_mb": OBJECT_STORE_MB},
         # every frame size on the same actors; on a GPU backend four actors share each GPU
         "workers": {"backend": backend, "large_actors": 0, **GPU_ACTORS.get(backend, {})},
         "memory": {"bound_mb": 1_000_000},  # the bench measures the peak RSS itself
@@ -225,7 +257,8 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
         sub.connect(cfg["publish"]["endpoint"])
         time.sleep(0.5)
-        run_stream(cfg["ingest"]["endpoint"], sub, frames[:2], 0)  # warm-up
+        warm = [frames[i % len(frames)] for i in range(warmup_count(frames))]
+        lat_warm, _ = run_stream(cfg["ingest"]["endpoint"], sub, warm, 0)
         assert daemon.proc is not None
         sent: list[str] = []
         every: list[tuple[float, dict[str, Any]]] = []
@@ -242,7 +275,9 @@ def bench_daemon(models: Path, frames: list[Frame], root: Path, backend: str = "
         daemon.stop()
         received = {str(h.get("part_id")) for _, h in every + verdicts}
         return {
+            "zmq_transport": transport,
             "frames": len(frames),
+            "warmup": {"frames": len(warm), "latency_ms_p50_first_two": 1000 * pct(lat_warm[:2], 50)},
             "verdicts": len(lat_sat) + len(lat),
             "lost": 2 * len(frames) - len(lat_sat) - len(lat),
             "accounting": account_for_frames(sent, received, logged_part_ids(root / "results.sqlite")),

@@ -16,6 +16,16 @@ def _ms(v: float | None) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def transport_line(r: dict[str, Any]) -> list[str]:
+    """How the bench's sensor reached the daemon, where the result says (older results do not)."""
+    used = sorted({e["daemon"]["zmq_transport"] for e in r["sizes"].values() if "zmq_transport" in e.get("daemon", {})})
+    if not used:
+        return []
+    how = {"ipc": "Unix sockets (ipc://), as a sensor adapter on the daemon's machine connects",
+           "tcp": "loopback TCP, as a sensor on another machine connects, less the network"}
+    return [f"ZeroMQ transport, sensor → daemon → subscriber: {'; '.join(how[t] for t in used)}."]
+
+
 def render_markdown(r: dict[str, Any]) -> str:
     """The result as a Markdown page: summary table, stage tables, notes and conditions."""
     m = r["machine"]
@@ -25,6 +35,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; "
         f"Python {m['python']}, torch {m['torch']}.",
         f"Command: `{r['command']}`",
+        *transport_line(r),
         "",
         "| frame | points | in-process p50 / p99 ms | daemon p50 / p99 ms (offered rate) | saturated throughput /s "
         "| overhead (daemon / in-process p50) | peak RSS MiB in-process / daemon+workers | load avg (1 min) start → end |",

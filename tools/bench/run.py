@@ -86,10 +86,11 @@ from sensors.frame import Frame, FrameMeta
 from sensors.simcam import CameraParams
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, encode_frame, encode_verdict
-from tools.bench.daemon_path import bench_daemon
+from tools.bench.daemon_path import TRANSPORTS, bench_daemon
 from tools.bench.measure import PeakRSS, load_average, machine_description, pct
 from tools.bench.report import render_markdown, summary_table
 from tools.bench.stages import SIZES, STAGE_OF, map_stages
+from workers.actor import hold_freed_heap
 from workers.model_store import load_product_model
 from workers.preprocess import PreprocessParams
 from workers.score_frame import score_frame
@@ -153,6 +154,7 @@ def _in_process_worker(models: Path, frames: list[Frame], backend: str) -> dict[
     import torch
 
     torch.set_num_threads(1)
+    hold_freed_heap()  # as every scoring actor does
     model = load_product_model(models, PRODUCT)
     model.scorer.use_backend(backend, Path(models) / ".engine-cache")  # the actors' cache dir
     t = Thresholds((model.calibration or {}).get("threshold", 1.0), 0.1)
@@ -266,7 +268,7 @@ def result_name(template: str, scorer: str, backend: str) -> str:
 def run_bench(
     out: Path, name: str, sizes: list[str], scorers: list[str] | str, n_frames: int, daemon_path: bool,
     log: Callable[[str], None] = print, backends: list[str] | None = None,
-    imrnet_steps: int = DEFAULT_IMRNET_FINETUNE_STEPS,
+    imrnet_steps: int = DEFAULT_IMRNET_FINETUNE_STEPS, transport: str = "ipc",
 ) -> dict[str, dict[str, Any]]:
     """Run every planned scorer × backend × size; write one JSON + Markdown per scorer × backend
     (after every size, so a cut-off run keeps what it measured). Returns them by file name."""
@@ -310,7 +312,7 @@ def run_bench(
                         log(f"[{scorer} {backend} {size}] daemon path (ZeroMQ + Ray + decision)")
                         root = Path(tmp) / f"daemon-{backend}"
                         root.mkdir()
-                        entry["daemon"] = bench_daemon(models, test, root, backend)
+                        entry["daemon"] = bench_daemon(models, test, root, backend, transport)
                         log(f"[{scorer} {backend} {size}] in-process again, after the daemon's run")
                         entry["in_process"] = bracket(entry["in_process"], bench_in_process(models, test, backend))
                         entry["overhead_ratio_p50"] = (entry["daemon"]["latency_ms_p50"]
@@ -340,6 +342,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--imrnet-finetune-steps", type=int, default=DEFAULT_IMRNET_FINETUNE_STEPS,
                    help="fine-tuning steps of the imrnet model the bench enrolls (scoring cost does not depend on it)")
     b.add_argument("--no-daemon", action="store_true", help="in-process only")
+    b.add_argument("--transport", choices=TRANSPORTS, default="ipc",
+                   help="how the bench's sensor and subscriber reach the daemon: ipc (Unix sockets, a sensor "
+                        "adapter on the daemon's machine) or tcp (loopback TCP, a sensor on another machine "
+                        "less the network)")
     b.add_argument("--curve", action="store_true",
                    help="measure only what CurveZMQ costs on the daemon path at 400x400 (tools/bench/curve.py)")
     b.add_argument("--batch", default=None, metavar="1,4,8",
@@ -392,7 +398,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("'all' stands alone")
     name = args.name if "{" in args.name else args.name + "-{scorer}-{backend}"
     results = run_bench(Path(args.out), name, sizes, scorers, args.frames, not args.no_daemon,
-                        backends=backends, imrnet_steps=args.imrnet_finetune_steps)
+                        backends=backends, imrnet_steps=args.imrnet_finetune_steps, transport=args.transport)
     for r in results.values():
         print(render_markdown(r))
     return 0
