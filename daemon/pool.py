@@ -38,6 +38,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -170,6 +171,24 @@ class ActorPool:
         for i, info in enumerate(infos):
             log.info("actor %d (%s lane) pid %d on node %s", i, self.lane_of[i], info["pid"], info["node_id"])
         return infos
+
+    def warm_store(self, block_bytes: int = 32 * 2**20) -> int:
+        """Write most of the embedded object store's free space once, and have every actor read it.
+
+        A process maps the store page by page as objects first land in each part of it: until
+        then, a frame put into a fresh part faults each of its pages in (a 1920×1200 frame's put
+        took 12.8 ms instead of 4), and an actor reading it does too. On a line that is only the
+        first minutes after a start; this makes it none. Only for an embedded Ray, whose actors
+        share this node's store (four fifths of what is free, so nothing spills). Returns the
+        bytes written."""
+        free = int(ray.available_resources().get("object_store_memory", 0))
+        zeros = np.zeros(block_bytes, np.uint8)
+        refs = [ray.put(zeros) for _ in range(int(0.8 * free) // block_bytes)]
+        try:
+            ray.get([a.touch.remote([refs]) for a in self.actors], timeout=120)
+        finally:
+            del refs
+        return int(0.8 * free) // block_bytes * block_bytes
 
     def actor_table(self) -> list[dict[str, Any]]:
         """Each actor's lane, pid and Ray node (None while it restarts), for ``GET /v1/actors``."""

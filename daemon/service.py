@@ -162,6 +162,13 @@ class InspectionService(ServiceApi, ServiceLoops):
         self.pool = ActorPool(self.cfg, products)
         self.pool.shadowed = {p for p in products if read_shadow(self.cfg.storage.models_dir, p)}
         infos = self.pool.wait_ready(ready_timeout)
+        if self.cfg.ray.address is None:
+            t0 = time.monotonic()
+            try:
+                warmed = self.pool.warm_store()
+                log.info("object store warmed: %d MB in %.1f s", warmed // 2**20, time.monotonic() - t0)
+            except Exception as e:  # only the first frames' speed depends on it
+                log.warning("could not warm the object store: %s", e)
         self._update_actor_gauge()
         log.info("%d scoring actors ready (%s)", self.pool.size, ", ".join(sorted({i["backend"] for i in infos})))
 

@@ -85,6 +85,18 @@ def test_actor_reads_the_put_frames_in_place(enrolled_models: Path) -> None:
         np.testing.assert_array_equal(reply["anomaly_map"], alone["anomaly_map"])
 
 
+def test_actor_touches_every_page_of_the_warm_up_blocks(enrolled_models: Path) -> None:
+    """``ScoringWorker.touch`` reads the blocks ``ActorPool.warm_store`` put, in place."""
+    worker = ScoringWorker(str(enrolled_models))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=128 * 2**20,
+             _node_ip_address="127.0.0.1", logging_level="ERROR")
+    try:
+        refs = [ray.put(np.zeros(2**20, np.uint8)) for _ in range(3)]
+        assert worker.touch([refs]) == 3 * 2**20
+    finally:
+        ray.shutdown()
+
+
 def test_fused_timing_keys_map_onto_stages() -> None:
     scorer = FusedScorer(**FUSED)
     scorer.fit([prepared(posed(l_part(s), s)) for s in range(4)])
@@ -199,6 +211,7 @@ def test_daemon_over_unix_sockets(enrolled_models: Path, tmp_path: Path) -> None
         finally:
             ctx.destroy(linger=0)
     assert sorted(v.header["part_id"] for v in verdicts) == sorted(f.meta.part_id for f in frames)
+    assert "object store warmed" in (tmp_path / "daemon.log").read_text()  # ActorPool.warm_store at start
     for v in verdicts:
         assert not v.header.get("error"), v.header
         assert v.anomaly_map is not None and v.anomaly_map.shape == frames[0].points.shape[:-1]

@@ -238,6 +238,17 @@ class ScoringWorker:
             "shadows": {p: f"{m.model_version}@{m.revision}" for p, m in self.shadows.items()},
         }
 
+    def touch(self, shared: list[Any]) -> int:
+        """Read one byte of every page of the arrays the references in ``shared[0]`` hold, so this
+        process has that part of Ray's object store mapped before frames arrive there
+        (``daemon.pool.ActorPool.warm_store``). Returns the bytes read."""
+        import ray
+
+        blocks = ray.get(shared[0])
+        for b in blocks:
+            b[::4096].sum()
+        return sum(b.nbytes for b in blocks)
+
     def score_shared(self, shared: list[Any]) -> list[dict[str, Any] | BaseException]:
         """``score_batch`` for the frames of ``shared[0]``, a reference to a list of frames in
         Ray's object store (nested in a list so that Ray hands over the reference, not the

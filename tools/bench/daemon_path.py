@@ -30,6 +30,7 @@ once, which are not subtracted.
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import threading
 import time
@@ -193,16 +194,13 @@ OBJECT_STORE_MB = 1024
 """The bench daemon's Ray object store: every GPU actor's calls in flight with 1920×1200 frames."""
 
 
-def warmup_count(frames: list[Frame], store_mb: int = OBJECT_STORE_MB, most: int = 80) -> int:
-    """Frames the bench sends before it measures: enough for the daemon's steady state.
+def warmup_count(cores: int | None = None) -> int:
+    """Frames the bench sends before it measures: four per actor (one per core), at least 20.
 
-    Each process maps Ray's object store page by page as objects first land in each part of
-    it; a frame written to a part the daemon (or read from a part an actor) has not touched yet
-    pays a page fault per 4 KiB (~7 ms more per 1920×1200 frame's put on this machine). A daemon
-    on a line has cycled its store within minutes; so, up to ``most``, twice the store's size in
-    frames (each of two actors reads half of them), and at least 2."""
-    frame_bytes = max(f.n_points for f in frames) * (4 * 3 + 1)  # XYZ float32 and the valid mask
-    return max(2, min(most, math.ceil(2 * store_mb * 2**20 / frame_bytes)))
+    An actor's first frames pay lazy initialization (the first two took 490–660 ms against
+    75–130 ms after) and settle its heap; the daemon warms Ray's object store itself at start
+    (``ActorPool.warm_store``). A daemon on a line is past all this within its first minute."""
+    return max(20, 4 * (cores or os.cpu_count() or 1))
 
 
 GPU_ACTORS = {b: {"gpus_per_actor": 0.25} for b in ("torch-cuda", "tensorrt")}
@@ -239,7 +237,7 @@ def bench_daemon(
         # for the whole burst, so that a drop for a slow subscriber (by design beyond the
         # buffer; the log keeps the verdict) does not count as a frame without a verdict
         "publish": {"endpoint": endpoint(transport, root, "verdicts"), "max_subscribers": 1,
-                    "buffer_mb": burst_buffer_mb(frames, warmup_count(frames))},
+                    "buffer_mb": burst_buffer_mb(frames, warmup_count())},
         "http": {"host": "127.0.0.1", "port": http},
         "storage": {"results": str(root / "results.sqlite"), "maps_dir": str(root / "maps"), "maps": "none",
                     "models_dir": str(models)},
@@ -257,7 +255,7 @@ def bench_daemon(
         sub.setsockopt(zmq.SUBSCRIBE, b"verdict/")
         sub.connect(cfg["publish"]["endpoint"])
         time.sleep(0.5)
-        warm = [frames[i % len(frames)] for i in range(warmup_count(frames))]
+        warm = [frames[i % len(frames)] for i in range(warmup_count())]
         lat_warm, _ = run_stream(cfg["ingest"]["endpoint"], sub, warm, 0)
         assert daemon.proc is not None
         sent: list[str] = []
