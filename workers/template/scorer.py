@@ -65,7 +65,9 @@ class TemplateParams(ScorerParams):
                                              "(in voxels) is missing material.", gt=0)
     min_visibility: float = infer_field(0.75, "Fraction of good parts that must cover a reference point for "
                                         "it to count as missing.", ge=0, le=1)
-    smoothing_k: int = infer_field(8, "Deviations are averaged over this many nearest points.", ge=0)
+    smoothing_k: int = infer_field(32, "Deviations are averaged over this many nearest points (clouds).", ge=0)
+    smoothing_k_organized: int = infer_field(8, "... and over this many on a camera frame, whose view shows "
+                                             "one side of the part.", ge=0)
     rim_k: int = infer_field(8, "Part points nearest a missing reference point that take its gap.", ge=0)
     top_fraction: float = infer_field(0.005, "The object score is the mean of this top fraction of point "
                                       "scores.", gt=0, le=1)
@@ -150,6 +152,13 @@ class TemplateScorer(Scorer):
             raise RuntimeError("template is not fitted: call fit() or load an artifact first")
         return self._registrar.register(self._points(cloud))
 
+    def smoothing_for(self, cloud: PreparedCloud) -> int:
+        """Neighbours a point's deviation is averaged over: ``smoothing_k`` on a cloud, where a bend
+        or a shallow bulge spans many points, ``smoothing_k_organized`` on a camera frame
+        (both chosen on seed 1 of the bench preset: docs/design/fused.md)."""
+        organized = cloud.frame is not None and cloud.frame.organized
+        return self.smoothing_k_organized if organized else self.smoothing_k
+
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
         if self.model is None or self._registrar is None:
             raise RuntimeError("template is not fitted: call fit() or load an artifact first")
@@ -169,8 +178,9 @@ class TemplateScorer(Scorer):
         missing = self.model.missing(cloud.tree, missing_dist, self.min_visibility, self.rim_k, reg.transform,
                                      covered)
         t3 = time.perf_counter()
-        nbr = cloud.neighbours(self.smoothing_k) if self.smoothing_k > 1 else None
-        smoothed = smooth_over_neighbours(pts, dev, self.smoothing_k, neighbours=nbr)
+        k_smooth = self.smoothing_for(cloud)
+        nbr = cloud.neighbours(k_smooth) if k_smooth > 1 else None
+        smoothed = smooth_over_neighbours(pts, dev, k_smooth, neighbours=nbr)
         scores = np.maximum(smoothed, missing).astype(np.float32)
         k = min(len(scores), max(self.top_min, int(round(self.top_fraction * len(scores)))))
         object_score = float(np.partition(scores, len(scores) - k)[-k:].mean())
