@@ -181,14 +181,14 @@ class ActorPool:
         first minutes after a start; this makes it none. Only for an embedded Ray, whose actors
         share this node's store (four fifths of what is free, so nothing spills). Returns the
         bytes written."""
-        free = int(ray.available_resources().get("object_store_memory", 0))
+        blocks = int(0.8 * ray.available_resources().get("object_store_memory", 0)) // block_bytes
         zeros = np.zeros(block_bytes, np.uint8)
-        refs = [ray.put(zeros) for _ in range(int(0.8 * free) // block_bytes)]
+        refs = [ray.put(zeros) for _ in range(blocks)]
         try:
             ray.get([a.touch.remote([refs]) for a in self.actors], timeout=120)
         finally:
             del refs
-        return int(0.8 * free) // block_bytes * block_bytes
+        return blocks * block_bytes
 
     def actor_table(self) -> list[dict[str, Any]]:
         """Each actor's lane, pid and Ray node (None while it restarts), for ``GET /v1/actors``."""

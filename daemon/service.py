@@ -157,6 +157,8 @@ class InspectionService(ServiceApi, ServiceLoops):
                 # own threads included (preprocessing a 1920x1200 frame took 2x as long as
                 # in-process). The actors run at the daemon's priority; the large-frame lane still
                 # lowers its own (workers.large_nice). A cluster's nodes set it at `ray start`.
+                # Replies up to 1 MiB (a 400x400 frame's map) come back inline, not through the
+                # object store: 0.3-0.9 ms sooner (docs/design/daemon-path.md).
                 _system_config={"worker_niceness": 0, "max_direct_call_object_size": 1 << 20} if embedded else None,
             )
         self.pool = ActorPool(self.cfg, products)

@@ -87,7 +87,8 @@ def hold_freed_heap() -> bool:
     except (OSError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
-    return bool(mallopt(m_mmap_threshold, HEAP_MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, HEAP_TRIM_THRESHOLD))
+    mmap_set = bool(mallopt(m_mmap_threshold, HEAP_MMAP_THRESHOLD))
+    return mmap_set and bool(mallopt(m_trim_threshold, HEAP_TRIM_THRESHOLD))
 
 
 def node_id() -> str | None:
