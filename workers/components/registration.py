@@ -145,6 +145,7 @@ class Registrar:
         spins: int = 6,
         seed: int = 0,
         tree: cKDTree | None = None,
+        retry_below: float = 0.9,
     ) -> None:
         ref = np.asarray(reference, dtype=np.float64)
         if ref.ndim != 2 or ref.shape[1] != 3 or len(ref) < 10 or not np.isfinite(ref).all():
@@ -161,6 +162,8 @@ class Registrar:
         self.coarse_iterations, self.fine_iterations = int(coarse_iterations), int(fine_iterations)
         self.coarse_prune_after, self.coarse_keep = int(coarse_prune_after), int(coarse_keep)
         self.degenerate_ratio, self.spins, self.seed = float(degenerate_ratio), int(spins), int(seed)
+        self.retry_below = float(retry_below)
+        """A fitness under this retries the coarse step with more hypotheses kept (``register``)."""
         self.centroid, self.axes, self.evals = _pca(ref)
 
     # -- hypotheses ---------------------------------------------------------------------------
@@ -257,24 +260,38 @@ class Registrar:
         return points[rng.choice(len(points), n, replace=False)]
 
     def register(self, source: np.ndarray, init: np.ndarray | None = None) -> Registration:
-        """Register ``source`` (N×3) onto the reference; ``init`` (4×4) skips the global step."""
+        """Register ``source`` (N×3) onto the reference; ``init`` (4×4) skips the global step.
+
+        When the best coarse hypothesis ends under ``retry_below`` fitness, the coarse step runs
+        again keeping four times as many hypotheses past its pruning, and the better of the two
+        results is taken: a pose that converges slowly in the first iterations (a gear's camera
+        view: 0.51 against 0.91) is otherwise pruned before it can win."""
         t0 = time.perf_counter()
         src = np.asarray(source, dtype=np.float64)
         if src.ndim != 2 or src.shape[1] != 3 or len(src) < 10 or not np.isfinite(src).all():
             raise ValueError(f"source must be a finite N×3 array of at least 10 points, got {src.shape}")
-        if init is None:
-            hyp = self.hypotheses(src)
-            n_hyp = len(hyp)
-            coarse = self._subsample(src, self.coarse_points, 1)
-            rows, inverse = self._distinct(hyp)
-            hyp, cost = self._icp(coarse, hyp[rows], self.coarse_dist, self.coarse_iterations,
-                                  self.coarse_prune_after, self.coarse_keep, inverse)
-            best = hyp[int(np.argmin(cost))][None]
-        else:
-            best = np.asarray(init, dtype=np.float64).reshape(1, 4, 4)
-            n_hyp = 1
         fine = self._subsample(src, self.fine_points, 2)
-        t, _ = self._icp(fine, best, self.fine_dist, self.fine_iterations)
+        if init is not None:
+            return self._refine(src, fine, np.asarray(init, dtype=np.float64).reshape(1, 4, 4), 1, t0)
+        hyp = self.hypotheses(src)
+        coarse = self._subsample(src, self.coarse_points, 1)
+        rows, inverse = self._distinct(hyp)
+        result = None
+        for keep in (self.coarse_keep, 4 * self.coarse_keep):
+            kept, cost = self._icp(coarse, hyp[rows], self.coarse_dist, self.coarse_iterations,
+                                   self.coarse_prune_after, keep, inverse)
+            tried = self._refine(src, fine, kept[int(np.argmin(cost))][None], len(hyp), t0)
+            if result is None or tried.fitness > result.fitness:
+                result = tried
+            if result.fitness >= self.retry_below or keep >= len(rows):
+                break
+        assert result is not None
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def _refine(self, src: np.ndarray, fine: np.ndarray, start: np.ndarray, n_hyp: int, t0: float) -> Registration:
+        """Fine ICP from ``start`` (1×4×4), then the fitness query over every source point."""
+        t, _ = self._icp(fine, start, self.fine_dist, self.fine_iterations)
         transform = t[0]
         moved = src @ transform[:3, :3].T + transform[:3, 3]
         d, j = self.tree.query(moved, distance_upper_bound=self.fine_dist, workers=1)
