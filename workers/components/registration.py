@@ -145,7 +145,7 @@ class Registrar:
         spins: int = 6,
         seed: int = 0,
         tree: cKDTree | None = None,
-        retry_below: float = 0.9,
+        retry_below: float = 0.6,
     ) -> None:
         ref = np.asarray(reference, dtype=np.float64)
         if ref.ndim != 2 or ref.shape[1] != 3 or len(ref) < 10 or not np.isfinite(ref).all():
@@ -262,10 +262,11 @@ class Registrar:
     def register(self, source: np.ndarray, init: np.ndarray | None = None) -> Registration:
         """Register ``source`` (N×3) onto the reference; ``init`` (4×4) skips the global step.
 
-        When the best coarse hypothesis ends under ``retry_below`` fitness, the coarse step runs
-        again keeping four times as many hypotheses past its pruning, and the better of the two
-        results is taken: a pose that converges slowly in the first iterations (a gear's camera
-        view: 0.51 against 0.91) is otherwise pruned before it can win."""
+        When the best coarse hypothesis ends under ``retry_below`` fitness (the template's
+        ``min_fitness``: it would be flagged failed), the coarse step runs again keeping four
+        times as many hypotheses past its pruning, and the better of the two results is taken:
+        a pose that converges slowly in the first iterations (a gear's camera view: 0.51 against
+        0.91) is otherwise pruned before it can win."""
         t0 = time.perf_counter()
         src = np.asarray(source, dtype=np.float64)
         if src.ndim != 2 or src.shape[1] != 3 or len(src) < 10 or not np.isfinite(src).all():

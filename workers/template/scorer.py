@@ -106,8 +106,10 @@ class TemplateScorer(Scorer):
         return scorer
 
     def _registrar_kw(self) -> dict[str, Any]:
+        # a registration that would be flagged failed first retries with more hypotheses
         return {"coarse_dist": self.coarse_dist_factor * self.voxel_size,
-                "fine_dist": self.fine_dist_factor * self.voxel_size, "seed": self.seed}
+                "fine_dist": self.fine_dist_factor * self.voxel_size, "seed": self.seed,
+                "retry_below": self.min_fitness}
 
     def _set_model(self, model: TemplateModel) -> None:
         """Hold ``model`` and the registrar onto its reference surface."""
