@@ -17,15 +17,17 @@ clock); a call past it is answered ``scoring_timeout`` and its actor is recycled
 restarted by Ray), which frees the CPU the runaway frame held. A frame of a product with a
 shadow model (``shadowed``) is scored twice in its call, so its deadline counts twice.
 
-The hand-over (docs/design/daemon-path.md): ``submit`` puts the call's frames into Ray's object
-store with one ``ray.put`` (their arrays, views on the received ZeroMQ buffers, are copied
-once, into shared memory; the ground-truth mask, which never decides, stays behind) and passes
-the reference nested in a list, so Ray does not resolve it before the call starts: the actor
-fetches it itself (``ScoringWorker.score_shared``), as numpy arrays reading the shared memory in
-place, and times that. Only frames in flight are in the object store; each call's object is
-released when its result is collected. Results are watched through their futures, whose
-completion, like a new frame at ingest (``notify``), wakes the dispatch thread at once instead
-of at its next poll.
+The hand-over (docs/design/daemon-path.md): ``submit`` copies a call's frames once, into the
+actor's slot in shared memory (``daemon.shm_lane``: the actor's ``serve`` loop, started here for
+every actor on the daemon's node, reads them in place and writes the maps back there), or, for
+an actor on another node, ``workers.handover: object_store``, or while its loop is not
+listening, with one ``ray.put`` into Ray's object store, passing the reference nested in a list
+so that the actor fetches it itself (``ScoringWorker.score_shared``). Either way the
+ground-truth mask, which never decides, stays behind. Only frames in flight are held: a call's
+slot or object is released when its result is collected. Results are watched through their
+futures, whose completion, like a new frame at ingest (``notify``), wakes the dispatch thread at
+once instead of at its next poll. An actor's ``serve`` call ending (``RayActorError``) is how a
+death is noticed when its frames go through shared memory.
 """
 
 from __future__ import annotations
@@ -40,10 +42,12 @@ from typing import Any
 
 import numpy as np
 import ray
+import zmq
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from daemon.config import Config
+from daemon.shm_lane import SharedMemoryLane
 from sensors.frame import FrameError
 from workers.actor import ScoringWorker
 from workers.model_registry import ModelRegistry
@@ -76,14 +80,16 @@ class ActorDied(Exception):
 
 @dataclass
 class Call:
-    """One ``score_shared`` call in flight: its actor, jobs, deadline, the frames' object in the
-    object store (held until the result is collected) and the result's future."""
+    """One call in flight: its actor, jobs, deadline, the result's future, and what holds its
+    frames until the result is collected: the object in the object store (``shared``, a
+    ``score_shared`` call) or the hand-over's slot (``handover``, the call's id there)."""
 
     actor: int
     jobs: list[Job]
     deadline: float
-    shared: ray.ObjectRef
+    shared: ray.ObjectRef | None
     future: Future
+    handover: int | None = None
 
 
 def for_actor(frame: Any) -> Any:
@@ -114,8 +120,9 @@ class ActorPool:
         self.max_inflight = cfg.workers.max_inflight_per_actor
         options = {"num_gpus": cfg.workers.gpus_per_actor, "max_restarts": -1, "max_task_retries": 0,
                    "scheduling_strategy": "SPREAD"}
-        normal = ray.remote(ScoringWorker).options(num_cpus=cfg.workers.cpus_per_actor, **options)
-        large = ray.remote(ScoringWorker).options(num_cpus=cfg.workers.large_cpus_per_actor, **options)
+        worker = ray.remote(concurrency_groups={"handover": 1})(ScoringWorker)
+        normal = worker.options(num_cpus=cfg.workers.cpus_per_actor, **options)
+        large = worker.options(num_cpus=cfg.workers.large_cpus_per_actor, **options)
         n_normal = pool_size(cfg)
         self.size = n_normal + cfg.workers.large_actors
         self.lane_of = [NORMAL] * n_normal + [LARGE] * cfg.workers.large_actors
@@ -134,7 +141,12 @@ class ActorPool:
         self.load = [0] * self.size
         self.busy_until = [0.0] * self.size
         self.next_actor = 0
-        self.inflight: dict[ray.ObjectRef, Call] = {}
+        self.inflight: dict[Any, Call] = {}
+        """Calls in flight by their Ray reference, or ``("handover", id)``."""
+        self.lane: SharedMemoryLane | None = None
+        self.serving: dict[int, Future] = {}
+        """Each actor's ``serve`` call (the hand-over's loop), while it runs."""
+        self.local_node = ray.get_runtime_context().get_node_id()
         self.wake = threading.Event()
         """Set when a call finishes, a probe answers or a frame is queued (``notify``): ``poll`` returns."""
         self.pids: list[int | None] = [None] * self.size
@@ -170,7 +182,37 @@ class ActorPool:
         self.backend_of = [i["backend"] for i in infos]
         for i, info in enumerate(infos):
             log.info("actor %d (%s lane) pid %d on node %s", i, self.lane_of[i], info["pid"], info["node_id"])
+        if self.cfg.workers.handover == "shared_memory" and self.lane is None:
+            try:
+                self.lane = SharedMemoryLane(self.size, self.max_inflight)
+            except (OSError, zmq.ZMQError) as e:  # no /dev/shm (some containers): Ray calls only
+                log.warning("no shared-memory hand-over (%s); frames go through Ray's object store", e)
+        for i in range(self.size):
+            self._serve(i)
         return infos
+
+    def _serve(self, i: int) -> None:
+        """Start actor ``i``'s hand-over loop if it runs on this node (elsewhere: Ray calls)."""
+        if self.lane is not None and self.nodes[i] == self.local_node:
+            ref = self.actors[i].serve.remote(self.lane.request_endpoint(i), self.lane.reply_endpoint)
+            self.serving[i] = self._wake_on(ref)
+
+    def _check_serving(self) -> None:
+        """An ended ``serve`` call: its actor died (or its loop failed). Its handed-over calls
+        fail as ``ActorDied`` (the service retries them)."""
+        for i, future in list(self.serving.items()):
+            if not future.done():
+                continue
+            del self.serving[i]
+            try:
+                future.result()
+                log.warning("actor %d stopped its hand-over loop; its frames go through Ray calls", i)
+            except RayActorError:
+                self._note_death(i)
+            except Exception as e:
+                log.error("actor %d's hand-over loop failed (%s); its frames go through Ray calls", i, e)
+            assert self.lane is not None
+            self.lane.fail_actor(i, ActorDied(f"actor {i} ended its hand-over loop"))
 
     def warm_store(self, block_bytes: int = 32 * 2**20) -> int:
         """Write most of the embedded object store's free space once, and have every actor read it.
@@ -191,9 +233,11 @@ class ActorPool:
         return blocks * block_bytes
 
     def actor_table(self) -> list[dict[str, Any]]:
-        """Each actor's lane, pid and Ray node (None while it restarts), for ``GET /v1/actors``."""
+        """Each actor's lane, pid, Ray node (None while it restarts) and how frames reach it, for
+        ``GET /v1/actors``."""
         return [{"actor": i, "lane": self.lane_of[i], "alive": self.pids[i] is not None, "pid": self.pids[i],
-                 "node_id": self.nodes[i]} for i in range(self.size)]
+                 "node_id": self.nodes[i], "handover": "shared_memory" if i in self.serving else "object_store"}
+                for i in range(self.size)]
 
     def alive_by_backend(self) -> dict[str, int]:
         """Alive actors per inference backend (for the ``inspectd_actors`` gauge)."""
@@ -243,7 +287,10 @@ class ActorPool:
         i = min((j for j in alive if self.load[j] == least), key=lambda j: (j - self.next_actor) % self.size)
         self.next_actor = (i + 1) % self.size
         t0 = time.monotonic()
-        shared = ray.put([for_actor(job.frame) for job in jobs])
+        handed = None
+        if self.lane is not None and i in self.serving:
+            handed = self.lane.submit(i, [job.frame for job in jobs])
+        shared = None if handed is not None else ray.put([for_actor(job.frame) for job in jobs])
         put_s = time.monotonic() - t0
         now = time.time()
         for job in jobs:
@@ -255,8 +302,12 @@ class ActorPool:
         deadline = start + sum(self.cfg.workers.deadline_s(job.frame.n_points)
                                * (2 if job.frame.meta.product in self.shadowed else 1) for job in jobs)
         self.busy_until[i] = deadline
-        ref = self.actors[i].score_shared.remote([shared])  # nested: the actor fetches it itself
-        self.inflight[ref] = Call(i, jobs, deadline, shared, self._wake_on(ref))
+        if handed is not None:
+            self.inflight[("handover", handed[0])] = Call(i, jobs, deadline, None, handed[1], handed[0])
+            handed[1].add_done_callback(lambda _: self.wake.set())
+        else:
+            ref = self.actors[i].score_shared.remote([shared])  # nested: the actor fetches it itself
+            self.inflight[ref] = Call(i, jobs, deadline, shared, self._wake_on(ref))
         self.load[i] += 1
 
     @property
@@ -268,14 +319,17 @@ class ActorPool:
         waits up to ``timeout`` for one, returning as soon as ``wake`` is set (see ``rearm``).
         Each result's ``collected_at`` (wall clock) is when it was taken here."""
         self._check_probes()
+        self._check_serving()
         done = [ref for ref, call in self.inflight.items() if call.future.done()]
         if not done and self.wake.wait(timeout):
             self._check_probes()
+            self._check_serving()
             done = [ref for ref, call in self.inflight.items() if call.future.done()]
         out = self._expire(set(done))
         for ref in done:
             call = self.inflight.pop(ref)
             self.load[call.actor] -= 1
+            self._release(call)
             try:
                 results = call.future.result()
                 now = time.time()
@@ -290,7 +344,15 @@ class ActorPool:
                 self._note_death(call.actor)
                 died = ActorDied(str(e).splitlines()[0] if str(e) else "actor died")
                 out.extend((job, died) for job in call.jobs)
+            except Exception as e:  # a handed-over call: its actor died (ActorDied), or its reply was unreadable
+                out.extend((job, e) for job in call.jobs)
         return out
+
+    def _release(self, call: Call) -> None:
+        """Free what held the call's frames: its hand-over slot (its object-store reference
+        goes with the ``Call``)."""
+        if call.handover is not None and self.lane is not None:
+            self.lane.release(call.handover)
 
     def _expire(self, done: set[ray.ObjectRef]) -> list[tuple[Job, dict[str, Any] | BaseException]]:
         """Answer calls past their deadline with ``scoring_timeout`` and recycle their actors."""
@@ -302,6 +364,7 @@ class ActorPool:
             del self.inflight[ref]
             i = call.actor
             self.load[i] -= 1
+            self._release(call)
             late = FrameError("scoring_timeout",
                               f"not scored within its deadline ({len(call.jobs)} frame(s) in the call)")
             out.extend((job, late) for job in call.jobs)
@@ -335,6 +398,9 @@ class ActorPool:
                     continue
                 self.pids[i], self.nodes[i] = info["pid"], info["node_id"]
                 log.info("actor %d restarted: pid %d on node %s", i, info["pid"], info["node_id"])
+                if self.lane is not None:  # calls handed to the incarnation that died
+                    self.lane.fail_actor(i, ActorDied(f"actor {i} restarted"))
+                self._serve(i)
 
     def reload(self, product: str, timeout: float = 60.0) -> list[dict[str, str]]:
         """Publish a product's ``current`` (and shadow) model and load it in every live actor (hot swap);
@@ -355,3 +421,5 @@ class ActorPool:
     def shutdown(self) -> None:
         for a in [*self.actors, self.registry]:
             ray.kill(a, no_restart=True)
+        if self.lane is not None:
+            self.lane.close()

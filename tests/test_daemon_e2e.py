@@ -3,12 +3,14 @@ and a real ZeroMQ subscriber. Marked slow: it starts processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import replace
 
 import pytest
@@ -116,6 +118,17 @@ def test_killed_actor_is_restarted_and_no_frame_is_lost(daemon: RunningDaemon) -
     errors = [v.header["error"] for v in rest if v.header["verdict"] == "error"]
     assert not errors, errors
     assert metric_value(daemon.metrics(), "inspectd_actor_restarts_total") >= 1
+    # the restarted actor is handed frames through shared memory again, as every local actor is
+    deadline = time.time() + 60
+    while {a["handover"] for a in actors(daemon)} != {"shared_memory"}:
+        assert time.time() < deadline, actors(daemon)
+        time.sleep(0.5)
+
+
+def actors(daemon: RunningDaemon) -> list[dict]:
+    """``GET /v1/actors``."""
+    with urllib.request.urlopen(daemon.http + "/v1/actors", timeout=10) as r:
+        return json.loads(r.read())["actors"]
 
 
 def test_replay_sensor_process(daemon: RunningDaemon, tmp_path) -> None:

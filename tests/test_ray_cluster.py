@@ -83,6 +83,7 @@ def test_actors_on_worker_nodes_live_enroll_and_a_killed_node(
         placed = {a["node_id"] for a in actors}
         assert placed == set(workers), f"actors on {placed}, worker nodes {set(workers)}, head {head}"
         assert head not in placed
+        assert {a["handover"] for a in actors} == {"object_store"}  # not the daemon's node: Ray calls
 
         # a live enroll reaches both nodes (the product did not exist when the actors were placed)
         out = inspectd("enroll", "--product", NEW, "--good", str(good), "--holdout", "4", "--target-frr", "0.05",

@@ -13,13 +13,16 @@ product changes model without a restart, and loads or drops its shadow model
 (``workers.shadow``). ``score`` returns plain data (no custom classes) so Ray moves results
 cheaply.
 
-The daemon calls ``score_shared`` with a reference to frames it put into Ray's object store:
-the actor fetches them itself (timed as ``deserialize``), so their arrays are read in place in
-shared memory, read-only, never copied into the actor (docs/design/daemon-path.md).
+Frames reach it one of two ways (docs/design/daemon-path.md), read in place in shared memory
+either way, read-only, never copied into the actor: on the daemon's node through ``serve``, a
+loop that runs for the actor's life and takes calls from the daemon's slots in /dev/shm
+(``workers.handover``), writing the maps back there; elsewhere through ``score_shared``, a Ray
+call with a reference to frames the daemon put into Ray's object store.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -28,10 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import ray
 import torch
+import zmq
 
 from sensors.frame import Frame
 from workers.backends import resolve_backend
+from workers.handover import Slot, read_frames, write_reply
 from workers.model_store import (
     CURRENT,
     ZERO_SHOT_MODEL,
@@ -256,8 +262,6 @@ class ScoringWorker:
         frames). Fetching it maps the frames' arrays from shared memory without a copy; each
         result's ``timings`` get that as ``deserialize``, and ``finished_at`` (wall clock) when
         the call returns, from which the daemon times the way back."""
-        import ray
-
         started = time.time()
         t0 = time.perf_counter()
         frames = ray.get(shared[0])
@@ -270,9 +274,58 @@ class ScoringWorker:
                 r["finished_at"] = finished
         return out
 
-    def score_batch(self, frames: list[Frame], started: float | None = None) -> list[dict[str, Any] | BaseException]:
+    @ray.method(concurrency_group="handover")
+    def serve(self, requests: str, replies: str) -> int:
+        """Score the calls the daemon hands over through shared memory (``workers.handover``)
+        until it sends ``stop`` or goes away; returns the calls served.
+
+        Runs for the actor's life in its own concurrency group, so ``info``, ``reload`` and
+        ``score_shared`` still answer. ``requests``: the daemon's PUSH endpoint for this actor;
+        ``replies``: its PULL endpoint. Each request names a slot file and the frames' places
+        in it; the reply carries the results as JSON, their maps written into the slot, and the
+        same timings as ``score_shared`` (``deserialize``: mapping the frames)."""
+        lower_priority(self.nice)  # this group's thread started after __init__
+        ctx = zmq.Context()
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        pull.connect(requests)
+        push.connect(replies)
+        slots: dict[str, Slot] = {}
+        served = 0
+        try:
+            while True:
+                request = json.loads(pull.recv())
+                if request.get("stop"):
+                    return served
+                started = time.time()
+                t0 = time.perf_counter()
+                slot = slots.get(request["key"])
+                if slot is None or slot.path != request["slot"]:
+                    slot = slots[request["key"]] = Slot(request["slot"], request["size"])
+                frames, maps = read_frames(slot.array, request["frames"])
+                deserialize = time.perf_counter() - t0
+                out = self.score_batch(frames, started, maps)
+                finished = time.time()
+                for r in out:
+                    if isinstance(r, dict):
+                        r["timings"]["deserialize"] = deserialize
+                        r["finished_at"] = finished
+                try:
+                    reply = write_reply(slot.array, request["frames"], out)
+                except Exception as e:  # a result that cannot travel fails its call, not the loop
+                    reply = write_reply(slot.array, request["frames"], [e] * len(out))
+                del frames, maps
+                push.send_multipart([str(request["call"]).encode(), reply])
+                served += 1
+        finally:
+            pull.close(0)
+            push.close(0)
+            ctx.term()
+
+    def score_batch(self, frames: list[Frame], started: float | None = None,
+                    maps: list[np.ndarray] | None = None) -> list[dict[str, Any] | BaseException]:
         """Score several frames in one call; a frame that fails gives its exception, not the batch's.
-        ``started``: when the call began (wall clock; default now), reported as ``started_at``.
+        ``started``: when the call began (wall clock; default now), reported as ``started_at``;
+        ``maps``: where to write each frame's anomaly map (``workers.score_frame.map_back``).
 
         Frames of one model are scored together (``workers.score_frame.score_frames``) where
         the scorer's batching was measured to pay on its device (``Scorer.batches``); elsewhere,
@@ -290,13 +343,14 @@ class ScoringWorker:
         for members in groups.values():
             model, zero_shot = self._model_for(frames[members[0]])
             if len(members) > 1 and model.scorer.batches:
-                results: list[Any] = score_frames(model.scorer, [frames[i] for i in members], model.preprocess)
+                results: list[Any] = score_frames(model.scorer, [frames[i] for i in members], model.preprocess,
+                                                  None if maps is None else [maps[i] for i in members])
                 for i, r in zip(members, results, strict=True):
                     out[i] = r if isinstance(r, Exception) else self._reply(model, r, zero_shot, started, frames[i])
                 continue
             for i in members:
                 try:
-                    out[i] = self.score(frames[i], started)
+                    out[i] = self.score(frames[i], started, None if maps is None else maps[i])
                 except Exception as e:
                     out[i] = e
         return [r for r in out if r is not None]
@@ -313,12 +367,14 @@ class ScoringWorker:
             raise KeyError(f"product {frame.meta.product!r} has no model and there is no cold-start model")
         return model, True
 
-    def score(self, frame: Frame, started: float | None = None) -> dict[str, Any]:
+    def score(self, frame: Frame, started: float | None = None, out: np.ndarray | None = None) -> dict[str, Any]:
         """Score one frame of an enrolled product: object score, anomaly map, stage timings.
-        ``started``: when the call began (wall clock; default now), reported as ``started_at``."""
+        ``started``: when the call began (wall clock; default now), reported as ``started_at``;
+        ``out``: where to write the anomaly map."""
         started = time.time() if started is None else started
         model, zero_shot = self._model_for(frame)
-        return self._reply(model, score_frame(model.scorer, frame, model.preprocess), zero_shot, started, frame)
+        return self._reply(model, score_frame(model.scorer, frame, model.preprocess, out=out), zero_shot, started,
+                           frame)
 
     def _reply(self, model: ProductModel, result: FrameScore, zero_shot: bool, started: float,
                frame: Frame) -> dict[str, Any]:

@@ -62,13 +62,20 @@ class FrameScore:
     pose, and ``registration_failed``, which the daemon turns into ``review``)."""
 
 
-def map_back(cloud: PreparedCloud, point_scores: np.ndarray, frame: Frame, dense: bool = False) -> np.ndarray:
+def map_back(cloud: PreparedCloud, point_scores: np.ndarray, frame: Frame, dense: bool = False,
+             out: np.ndarray | None = None) -> np.ndarray:
     """Per-voxel scores → an anomaly map over every pixel / point of ``frame``.
 
     ``dense`` (organized frames only): score the unscored pixels of the part region from the
-    nearest scored pixel and the rest with the map's floor (see the module doc).
+    nearest scored pixel and the rest with the map's floor (see the module doc). ``out``: a
+    float32 array of the frame's pixel / point shape to write the map into (an actor's
+    hand-over slot), returned unless ``dense`` builds a new one.
     """
-    full = np.zeros(frame.n_points, dtype=np.float32)
+    if out is None:
+        full = np.zeros(frame.n_points, dtype=np.float32)
+    else:
+        full = out.reshape(-1)
+        full.fill(0.0)
     full[~frame.valid_mask().reshape(-1)] = np.nan
     full[cloud.source_flat] = point_scores[cloud.voxel_of_source]
     amap = full.reshape(frame.points.shape[:-1])
@@ -97,16 +104,17 @@ def score_frame(
     params: PreprocessParams,
     dense: bool = False,
     device: str | torch.device | None = "auto",
+    out: np.ndarray | None = None,
 ) -> FrameScore:
     """Preprocess ``frame``, score it, and map the per-point scores back to the frame
-    (``dense``: see :func:`map_back`). ``device``: where to preprocess; ``"auto"`` follows the
-    scorer (:func:`preprocess_device`), ``None`` forces the CPU path."""
+    (``dense``, ``out``: see :func:`map_back`). ``device``: where to preprocess; ``"auto"``
+    follows the scorer (:func:`preprocess_device`), ``None`` forces the CPU path."""
     t0 = time.perf_counter()
     cloud = prepare(frame, params, preprocess_device(scorer) if device == "auto" else device)
     t1 = time.perf_counter()
     result = scorer.score(cloud)
     t2 = time.perf_counter()
-    amap = map_back(cloud, result.point_scores, frame, dense)
+    amap = map_back(cloud, result.point_scores, frame, dense, out)
     t3 = time.perf_counter()
     timings = {"preprocess": t1 - t0, "score": t2 - t1, "map_back": t3 - t2, **result.timings}
     fields = result.verdict_fields() if hasattr(result, "verdict_fields") else {}
@@ -114,10 +122,11 @@ def score_frame(
 
 
 def score_frames(
-    scorer: Scorer, frames: Sequence[Frame], params: PreprocessParams
+    scorer: Scorer, frames: Sequence[Frame], params: PreprocessParams,
+    outs: Sequence[np.ndarray | None] | None = None,
 ) -> list[FrameScore | Exception]:
     """:func:`score_frame` for a batch of frames of one model, the scorer's work shared
-    (``Scorer.score_many``). A frame that fails gives its exception, not the batch's: a failing
+    (``Scorer.score_many``); ``outs``: each frame's ``out`` (:func:`map_back`). A frame that fails gives its exception, not the batch's: a failing
     preprocessing drops that frame from the batch, a failing batch is scored again frame by frame.
     Each frame's ``score`` timing is the batch's scoring time split evenly."""
     device = preprocess_device(scorer)
@@ -148,7 +157,7 @@ def score_frames(
             out[i] = result
             continue
         t2 = time.perf_counter()
-        amap = map_back(cloud, result.point_scores, frames[i])
+        amap = map_back(cloud, result.point_scores, frames[i], out=None if outs is None else outs[i])
         timings = {"preprocess": ps, "score": score_s, "map_back": time.perf_counter() - t2, **result.timings}
         fields = result.verdict_fields() if hasattr(result, "verdict_fields") else {}
         out[i] = FrameScore(float(result.object_score), amap, timings, len(cloud.points), fields)

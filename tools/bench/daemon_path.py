@@ -8,10 +8,11 @@ Where each hop's time comes from (all means over the paced run, ms):
   the log and publish, which come after it, its ``inspectd_stage_seconds`` histogram (scraped
   before and after the paced run, deltas):
   ``decode`` (wire decode + validation at ingest), ``queue`` (bounded queue to dispatch),
-  ``put`` (the one ``ray.put`` of the call's frames into the object store), ``actor_wait``
-  (dispatch to the actor's call starting: Ray's task hand-over), ``deserialize`` (the actor
-  fetching the frames: shared-memory numpy views), ``preprocess``, ``score``, ``map_back`` (the
-  actor's work), ``return`` (the actor's reply with the anomaly map, to the dispatch thread),
+  ``put`` (the one copy of the call's frames into the actor's shared-memory slot, or the
+  ``ray.put`` into the object store), ``actor_wait`` (dispatch to the actor's call starting: the
+  hand-over), ``deserialize`` (the actor mapping the frames: shared-memory numpy views),
+  ``preprocess``, ``score``, ``map_back`` (the actor's work), ``return`` (the actor's reply with
+  the anomaly map, to the dispatch thread),
   ``decision``, ``maps`` (map files), ``log`` (SQLite commit), ``publish`` (PUB send);
 * the verdicts themselves: each carries ``latency_ms``, the daemon's time from receipt to its
   map files; ``other`` is its mean less the hops above up to ``maps`` (ingest bookkeeping, the
@@ -213,6 +214,8 @@ TRANSPORTS = ("ipc", "tcp")
 """How the bench's sensor and subscriber reach the daemon: ``ipc`` (Unix sockets, as a sensor
 adapter on the daemon's machine connects) or ``tcp`` (loopback TCP, as a sensor on another
 machine does, less the network)."""
+HANDOVERS = ("shared_memory", "object_store")
+"""How the daemon hands frames to its actors: the values of the config's ``workers.handover``."""
 
 
 def endpoint(transport: str, root: Path, name: str) -> str:
@@ -223,10 +226,11 @@ def endpoint(transport: str, root: Path, name: str) -> str:
 
 
 def bench_daemon(
-    models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu", transport: str = "ipc"
+    models: Path, frames: list[Frame], root: Path, backend: str = "torch-cpu", transport: str = "ipc",
+    handover: str = "shared_memory",
 ) -> dict[str, Any]:
     """Throughput at saturation and latency at half of it, through ZeroMQ (``transport``) + Ray
-    + decision."""
+    (frames handed to the actors by ``handover``, the config's ``workers.handover``) + decision."""
     http = free_port()
     # each stream opens its own pusher; ingest may still count the previous one until it sees
     # its disconnect, so admit a few (with 1, a new pusher can be refused and the bench waits)
@@ -243,7 +247,7 @@ def bench_daemon(
                     "models_dir": str(models)},
         "ray": {"object_store_mb": OBJECT_STORE_MB},
         # every frame size on the same actors; on a GPU backend four actors share each GPU
-        "workers": {"backend": backend, "large_actors": 0, **GPU_ACTORS.get(backend, {})},
+        "workers": {"backend": backend, "large_actors": 0, "handover": handover, **GPU_ACTORS.get(backend, {})},
         "memory": {"bound_mb": 1_000_000},  # the bench measures the peak RSS itself
     }
     path = root / "bench.yaml"
@@ -274,6 +278,7 @@ def bench_daemon(
         received = {str(h.get("part_id")) for _, h in every + verdicts}
         return {
             "zmq_transport": transport,
+            "handover": handover,
             "frames": len(frames),
             "warmup": {"frames": len(warm), "latency_ms_p50_first_two": 1000 * pct(lat_warm[:2], 50)},
             "verdicts": len(lat_sat) + len(lat),

@@ -23,7 +23,13 @@ def transport_line(r: dict[str, Any]) -> list[str]:
         return []
     how = {"ipc": "Unix sockets (ipc://), as a sensor adapter on the daemon's machine connects",
            "tcp": "loopback TCP, as a sensor on another machine connects, less the network"}
-    return [f"ZeroMQ transport, sensor → daemon → subscriber: {'; '.join(how[t] for t in used)}."]
+    lines = [f"ZeroMQ transport, sensor → daemon → subscriber: {'; '.join(how[t] for t in used)}."]
+    handed = sorted({e["daemon"]["handover"] for e in r["sizes"].values() if "handover" in e.get("daemon", {})})
+    ways = {"shared_memory": "a slot in shared memory and a request over a Unix socket (workers.handover)",
+            "object_store": "a Ray call, the frames in Ray's object store (workers.handover: object_store)"}
+    if handed:
+        lines.append(f"Frames reach the actors by: {'; '.join(ways[h] for h in handed)}.")
+    return lines
 
 
 def render_markdown(r: dict[str, Any]) -> str:

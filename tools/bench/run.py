@@ -86,7 +86,7 @@ from sensors.frame import Frame, FrameMeta
 from sensors.simcam import CameraParams
 from sensors.simulated import simulated_parts
 from sensors.wire import decode_frame, encode_frame, encode_verdict
-from tools.bench.daemon_path import TRANSPORTS, bench_daemon
+from tools.bench.daemon_path import HANDOVERS, TRANSPORTS, bench_daemon
 from tools.bench.measure import PeakRSS, load_average, machine_description, pct
 from tools.bench.report import render_markdown, summary_table
 from tools.bench.stages import SIZES, STAGE_OF, map_stages
@@ -268,7 +268,7 @@ def result_name(template: str, scorer: str, backend: str) -> str:
 def run_bench(
     out: Path, name: str, sizes: list[str], scorers: list[str] | str, n_frames: int, daemon_path: bool,
     log: Callable[[str], None] = print, backends: list[str] | None = None,
-    imrnet_steps: int = DEFAULT_IMRNET_FINETUNE_STEPS, transport: str = "ipc",
+    imrnet_steps: int = DEFAULT_IMRNET_FINETUNE_STEPS, transport: str = "ipc", handover: str = "shared_memory",
 ) -> dict[str, dict[str, Any]]:
     """Run every planned scorer × backend × size; write one JSON + Markdown per scorer × backend
     (after every size, so a cut-off run keeps what it measured). Returns them by file name."""
@@ -312,7 +312,7 @@ def run_bench(
                         log(f"[{scorer} {backend} {size}] daemon path (ZeroMQ + Ray + decision)")
                         root = Path(tmp) / f"daemon-{backend}"
                         root.mkdir()
-                        entry["daemon"] = bench_daemon(models, test, root, backend, transport)
+                        entry["daemon"] = bench_daemon(models, test, root, backend, transport, handover)
                         log(f"[{scorer} {backend} {size}] in-process again, after the daemon's run")
                         entry["in_process"] = bracket(entry["in_process"], bench_in_process(models, test, backend))
                         entry["overhead_ratio_p50"] = (entry["daemon"]["latency_ms_p50"]
@@ -346,6 +346,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="how the bench's sensor and subscriber reach the daemon: ipc (Unix sockets, a sensor "
                         "adapter on the daemon's machine) or tcp (loopback TCP, a sensor on another machine "
                         "less the network)")
+    b.add_argument("--handover", choices=HANDOVERS, default="shared_memory",
+                   help="how the daemon hands frames to its actors (the config's workers.handover)")
     b.add_argument("--curve", action="store_true",
                    help="measure only what CurveZMQ costs on the daemon path at 400x400 (tools/bench/curve.py)")
     b.add_argument("--batch", default=None, metavar="1,4,8",
@@ -398,7 +400,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError("'all' stands alone")
     name = args.name if "{" in args.name else args.name + "-{scorer}-{backend}"
     results = run_bench(Path(args.out), name, sizes, scorers, args.frames, not args.no_daemon,
-                        backends=backends, imrnet_steps=args.imrnet_finetune_steps, transport=args.transport)
+                        backends=backends, imrnet_steps=args.imrnet_finetune_steps, transport=args.transport,
+                        handover=args.handover)
     for r in results.values():
         print(render_markdown(r))
     return 0

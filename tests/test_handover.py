@@ -1,0 +1,145 @@
+"""The shared-memory hand-over between the daemon and an actor on its machine
+(``workers.handover``, ``daemon.shm_lane``, ``ScoringWorker.serve``): what travels, that the
+actor reads the frames in place and writes the maps in place, and that its answers are the same
+as scoring the frame directly. Real ZeroMQ Unix sockets and real files in /dev/shm; the actor's
+loop runs in a thread of this process, as it runs in a thread of a Ray actor (the daemon tests
+run it in Ray: tests/test_daemon_e2e.py, tests/test_zero_copy.py)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from daemon.shm_lane import SharedMemoryLane
+from sensors.frame import Frame, FrameError
+from sensors.simulated import simulated_parts
+from workers.actor import ScoringWorker
+from workers.handover import ScoringError, Slot, layout, read_frames, read_reply, write_frames, write_reply
+
+from conftest import PRODUCT
+
+
+def _slot(tmp_path: Path, frames: list[Frame]) -> tuple[Slot, list[dict]]:
+    descs, size = layout(frames)
+    slot = Slot(tmp_path / "slot", size, create=True)
+    write_frames(slot.array, frames, descs)
+    return slot, descs
+
+
+def test_frames_travel_whole_and_are_read_in_place(tmp_path: Path) -> None:
+    camera = next(iter(simulated_parts([PRODUCT], 1, 0.0, seed=4, good_only=True)))
+    camera.points[0, :3] = np.nan  # invalid pixels
+    camera = replace(camera, rgb=np.full((*camera.points.shape[:2], 3), 7, np.uint8), gt_mask=None)
+    cloud = Frame(points=np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32),
+                  meta=replace(camera.meta, part_id="cloud-1", units="um", truth={"defective": True, "defect": "dent"}))
+    slot, descs = _slot(tmp_path, [camera, cloud])
+    other = Slot(slot.path, slot.size)  # the actor's own mapping of the same file
+    frames, maps = read_frames(other.array, descs)
+    for sent, got in zip([camera, cloud], frames, strict=True):
+        np.testing.assert_array_equal(got.points, sent.points)
+        assert got.meta == sent.meta
+        assert got.valid_mask() is not None and np.array_equal(got.valid_mask(), sent.valid_mask())
+        assert np.shares_memory(got.points, other.array) and not got.points.flags.writeable
+    np.testing.assert_array_equal(frames[0].rgb, camera.rgb)
+    assert frames[1].rgb is None
+    assert [m.shape for m in maps] == [camera.points.shape[:2], (500,)] and all(m.flags.writeable for m in maps)
+
+
+def test_a_reply_carries_maps_and_errors(tmp_path: Path) -> None:
+    frames = list(simulated_parts([PRODUCT], 3, 0.0, seed=6, good_only=True))
+    slot, descs = _slot(tmp_path, frames)
+    _, maps = read_frames(slot.array, descs)
+    maps[0][:] = 1.5  # a scorer that wrote its map into the slot
+    apart = np.full(frames[1].points.shape[:2], 2.5, np.float32)  # and one that did not
+    results = [
+        {"object_score": np.float32(0.25), "anomaly_map": maps[0], "timings": {"score": 0.01},
+         "verdict_fields": {"pose": np.eye(4), "fitness": np.float64(0.9)}},
+        {"object_score": 0.5, "anomaly_map": apart, "timings": {}, "verdict_fields": {}},
+        FrameError("too_few_points", "12 foreground points"),
+    ]
+    got = read_reply(slot.array, descs, write_reply(slot.array, descs, results))
+    assert got[0]["object_score"] == 0.25 and got[0]["verdict_fields"]["pose"] == np.eye(4).tolist()
+    assert np.all(got[0]["anomaly_map"] == 1.5) and np.all(got[1]["anomaly_map"] == 2.5)
+    assert not np.shares_memory(got[0]["anomaly_map"], slot.array)  # copied out: the slot serves the next call
+    assert isinstance(got[2], FrameError) and got[2].reason == "too_few_points" and got[2].detail == "12 foreground points"
+    crashed = read_reply(slot.array, descs[:1], write_reply(slot.array, descs[:1], [ValueError("boom")]))
+    assert isinstance(crashed[0], ScoringError) and str(crashed[0]) == "ValueError: boom"
+
+
+def _submit(lane: SharedMemoryLane, frames: list[Frame]) -> tuple[int, object]:
+    """Submit once the actor's loop listens (a ZeroMQ connect takes a moment)."""
+    deadline = time.monotonic() + 30
+    while (handed := lane.submit(0, frames)) is None:
+        assert time.monotonic() < deadline, "the actor's loop never connected"
+        time.sleep(0.01)
+    return handed
+
+
+def test_an_actor_scores_handed_over_calls_as_it_scores_frames(enrolled_models: Path) -> None:
+    worker = ScoringWorker(str(enrolled_models))
+    frames = list(simulated_parts([PRODUCT], 3, 0.5, seed=12))
+    lane = SharedMemoryLane(actors=1, slots=1)
+    assert stat.S_IMODE(lane.dir.stat().st_mode) == 0o700  # nobody else opens the slots or sockets
+    served: list[int] = []
+    loop = threading.Thread(target=lambda: served.append(worker.serve(lane.request_endpoint(0), lane.reply_endpoint)))
+    loop.start()
+    try:
+        call, future = _submit(lane, frames[:2])
+        assert lane.submit(0, frames[2:]) is None  # its only slot is taken until the result is released
+        replies = future.result(timeout=120)
+        lane.release(call)
+        tiny = Frame(points=np.zeros((3, 3), np.float32), meta=frames[2].meta)  # too few points to score
+        call, future = _submit(lane, [tiny])
+        alone = future.result(timeout=120)
+        lane.release(call)
+    finally:
+        lane.close()
+        loop.join(timeout=30)
+    assert served == [2] and not loop.is_alive()  # close() stops the loop
+    assert not lane.dir.exists()
+    for frame, reply in zip(frames[:2], replies, strict=True):
+        direct = worker.score(frame)
+        assert reply["object_score"] == pytest.approx(direct["object_score"], rel=1e-6)
+        np.testing.assert_array_equal(reply["anomaly_map"], direct["anomaly_map"])
+        assert reply["timings"]["deserialize"] >= 0 and reply["finished_at"] >= reply["started_at"]
+    assert isinstance(alone[0], FrameError), alone
+
+
+def test_a_dead_actors_calls_fail_and_a_late_answer_is_dropped(tmp_path: Path) -> None:
+    frame = next(iter(simulated_parts([PRODUCT], 1, 0.0, seed=2, good_only=True)))
+    killed = tmp_path / "inspectd-2147483647-x1"  # left by a daemon killed before its clean-up
+    (killed / "slots").mkdir(parents=True)
+    running = tmp_path / f"inspectd-{os.getpid()}-x2"  # a daemon that still runs
+    running.mkdir()
+    lane = SharedMemoryLane(actors=1, slots=1, root=str(tmp_path))
+    assert not killed.exists() and running.exists()
+    import zmq
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)  # an actor that takes the request and never answers in time
+    pull.connect(lane.request_endpoint(0))
+    try:
+        call, future = _submit(lane, [frame])
+        assert pull.poll(10_000)
+        pull.recv()
+        lane.fail_actor(0, RuntimeError("actor died"))
+        with pytest.raises(RuntimeError, match="actor died"):
+            future.result(timeout=5)
+        lane.release(call)
+        push = ctx.socket(zmq.PUSH)  # its answer arrives after all: nobody waits for it any more
+        push.connect(lane.reply_endpoint)
+        push.send_multipart([str(call).encode(), b"[]"])
+        time.sleep(0.5)
+        assert lane.submit(0, [frame]) is not None  # the slot was freed, the lane still works
+        push.close(0)
+    finally:
+        pull.close(0)
+        ctx.term()
+        lane.close()
