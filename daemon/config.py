@@ -338,12 +338,13 @@ def worst_case_memory(cfg: Config) -> dict[str, int]:
 
 def handover_bytes(cfg: Config) -> int:
     """The shared-memory hand-over's slots at their largest (``daemon.shm_lane``): per call in
-    flight, each frame's message, its valid mask (1 B per point) and its map (4 B per point)."""
+    flight, a frame slot (each frame's message and valid mask, 1 B per point) and two map slots
+    (4 B per point each)."""
     if cfg.workers.handover != "shared_memory":
         return 0
     w = cfg.workers
     actors = (w.actors if isinstance(w.actors, int) else (os.cpu_count() or 1)) + w.large_actors
-    frame = max_message_bytes(cfg.ingest.max_points) + 5 * cfg.ingest.max_points
+    frame = max_message_bytes(cfg.ingest.max_points) + (1 + 2 * 4) * cfg.ingest.max_points
     return actors * w.max_inflight_per_actor * w.max_batch * frame
 
 

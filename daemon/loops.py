@@ -154,6 +154,7 @@ class ServiceLoops:
         assert pool is not None
         retry: deque[Job] = deque()
         restarts_seen = 0
+        calls_seen = dict(pool.calls)
         while True:
             pool.rearm()  # from here on, a frame queued or a result in ends the poll below at once
             while pool.has_capacity():
@@ -168,18 +169,26 @@ class ServiceLoops:
             idle = self.queue.empty() and self.large_queue.empty() and not retry and not self.retry_large
             if self.ingest_done.is_set() and idle and not pool.inflight:
                 break
-            for job, outcome in pool.poll(timeout=POLL_S):
-                try:
-                    self._finish(job, outcome, retry)
-                except Exception as e:  # a bug in the decision stage must not strand the frame
-                    log.exception("decision failed for %s", job.frame.meta.part_id)
-                    m = job.frame.meta
-                    ident = identity(m)
-                    self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings, job.received_mono)
+            self._finish_all(pool.poll(timeout=POLL_S), retry)
             if pool.restarts != restarts_seen:
                 self.metrics.actor_restarts.inc(pool.restarts - restarts_seen)
                 restarts_seen = pool.restarts
+            for way, n in pool.calls.items():
+                if n != calls_seen[way]:
+                    self.metrics.handover_calls.labels(way=way).inc(n - calls_seen[way])
+                    calls_seen[way] = n
             self._update_actor_gauge()
+
+    def _finish_all(self, results: list[tuple[Job, Any]], retry: deque[Job]) -> None:
+        """Decide each finished job (a method of its own, so that no local of the dispatch loop
+        holds the last result's map: a map on a hand-over slot frees the slot when dropped)."""
+        for job, outcome in results:
+            try:
+                self._finish(job, outcome, retry)
+            except Exception as e:  # a bug in the decision stage must not strand the frame
+                log.exception("decision failed for %s", job.frame.meta.part_id)
+                ident = identity(job.frame.meta)
+                self._emit_error(ident, "internal_error", repr(e), job.received_at, job.timings, job.received_mono)
 
     def _next_batch(self, retry: deque[Job]) -> list[Job]:
         """Jobs for one actor call: retries first, then the queue. Waiting frames are spread over

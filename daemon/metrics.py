@@ -67,6 +67,9 @@ class DaemonMetrics:
             "inspectd_stage_seconds", "Time per pipeline stage.", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )
         self.actor_restarts = Counter("inspectd_actor_restarts", "Scoring actors that died and were restarted.", registry=r)
+        self.handover_calls = Counter(
+            "inspectd_handover_calls", "Calls to the scoring actors, by how their frames reached them "
+            "(shared_memory, or object_store: a Ray call).", ["way"], registry=r)
         self.actors = Gauge("inspectd_actors", "Alive scoring actors, by inference backend.", ["backend"], registry=r)
         self.cold_start_verdicts = Counter(
             "inspectd_cold_start_verdicts", "Verdicts given by the cold-start (zero-shot) model.", ["product"], registry=r

@@ -164,7 +164,7 @@ class InspectionService(ServiceApi, ServiceLoops):
         self.pool = ActorPool(self.cfg, products)
         self.pool.shadowed = {p for p in products if read_shadow(self.cfg.storage.models_dir, p)}
         infos = self.pool.wait_ready(ready_timeout)
-        if self.cfg.ray.address is None:
+        if self.cfg.ray.address is None and self.pool.lane is None:  # frames go through the store
             t0 = time.monotonic()
             try:
                 warmed = self.pool.warm_store()

@@ -28,6 +28,7 @@ COUNTERS = {
     "inspectd_frames_refused_total",
     "inspectd_verdicts_total",
     "inspectd_actor_restarts_total",
+    "inspectd_handover_calls_total",
     "inspectd_map_write_failures_total",
     "inspectd_log_failures_total",
     "inspectd_maps_pruned_total",
@@ -54,7 +55,7 @@ SERIES = (
     | {"up"}
 )
 LABELS = {"sensor_id", "reason", "product", "verdict", "stage", "backend", "version", "le", "job", "instance",
-          "volume", "lane", "label"}
+          "volume", "lane", "label", "way"}
 LABEL_VALUES = {
     "verdict": {"pass", "fail", "review", "error"},
     "stage": {"decode", "queue", "preprocess", "score", "map_back", "decision", "log", "maps", "publish"},

@@ -26,11 +26,12 @@ from workers.handover import ScoringError, Slot, layout, read_frames, read_reply
 from conftest import PRODUCT
 
 
-def _slot(tmp_path: Path, frames: list[Frame]) -> tuple[Slot, list[dict]]:
-    descs, size = layout(frames)
-    slot = Slot(tmp_path / "slot", size, create=True)
+def _slots(tmp_path: Path, frames: list[Frame]) -> tuple[Slot, Slot, list[dict]]:
+    """A call's frame slot, written, its map slot and its descriptors."""
+    descs, frame_bytes, map_bytes = layout(frames)
+    slot, maps = Slot(tmp_path / "frames", frame_bytes, create=True), Slot(tmp_path / "maps", map_bytes, create=True)
     write_frames(slot.array, frames, descs)
-    return slot, descs
+    return slot, maps, descs
 
 
 def test_frames_travel_whole_and_are_read_in_place(tmp_path: Path) -> None:
@@ -39,9 +40,9 @@ def test_frames_travel_whole_and_are_read_in_place(tmp_path: Path) -> None:
     camera = replace(camera, rgb=np.full((*camera.points.shape[:2], 3), 7, np.uint8), gt_mask=None)
     cloud = Frame(points=np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32),
                   meta=replace(camera.meta, part_id="cloud-1", units="um", truth={"defective": True, "defect": "dent"}))
-    slot, descs = _slot(tmp_path, [camera, cloud])
+    slot, map_slot, descs = _slots(tmp_path, [camera, cloud])
     other = Slot(slot.path, slot.size)  # the actor's own mapping of the same file
-    frames, maps = read_frames(other.array, descs)
+    frames, maps = read_frames(other.array, map_slot.array, descs)
     for sent, got in zip([camera, cloud], frames, strict=True):
         np.testing.assert_array_equal(got.points, sent.points)
         assert got.meta == sent.meta
@@ -50,12 +51,13 @@ def test_frames_travel_whole_and_are_read_in_place(tmp_path: Path) -> None:
     np.testing.assert_array_equal(frames[0].rgb, camera.rgb)
     assert frames[1].rgb is None
     assert [m.shape for m in maps] == [camera.points.shape[:2], (500,)] and all(m.flags.writeable for m in maps)
+    assert all(np.shares_memory(m, map_slot.array) for m in maps)
 
 
 def test_a_reply_carries_maps_and_errors(tmp_path: Path) -> None:
     frames = list(simulated_parts([PRODUCT], 3, 0.0, seed=6, good_only=True))
-    slot, descs = _slot(tmp_path, frames)
-    _, maps = read_frames(slot.array, descs)
+    slot, map_slot, descs = _slots(tmp_path, frames)
+    _, maps = read_frames(slot.array, map_slot.array, descs)
     maps[0][:] = 1.5  # a scorer that wrote its map into the slot
     apart = np.full(frames[1].points.shape[:2], 2.5, np.float32)  # and one that did not
     results = [
@@ -64,12 +66,12 @@ def test_a_reply_carries_maps_and_errors(tmp_path: Path) -> None:
         {"object_score": 0.5, "anomaly_map": apart, "timings": {}, "verdict_fields": {}},
         FrameError("too_few_points", "12 foreground points"),
     ]
-    got = read_reply(slot.array, descs, write_reply(slot.array, descs, results))
+    got = read_reply(map_slot.array, descs, write_reply(map_slot.array, descs, results))
     assert got[0]["object_score"] == 0.25 and got[0]["verdict_fields"]["pose"] == np.eye(4).tolist()
     assert np.all(got[0]["anomaly_map"] == 1.5) and np.all(got[1]["anomaly_map"] == 2.5)
-    assert not np.shares_memory(got[0]["anomaly_map"], slot.array)  # copied out: the slot serves the next call
+    assert all(np.shares_memory(g["anomaly_map"], map_slot.array) for g in got[:2])  # read in place
     assert isinstance(got[2], FrameError) and got[2].reason == "too_few_points" and got[2].detail == "12 foreground points"
-    crashed = read_reply(slot.array, descs[:1], write_reply(slot.array, descs[:1], [ValueError("boom")]))
+    crashed = read_reply(map_slot.array, descs[:1], write_reply(map_slot.array, descs[:1], [ValueError("boom")]))
     assert isinstance(crashed[0], ScoringError) and str(crashed[0]) == "ValueError: boom"
 
 
@@ -92,22 +94,36 @@ def test_an_actor_scores_handed_over_calls_as_it_scores_frames(enrolled_models: 
     loop.start()
     try:
         call, future = _submit(lane, frames[:2])
-        assert lane.submit(0, frames[2:]) is None  # its only slot is taken until the result is released
+        assert lane.submit(0, frames[2:]) is None  # its only frame slot is taken until the result is released
         replies = future.result(timeout=120)
         lane.release(call)
+        held = [r["anomaly_map"] for r in replies]  # views on a map slot, as the emitter publishes them
+        copies = [m.copy() for m in held]
+        first = [{k: v for k, v in r.items() if k != "anomaly_map"} for r in replies]
         tiny = Frame(points=np.zeros((3, 3), np.float32), meta=frames[2].meta)  # too few points to score
         call, future = _submit(lane, [tiny])
         alone = future.result(timeout=120)
         lane.release(call)
+        call, future = _submit(lane, frames[2:])  # the last free map slot, while the first is held
+        future.result(timeout=120)
+        lane.release(call)
+        assert lane.submit(0, frames[2:]) is None  # both map slots busy: the maps are not dropped yet
+        for m, c in zip(held, copies, strict=True):
+            np.testing.assert_array_equal(m, c)  # no later call wrote over a map still held
+        del future  # its map dropped: that map slot is free again
+        call, future = _submit(lane, frames[2:])
+        future.result(timeout=120)
+        lane.release(call)
+        del held, replies, future
     finally:
         lane.close()
         loop.join(timeout=30)
-    assert served == [2] and not loop.is_alive()  # close() stops the loop
+    assert served == [4] and not loop.is_alive()  # close() stops the loop
     assert not lane.dir.exists()
-    for frame, reply in zip(frames[:2], replies, strict=True):
+    for frame, reply, amap in zip(frames[:2], first, copies, strict=True):
         direct = worker.score(frame)
         assert reply["object_score"] == pytest.approx(direct["object_score"], rel=1e-6)
-        np.testing.assert_array_equal(reply["anomaly_map"], direct["anomaly_map"])
+        np.testing.assert_array_equal(amap, direct["anomaly_map"])
         assert reply["timings"]["deserialize"] >= 0 and reply["finished_at"] >= reply["started_at"]
     assert isinstance(alone[0], FrameError), alone
 

@@ -191,16 +191,22 @@ def test_an_actor_keeps_freed_frame_memory_for_the_next_frame() -> None:
     assert second < 100, f"the second block faulted {second} pages in: the first was returned to the kernel"
 
 
-def test_daemon_over_unix_sockets(enrolled_models: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("handover", ["shared_memory", "object_store"])
+def test_daemon_over_unix_sockets(enrolled_models: Path, tmp_path: Path, handover: str) -> None:
     """ipc:// endpoints, as a sensor adapter on the daemon's machine connects: every frame gets
-    its verdict with its map."""
+    its verdict with its map, whichever way the frames reach the actors (``workers.handover``)."""
+    import json
+    import urllib.request
+
     from sensors.publisher import FramePusher
 
     from conftest import launch_daemon, receive_verdicts
 
     frames = list(simulated_parts([PRODUCT], 3, 0.0, seed=8, good_only=True))
     with launch_daemon(enrolled_models, tmp_path, ingest={"endpoint": f"ipc://{tmp_path}/ingest.sock"},
-                       publish={"endpoint": f"ipc://{tmp_path}/verdicts.sock"}) as d:
+                       publish={"endpoint": f"ipc://{tmp_path}/verdicts.sock"}, workers={"handover": handover}) as d:
+        with urllib.request.urlopen(d.http + "/v1/actors", timeout=10) as r:
+            assert {a["handover"] for a in json.loads(r.read())["actors"]} == {handover}
         ctx = zmq.Context()
         try:
             sub = d.subscriber(ctx)
@@ -211,7 +217,11 @@ def test_daemon_over_unix_sockets(enrolled_models: Path, tmp_path: Path) -> None
         finally:
             ctx.destroy(linger=0)
     assert sorted(v.header["part_id"] for v in verdicts) == sorted(f.meta.part_id for f in frames)
-    assert "object store warmed" in (tmp_path / "daemon.log").read_text()  # ActorPool.warm_store at start
+    log = (tmp_path / "daemon.log").read_text()
+    if handover == "object_store":  # ActorPool.warm_store at start, for frames that go through the store
+        assert "object store warmed" in log
+    else:
+        assert "through shared memory" in log and "object store warmed" not in log
     for v in verdicts:
         assert not v.header.get("error"), v.header
         assert v.anomaly_map is not None and v.anomaly_map.shape == frames[0].points.shape[:-1]

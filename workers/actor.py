@@ -281,9 +281,10 @@ class ScoringWorker:
 
         Runs for the actor's life in its own concurrency group, so ``info``, ``reload`` and
         ``score_shared`` still answer. ``requests``: the daemon's PUSH endpoint for this actor;
-        ``replies``: its PULL endpoint. Each request names a slot file and the frames' places
-        in it; the reply carries the results as JSON, their maps written into the slot, and the
-        same timings as ``score_shared`` (``deserialize``: mapping the frames)."""
+        ``replies``: its PULL endpoint. Each request names its frame slot and map slot (files)
+        and the frames' places in them; the reply carries the results as JSON, their maps
+        written into the map slot, and the same timings as ``score_shared`` (``deserialize``:
+        mapping the frames)."""
         lower_priority(self.nice)  # this group's thread started after __init__
         ctx = zmq.Context()
         pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
@@ -298,10 +299,12 @@ class ScoringWorker:
                     return served
                 started = time.time()
                 t0 = time.perf_counter()
-                slot = slots.get(request["key"])
-                if slot is None or slot.path != request["slot"]:
-                    slot = slots[request["key"]] = Slot(request["slot"], request["size"])
-                frames, maps = read_frames(slot.array, request["frames"])
+                for spec in (request["frame_slot"], request["map_slot"]):  # a new file: the slot grew
+                    if spec["name"] not in slots or slots[spec["name"]].path != spec["path"]:
+                        slots[spec["name"]] = Slot(spec["path"], spec["size"])
+                frames_slot = slots[request["frame_slot"]["name"]].array
+                maps_slot = slots[request["map_slot"]["name"]].array
+                frames, maps = read_frames(frames_slot, maps_slot, request["frames"])
                 deserialize = time.perf_counter() - t0
                 out = self.score_batch(frames, started, maps)
                 finished = time.time()
@@ -310,10 +313,10 @@ class ScoringWorker:
                         r["timings"]["deserialize"] = deserialize
                         r["finished_at"] = finished
                 try:
-                    reply = write_reply(slot.array, request["frames"], out)
+                    reply = write_reply(maps_slot, request["frames"], out)
                 except Exception as e:  # a result that cannot travel fails its call, not the loop
-                    reply = write_reply(slot.array, request["frames"], [e] * len(out))
-                del frames, maps
+                    reply = write_reply(maps_slot, request["frames"], [e] * len(out))
+                del frames, maps, frames_slot, maps_slot
                 push.send_multipart([str(request["call"]).encode(), reply])
                 served += 1
         finally:

@@ -125,6 +125,16 @@ def stage_histogram(http_url: str) -> dict[str, tuple[float, float]]:
     return {k: (v[0], v[1]) for k, v in out.items()}
 
 
+def handover_calls(http_url: str) -> dict[str, float]:
+    """The daemon's ``inspectd_handover_calls_total``: way → calls so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(http_url + "/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.labels["way"]: s.value for fam in text_string_to_metric_families(text)
+            if fam.name == "inspectd_handover_calls" for s in fam.samples if s.name.endswith("_total")}
+
+
 def stage_means_ms(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
     """Mean ms per stage over the frames observed between two scrapes."""
     out = {}
@@ -270,15 +280,18 @@ def bench_daemon(
             throughput = len(lat_sat) / wall
             rate = max(0.05, 0.5 * throughput)
             before = stage_histogram(f"http://127.0.0.1:{http}")
+            calls_before = handover_calls(f"http://127.0.0.1:{http}")
             verdicts: list[tuple[float, dict[str, Any]]] = []
             lat, _ = run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen, verdicts, sent)
             raw = stage_means_ms(before, stage_histogram(f"http://127.0.0.1:{http}"))
+            calls = {way: n - calls_before.get(way, 0.0) for way, n in handover_calls(f"http://127.0.0.1:{http}").items()}
             raw.update(header_stage_means(verdicts))  # exact where the verdicts carry them
         daemon.stop()
         received = {str(h.get("part_id")) for _, h in every + verdicts}
         return {
             "zmq_transport": transport,
             "handover": handover,
+            "handover_calls_paced": calls,
             "frames": len(frames),
             "warmup": {"frames": len(warm), "latency_ms_p50_first_two": 1000 * pct(lat_warm[:2], 50)},
             "verdicts": len(lat_sat) + len(lat),

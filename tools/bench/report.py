@@ -28,7 +28,10 @@ def transport_line(r: dict[str, Any]) -> list[str]:
     ways = {"shared_memory": "a slot in shared memory and a request over a Unix socket (workers.handover)",
             "object_store": "a Ray call, the frames in Ray's object store (workers.handover: object_store)"}
     if handed:
-        lines.append(f"Frames reach the actors by: {'; '.join(ways[h] for h in handed)}.")
+        counts = [f"{size} {int(n.get('shared_memory', 0))} of {int(sum(n.values()))}"
+                  for size, e in r["sizes"].items() if (n := e.get("daemon", {}).get("handover_calls_paced"))]
+        through = f" Calls of the paced run through shared memory: {', '.join(counts)}." if counts else ""
+        lines.append(f"Frames reach the actors by: {'; '.join(ways[h] for h in handed)}.{through}")
     return lines
 
 
