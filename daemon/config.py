@@ -337,15 +337,20 @@ def worst_case_memory(cfg: Config) -> dict[str, int]:
 
 
 def handover_bytes(cfg: Config) -> int:
-    """The shared-memory hand-over's slots at their largest (``daemon.shm_lane``): per call in
-    flight, a frame slot (each frame's message and valid mask, 1 B per point) and two map slots
-    (4 B per point each)."""
+    """The shared-memory hand-over's slots (``daemon.shm_lane``), all made at start: per frame in
+    flight, its place in a frame slot (points, colours, valid mask: 16 B per point) and two map
+    slots (4 B per point each). Map slots beyond those hold maps waiting for the emitter or a
+    subscriber, which ``emit`` and ``publish`` count."""
     if cfg.workers.handover != "shared_memory":
         return 0
+    return frames_in_flight(cfg) * (16 + 2 * 4) * cfg.ingest.max_points
+
+
+def frames_in_flight(cfg: Config) -> int:
+    """The most frames the actors hold at once: every actor's calls in flight, full batches."""
     w = cfg.workers
     actors = (w.actors if isinstance(w.actors, int) else (os.cpu_count() or 1)) + w.large_actors
-    frame = max_message_bytes(cfg.ingest.max_points) + (1 + 2 * 4) * cfg.ingest.max_points
-    return actors * w.max_inflight_per_actor * w.max_batch * frame
+    return actors * w.max_inflight_per_actor * w.max_batch
 
 
 class ConfigError(ValueError):

@@ -46,10 +46,11 @@ import zmq
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from daemon.config import Config
+from daemon.config import Config, frames_in_flight, held_frames, pub_hwm
 from daemon.shm_lane import SharedMemoryLane
 from sensors.frame import FrameError
 from workers.actor import ScoringWorker
+from workers.handover import frame_bytes, map_bytes
 from workers.model_registry import ModelRegistry
 from workers.model_store import CURRENT, ZERO_SHOT_MODEL, has_model, read_bundle
 from workers.model_versions import read_shadow
@@ -185,8 +186,12 @@ class ActorPool:
         for i, info in enumerate(infos):
             log.info("actor %d (%s lane) pid %d on node %s", i, self.lane_of[i], info["pid"], info["node_id"])
         if self.cfg.workers.handover == "shared_memory" and self.lane is None:
+            w, points = self.cfg.workers, self.cfg.ingest.max_points
             try:
-                self.lane = SharedMemoryLane(self.size, self.max_inflight)
+                self.lane = SharedMemoryLane(
+                    self.size, self.max_inflight, w.max_batch * frame_bytes(points), map_bytes(points), w.max_batch,
+                    max_map_slots=2 * frames_in_flight(self.cfg) + held_frames(self.cfg)
+                    + self.cfg.publish.max_subscribers * pub_hwm(self.cfg))
             except (OSError, zmq.ZMQError) as e:  # no /dev/shm (some containers): Ray calls only
                 log.warning("no shared-memory hand-over (%s); frames go through Ray's object store", e)
         for i in range(self.size):
@@ -199,7 +204,7 @@ class ActorPool:
     def _serve(self, i: int) -> None:
         """Start actor ``i``'s hand-over loop if it runs on this node (elsewhere: Ray calls)."""
         if self.lane is not None and self.nodes[i] == self.local_node:
-            ref = self.actors[i].serve.remote(self.lane.request_endpoint(i), self.lane.reply_endpoint)
+            ref = self.actors[i].serve.remote(self.lane.request_endpoint(i), self.lane.reply_endpoint, str(self.lane.dir))
             self.serving[i] = self._wake_on(ref)
 
     def _check_serving(self) -> None:

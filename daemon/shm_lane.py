@@ -9,9 +9,11 @@ thread turns each reply into the call's result, completing the call's future as 
 would. The maps are views on the map slot, published from there without a copy: the map slot
 is free again once the last of them is dropped (``weakref.finalize``).
 
-Bounded: an actor has ``slots`` frame slots (its calls in flight) and twice as many map slots
-(the maps of a call wait for the emitter while the actor scores its next call), each as large
-as the largest call it has carried; ``submit`` answers None when none is free or the actor's
+Bounded, and allocated once: an actor has ``slots`` frame slots (its calls in flight), each for
+the largest call the config admits, and the map slots are shared: two per frame in flight to
+start with (a call's maps wait for the emitter while the actor scores its next call), more while
+maps wait to be published, up to a cap. Every slot is written once when it is made, so no frame
+pays for the kernel finding pages. ``submit`` answers None when no slot is free or the actor's
 loop is not listening, and the pool then uses the Ray call. Which actor died is the pool's to
 learn (its ``serve`` call fails); ``fail_actor`` then fails that actor's calls here.
 """
@@ -34,7 +36,7 @@ from typing import Any
 import zmq
 
 from sensors.frame import Frame
-from workers.handover import ScoringError, Slot, layout, read_reply, write_frames
+from workers.handover import ScoringError, Slot, layout, map_bytes, read_reply, write_frames
 
 log = logging.getLogger("inspectd.handover")
 
@@ -60,17 +62,20 @@ class Pending:
     """A call handed over and not yet answered."""
 
     actor: int
-    maps: Slot
-    map_index: int
+    maps: list[int]
+    """Its frames' map slots."""
     frames: list[dict[str, Any]]
     future: Future
 
 
 class SharedMemoryLane:
-    """Per actor: a PUSH socket the actor's ``serve`` loop pulls requests from, ``slots`` frame
-    slots and twice as many map slots; one PULL socket and thread for every actor's replies."""
+    """Per actor: a PUSH socket the actor's ``serve`` loop pulls requests from and ``slots``
+    frame slots of ``frame_slot_bytes``; for every actor: map slots of ``map_slot_bytes`` (as
+    many as frames in flight, twice over, to start with; more while maps wait to be published,
+    up to ``max_map_slots``), one PULL socket and a thread for the replies."""
 
-    def __init__(self, actors: int, slots: int, root: str = SHM_ROOT) -> None:
+    def __init__(self, actors: int, slots: int, frame_slot_bytes: int, map_slot_bytes: int, frames_per_call: int,
+                 max_map_slots: int, root: str = SHM_ROOT) -> None:
         remove_stale(root)
         self.dir = Path(tempfile.mkdtemp(prefix=f"inspectd-{os.getpid()}-", dir=root))  # mode 0700
         self._ctx = zmq.Context()
@@ -83,23 +88,29 @@ class SharedMemoryLane:
         self._replies = self._ctx.socket(zmq.PULL)
         self._replies.setsockopt(zmq.LINGER, 0)
         self._replies.bind(self.reply_endpoint)
-        self._files: dict[str, Slot] = {}
-        """Each slot's current file, by name (``actor-<i>-frames-<k>``, ``actor-<i>-maps-<j>``)."""
+        self._frame_slots = {(i, k): Slot(self.dir / f"frames-{i}-{k}", frame_slot_bytes)
+                             for i in range(actors) for k in range(slots)}
         self._free = [set(range(slots)) for _ in range(actors)]
-        self._maps_free = [set(range(2 * slots)) for _ in range(actors)]
-        """Map slots not read by the daemon: a map slot is busy until the maps the daemon was
-        given on it are all dropped (published), which may be after the call's next one."""
+        self._map_slot_bytes = map_slot_bytes
+        self._max_map_slots = max(max_map_slots, 1)
+        self._map_slots: list[Slot] = []
+        self._maps_free: set[int] = set()
+        """Map slots the daemon holds no map of (a map is held until it is published and dropped)."""
+        self._lock = threading.RLock()  # a map's finalizer may run in any thread, this one included
+        for _ in range(min(2 * actors * slots * frames_per_call, self._max_map_slots)):
+            self._new_map_slot()
         self._holds: dict[int, tuple[int, int]] = {}
         """Call id → the (actor, frame slot) it holds until ``release``."""
-        self._map_holds: dict[int, tuple[int, int]] = {}
-        """Call id → the (actor, map slot) it holds until its maps are read (or it is given up)."""
         self._pending: dict[int, Pending] = {}
-        self._lock = threading.RLock()  # a map's finalizer may run in any thread, this one included
         self._ids = itertools.count(1)
-        self._generation = itertools.count(1)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._receive, name="handover-replies", daemon=True)
         self._thread.start()
+
+    def _new_map_slot(self) -> None:
+        j = len(self._map_slots)
+        self._map_slots.append(Slot(self.dir / f"map-{j}", self._map_slot_bytes))
+        self._maps_free.add(j)
 
     def request_endpoint(self, actor: int) -> str:
         return f"ipc://{self.dir}/actor-{actor}.sock"
@@ -108,75 +119,64 @@ class SharedMemoryLane:
     def reply_endpoint(self) -> str:
         return f"ipc://{self.dir}/replies.sock"
 
-    def _file(self, name: str, size: int) -> Slot:
-        """The slot ``name`` at ``size`` or larger (a larger one is a new file: see ``Slot``)."""
-        slot = self._files.get(name)
-        if slot is None or slot.size < size:
-            if slot is not None:
-                slot.unlink()  # mappings of the old file stay valid until dropped
-            slot = self._files[name] = Slot(self.dir / f"{name}-{next(self._generation)}", size, create=True)
-        return slot
-
     def submit(self, actor: int, frames: list[Frame]) -> tuple[int, Future] | None:
         """Hand ``frames`` to ``actor``: the call's id and the future of its results (a list as
-        ``ScoringWorker.score_batch`` returns, each map a view on a map slot), or None when it
+        ``ScoringWorker.score_batch`` returns, each map a view on its map slot), or None when it
         cannot be handed over now (no free slot, or the actor's loop is not listening)."""
+        if not self._free[actor] or any(map_bytes(f.n_points) > self._map_slot_bytes for f in frames):
+            return None
         with self._lock:
-            if not self._free[actor] or not self._maps_free[actor]:
+            while len(self._maps_free) < len(frames) and len(self._map_slots) < self._max_map_slots:
+                self._new_map_slot()
+            if len(self._maps_free) < len(frames):
                 return None
-            k, j = min(self._free[actor]), min(self._maps_free[actor])
-            self._maps_free[actor].discard(j)
-        descs, frame_bytes, map_bytes = layout(frames)
-        slot = self._file(f"actor-{actor}-frames-{k}", frame_bytes)
-        maps = self._file(f"actor-{actor}-maps-{j}", map_bytes)
+            maps = sorted(self._maps_free)[:len(frames)]
+            self._maps_free.difference_update(maps)
+        k = min(self._free[actor])
+        slot = self._frame_slots[(actor, k)]
+        descs, need = layout(frames, [f"map-{j}" for j in maps])
+        if need > slot.size:
+            with self._lock:
+                self._maps_free.update(maps)
+            return None
         write_frames(slot.array, frames, descs)
         call = next(self._ids)
         future: Future = Future()
-        request = {"call": call, "frames": descs,
-                   "frame_slot": {"name": f"frames-{k}", "path": slot.path, "size": slot.size},
-                   "map_slot": {"name": f"maps-{j}", "path": maps.path, "size": maps.size}}
+        request = {"call": call, "frame_slot": f"frames-{actor}-{k}", "frames": descs}
         with self._lock:
-            self._pending[call] = Pending(actor, maps, j, descs, future)
-            self._map_holds[call] = (actor, j)
+            self._pending[call] = Pending(actor, maps, descs, future)
         try:
             self._requests[actor].send(json.dumps(request).encode(), zmq.NOBLOCK)
         except zmq.Again:  # its loop is not connected (starting, restarting)
             with self._lock:
                 del self._pending[call]
-                self._free_maps(call)
+                self._maps_free.update(maps)
             return None
         self._free[actor].discard(k)
         self._holds[call] = (actor, k)
         return call, future
 
-    def _free_maps(self, call: int) -> None:
-        held = self._map_holds.pop(call, None)
-        if held is not None:
-            self._maps_free[held[0]].add(held[1])
+    def _hand_out(self, pending: Pending, results: list[Any]) -> None:
+        """Each map slot is free again once the map read from it is dropped (at once for a
+        frame that has no map)."""
+        for j, r in zip(pending.maps, results, strict=True):
+            amap = r.get("anomaly_map") if isinstance(r, dict) else None
+            if amap is None:
+                self._maps_free.add(j)
+            else:
+                weakref.finalize(amap, self._map_dropped, j)
 
-    def _hand_out(self, call: int, results: list[Any]) -> None:
-        """The call's map slot is free again once every map read from it is dropped."""
-        maps = [r["anomaly_map"] for r in results if isinstance(r, dict) and r.get("anomaly_map") is not None]
-        if not maps:
-            self._free_maps(call)
-            return
-        left = [len(maps)]
-
-        def dropped() -> None:
-            with self._lock:
-                left[0] -= 1
-                if left[0] == 0:
-                    self._free_maps(call)
-
-        for m in maps:
-            weakref.finalize(m, dropped)
+    def _map_dropped(self, j: int) -> None:
+        with self._lock:
+            self._maps_free.add(j)
 
     def release(self, call: int) -> None:
         """The call's result was taken, or given up: its frame slot serves the next call (its
-        map slot, once its maps are dropped)."""
+        map slots, once their maps are dropped)."""
         with self._lock:
-            if self._pending.pop(call, None) is not None:  # never answered: no map was read
-                self._free_maps(call)
+            pending = self._pending.pop(call, None)
+            if pending is not None:  # never answered: no map was read
+                self._maps_free.update(pending.maps)
             held = self._holds.pop(call, None)
             if held is not None:
                 self._free[held[0]].add(held[1])
@@ -185,9 +185,9 @@ class SharedMemoryLane:
         """Fail every call in flight on ``actor`` (it died) with ``error``."""
         with self._lock:
             calls = [(c, p) for c, p in self._pending.items() if p.actor == actor]
-            for c, _ in calls:
+            for c, p in calls:
                 del self._pending[c]
-                self._free_maps(c)
+                self._maps_free.update(p.maps)
         for _, p in calls:
             p.future.set_exception(error)
 
@@ -205,15 +205,15 @@ class SharedMemoryLane:
         if pending is None:  # given up (deadline, death) before the actor answered
             return
         try:
-            results = read_reply(pending.maps.array, pending.frames, reply)
+            results = read_reply([self._map_slots[j].array for j in pending.maps], pending.frames, reply)
         except Exception as e:  # a reply this daemon cannot read fails its call, not the lane
             log.error("cannot read a reply of actor %d: %s", pending.actor, e)
             with self._lock:
-                self._free_maps(call)
+                self._maps_free.update(pending.maps)
             pending.future.set_exception(ScoringError(f"unreadable reply: {type(e).__name__}: {e}"))
             return
         with self._lock:
-            self._hand_out(call, results)
+            self._hand_out(pending, results)
         pending.future.set_result(results)
 
     def close(self) -> None:

@@ -21,15 +21,27 @@ from daemon.shm_lane import SharedMemoryLane
 from sensors.frame import Frame, FrameError
 from sensors.simulated import simulated_parts
 from workers.actor import ScoringWorker
-from workers.handover import ScoringError, Slot, layout, read_frames, read_reply, write_frames, write_reply
+from workers.handover import (
+    ScoringError,
+    Slot,
+    frame_bytes,
+    layout,
+    map_bytes,
+    read_frames,
+    read_reply,
+    write_frames,
+    write_reply,
+)
 
 from conftest import PRODUCT
 
 
-def _slots(tmp_path: Path, frames: list[Frame]) -> tuple[Slot, Slot, list[dict]]:
-    """A call's frame slot, written, its map slot and its descriptors."""
-    descs, frame_bytes, map_bytes = layout(frames)
-    slot, maps = Slot(tmp_path / "frames", frame_bytes, create=True), Slot(tmp_path / "maps", map_bytes, create=True)
+def _slots(tmp_path: Path, frames: list[Frame]) -> tuple[Slot, list[Slot], list[dict]]:
+    """A call's frame slot, written, its frames' map slots and its descriptors."""
+    names = [f"map-{i}" for i in range(len(frames))]
+    descs, need = layout(frames, names)
+    slot = Slot(tmp_path / "frames", need)
+    maps = [Slot(tmp_path / name, map_bytes(f.n_points)) for name, f in zip(names, frames, strict=True)]
     write_frames(slot.array, frames, descs)
     return slot, maps, descs
 
@@ -40,9 +52,10 @@ def test_frames_travel_whole_and_are_read_in_place(tmp_path: Path) -> None:
     camera = replace(camera, rgb=np.full((*camera.points.shape[:2], 3), 7, np.uint8), gt_mask=None)
     cloud = Frame(points=np.random.default_rng(0).normal(size=(500, 3)).astype(np.float32),
                   meta=replace(camera.meta, part_id="cloud-1", units="um", truth={"defective": True, "defect": "dent"}))
-    slot, map_slot, descs = _slots(tmp_path, [camera, cloud])
-    other = Slot(slot.path, slot.size)  # the actor's own mapping of the same file
-    frames, maps = read_frames(other.array, map_slot.array, descs)
+    slot, map_slots, descs = _slots(tmp_path, [camera, cloud])
+    assert slot.size <= frame_bytes(camera.n_points) + frame_bytes(cloud.n_points)
+    other = Slot(slot.path)  # the actor's own mapping of the same file
+    frames, maps = read_frames(other.array, [m.array for m in map_slots], descs)
     for sent, got in zip([camera, cloud], frames, strict=True):
         np.testing.assert_array_equal(got.points, sent.points)
         assert got.meta == sent.meta
@@ -51,13 +64,14 @@ def test_frames_travel_whole_and_are_read_in_place(tmp_path: Path) -> None:
     np.testing.assert_array_equal(frames[0].rgb, camera.rgb)
     assert frames[1].rgb is None
     assert [m.shape for m in maps] == [camera.points.shape[:2], (500,)] and all(m.flags.writeable for m in maps)
-    assert all(np.shares_memory(m, map_slot.array) for m in maps)
+    assert all(np.shares_memory(m, s.array) for m, s in zip(maps, map_slots, strict=True))
 
 
 def test_a_reply_carries_maps_and_errors(tmp_path: Path) -> None:
     frames = list(simulated_parts([PRODUCT], 3, 0.0, seed=6, good_only=True))
-    slot, map_slot, descs = _slots(tmp_path, frames)
-    _, maps = read_frames(slot.array, map_slot.array, descs)
+    slot, map_slots, descs = _slots(tmp_path, frames)
+    bufs = [m.array for m in map_slots]
+    _, maps = read_frames(slot.array, bufs, descs)
     maps[0][:] = 1.5  # a scorer that wrote its map into the slot
     apart = np.full(frames[1].points.shape[:2], 2.5, np.float32)  # and one that did not
     results = [
@@ -66,13 +80,21 @@ def test_a_reply_carries_maps_and_errors(tmp_path: Path) -> None:
         {"object_score": 0.5, "anomaly_map": apart, "timings": {}, "verdict_fields": {}},
         FrameError("too_few_points", "12 foreground points"),
     ]
-    got = read_reply(map_slot.array, descs, write_reply(map_slot.array, descs, results))
+    got = read_reply(bufs, descs, write_reply(bufs, descs, results))
     assert got[0]["object_score"] == 0.25 and got[0]["verdict_fields"]["pose"] == np.eye(4).tolist()
     assert np.all(got[0]["anomaly_map"] == 1.5) and np.all(got[1]["anomaly_map"] == 2.5)
-    assert all(np.shares_memory(g["anomaly_map"], map_slot.array) for g in got[:2])  # read in place
+    assert all(np.shares_memory(g["anomaly_map"], b) for g, b in zip(got[:2], bufs, strict=False))  # in place
     assert isinstance(got[2], FrameError) and got[2].reason == "too_few_points" and got[2].detail == "12 foreground points"
-    crashed = read_reply(map_slot.array, descs[:1], write_reply(map_slot.array, descs[:1], [ValueError("boom")]))
+    crashed = read_reply(bufs[:1], descs[:1], write_reply(bufs[:1], descs[:1], [ValueError("boom")]))
     assert isinstance(crashed[0], ScoringError) and str(crashed[0]) == "ValueError: boom"
+
+
+def _lane(root: str | None = None, max_map_slots: int = 2) -> SharedMemoryLane:
+    """One actor, one frame slot for calls of up to 2 frames of the simulator's size."""
+    n = 400 * 400
+    kw = {} if root is None else {"root": root}
+    return SharedMemoryLane(actors=1, slots=1, frame_slot_bytes=2 * frame_bytes(n), map_slot_bytes=map_bytes(n),
+                            frames_per_call=1, max_map_slots=max_map_slots, **kw)
 
 
 def _submit(lane: SharedMemoryLane, frames: list[Frame]) -> tuple[int, object]:
@@ -87,10 +109,11 @@ def _submit(lane: SharedMemoryLane, frames: list[Frame]) -> tuple[int, object]:
 def test_an_actor_scores_handed_over_calls_as_it_scores_frames(enrolled_models: Path) -> None:
     worker = ScoringWorker(str(enrolled_models))
     frames = list(simulated_parts([PRODUCT], 3, 0.5, seed=12))
-    lane = SharedMemoryLane(actors=1, slots=1)
+    lane = _lane(max_map_slots=3)
     assert stat.S_IMODE(lane.dir.stat().st_mode) == 0o700  # nobody else opens the slots or sockets
     served: list[int] = []
-    loop = threading.Thread(target=lambda: served.append(worker.serve(lane.request_endpoint(0), lane.reply_endpoint)))
+    loop = threading.Thread(target=lambda: served.append(
+        worker.serve(lane.request_endpoint(0), lane.reply_endpoint, str(lane.dir))))
     loop.start()
     try:
         call, future = _submit(lane, frames[:2])
@@ -104,10 +127,10 @@ def test_an_actor_scores_handed_over_calls_as_it_scores_frames(enrolled_models: 
         call, future = _submit(lane, [tiny])
         alone = future.result(timeout=120)
         lane.release(call)
-        call, future = _submit(lane, frames[2:])  # the last free map slot, while the first is held
+        call, future = _submit(lane, frames[2:])  # the last free map slot, while the first two are held
         future.result(timeout=120)
         lane.release(call)
-        assert lane.submit(0, frames[2:]) is None  # both map slots busy: the maps are not dropped yet
+        assert lane.submit(0, frames[2:]) is None  # every map slot busy: their maps are not dropped yet
         for m, c in zip(held, copies, strict=True):
             np.testing.assert_array_equal(m, c)  # no later call wrote over a map still held
         del future  # its map dropped: that map slot is free again
@@ -134,7 +157,7 @@ def test_a_dead_actors_calls_fail_and_a_late_answer_is_dropped(tmp_path: Path) -
     (killed / "slots").mkdir(parents=True)
     running = tmp_path / f"inspectd-{os.getpid()}-x2"  # a daemon that still runs
     running.mkdir()
-    lane = SharedMemoryLane(actors=1, slots=1, root=str(tmp_path))
+    lane = _lane(str(tmp_path))
     assert not killed.exists() and running.exists()
     import zmq
 

@@ -275,16 +275,17 @@ class ScoringWorker:
         return out
 
     @ray.method(concurrency_group="handover")
-    def serve(self, requests: str, replies: str) -> int:
+    def serve(self, requests: str, replies: str, slots_dir: str) -> int:
         """Score the calls the daemon hands over through shared memory (``workers.handover``)
         until it sends ``stop`` or goes away; returns the calls served.
 
         Runs for the actor's life in its own concurrency group, so ``info``, ``reload`` and
         ``score_shared`` still answer. ``requests``: the daemon's PUSH endpoint for this actor;
-        ``replies``: its PULL endpoint. Each request names its frame slot and map slot (files)
-        and the frames' places in them; the reply carries the results as JSON, their maps
-        written into the map slot, and the same timings as ``score_shared`` (``deserialize``:
-        mapping the frames)."""
+        ``replies``: its PULL endpoint; ``slots_dir``: the daemon's slot files. Each request
+        names its frame slot and each frame's map slot, and where the arrays sit; the reply
+        carries the results as JSON, their maps written into the map slots, and the same
+        timings as ``score_shared`` (``deserialize``: mapping the frames; a slot file is mapped,
+        and its pages read once, the first time a request names it)."""
         lower_priority(self.nice)  # this group's thread started after __init__
         ctx = zmq.Context()
         pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
@@ -299,12 +300,12 @@ class ScoringWorker:
                     return served
                 started = time.time()
                 t0 = time.perf_counter()
-                for spec in (request["frame_slot"], request["map_slot"]):  # a new file: the slot grew
-                    if spec["name"] not in slots or slots[spec["name"]].path != spec["path"]:
-                        slots[spec["name"]] = Slot(spec["path"], spec["size"])
-                frames_slot = slots[request["frame_slot"]["name"]].array
-                maps_slot = slots[request["map_slot"]["name"]].array
-                frames, maps = read_frames(frames_slot, maps_slot, request["frames"])
+                names = [request["frame_slot"], *(d["map"]["slot"] for d in request["frames"])]
+                for name in names:
+                    if name not in slots:
+                        slots[name] = Slot(Path(slots_dir) / name)
+                map_slots = [slots[name].array for name in names[1:]]
+                frames, maps = read_frames(slots[names[0]].array, map_slots, request["frames"])
                 deserialize = time.perf_counter() - t0
                 out = self.score_batch(frames, started, maps)
                 finished = time.time()
@@ -313,10 +314,10 @@ class ScoringWorker:
                         r["timings"]["deserialize"] = deserialize
                         r["finished_at"] = finished
                 try:
-                    reply = write_reply(maps_slot, request["frames"], out)
+                    reply = write_reply(map_slots, request["frames"], out)
                 except Exception as e:  # a result that cannot travel fails its call, not the loop
-                    reply = write_reply(maps_slot, request["frames"], [e] * len(out))
-                del frames, maps, frames_slot, maps_slot
+                    reply = write_reply(map_slots, request["frames"], [e] * len(out))
+                del frames, maps, map_slots
                 push.send_multipart([str(request["call"]).encode(), reply])
                 served += 1
         finally:

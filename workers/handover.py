@@ -7,9 +7,11 @@ into a memory-mapped file of its own (a *slot*, in ``/dev/shm``), sends the acto
 request over a ZeroMQ Unix socket, and the actor writes each frame's anomaly map back into the
 same slot and answers with a small JSON reply. Both sides read the arrays in place.
 
-A call uses two slots: one for its frames, free again once the result is in, and one for its
-maps, which the daemon publishes from in place, free again once the last of them is dropped.
-This module is the format both sides share: where a call's arrays sit in its slots
+A call uses a frame slot, free again once its result is in, and a map slot per frame, which the
+daemon publishes the map from in place, free again once the map is dropped. Slots have fixed
+sizes (for the largest call the config admits) and are written once at start, so no frame
+waits for the kernel to find pages. This module is the format both sides share: where a call's
+arrays sit in its slots
 (:func:`layout`, :func:`write_frames`, :func:`read_frames`), how a reply travels
 (:func:`write_reply`, :func:`read_reply`), and the mapped files (:class:`Slot`).
 Nothing is pickled: requests and replies are JSON, arrays are raw little-endian buffers.
@@ -56,20 +58,29 @@ def _arrays(frame: Frame) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def layout(frames: list[Frame]) -> tuple[list[dict[str, Any]], int, int]:
-    """Each frame's descriptor (its meta, where its arrays go in the frame slot and its map in
-    the map slot, one float32 per pixel / point) and the sizes of the two slots the call needs."""
-    descs, offset, maps = [], 0, 0
-    for frame in frames:
+def frame_bytes(n_points: int, rgb: bool = True) -> int:
+    """Frame-slot bytes one frame of ``n_points`` takes at most: points, colours, valid mask."""
+    return _aligned(12 * n_points) + (_aligned(3 * n_points) if rgb else 0) + _aligned(n_points)
+
+
+def map_bytes(n_points: int) -> int:
+    """Map-slot bytes of a frame of ``n_points``: one float32 per pixel / point."""
+    return _aligned(4 * n_points)
+
+
+def layout(frames: list[Frame], map_slots: list[str]) -> tuple[list[dict[str, Any]], int]:
+    """Each frame's descriptor (its meta, where its arrays go in the frame slot, and its map
+    slot, named in ``map_slots``) and the frame-slot bytes the call needs."""
+    descs, offset = [], 0
+    for frame, slot in zip(frames, map_slots, strict=True):
         buffers = []
         for name, a in _arrays(frame):
             buffers.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape), "offset": offset})
             offset += _aligned(a.nbytes)
         lead = list(frame.points.shape[:-1])
         descs.append({"meta": asdict(frame.meta), "buffers": buffers,
-                      "map": {"dtype": "<f4", "shape": lead, "offset": maps}})
-        maps += _aligned(4 * frame.n_points)
-    return descs, offset, maps
+                      "map": {"slot": slot, "dtype": "<f4", "shape": lead, "offset": 0}})
+    return descs, offset
 
 
 def _view(buf: np.ndarray, spec: dict[str, Any]) -> np.ndarray:
@@ -97,12 +108,12 @@ def write_frames(buf: np.ndarray, frames: list[Frame], descs: list[dict[str, Any
 
 
 def read_frames(
-    buf: np.ndarray, maps_buf: np.ndarray, descs: list[dict[str, Any]]
+    buf: np.ndarray, map_bufs: list[np.ndarray], descs: list[dict[str, Any]]
 ) -> tuple[list[Frame], list[np.ndarray]]:
     """The frames of a request, their arrays read-only views on ``buf`` (the frame slot, no
-    copy), and the writable views on ``maps_buf`` (the map slot) where their anomaly maps go."""
+    copy), and the writable views on ``map_bufs`` (each frame's map slot) where their maps go."""
     frames, maps = [], []
-    for desc in descs:
+    for desc, map_buf in zip(descs, map_bufs, strict=True):
         arrays = {}
         for spec in desc["buffers"]:
             a = _view(buf, spec)
@@ -110,7 +121,7 @@ def read_frames(
             arrays[spec["name"]] = a
         frames.append(Frame(points=arrays["points"], meta=FrameMeta(**desc["meta"]), rgb=arrays.get("rgb"),
                             _valid=arrays["valid"]))
-        maps.append(_view(maps_buf, desc["map"]))
+        maps.append(_view(map_buf, desc["map"]))
     return frames, maps
 
 
@@ -124,13 +135,13 @@ def _plain(value: Any) -> Any:
 
 
 def write_reply(
-    maps_buf: np.ndarray, descs: list[dict[str, Any]], results: list[dict[str, Any] | BaseException]
+    map_bufs: list[np.ndarray], descs: list[dict[str, Any]], results: list[dict[str, Any] | BaseException]
 ) -> bytes:
-    """A call's reply: each frame's anomaly map in its place in ``maps_buf`` (copied there unless
-    the scorer wrote it there, see :func:`read_frames`), and the JSON of everything else (an exception as its type, message and, for a ``FrameError``, its
-    reason)."""
+    """A call's reply: each frame's anomaly map in its map slot (copied there unless the scorer
+    wrote it there, see :func:`read_frames`), and the JSON of everything else (an exception as
+    its type, message and, for a ``FrameError``, its reason)."""
     out: list[dict[str, Any]] = []
-    for desc, r in zip(descs, results, strict=True):
+    for desc, map_buf, r in zip(descs, map_bufs, results, strict=True):
         if isinstance(r, BaseException):
             error = {"type": type(r).__name__, "message": str(r)[:2000]}
             if isinstance(r, FrameError):
@@ -140,7 +151,7 @@ def write_reply(
         r = dict(r)
         amap = r.pop("anomaly_map", None)
         if amap is not None:
-            target = _view(maps_buf, desc["map"])
+            target = _view(map_buf, desc["map"])
             if amap.shape != target.shape:
                 raise ValueError(f"anomaly map of shape {amap.shape} for a frame of {target.shape}")
             if amap.ctypes.data != target.ctypes.data:
@@ -151,41 +162,48 @@ def write_reply(
 
 
 def read_reply(
-    maps_buf: np.ndarray, descs: list[dict[str, Any]], reply: bytes
+    map_bufs: list[np.ndarray], descs: list[dict[str, Any]], reply: bytes
 ) -> list[dict[str, Any] | BaseException]:
-    """The results :func:`write_reply` sent: dicts with their ``anomaly_map`` a view on
-    ``maps_buf`` (the map slot, no copy), or the exceptions (``FrameError`` kept as such,
-    anything else a :class:`ScoringError`)."""
+    """The results :func:`write_reply` sent: dicts with their ``anomaly_map`` a view on its map
+    slot (no copy), or the exceptions (``FrameError`` kept as such, anything else a
+    :class:`ScoringError`)."""
     out: list[dict[str, Any] | BaseException] = []
-    for desc, r in zip(descs, json.loads(reply), strict=True):
+    for desc, map_buf, r in zip(descs, map_bufs, json.loads(reply), strict=True):
         if "error" in r:
             e = r["error"]
             out.append(FrameError(e["reason"], e["detail"]) if "reason" in e
                        else ScoringError(f"{e['type']}: {e['message']}"))
             continue
-        r["anomaly_map"] = _view(maps_buf, desc["map"]) if r.pop("map") else None
+        r["anomaly_map"] = _view(map_buf, desc["map"]) if r.pop("map") else None
         out.append(r)
     return out
 
 
-class Slot:
-    """One memory-mapped file in a private folder: the daemon creates it (``create=True``) at
-    the size a call needs, the actor maps the same file. ``array`` is the whole mapping as
-    uint8. The daemon grows a slot by creating a new file (a new ``path``), so a mapping never
-    changes size under a reader."""
+PAGE = mmap.PAGESIZE
 
-    def __init__(self, path: str | Path, size: int, create: bool = False) -> None:
+
+class Slot:
+    """One memory-mapped file in a private folder: the daemon creates it (``size``) and writes
+    every page of it once, so the file system holds its pages from then on; the actor maps the
+    same file (``size`` None: the file's) and reads a byte of every page, so its page table
+    holds them too. ``array`` is the whole mapping as uint8."""
+
+    def __init__(self, path: str | Path, size: int | None = None) -> None:
         self.path = str(path)
-        self.size = size
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(self.path, flags, 0o600)
+        create = size is not None
+        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
             if create:
                 os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
+            self.size = os.fstat(fd).st_size
+            self._map = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
         self.array = np.frombuffer(self._map, dtype=np.uint8)
+        if create:
+            self.array[::PAGE] = 0
+        else:
+            int(self.array[::PAGE].sum())
 
     def unlink(self) -> None:
         """Remove the file; the mapping stays valid until it is dropped."""

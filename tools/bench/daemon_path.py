@@ -276,11 +276,13 @@ def bench_daemon(
         every: list[tuple[float, dict[str, Any]]] = []
         with PeakRSS(daemon.proc.pid, children=True) as mem:
             seen: set[str] = set()
+            calls_start = handover_calls(f"http://127.0.0.1:{http}")
             lat_sat, wall = run_stream(cfg["ingest"]["endpoint"], sub, frames, 0, seen, every, sent)
             throughput = len(lat_sat) / wall
             rate = max(0.05, 0.5 * throughput)
             before = stage_histogram(f"http://127.0.0.1:{http}")
             calls_before = handover_calls(f"http://127.0.0.1:{http}")
+            calls_saturated = {way: n - calls_start.get(way, 0.0) for way, n in calls_before.items()}
             verdicts: list[tuple[float, dict[str, Any]]] = []
             lat, _ = run_stream(cfg["ingest"]["endpoint"], sub, frames, rate, seen, verdicts, sent)
             raw = stage_means_ms(before, stage_histogram(f"http://127.0.0.1:{http}"))
@@ -292,6 +294,8 @@ def bench_daemon(
             "zmq_transport": transport,
             "handover": handover,
             "handover_calls_paced": calls,
+            "handover_calls_saturated": calls_saturated,
+            "stages_ms_saturated": header_stage_means(every),
             "frames": len(frames),
             "warmup": {"frames": len(warm), "latency_ms_p50_first_two": 1000 * pct(lat_warm[:2], 50)},
             "verdicts": len(lat_sat) + len(lat),
