@@ -79,26 +79,30 @@ class SharedMemoryLane:
         remove_stale(root)
         self.dir = Path(tempfile.mkdtemp(prefix=f"inspectd-{os.getpid()}-", dir=root))  # mode 0700
         self._ctx = zmq.Context()
-        self._requests = []
-        for i in range(actors):
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.bind(self.request_endpoint(i))
-            self._requests.append(sock)
+        self._requests: list[zmq.Socket] = []
         self._replies = self._ctx.socket(zmq.PULL)
-        self._replies.setsockopt(zmq.LINGER, 0)
-        self._replies.bind(self.reply_endpoint)
-        self._frame_slots = {(i, k): Slot(self.dir / f"frames-{i}-{k}", frame_slot_bytes)
-                             for i in range(actors) for k in range(slots)}
-        self._free = [set(range(slots)) for _ in range(actors)]
         self._map_slot_bytes = map_slot_bytes
         self._max_map_slots = max(max_map_slots, 1)
         self._map_slots: list[Slot] = []
         self._maps_free: set[int] = set()
         """Map slots the daemon holds no map of (a map is held until it is published and dropped)."""
         self._lock = threading.RLock()  # a map's finalizer may run in any thread, this one included
-        for _ in range(min(2 * actors * slots * frames_per_call, self._max_map_slots)):
-            self._new_map_slot()
+        try:
+            for i in range(actors):
+                sock = self._ctx.socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 0)
+                self._requests.append(sock)
+                sock.bind(self.request_endpoint(i))
+            self._replies.setsockopt(zmq.LINGER, 0)
+            self._replies.bind(self.reply_endpoint)
+            self._frame_slots = {(i, k): Slot(self.dir / f"frames-{i}-{k}", frame_slot_bytes)
+                                 for i in range(actors) for k in range(slots)}
+            for _ in range(min(2 * actors * slots * frames_per_call, self._max_map_slots)):
+                self._new_map_slot()
+        except BaseException:  # e.g. /dev/shm too small for the slots: leave nothing behind
+            self._close_sockets()
+            raise
+        self._free = [set(range(slots)) for _ in range(actors)]
         self._holds: dict[int, tuple[int, int]] = {}
         """Call id → the (actor, frame slot) it holds until ``release``."""
         self._pending: dict[int, Pending] = {}
@@ -127,7 +131,11 @@ class SharedMemoryLane:
             return None
         with self._lock:
             while len(self._maps_free) < len(frames) and len(self._map_slots) < self._max_map_slots:
-                self._new_map_slot()
+                try:
+                    self._new_map_slot()
+                except OSError as e:  # /dev/shm is full: make do with the slots there are
+                    log.warning("no room for another map slot (%s); %d kept", e, len(self._map_slots))
+                    self._max_map_slots = len(self._map_slots)
             if len(self._maps_free) < len(frames):
                 return None
             maps = sorted(self._maps_free)[:len(frames)]
@@ -226,6 +234,10 @@ class SharedMemoryLane:
                 pass
         self._closing.set()
         self._thread.join(timeout=5)
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        """Close the sockets and remove the folder (the mappings stay valid until dropped)."""
         for sock in [*self._requests, self._replies]:
             sock.close(0)
         self._ctx.term()

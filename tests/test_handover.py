@@ -182,3 +182,12 @@ def test_a_dead_actors_calls_fail_and_a_late_answer_is_dropped(tmp_path: Path) -
         pull.close(0)
         ctx.term()
         lane.close()
+
+
+def test_slots_that_do_not_fit_leave_nothing_behind(tmp_path: Path) -> None:
+    """A /dev/shm too small for the slots (a container's 64 MB default) fails at start, where
+    the pool falls back to Ray calls, never later in a write to a mapped page (SIGBUS)."""
+    with pytest.raises(OSError):
+        SharedMemoryLane(actors=1, slots=1, frame_slot_bytes=1 << 56, map_slot_bytes=1024, frames_per_call=1,
+                         max_map_slots=1, root=str(tmp_path))
+    assert list(tmp_path.iterdir()) == []

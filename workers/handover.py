@@ -193,8 +193,8 @@ class Slot:
         create = size is not None
         fd = os.open(self.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         try:
-            if create:
-                os.ftruncate(fd, size)
+            if create:  # its pages now: a full /dev/shm fails here (OSError), not later (SIGBUS)
+                os.posix_fallocate(fd, 0, size)
             self.size = os.fstat(fd).st_size
             self._map = mmap.mmap(fd, self.size)
         finally:
