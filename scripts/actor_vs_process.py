@@ -63,7 +63,7 @@ def main() -> int:
         ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
                  _system_config={"worker_niceness": 0})
         try:
-            actor = ray.remote(num_cpus=1)(ScoringWorker).remote(models, 1, "torch-cpu")
+            actor = ray.remote(num_cpus=1, concurrency_groups={"handover": 1})(ScoringWorker).remote(models, 1, "torch-cpu")
             ray.get(actor.score.remote(test[0]))
             refs = [ray.put(f) for f in test]
             ctx = multiprocessing.get_context("spawn")
