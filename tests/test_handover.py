@@ -7,6 +7,7 @@ run it in Ray: tests/test_daemon_e2e.py, tests/test_zero_copy.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -191,3 +192,34 @@ def test_slots_that_do_not_fit_leave_nothing_behind(tmp_path: Path) -> None:
         SharedMemoryLane(actors=1, slots=1, frame_slot_bytes=1 << 56, map_slot_bytes=1024, frames_per_call=1,
                          max_map_slots=1, root=str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_call_the_actor_cannot_read_is_answered_and_the_loop_goes_on(enrolled_models: Path, tmp_path: Path) -> None:
+    """A request naming a slot file that is not there: each of its frames gets an error and the
+    actor serves on."""
+    import zmq
+
+    worker = ScoringWorker(str(enrolled_models))
+    frame = next(iter(simulated_parts([PRODUCT], 1, 0.0, seed=3, good_only=True)))
+    descs, _ = layout([frame], ["map-gone"])
+    ctx = zmq.Context()
+    push, pull = ctx.socket(zmq.PUSH), ctx.socket(zmq.PULL)
+    push.bind(f"ipc://{tmp_path}/requests.sock")
+    pull.bind(f"ipc://{tmp_path}/replies.sock")
+    served: list[int] = []
+    loop = threading.Thread(target=lambda: served.append(
+        worker.serve(f"ipc://{tmp_path}/requests.sock", f"ipc://{tmp_path}/replies.sock", str(tmp_path))))
+    loop.start()
+    try:
+        push.send(json.dumps({"call": 7, "frame_slot": "frames-gone", "frames": descs}).encode())
+        assert pull.poll(30_000), "no answer"
+        call, reply = pull.recv_multipart()
+        push.send(b'{"stop": true}')
+        loop.join(timeout=30)
+    finally:
+        push.close(0)
+        pull.close(0)
+        ctx.term()
+    got = read_reply([None], descs, reply)
+    assert call == b"7" and isinstance(got[0], ScoringError) and "FileNotFoundError" in str(got[0])
+    assert served == [1]

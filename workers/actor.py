@@ -298,32 +298,37 @@ class ScoringWorker:
                 request = json.loads(pull.recv())
                 if request.get("stop"):
                     return served
-                started = time.time()
-                t0 = time.perf_counter()
-                names = [request["frame_slot"], *(d["map"]["slot"] for d in request["frames"])]
-                for name in names:
-                    if name not in slots:
-                        slots[name] = Slot(Path(slots_dir) / name)
-                map_slots = [slots[name].array for name in names[1:]]
-                frames, maps = read_frames(slots[names[0]].array, map_slots, request["frames"])
-                deserialize = time.perf_counter() - t0
-                out = self.score_batch(frames, started, maps)
-                finished = time.time()
-                for r in out:
-                    if isinstance(r, dict):
-                        r["timings"]["deserialize"] = deserialize
-                        r["finished_at"] = finished
-                try:
-                    reply = write_reply(map_slots, request["frames"], out)
-                except Exception as e:  # a result that cannot travel fails its call, not the loop
-                    reply = write_reply(map_slots, request["frames"], [e] * len(out))
-                del frames, maps, map_slots
-                push.send_multipart([str(request["call"]).encode(), reply])
+                push.send_multipart([str(request["call"]).encode(), self._serve_one(request, slots, Path(slots_dir))])
                 served += 1
         finally:
             pull.close(0)
             push.close(0)
             ctx.term()
+
+    def _serve_one(self, request: dict[str, Any], slots: dict[str, Slot], slots_dir: Path) -> bytes:
+        """One handed-over call: its reply. A call that cannot be read or answered gets each of
+        its frames' error, and the loop goes on."""
+        started = time.time()
+        t0 = time.perf_counter()
+        descs = request["frames"]
+        try:
+            names = [request["frame_slot"], *(d["map"]["slot"] for d in descs)]
+            for name in names:  # mapped, and its pages read, the first time a request names it
+                if name not in slots:
+                    slots[name] = Slot(slots_dir / name)
+            map_slots = [slots[name].array for name in names[1:]]
+            frames, maps = read_frames(slots[names[0]].array, map_slots, descs)
+            deserialize = time.perf_counter() - t0
+            out = self.score_batch(frames, started, maps)
+            finished = time.time()
+            for r in out:
+                if isinstance(r, dict):
+                    r["timings"]["deserialize"] = deserialize
+                    r["finished_at"] = finished
+            return write_reply(map_slots, descs, out)
+        except Exception as e:
+            log.exception("handed-over call %s failed", request.get("call"))
+            return write_reply([None] * len(descs), descs, [e] * len(descs))
 
     def score_batch(self, frames: list[Frame], started: float | None = None,
                     maps: list[np.ndarray] | None = None) -> list[dict[str, Any] | BaseException]:

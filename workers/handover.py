@@ -135,7 +135,7 @@ def _plain(value: Any) -> Any:
 
 
 def write_reply(
-    map_bufs: list[np.ndarray], descs: list[dict[str, Any]], results: list[dict[str, Any] | BaseException]
+    map_bufs: list[np.ndarray | None], descs: list[dict[str, Any]], results: list[dict[str, Any] | BaseException]
 ) -> bytes:
     """A call's reply: each frame's anomaly map in its map slot (copied there unless the scorer
     wrote it there, see :func:`read_frames`), and the JSON of everything else (an exception as
@@ -151,6 +151,8 @@ def write_reply(
         r = dict(r)
         amap = r.pop("anomaly_map", None)
         if amap is not None:
+            if map_buf is None:
+                raise ValueError("an anomaly map with no map slot to write it to")
             target = _view(map_buf, desc["map"])
             if amap.shape != target.shape:
                 raise ValueError(f"anomaly map of shape {amap.shape} for a frame of {target.shape}")
@@ -162,7 +164,7 @@ def write_reply(
 
 
 def read_reply(
-    map_bufs: list[np.ndarray], descs: list[dict[str, Any]], reply: bytes
+    map_bufs: list[np.ndarray | None], descs: list[dict[str, Any]], reply: bytes
 ) -> list[dict[str, Any] | BaseException]:
     """The results :func:`write_reply` sent: dicts with their ``anomaly_map`` a view on its map
     slot (no copy), or the exceptions (``FrameError`` kept as such, anything else a
@@ -174,7 +176,10 @@ def read_reply(
             out.append(FrameError(e["reason"], e["detail"]) if "reason" in e
                        else ScoringError(f"{e['type']}: {e['message']}"))
             continue
-        r["anomaly_map"] = _view(map_buf, desc["map"]) if r.pop("map") else None
+        has_map = r.pop("map")
+        if has_map and map_buf is None:
+            raise ValueError("an anomaly map with no map slot to read it from")
+        r["anomaly_map"] = _view(map_buf, desc["map"]) if has_map else None
         out.append(r)
     return out
 
