@@ -136,3 +136,30 @@ def test_clear_errors(shapenet2: Path, tmp_path: Path) -> None:
         evaluate(shapenet2, "anomaly-shapenet", "no-such-scorer", out=tmp_path, progress=False)
     assert main(["eval", "--dataset", str(tmp_path / "missing"), "--layout", "real3d", "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 2
+
+
+def test_enrollment_takes_the_validation_splits_good_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default a class is fitted on its train split and its validation split's good parts (never the
+    defective ones); ``enroll="train"`` fits on the train split alone."""
+    data = tmp_path / "data"
+    synthesize(data, "real3d", 1, seed=3, n_train=2, n_test_good=1, n_test_per_defect=1, n_validation=2,
+               n_validation_per_defect=1, kinds=["bulge"], progress=False, workers=1)
+    seen: list[list[str]] = []
+    original = PatchCoreFPFHScorer.fit
+
+    def spy(self: PatchCoreFPFHScorer, clouds, progress: bool = False) -> None:
+        seen.append(sorted(c.frame.meta.part_id.split("_")[1] for c in clouds))  # <k>_template / <k>_good
+        original(self, clouds, progress)
+
+    monkeypatch.setattr(PatchCoreFPFHScorer, "fit", spy)
+    cls = PART_CLASSES[0]
+    both = evaluate(data, "real3d", "patchcore-fpfh", out=tmp_path / "both", scorer_params=FAST, progress=False,
+                    voxel_size=2.0)
+    assert seen == [["good", "good", "template", "template"]]
+    assert both["enroll"] == "train+validation" and both["details"][cls]["n_train"] == 4
+    seen.clear()
+    alone = evaluate(data, "real3d", "patchcore-fpfh", out=tmp_path / "alone", scorer_params=FAST, progress=False,
+                     voxel_size=2.0, enroll="train")
+    assert seen == [["template", "template"]] and alone["enroll"] == "train" and alone["details"][cls]["n_train"] == 2
+    with pytest.raises(ValueError, match="enrollment"):
+        evaluate(data, "real3d", "patchcore-fpfh", out=tmp_path / "bad", progress=False, enroll="test")

@@ -84,6 +84,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         voxel_size=args.voxel_size,
         command=_eval_command(args),
         units=args.units,
+        enroll=args.enroll,
     )
     print(markdown_table(report))
     print(f"\nreport: {Path(args.out) / 'report.json'} and report.md, figures roc_curves.png, gallery.png")
@@ -105,6 +106,8 @@ def _eval_command(args: argparse.Namespace) -> str:
         parts += ["--voxel-size", f"{args.voxel_size:g}"]
     if args.units:
         parts += ["--units", args.units]
+    if args.enroll != "train+validation":
+        parts += ["--enroll", args.enroll]
     for item in args.scorer_param or ():
         parts += ["--scorer-param", item]
     return shlex.join(parts)
@@ -162,6 +165,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--units", choices=list(UNITS_MM),
                    help="units of the dataset's coordinates (default: its dataset.json's, else the layout's: "
                    "m for mvtec3d, mm for real3d / anomaly-shapenet)")
+    e.add_argument("--enroll", choices=["train+validation", "train"], default="train+validation",
+                   help="what each class is fitted on: its train split and its validation split's good parts "
+                   "where there is one (default), or the train split alone (the public benchmarks' tables)")
     e.add_argument("--scorer-param", action="append", metavar="KEY=VALUE",
                    help="scorer hyper-parameter (repeatable; VALUE is JSON), e.g. coreset_ratio=0.2")
     e.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -11,10 +11,15 @@ preprocess → scorer → map back) on a dataset in one of the published layouts
 
 Protocol (per class):
 
-* **fit** on the class's ``train`` split (good parts only). With ``--zero-shot`` the scorer is
-  fitted on the ``train`` splits of **all other classes of the dataset** (not only the other
-  classes selected with ``--classes``) and never sees the class it is tested on: the
-  cross-class protocol of 3DzAL. MVTec's ``validation`` split is not used.
+* **fit** on the class's ``train`` split and the good parts of its ``validation`` split, where
+  the dataset has one (``--enroll train+validation``, the default: a line enrolls every good part
+  it has, and more good parts measure the tolerance of a part better; docs/results/bench-preset.md,
+  "Enrollment"); ``--enroll train`` fits on the ``train`` split alone, as the public benchmarks'
+  tables do. MVTec 3D-AD's validation split holds good parts only; Real3D-AD and
+  Anomaly-ShapeNet have none, so they are fitted on ``train`` either way. The defective parts of
+  a validation split are never used. With ``--zero-shot`` the scorer is fitted on those splits
+  of **all other classes of the dataset** (not only the other classes selected with
+  ``--classes``) and never sees the class it is tested on: the cross-class protocol of 3DzAL.
 * **preprocessing** (``workers.preprocess``): organized camera scenes (``mvtec3d``) get the
   background plane removed (``remove_plane=True``); the point-cloud layouts are already
   isolated parts (``remove_plane=False``). Voxel size 1.0 mm unless ``--voxel-size``.
@@ -164,6 +169,18 @@ def compute_metrics(
     }
 
 
+ENROLL = ("train+validation", "train")
+"""What a class is fitted on: its train split and its validation split's good parts (where there is one), or
+the train split alone."""
+
+
+def validation_good(dataset: Path, layout: str, cls: str, units: str | None) -> list[Any]:
+    """The good parts of ``cls``'s validation split; none when the dataset has no such split."""
+    if not (dataset / cls / "validation").is_dir():
+        return []
+    return [s for s in list_samples(dataset, layout, cls, "validation", units=units) if s.label == 0]
+
+
 @dataclass
 class _Prepared:
     clouds: list  # list[PreparedCloud]
@@ -185,6 +202,7 @@ def evaluate(
     command: str | None = None,
     units: str | None = None,
     bootstrap: int = BOOTSTRAP,
+    enroll: str = "train+validation",
 ) -> dict[str, Any]:
     """Fit, score and report one scorer on one dataset; see the module docstring for the protocol.
 
@@ -202,7 +220,8 @@ def evaluate(
             "metric_notes", "dataset_info" (the dataset's dataset.json if any), "environment",
             "command", "timestamp", "report_version"}
 
-    Undefined metrics (one label present) are ``null``. ``units``: the units of the dataset's
+    ``enroll``: ``train+validation`` fits on the train split and the good parts of the validation
+    split where there is one; ``train`` on the train split only. Undefined metrics (one label present) are ``null``. ``units``: the units of the dataset's
     coordinates (default: ``sensors.datasets.dataset_units``). A test sample that cannot be
     loaded or scored is listed in ``failures`` and takes the worst score; eval goes on. Raises
     ``ValueError`` (a ``DatasetError`` for layout problems) on unknown classes, layouts or
@@ -226,6 +245,8 @@ def evaluate(
     unknown = [c for c in selected if c not in all_classes]
     if unknown:
         raise ValueError(f"unknown class(es) {', '.join(unknown)} in {dataset}; the dataset has {', '.join(all_classes)}")
+    if enroll not in ENROLL:
+        raise ValueError(f"unknown enrollment {enroll!r}; expected one of {', '.join(ENROLL)}")
     if zero_shot and len(all_classes) < 2:
         raise ValueError("--zero-shot needs a dataset with at least two classes (it fits on the other classes)")
     cls_type = scorer_class(scorer_name)
@@ -245,6 +266,8 @@ def evaluate(
             samples = list_samples(dataset, layout, cls, "train", units=units)
             if not samples:
                 raise ValueError(f"class {cls!r} of {dataset} has no training samples")
+            if enroll == "train+validation":
+                samples += validation_good(dataset, layout, cls, units)
             clouds, secs, cpu = [], 0.0, 0.0
             for s in tqdm(samples, desc=f"prepare {cls} train", disable=not progress, leave=False):
                 try:
@@ -380,6 +403,7 @@ def evaluate(
         "train_failures": train_failures,
         "units": units,
         "zero_shot": bool(zero_shot),
+        "enroll": enroll,
         "voxel_size": pp.voxel_size,
         "preprocess": asdict(pp),
         "scorer_params": scorer_record,
