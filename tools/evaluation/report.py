@@ -174,9 +174,12 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report.get("command"):
         lines += ["```", report["command"], "```", ""]
-    proto = "zero-shot: fitted on the train splits of all other classes (3DzAL)" if report["zero_shot"] else (
-        "fitted on each class's train split"
-    )
+    with_validation = report.get("enroll") == "train+validation"
+    if report["zero_shot"]:
+        proto = (f"zero-shot: fitted on the train splits{' and validation good parts' if with_validation else ''} "
+                 "of all other classes (3DzAL)")
+    else:
+        proto = f"fitted on each class's train split{' and its validation good parts' if with_validation else ''}"
     lines += [
         f"Dataset: `{report['dataset']}`"
         + (f" (synthetic, generator {info.get('generator')} v{info.get('generator_version')}, seed {info.get('seed')})"
