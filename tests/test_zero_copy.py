@@ -202,11 +202,12 @@ def test_daemon_over_unix_sockets(enrolled_models: Path, tmp_path: Path, handove
 
     from conftest import launch_daemon, receive_verdicts
 
-    frames = list(simulated_parts([PRODUCT], 3, 0.0, seed=8, good_only=True))
     with launch_daemon(enrolled_models, tmp_path, ingest={"endpoint": f"ipc://{tmp_path}/ingest.sock"},
                        publish={"endpoint": f"ipc://{tmp_path}/verdicts.sock"}, workers={"handover": handover}) as d:
         with urllib.request.urlopen(d.http + "/v1/actors", timeout=10) as r:
             assert {a["handover"] for a in json.loads(r.read())["actors"]} == {handover}
+        # captured once the daemon is up: a frame made before a slow start is too old at dequeue
+        frames = list(simulated_parts([PRODUCT], 3, 0.0, seed=8, good_only=True))
         ctx = zmq.Context()
         try:
             sub = d.subscriber(ctx)
