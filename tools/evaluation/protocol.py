@@ -221,7 +221,8 @@ def evaluate(
             "command", "timestamp", "report_version"}
 
     ``enroll``: ``train+validation`` fits on the train split and the good parts of the validation
-    split where there is one; ``train`` on the train split only. Undefined metrics (one label present) are ``null``. ``units``: the units of the dataset's
+    split where there is one; ``train`` on the train split only (recorded as the report's
+    ``enroll``). Undefined metrics (one label present) are ``null``. ``units``: the units of the dataset's
     coordinates (default: ``sensors.datasets.dataset_units``). A test sample that cannot be
     loaded or scored is listed in ``failures`` and takes the worst score; eval goes on. Raises
     ``ValueError`` (a ``DatasetError`` for layout problems) on unknown classes, layouts or
