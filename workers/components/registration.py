@@ -192,52 +192,69 @@ class Registrar:
     def _icp(self, src: np.ndarray, t: np.ndarray, max_dist: float, iterations: int,
              prune_after: int | None = None, keep: int = 1,
              inverse: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Batched point-to-plane ICP of ``src`` (N×3) from every transform in ``t`` (B×4×4).
+        """Batched, damped point-to-plane ICP of ``src`` (N×3) from every transform in ``t`` (B×4×4).
 
         Returns the final transforms and each one's truncated cost ``mean(min(d, max_dist)²)``.
+        Each step is a Levenberg-Marquardt step on that cost: a step that raises it is taken
+        back and tried again shorter (the damping grows tenfold), and an accepted one lowers the
+        damping. Plain Gauss-Newton point-to-plane steps drift along a part dominated by one flat
+        face, whose points do not constrain a slide within it: a pulley's camera view, started at
+        the identity, slid 57 mm away while its cost rose tenfold.
         ``inverse``: ``t`` holds the distinct ones of a longer list of transforms and
         ``inverse[i]`` is the row of its i-th; the pruning keeps the ``keep`` best of that list
         (copies included, as if all had run), so dropping copies does not change which go on.
         """
         n = len(src)
-        cost = np.zeros(len(t))
+        b = len(t)
         n_listed = len(t) if inverse is None else len(inverse)
+        accepted = t.copy()  # the last transform whose cost did not rise
+        cost = np.full(b, np.inf)
+        lam = np.zeros(b)  # Marquardt damping per transform
+        ata = np.zeros((b, 6, 6))
+        atb = np.zeros((b, 6))
         for it in range(iterations):
-            b = len(t)
             p = np.matmul(src, t[:, :3, :3].transpose(0, 2, 1)) + t[:, None, :3, 3]
             d, j = self.tree.query(p.reshape(-1, 3), distance_upper_bound=max_dist, workers=1)
             d, j = d.reshape(b, n), j.reshape(b, n)
             ok = np.isfinite(d)
-            cost = np.where(ok, d * d, max_dist * max_dist).mean(axis=1)
+            trial = np.where(ok, d * d, max_dist * max_dist).mean(axis=1)
+            better = trial <= cost
+            if better.any():  # the normal equations at the accepted transforms
+                pb, okb, jb = p[better], ok[better], np.where(ok[better], j[better], 0)
+                q, nrm = self.reference[jb], self.normals[jb]
+                w = okb.astype(np.float64)
+                a = np.empty(pb.shape[:2] + (6,))  # rows (p × n, n) of the point-to-plane Jacobian
+                a[..., 0] = pb[..., 1] * nrm[..., 2] - pb[..., 2] * nrm[..., 1]
+                a[..., 1] = pb[..., 2] * nrm[..., 0] - pb[..., 0] * nrm[..., 2]
+                a[..., 2] = pb[..., 0] * nrm[..., 1] - pb[..., 1] * nrm[..., 0]
+                a[..., 3:] = nrm
+                a *= w[:, :, None]
+                r = -((pb - q) * nrm).sum(axis=2) * w
+                at = a.transpose(0, 2, 1)
+                ata[better] = np.matmul(at, a)
+                atb[better] = np.matmul(at, r[:, :, None])[:, :, 0]
+                ata[better & (ok.sum(axis=1) < 6)] = 0.0
+            accepted = np.where(better[:, None, None], t, accepted)
+            cost = np.where(better, trial, cost)
+            lam = np.where(better, lam / 3.0, np.maximum(10.0 * lam, 1e-3))
             if prune_after is not None and it == prune_after and n_listed > keep:
                 if inverse is None:
                     best = np.argsort(cost)[:keep]
                 else:
                     listed = inverse[np.argsort(cost[inverse])[:keep]]
                     best = listed[np.sort(np.unique(listed, return_index=True)[1])]
-                t, p, d, j, ok, cost = t[best], p[best], d[best], j[best], ok[best], cost[best]
-            jj = np.where(ok, j, 0)
-            q, nrm = self.reference[jj], self.normals[jj]
-            w = ok.astype(np.float64)
-            a = np.empty(p.shape[:2] + (6,))  # rows (p × n, n) of the point-to-plane Jacobian
-            a[..., 0] = p[..., 1] * nrm[..., 2] - p[..., 2] * nrm[..., 1]
-            a[..., 1] = p[..., 2] * nrm[..., 0] - p[..., 0] * nrm[..., 2]
-            a[..., 2] = p[..., 0] * nrm[..., 1] - p[..., 1] * nrm[..., 0]
-            a[..., 3:] = nrm
-            a *= w[:, :, None]
-            r = -((p - q) * nrm).sum(axis=2) * w
-            at = a.transpose(0, 2, 1)
-            ata = np.matmul(at, a) + 1e-9 * np.eye(6)
-            atb = np.matmul(at, r[:, :, None])[:, :, 0]
-            x = np.linalg.solve(ata, atb[:, :, None])[:, :, 0]
-            x[ok.sum(axis=1) < 6] = 0.0
-            step = np.tile(np.eye(4), (len(t), 1, 1))
+                accepted, cost, lam, ata, atb = accepted[best], cost[best], lam[best], ata[best], atb[best]
+                b = len(best)
+            diag = np.einsum("bii->bi", ata)
+            damped = ata + (lam[:, None] * diag)[:, :, None] * np.eye(6) + 1e-9 * np.eye(6)
+            x = np.linalg.solve(damped, atb[:, :, None])[:, :, 0]
+            step = np.tile(np.eye(4), (b, 1, 1))
             step[:, :3, :3] = _rodrigues_batch(x[:, :3])
             step[:, :3, 3] = x[:, 3:]
-            t = step @ t
+            t = step @ accepted
             if float(np.abs(x).max()) < 1e-6:
                 break
-        return t, cost
+        return accepted, cost
 
     @staticmethod
     def _distinct(t: np.ndarray, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
