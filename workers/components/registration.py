@@ -11,8 +11,9 @@ What (:class:`Registrar`, numpy + scipy's KD-tree, vectorized over points and hy
    fixtured part) is always among them. Every hypothesis maps centroid onto centroid.
 2. Coarse ICP: all hypotheses at once as one batch on a subsample of ``coarse_points`` source
    points, point-to-plane Gauss-Newton steps against the reference normals with correspondences
-   truncated at ``coarse_dist``; after ``coarse_prune_after`` iterations only the best
-   ``coarse_keep`` hypotheses (lowest truncated mean squared distance) go on.
+   truncated at ``coarse_dist`` (one that slides off returns its lowest-cost pose); after
+   ``coarse_prune_after`` iterations only the best ``coarse_keep`` hypotheses (lowest truncated
+   mean squared distance) go on.
 3. Fine ICP on up to ``fine_points`` source points with correspondences within ``fine_dist``
    (a defect farther off the surface than that does not pull the pose), until the step is tiny.
 4. Fitness: the fraction of the source within ``fine_dist`` of the reference after the fine ICP.
@@ -72,6 +73,9 @@ def cube_rotations() -> np.ndarray:
                 out.append(m)
     return np.stack(out)
 
+
+SLIDE_RATIO = 1.25
+"""An ICP whose last truncated cost exceeds its lowest by this factor has slid off: see ``Registrar._icp``."""
 
 _CUBE = cube_rotations()
 _CUBE.setflags(write=False)
@@ -192,69 +196,63 @@ class Registrar:
     def _icp(self, src: np.ndarray, t: np.ndarray, max_dist: float, iterations: int,
              prune_after: int | None = None, keep: int = 1,
              inverse: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Batched, damped point-to-plane ICP of ``src`` (N×3) from every transform in ``t`` (B×4×4).
+        """Batched point-to-plane ICP of ``src`` (N×3) from every transform in ``t`` (B×4×4).
 
-        Returns the final transforms and each one's truncated cost ``mean(min(d, max_dist)²)``.
-        Each step is a Levenberg-Marquardt step on that cost: a step that raises it is taken
-        back and tried again shorter (the damping grows tenfold), and an accepted one lowers the
-        damping. Plain Gauss-Newton point-to-plane steps drift along a part dominated by one flat
-        face, whose points do not constrain a slide within it: a pulley's camera view, started at
-        the identity, slid 57 mm away while its cost rose tenfold.
+        Returns the final transforms and each one's truncated cost ``mean(min(d, max_dist)²)``,
+        except where a transform slid away: its last cost above ``SLIDE_RATIO`` times the lowest
+        it met, whose pose is returned instead. Gauss-Newton point-to-plane steps do not always
+        lower that cost: on a part dominated by one flat face, whose points do not hold a slide
+        within it, they can slide off (a pulley's camera view, started at the identity, went
+        57 mm off while its cost rose tenfold). Returning the lowest-cost pose always, or damping
+        every step (Levenberg-Marquardt), stopped the slide too but moved converged poses: a
+        flange's bolt circle then registered at the wrong spin (docs/design/template.md).
         ``inverse``: ``t`` holds the distinct ones of a longer list of transforms and
         ``inverse[i]`` is the row of its i-th; the pruning keeps the ``keep`` best of that list
         (copies included, as if all had run), so dropping copies does not change which go on.
         """
         n = len(src)
-        b = len(t)
         n_listed = len(t) if inverse is None else len(inverse)
-        accepted = t.copy()  # the last transform whose cost did not rise
-        cost = np.full(b, np.inf)
-        lam = np.zeros(b)  # Marquardt damping per transform
-        ata = np.zeros((b, 6, 6))
-        atb = np.zeros((b, 6))
+        best_t, best_cost = t.copy(), np.full(len(t), np.inf)
         for it in range(iterations):
+            b = len(t)
             p = np.matmul(src, t[:, :3, :3].transpose(0, 2, 1)) + t[:, None, :3, 3]
             d, j = self.tree.query(p.reshape(-1, 3), distance_upper_bound=max_dist, workers=1)
             d, j = d.reshape(b, n), j.reshape(b, n)
             ok = np.isfinite(d)
-            trial = np.where(ok, d * d, max_dist * max_dist).mean(axis=1)
-            better = trial <= cost
-            if better.any():  # the normal equations at the accepted transforms
-                pb, okb, jb = p[better], ok[better], np.where(ok[better], j[better], 0)
-                q, nrm = self.reference[jb], self.normals[jb]
-                w = okb.astype(np.float64)
-                a = np.empty(pb.shape[:2] + (6,))  # rows (p × n, n) of the point-to-plane Jacobian
-                a[..., 0] = pb[..., 1] * nrm[..., 2] - pb[..., 2] * nrm[..., 1]
-                a[..., 1] = pb[..., 2] * nrm[..., 0] - pb[..., 0] * nrm[..., 2]
-                a[..., 2] = pb[..., 0] * nrm[..., 1] - pb[..., 1] * nrm[..., 0]
-                a[..., 3:] = nrm
-                a *= w[:, :, None]
-                r = -((pb - q) * nrm).sum(axis=2) * w
-                at = a.transpose(0, 2, 1)
-                ata[better] = np.matmul(at, a)
-                atb[better] = np.matmul(at, r[:, :, None])[:, :, 0]
-                ata[better & (ok.sum(axis=1) < 6)] = 0.0
-            accepted = np.where(better[:, None, None], t, accepted)
-            cost = np.where(better, trial, cost)
-            lam = np.where(better, lam / 3.0, np.maximum(10.0 * lam, 1e-3))
+            cost = np.where(ok, d * d, max_dist * max_dist).mean(axis=1)
+            lower = cost < best_cost
+            best_t[lower], best_cost[lower] = t[lower], cost[lower]
             if prune_after is not None and it == prune_after and n_listed > keep:
                 if inverse is None:
                     best = np.argsort(cost)[:keep]
                 else:
                     listed = inverse[np.argsort(cost[inverse])[:keep]]
                     best = listed[np.sort(np.unique(listed, return_index=True)[1])]
-                accepted, cost, lam, ata, atb = accepted[best], cost[best], lam[best], ata[best], atb[best]
-                b = len(best)
-            diag = np.einsum("bii->bi", ata)
-            damped = ata + (lam[:, None] * diag)[:, :, None] * np.eye(6) + 1e-9 * np.eye(6)
-            x = np.linalg.solve(damped, atb[:, :, None])[:, :, 0]
-            step = np.tile(np.eye(4), (b, 1, 1))
+                t, p, d, j, ok, cost = t[best], p[best], d[best], j[best], ok[best], cost[best]
+                best_t, best_cost = best_t[best], best_cost[best]
+            jj = np.where(ok, j, 0)
+            q, nrm = self.reference[jj], self.normals[jj]
+            w = ok.astype(np.float64)
+            a = np.empty(p.shape[:2] + (6,))  # rows (p × n, n) of the point-to-plane Jacobian
+            a[..., 0] = p[..., 1] * nrm[..., 2] - p[..., 2] * nrm[..., 1]
+            a[..., 1] = p[..., 2] * nrm[..., 0] - p[..., 0] * nrm[..., 2]
+            a[..., 2] = p[..., 0] * nrm[..., 1] - p[..., 1] * nrm[..., 0]
+            a[..., 3:] = nrm
+            a *= w[:, :, None]
+            r = -((p - q) * nrm).sum(axis=2) * w
+            at = a.transpose(0, 2, 1)
+            ata = np.matmul(at, a) + 1e-9 * np.eye(6)
+            atb = np.matmul(at, r[:, :, None])[:, :, 0]
+            x = np.linalg.solve(ata, atb[:, :, None])[:, :, 0]
+            x[ok.sum(axis=1) < 6] = 0.0
+            step = np.tile(np.eye(4), (len(t), 1, 1))
             step[:, :3, :3] = _rodrigues_batch(x[:, :3])
             step[:, :3, 3] = x[:, 3:]
-            t = step @ accepted
+            t = step @ t
             if float(np.abs(x).max()) < 1e-6:
                 break
-        return accepted, cost
+        slid = cost > SLIDE_RATIO * best_cost
+        return np.where(slid[:, None, None], best_t, t), np.where(slid, best_cost, cost)
 
     @staticmethod
     def _distinct(t: np.ndarray, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
