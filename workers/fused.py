@@ -155,9 +155,9 @@ class FusedScorer(Scorer):
         p_res = self.patchcore_score_many(val)
         q = self.point_quantile
         scales = np.array([
-            np.mean([r.object_score for r in t_res]),
+            np.median([r.object_score for r in t_res]),
             np.quantile(np.concatenate([r.point_scores for r in t_res]), q),
-            np.mean([r.object_score for r in p_res]),
+            np.median([r.object_score for r in p_res]),
             np.quantile(np.concatenate([r.point_scores for r in p_res]), q),
         ], dtype=np.float64)
         scales = np.where(np.isfinite(scales) & (scales > 1e-9), scales, 1.0)
