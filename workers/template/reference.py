@@ -3,8 +3,8 @@
 :func:`build_reference` registers every good part onto the first one (global hypotheses + ICP,
 ``workers.components.registration``), fuses all of them into voxel centroids of ``voxel_size``
 (the reference points), estimates the reference normals, then registers every part once more
-onto that fused surface, refining its pose of the first round, and fuses again (the first
-anchor's own noise no longer sets the frame).
+onto that fused surface (the better of refining its pose of the first round and searching
+again) and fuses again (the first anchor's own noise no longer sets the frame).
 
 :func:`tolerance_map` measures, for every reference point, the signed point-to-plane deviation
 of the good parts' points that fall nearest to it: their mean (a systematic offset, e.g. the
@@ -124,16 +124,17 @@ def build_reference(clouds: Sequence[np.ndarray], voxel_size: float, registrar_k
 
 
 def _refine(reg: Registrar, part: np.ndarray, pose: np.ndarray) -> Registration:
-    """``part`` registered onto the fused surface from its pose of the round before; the global
-    search as well when that ends under ``reg.retry_below`` fitness, and the better of the two.
-    A global search from scratch onto the fused surface can fall into another minimum than the
-    round before found (a bracket's camera view: fitness 1.0 onto the first part, 0.7 onto the
-    fused surface), and that part then fuses in as a shifted copy."""
+    """``part`` registered onto the fused surface twice, refining its pose of the round before and
+    by the global search, and the better of the two: the higher fitness, then the lower RMSE.
+    The global search alone can fall into another minimum than the round before found (a
+    bracket's camera view: fitness 1.0 onto the first part, 0.7 onto the fused surface), and that
+    part then fuses in as a shifted copy; refining alone keeps the round before's errors (on
+    real3d seed 1, mean I-AUROC −0.010 against searching alone)."""
     refined = reg.register(part, init=pose)
-    if refined.fitness >= reg.retry_below:
-        return refined
     searched = reg.register(part)
-    return searched if searched.fitness > refined.fitness else refined
+    if abs(searched.fitness - refined.fitness) > 1e-3:
+        return searched if searched.fitness > refined.fitness else refined
+    return searched if searched.rmse < refined.rmse else refined
 
 
 def tolerance_map(registered: Sequence[np.ndarray], points: np.ndarray, normals: np.ndarray,
