@@ -3,8 +3,7 @@
 :func:`build_reference` registers every good part onto the first one (global hypotheses + ICP,
 ``workers.components.registration``), fuses all of them into voxel centroids of ``voxel_size``
 (the reference points), estimates the reference normals, then registers every part once more
-onto that fused surface (the better of refining its pose of the first round and searching
-again) and fuses again (the first anchor's own noise no longer sets the frame).
+onto that fused surface and fuses again (the first anchor's own noise no longer sets the frame).
 
 :func:`tolerance_map` measures, for every reference point, the signed point-to-plane deviation
 of the good parts' points that fall nearest to it: their mean (a systematic offset, e.g. the
@@ -33,7 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from workers import geometry
-from workers.components.registration import Registrar, Registration, estimate_normals
+from workers.components.registration import Registrar, estimate_normals
 
 NORMAL_K = 16
 FACE_NORMAL_K = 8
@@ -108,33 +107,14 @@ def build_reference(clouds: Sequence[np.ndarray], voxel_size: float, registrar_k
     anchor = parts[0]
     fitness: list[float] = []
     registered = parts
-    poses: list[np.ndarray] | None = None
     for _ in range(max(1, rounds)):
         reg = Registrar(anchor, **registrar_kw)
-        if poses is None:
-            results = [reg.register(p) for p in parts]
-        else:  # the fused surface lies in the first anchor's frame: refine each part's pose
-            results = [_refine(reg, p, pose) for p, pose in zip(parts, poses, strict=True)]
-        poses = [r.transform for r in results]
+        results = [reg.register(p) for p in parts]
         registered = [p @ r.transform[:3, :3].T + r.transform[:3, 3] for p, r in zip(parts, results, strict=True)]
         fitness = [r.fitness for r in results]
         anchor = fuse(registered, voxel_size)
     normals = estimate_normals(anchor, NORMAL_K)
     return anchor, normals, registered, fitness
-
-
-def _refine(reg: Registrar, part: np.ndarray, pose: np.ndarray) -> Registration:
-    """``part`` registered onto the fused surface twice, refining its pose of the round before and
-    by the global search, and the better of the two: the higher fitness, then the lower RMSE.
-    The global search alone can fall into another minimum than the round before found (a
-    bracket's camera view: fitness 1.0 onto the first part, 0.7 onto the fused surface), and that
-    part then fuses in as a shifted copy; refining alone keeps the round before's errors (on
-    real3d seed 1, mean I-AUROC −0.010 against searching alone)."""
-    refined = reg.register(part, init=pose)
-    searched = reg.register(part)
-    if abs(searched.fitness - refined.fitness) > 1e-3:
-        return searched if searched.fitness > refined.fitness else refined
-    return searched if searched.rmse < refined.rmse else refined
 
 
 def tolerance_map(registered: Sequence[np.ndarray], points: np.ndarray, normals: np.ndarray,
