@@ -203,9 +203,10 @@ class Registrar:
         it met, whose pose is returned instead. Gauss-Newton point-to-plane steps do not always
         lower that cost: on a part dominated by one flat face, whose points do not hold a slide
         within it, they can slide off (a pulley's camera view, started at the identity, went
-        57 mm off while its cost rose tenfold). Returning the lowest-cost pose always, or damping
-        every step (Levenberg-Marquardt), stopped the slide too but moved converged poses: a
-        flange's bolt circle then registered at the wrong spin (docs/design/template.md).
+        57 mm off while its cost rose tenfold). Damping every step (Levenberg-Marquardt) stopped
+        the slide too, but slowed the batch so that the pruning kept wrong spins of a flange's
+        bolt circle; returning the lowest-cost pose always moved converged poses back by up to
+        a step (docs/design/template.md, "The cause: point-to-plane steps that slide off").
         ``inverse``: ``t`` holds the distinct ones of a longer list of transforms and
         ``inverse[i]`` is the row of its i-th; the pruning keeps the ``keep`` best of that list
         (copies included, as if all had run), so dropping copies does not change which go on.
