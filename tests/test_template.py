@@ -178,3 +178,33 @@ def test_a_slowly_converging_pose_is_not_pruned() -> None:
     scorer = TemplateScorer(voxel_size=params.voxel_size)
     scorer.fit([prepare(f, params) for f in good[:16]])
     assert scorer.register_part(prepare(good[24], params)).fitness >= 0.9
+
+
+def test_a_part_that_does_not_register_is_left_out_of_the_reference(caplog) -> None:
+    """A part registered at a wrong pose while the reference is fused would add a shifted copy
+    of itself (a ghost) that later parts register onto. Here one of six "good" parts is another
+    shape (a T: its wall in the middle of the plate): it registers under ``min_fitness``, and the
+    reference holds no surface of it; with no bound it does."""
+    from workers.template.reference import build_reference
+
+    good = [posed(l_part(s), s) for s in range(5)]
+    odd = l_part(9)
+    odd[odd[:, 2] > 6.0, 0] += 17.0  # the wall moved from x in [0, 6] to [17, 23]
+    odd = posed(odd, 9)
+    kw = TemplateScorer()._registrar_kw()
+    ref, _, kept, fitness = build_reference(good + [odd], 1.0, kw, min_fitness=0.9)
+    assert fitness[-1] < 0.9 and min(fitness[:-1]) >= 0.9
+    assert len(kept) == 5
+    ref_all, _, kept_all, _ = build_reference(good + [odd], 1.0, kw, min_fitness=0.0)
+    assert len(kept_all) == 6
+    # the odd part's wall, registered as it was, lies where the good parts have none
+    from scipy.spatial import cKDTree
+
+    ghost = kept_all[-1][cKDTree(kept_all[0]).query(kept_all[-1])[0] > 3.0]
+    assert len(ghost) > 100
+    assert np.median(cKDTree(ref).query(ghost)[0]) > 2.0
+    assert np.median(cKDTree(ref_all).query(ghost)[0]) < 1.0
+    # enrollment says so
+    with caplog.at_level("WARNING", logger="inspectd.template"):
+        TemplateScorer().fit([prepared(p) for p in good + [odd]])
+    assert "1 of 6 good parts" in caplog.text and "5: " in caplog.text

@@ -101,20 +101,32 @@ def face_offsets(faces: np.ndarray, signed: np.ndarray, shrink: float) -> np.nda
 
 
 def build_reference(clouds: Sequence[np.ndarray], voxel_size: float, registrar_kw: dict,
-                    rounds: int = 2) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[float]]:
-    """Fuse good parts into a reference: (points, normals, registered parts, registration fitness per part)."""
+                    rounds: int = 2, min_fitness: float = 0.0,
+                    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[float]]:
+    """Fuse good parts into a reference: (points, normals, the registered parts it holds,
+    registration fitness of every part in the last round).
+
+    A part registered under ``min_fitness`` in a round is left out of that round's fusion and
+    of the returned parts: registered at a wrong pose, it would fuse in a shifted copy of
+    itself (a ghost) that later parts register onto (docs/design/template.md, "Ghosts in the
+    reference"). It is registered again in the next round, onto the others' fused surface.
+    When most parts fall under ``min_fitness`` (the first part, the anchor, is the odd one),
+    all of them are fused, as they were before this bound existed."""
     parts = [np.asarray(c, dtype=np.float64) for c in clouds]
     anchor = parts[0]
     fitness: list[float] = []
-    registered = parts
+    kept = registered = parts
     for _ in range(max(1, rounds)):
         reg = Registrar(anchor, **registrar_kw)
         results = [reg.register(p) for p in parts]
         registered = [p @ r.transform[:3, :3].T + r.transform[:3, 3] for p, r in zip(parts, results, strict=True)]
         fitness = [r.fitness for r in results]
-        anchor = fuse(registered, voxel_size)
+        kept = [p for p, f in zip(registered, fitness, strict=True) if f >= min_fitness]
+        if 2 * len(kept) < len(parts):
+            kept = registered
+        anchor = fuse(kept, voxel_size)
     normals = estimate_normals(anchor, NORMAL_K)
-    return anchor, normals, registered, fitness
+    return anchor, normals, kept, fitness
 
 
 def tolerance_map(registered: Sequence[np.ndarray], points: np.ndarray, normals: np.ndarray,

@@ -4,6 +4,7 @@ Design and choices: docs/design/template.md.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from workers.params import ScorerParams, fit_field, infer_field
 from workers.preprocess import PreparedCloud
 from workers.template.reference import build_reference, segment_faces, tolerance_map
 from workers.template.torch_model import TemplateModel
+
+log = logging.getLogger("inspectd.template")
 
 FAILED_SCORE = 1.0e6
 """Object score of a part that could not be registered: above any threshold, so never a pass."""
@@ -54,6 +57,8 @@ class TemplateParams(ScorerParams):
     coarse_dist_factor: float = fit_field(5.0, "Coarse ICP correspondence distance, in voxels.", gt=0)
     fine_dist_factor: float = fit_field(2.0, "Fine (point-to-plane) ICP correspondence distance, in voxels.", gt=0)
     fusion_rounds: int = fit_field(2, "Rounds of registering the good parts onto the fused reference.", ge=0)
+    fusion_min_fitness: float = fit_field(0.9, "A good part registered under this fitness while the reference is "
+                                          "fused is left out of it (0: every part is fused).", ge=0, le=1)
     seed: int = fit_field(0, "Seed of registration's sampling.")
     face_cos: float = fit_field(0.99, "Neighbouring reference points whose normals agree this closely (|cos|) "
                                 "lie on one face; 1 turns the face shifts off.", gt=0, le=1)
@@ -140,12 +145,19 @@ class TemplateScorer(Scorer):
         if len(clouds) == 0:
             raise ValueError("template needs at least one good training cloud")
         parts = [self._points(c) for c in clouds]
-        points, normals, registered, fitness = build_reference(parts, self.voxel_size, self._registrar_kw(),
-                                                               self.fusion_rounds)
+        # while fusing, a part under fusion_min_fitness first retries with more hypotheses
+        kw = {**self._registrar_kw(), "retry_below": max(self.min_fitness, self.fusion_min_fitness)}
+        points, normals, registered, fitness = build_reference(parts, self.voxel_size, kw, self.fusion_rounds,
+                                                               self.fusion_min_fitness)
         offset, spread, vis = tolerance_map(registered, points, normals,
                                             self.missing_dist_factor * self.voxel_size, 0.02 * self.voxel_size,
                                             self._faces(points), self.face_shrink)
         self.fit_fitness = fitness
+        if len(registered) < len(parts):
+            low = ", ".join(f"{i}: {f:.2f}" for i, f in enumerate(fitness) if f < self.fusion_min_fitness)
+            log.warning("template: %d of %d good parts registered under fitness %.2f while the reference was "
+                        "fused and were left out of it (part index: fitness) %s", len(parts) - len(registered),
+                        len(parts), self.fusion_min_fitness, low)
         self._set_model(TemplateModel(points, normals, offset, spread, vis))
 
     def register_part(self, cloud: PreparedCloud) -> Registration:
