@@ -152,7 +152,8 @@ def test_shared_searches_score_as_fresh_searches_of_the_registered_part(fitted: 
 
 def test_a_camera_frame_is_smoothed_over_fewer_points_than_a_cloud() -> None:
     """One side of the part in a camera's view: its deviations are averaged over
-    ``smoothing_k_organized`` points; a whole cloud's over ``smoothing_k``."""
+    ``smoothing_k_organized`` points; a whole cloud's over ``smoothing_k``. Its missing material
+    needs ``min_visibility_organized`` of the good views to have covered a point."""
     from sensors.simulated import simulated_parts
 
     scorer = TemplateScorer()
@@ -163,6 +164,9 @@ def test_a_camera_frame_is_smoothed_over_fewer_points_than_a_cloud() -> None:
     as_view = PreparedCloud(points=pts, source_flat=np.arange(100), voxel_of_source=np.arange(100), frame=camera)
     assert scorer.smoothing_for(as_cloud) == scorer.smoothing_k == 32
     assert scorer.smoothing_for(as_view) == scorer.smoothing_k_organized == 8
+    # and a reference point counts as missing only where (nearly) every good view covered it
+    assert scorer.visibility_for(as_cloud) == scorer.min_visibility == 0.75
+    assert scorer.visibility_for(as_view) == scorer.min_visibility_organized == 0.95
 
 
 def test_a_slowly_converging_pose_is_not_pruned() -> None:

@@ -69,7 +69,9 @@ class TemplateParams(ScorerParams):
     missing_dist_factor: float = infer_field(2.0, "A covered reference point with no part point this near "
                                              "(in voxels) is missing material.", gt=0)
     min_visibility: float = infer_field(0.75, "Fraction of good parts that must cover a reference point for "
-                                        "it to count as missing.", ge=0, le=1)
+                                        "it to count as missing (clouds).", ge=0, le=1)
+    min_visibility_organized: float = infer_field(0.95, "... and on a camera frame, where what a view shows "
+                                                  "varies with the part's pose.", ge=0, le=1)
     smoothing_k: int = infer_field(32, "Deviations are averaged over this many nearest points (clouds).", ge=0)
     smoothing_k_organized: int = infer_field(8, "... and over this many on a camera frame, whose view shows "
                                              "one side of the part.", ge=0)
@@ -166,6 +168,15 @@ class TemplateScorer(Scorer):
             raise RuntimeError("template is not fitted: call fit() or load an artifact first")
         return self._registrar.register(self._points(cloud))
 
+    def visibility_for(self, cloud: PreparedCloud) -> float:
+        """Fraction of the good parts that must cover a reference point for it to count as missing:
+        ``min_visibility`` on a cloud, ``min_visibility_organized`` on a camera frame, where
+        shadows and grazing faces that come and go with the pose leave reference points uncovered
+        in good views (chosen on seed 1: docs/design/template.md, "Missing material on camera
+        frames")."""
+        organized = cloud.frame is not None and cloud.frame.organized
+        return self.min_visibility_organized if organized else self.min_visibility
+
     def smoothing_for(self, cloud: PreparedCloud) -> int:
         """Neighbours a point's deviation is averaged over: ``smoothing_k`` on a cloud, where a bend
         or a shallow bulge spans many points, ``smoothing_k_organized`` on a camera frame
@@ -189,7 +200,7 @@ class TemplateScorer(Scorer):
         missing_dist = self.missing_dist_factor * self.voxel_size
         covered = np.zeros(len(self.model.reference_points), dtype=bool)
         covered[reg.nearest_index[reg.nearest_distance < missing_dist]] = True
-        missing = self.model.missing(cloud.tree, missing_dist, self.min_visibility, self.rim_k, reg.transform,
+        missing = self.model.missing(cloud.tree, missing_dist, self.visibility_for(cloud), self.rim_k, reg.transform,
                                      covered)
         t3 = time.perf_counter()
         k_smooth = self.smoothing_for(cloud)
