@@ -31,7 +31,10 @@ from conftest import PRODUCT, daemon_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 #: Small ZeroMQ and batch buffers, so that N_FRAMES overfill the daemon: some wait in the sensor.
-PIPELINE = {"ingest": {"queue_size": 8, "max_wait_ms": 300_000, "receive_hwm": 4}, "workers": {"max_batch": 1}}
+#: Frames that wait there while a daemon restarts (Ray takes 5-15 s to start) must still be scored,
+#: not answered ``overloaded`` for their age, or the restarted daemon's queue never fills.
+PIPELINE = {"ingest": {"queue_size": 8, "max_wait_ms": 300_000, "receive_hwm": 4, "max_age_ms": 600_000},
+            "workers": {"max_batch": 1}}
 
 
 class Daemon:
