@@ -11,7 +11,7 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from workers.components.fpfh import fpfh_features
-from workers.components.knn import knn, smooth_over_neighbours
+from workers.components.knn import knn, max_over_neighbours, smooth_over_neighbours
 from workers.components.memory_bank import (
     CELLS_MIN_BANK,
     BankCells,
@@ -218,3 +218,13 @@ def test_smoothing_over_neighbours_found_already() -> None:
     _, nbr = cKDTree(pts).query(pts, k=12)
     np.testing.assert_allclose(smooth_over_neighbours(pts, values, 8, neighbours=nbr),
                                smooth_over_neighbours(pts, values, 8), rtol=1e-12)
+
+
+def test_max_over_neighbours_is_a_dilation() -> None:
+    pts = np.random.default_rng(6).normal(size=(200, 3))
+    values = np.zeros(200)
+    values[17] = 5.0
+    _, nbr = cKDTree(pts).query(pts, k=6)
+    out = max_over_neighbours(values, nbr)
+    assert out[17] == 5.0 and out.max() == 5.0
+    np.testing.assert_array_equal(out > 0, (nbr == 17).any(axis=1))

@@ -71,6 +71,8 @@ def test_confirmed_defects_raise_a_similar_defect_not_good_parts(scorer: FusedDe
         assert isinstance(loaded, FusedDefectsScorer)
         np.testing.assert_array_equal(loaded.defect_bank, scorer.defect_bank)
         assert loaded.score(test_defect).object_score == pytest.approx(after[1], rel=1e-5)
+        # the daemon scores batches: the head is on that path too
+        assert scorer.score_many([test_defect])[0].object_score == pytest.approx(after[1])
     finally:
         scorer.fit_defects([], [])
     assert len(scorer.defect_bank) == 0

@@ -121,6 +121,24 @@ def test_fused_patchcore_on_coarser_voxels(tmp_path) -> None:
     assert FusedScorer.from_state(params, scorer.tensors()).patchcore_voxel_factor == 1.0
 
 
+def test_fused_map_is_dilated_and_its_object_score_is_not() -> None:
+    """``map_dilate_k``: each point of the served map takes the largest fused score of its nearest
+    points, on a fitted model as loaded; the object score does not come from the map."""
+    from workers.components.knn import max_over_neighbours
+
+    fitted = FusedScorer(patchcore={"coreset_ratio": 0.2})
+    fitted.fit([prepared(posed(l_part(s), s)) for s in range(4)])
+    dilated = FusedScorer.from_state(fitted.params(), fitted.tensors())
+    plain = FusedScorer.from_state({**fitted.params(), "map_dilate_k": 1}, fitted.tensors())
+    cloud = prepared(posed(bent(l_part(200)), 200))
+    a, b = dilated.score(cloud), plain.score(cloud)
+    assert a.object_score == b.object_score
+    assert dilated.map_dilate_k == 16
+    np.testing.assert_array_equal(a.point_scores, max_over_neighbours(b.point_scores, cloud.neighbours(16)))
+    assert (a.point_scores >= b.point_scores).all() and a.point_scores.max() == b.point_scores.max()
+    assert (a.point_scores > b.point_scores).mean() > 0.1
+
+
 def test_shared_searches_score_as_fresh_searches_of_the_registered_part(fitted: TemplateScorer) -> None:
     """Registration's nearest points, the cloud's KD-tree in the part's frame and its shared
     neighbours give the scores that fresh searches of the registered points give."""
@@ -150,10 +168,27 @@ def test_shared_searches_score_as_fresh_searches_of_the_registered_part(fitted: 
     np.testing.assert_allclose(got, expected.astype(np.float32), rtol=1e-5, atol=1e-6)
 
 
+def test_the_object_score_takes_a_narrow_rim_the_map_a_wide_one(fitted: TemplateScorer) -> None:
+    """A hole's gap marks ``rim_k`` points on the map; the object score is as with a rim of
+    ``OBJECT_RIM_K`` points, so the map's rim leaves it unchanged."""
+    from workers.template.scorer import OBJECT_RIM_K
+
+    part = l_part(52)
+    cloud = prepared(posed(part[np.linalg.norm(part - np.array([20.0, 10.0, 6.0]), axis=1) > 5.0], 52))
+    wide = fitted.score(cloud)
+    narrow = TemplateScorer.from_state({**fitted.params(), "rim_k": OBJECT_RIM_K}, fitted.tensors()).score(cloud)
+    again = TemplateScorer.from_state(fitted.params(), fitted.tensors()).score(cloud)
+    assert again.object_score == narrow.object_score
+    assert (again.point_scores >= narrow.point_scores).all()
+    assert (again.point_scores > narrow.point_scores).sum() > 100  # the hole's wider rim
+    assert wide.object_score == pytest.approx(again.object_score, rel=1e-5)
+
+
 def test_a_camera_frame_is_smoothed_over_fewer_points_than_a_cloud() -> None:
     """One side of the part in a camera's view: its deviations are averaged over
     ``smoothing_k_organized`` points; a whole cloud's over ``smoothing_k``. Its missing material
-    needs ``min_visibility_organized`` of the good views to have covered a point."""
+    needs ``min_visibility_organized`` of the good views to have covered a point and marks
+    ``rim_k_organized`` points."""
     from sensors.simulated import simulated_parts
 
     scorer = TemplateScorer()
@@ -167,6 +202,9 @@ def test_a_camera_frame_is_smoothed_over_fewer_points_than_a_cloud() -> None:
     # and a reference point counts as missing only where (nearly) every good view covered it
     assert scorer.visibility_for(as_cloud) == scorer.min_visibility == 0.75
     assert scorer.visibility_for(as_view) == scorer.min_visibility_organized == 0.95
+    # and a missing point's gap is given to its hole's wide rim on a cloud, to a few pixels in a view
+    assert scorer.rim_for(as_cloud) == scorer.rim_k == 128
+    assert scorer.rim_for(as_view) == scorer.rim_k_organized == 8
 
 
 def test_a_slowly_converging_pose_is_not_pruned() -> None:

@@ -111,7 +111,7 @@ class FusedDefectsScorer(FusedScorer):
     def score(self, cloud: PreparedCloud) -> TemplateScoreResult:
         base, desc = self.describe(cloud)
         if len(self.defect_bank) == 0 or base.registration_failed:
-            return base
+            return self.dilate(base, cloud)
         t0 = time.perf_counter()
         if self._bank is None:
             self._bank = MemoryBank(self.defect_bank)
@@ -119,4 +119,8 @@ class FusedDefectsScorer(FusedScorer):
         base.object_score = float(base.object_score + gain)
         base.point_scores = (base.point_scores + point_gain).astype(np.float32)
         base.timings["defect_head"] = time.perf_counter() - t0
-        return base
+        return self.dilate(base, cloud)
+
+    def score_many(self, clouds: Sequence[PreparedCloud]) -> list[TemplateScoreResult]:
+        """Part by part: the head's evidence is per part (``fused``'s batched path has no head)."""
+        return [self.score(c) for c in clouds]

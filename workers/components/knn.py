@@ -55,3 +55,10 @@ def smooth_over_neighbours(points: np.ndarray, values: np.ndarray, k: int, tree:
     if neighbours is None or neighbours.shape[1] < k:
         _, neighbours = (tree if tree is not None else cKDTree(points)).query(points, k=k)
     return np.asarray(values)[neighbours[:, :k]].mean(axis=1)
+
+
+def max_over_neighbours(values: np.ndarray, neighbours: np.ndarray) -> np.ndarray:
+    """Every value replaced by the largest over its point's neighbours (``neighbours``: M×k indices,
+    the point itself included, e.g. ``PreparedCloud.neighbours``): a dilation of an anomaly map,
+    which widens a detected region by about one neighbourhood radius and moves no maximum."""
+    return np.asarray(values)[neighbours].max(axis=1)

@@ -25,6 +25,10 @@ log = logging.getLogger("inspectd.template")
 FAILED_SCORE = 1.0e6
 """Object score of a part that could not be registered: above any threshold, so never a pass."""
 MIN_POINTS = 10
+OBJECT_RIM_K = 8
+"""Part points that carry a missing point's gap into the object score, whatever the map's rim
+(``rim_k``): a wide rim marks a hole's damage on the map, and in the object score it would weigh
+a good part's few sampling gaps as much (docs/design/template.md, "The rim of a hole")."""
 
 
 @dataclass
@@ -75,7 +79,10 @@ class TemplateParams(ScorerParams):
     smoothing_k: int = infer_field(32, "Deviations are averaged over this many nearest points (clouds).", ge=0)
     smoothing_k_organized: int = infer_field(8, "... and over this many on a camera frame, whose view shows "
                                              "one side of the part.", ge=0)
-    rim_k: int = infer_field(8, "Part points nearest a missing reference point that take its gap.", ge=0)
+    rim_k: int = infer_field(128, "Part points nearest a missing reference point that take its gap: the rim "
+                             "of a hole, around it, as far as about 6 voxels (clouds).", ge=0)
+    rim_k_organized: int = infer_field(8, "... and on a camera frame, whose ground truth is the defect's own "
+                                       "pixels.", ge=0)
     top_fraction: float = infer_field(0.005, "The object score is the mean of this top fraction of point "
                                       "scores.", gt=0, le=1)
     top_min: int = infer_field(5, "... and of at least this many points.", ge=0)
@@ -177,6 +184,13 @@ class TemplateScorer(Scorer):
         organized = cloud.frame is not None and cloud.frame.organized
         return self.min_visibility_organized if organized else self.min_visibility
 
+    def rim_for(self, cloud: PreparedCloud) -> int:
+        """Part points that take a missing reference point's gap: ``rim_k`` on a cloud, where a
+        hole's damage is marked on its rim, ``rim_k_organized`` on a camera frame (both chosen on
+        seed 1 of the bench preset: docs/design/template.md, "The rim of a hole")."""
+        organized = cloud.frame is not None and cloud.frame.organized
+        return self.rim_k_organized if organized else self.rim_k
+
     def smoothing_for(self, cloud: PreparedCloud) -> int:
         """Neighbours a point's deviation is averaged over: ``smoothing_k`` on a cloud, where a bend
         or a shallow bulge spans many points, ``smoothing_k_organized`` on a camera frame
@@ -200,15 +214,17 @@ class TemplateScorer(Scorer):
         missing_dist = self.missing_dist_factor * self.voxel_size
         covered = np.zeros(len(self.model.reference_points), dtype=bool)
         covered[reg.nearest_index[reg.nearest_distance < missing_dist]] = True
-        missing = self.model.missing(cloud.tree, missing_dist, self.visibility_for(cloud), self.rim_k, reg.transform,
-                                     covered)
+        rim = self.rim_for(cloud)
+        missing_object, missing = self.model.missing(cloud.tree, missing_dist, self.visibility_for(cloud),
+                                                     (min(rim, OBJECT_RIM_K), rim), reg.transform, covered)
         t3 = time.perf_counter()
         k_smooth = self.smoothing_for(cloud)
         nbr = cloud.neighbours(k_smooth) if k_smooth > 1 else None
         smoothed = smooth_over_neighbours(pts, dev, k_smooth, neighbours=nbr)
         scores = np.maximum(smoothed, missing).astype(np.float32)
+        object_points = np.maximum(smoothed, missing_object)
         k = min(len(scores), max(self.top_min, int(round(self.top_fraction * len(scores)))))
-        object_score = float(np.partition(scores, len(scores) - k)[-k:].mean())
+        object_score = float(np.partition(object_points, len(scores) - k)[-k:].mean())
         failed = reg.fitness < self.min_fitness
         reason = None
         if failed:

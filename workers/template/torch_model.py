@@ -12,6 +12,8 @@ missing-material score its points take (:meth:`TemplateModel.missing`). Both run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from scipy.spatial import cKDTree
@@ -67,12 +69,13 @@ class TemplateModel(nn.Module):
         return np.maximum(np.abs(signed - self.array("tolerance_offset")[j]), dist - voxel_size) / \
             self.array("tolerance_spread")[j]
 
-    def missing(self, part_tree: cKDTree, missing_dist: float, min_visibility: float, rim_k: int,
+    def missing(self, part_tree: cKDTree, missing_dist: float, min_visibility: float, rims: Sequence[int],
                 pose: np.ndarray | None = None, covered: np.ndarray | None = None) -> np.ndarray:
-        """Per part point (of ``part_tree``'s points): the largest gap score of a reference point
-        the good parts cover (visibility >= ``min_visibility``) with no part point within
-        ``missing_dist``, taken by the ``rim_k`` part points nearest that reference point (0
-        elsewhere). ``pose`` (4×4) takes the tree's points onto the reference (registration's
+        """Per rim size k in ``rims`` and per part point (of ``part_tree``'s points), a row of the
+        largest gap score of a reference point the good parts cover (visibility >=
+        ``min_visibility``) with no part point within ``missing_dist``, taken by the k part points
+        nearest that reference point (0 elsewhere; k = 0: a row of zeros): one search serves every
+        rim (``len(rims)``×N). ``pose`` (4×4) takes the tree's points onto the reference (registration's
         transform): the reference points are moved into the part's frame by its inverse, so the
         part's own KD-tree, built once per cloud, serves (None: the tree is of registered points).
 
@@ -89,14 +92,16 @@ class TemplateModel(nn.Module):
             ref_seen = (ref_seen - pose[:3, 3]) @ pose[:3, :3]
         gap, _ = part_tree.query(ref_seen, distance_upper_bound=missing_dist, workers=1)
         miss = ~np.isfinite(gap)
-        out = np.zeros(part_tree.n)
+        out = np.zeros((len(rims), part_tree.n))
         if miss.any():
-            kk = min(rim_k, part_tree.n) if rim_k > 0 else 1
+            kk = min(max(max(rims), 1), part_tree.n)
             d_rim, rim = part_tree.query(ref_seen[miss], k=kk, workers=1)
             d_rim, rim = d_rim.reshape(-1, kk), rim.reshape(-1, kk)
             gap_score = (d_rim[:, 0] - missing_dist) / self.array("tolerance_spread")[seen][miss]
-            if rim_k > 0:
-                np.maximum.at(out, rim.ravel(), np.repeat(gap_score, kk))
+            for row, k in zip(out, rims, strict=True):  # one pass per rim size, vectorized over points
+                if k > 0:
+                    k = min(k, kk)
+                    np.maximum.at(row, rim[:, :k].ravel(), np.repeat(gap_score, k))
         return out
 
     def tensors(self) -> dict[str, np.ndarray]:
