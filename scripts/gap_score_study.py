@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,22 @@ def gaps(fused: FusedScorer, cloud: PreparedCloud, pose: np.ndarray) -> list[flo
     return [float(d[-1]), float(d[-3:].mean()), float(dv.max())]
 
 
-def collect(dataset: Path, layout: str, classes: list[str], out: Path) -> None:
+Features = Callable[[PreparedCloud, np.ndarray], list[float]]
+"""A study's features of one part, from its prepared cloud and its registered pose."""
+
+
+def collect_study(dataset: Path, layout: str, classes: list[str], out: Path, key: str,
+                  fit_class: Callable[[list[PreparedCloud]], tuple[FusedScorer, Features, list[float]]]) -> None:
+    """Per test part of every class: fused's object score and the study's features (saved as
+    ``key``), with the class's calibration (``cal``). ``fit_class`` takes the enrolled clouds (train
+    split plus the validation split's good parts, as ``inspectd eval`` enrolls them) and returns
+    the fitted fused, the features of a part and the calibration."""
     pp = preprocess_params(layout, 1.0)
-    cls_col, kind, label, score, gap, cal = [], [], [], [], [], []
+    cls_col, kind, label, score, feats, cal = [], [], [], [], [], []
     for cls in classes:
         enrolled = [prepare(s.load(), pp) for s in
                     list(list_samples(dataset, layout, cls, "train")) + list(validation_good(dataset, layout, cls, None))]
-        first = FusedScorer(voxel_size=1.0, refit=False)  # the fit that scores the held-out part
-        first.fit(enrolled)
-        held = gaps(first, enrolled[-1], np.asarray(first.template.score(enrolled[-1]).pose))
-        fused = FusedScorer(voxel_size=1.0)  # what eval serves: refitted on all
-        fused.fit(enrolled)
+        fused, features, c_cal = fit_class(enrolled)
         for s in list_samples(dataset, layout, cls, "test"):
             c = prepare(s.load(), pp)
             r = fused.score(c)
@@ -65,28 +71,46 @@ def collect(dataset: Path, layout: str, classes: list[str], out: Path) -> None:
             kind.append(s.defect)
             label.append(s.label)
             score.append(r.object_score)
-            gap.append(gaps(fused, c, np.asarray(r.pose)))
-            cal.append(held)
+            feats.append(features(c, np.asarray(r.pose)))
+            cal.append(c_cal)
         print(cls, "done", flush=True)
     np.savez(out, cls=np.array(cls_col), kind=np.array(kind), label=np.array(label), fused=np.array(score),
-             gap=np.array(gap), cal=np.array(cal))
+             cal=np.array(cal), **{key: np.array(feats)})
+
+
+def collect(dataset: Path, layout: str, classes: list[str], out: Path) -> None:
+    def fit_class(enrolled: list[PreparedCloud]) -> tuple[FusedScorer, Features, list[float]]:
+        first = FusedScorer(voxel_size=1.0, refit=False)  # the fit that scores the held-out part
+        first.fit(enrolled)
+        held = gaps(first, enrolled[-1], np.asarray(first.template.score(enrolled[-1]).pose))
+        fused = FusedScorer(voxel_size=1.0)  # what eval serves: refitted on all
+        fused.fit(enrolled)
+        return fused, lambda c, pose: gaps(fused, c, pose), held
+
+    collect_study(dataset, layout, classes, out, "gap", fit_class)
+
+
+def iauroc_line(name: str, score: np.ndarray, cls: np.ndarray, kind: np.ndarray, label: np.ndarray) -> None:
+    """Print ``name``, the mean I-AUROC over classes and the mean per defect kind of ``score``
+    (one row per test part, with its class, defect kind and label); shared by the study scripts."""
+    kinds = sorted(set(kind.tolist()) - {"good"})
+    means, per = [], {k: [] for k in kinds}
+    for c in sorted(set(cls.tolist())):
+        sel = cls == c
+        means.append(auroc(score[sel], label[sel]))
+        for k in kinds:
+            pick = sel & ((label == 0) | (kind == k))
+            if (label[pick] == 1).any():
+                per[k].append(auroc(score[pick], label[pick]))
+    print(f"{name:28s} mean {np.mean(means):.3f}  " + " ".join(f"{k} {np.mean(v):.2f}" for k, v in per.items() if v))
 
 
 def report(path: Path) -> None:
     z = np.load(path)
     cls, kind, label, fused, gap, cal = (z[k] for k in ("cls", "kind", "label", "fused", "gap", "cal"))
-    kinds = sorted(set(kind.tolist()) - {"good"})
 
     def line(name: str, score: np.ndarray) -> None:
-        means, per = [], {k: [] for k in kinds}
-        for c in sorted(set(cls.tolist())):
-            sel = cls == c
-            means.append(auroc(score[sel], label[sel]))
-            for k in kinds:
-                pick = sel & ((label == 0) | (kind == k))
-                if (label[pick] == 1).any():
-                    per[k].append(auroc(score[pick], label[pick]))
-        print(f"{name:28s} mean {np.mean(means):.3f}  " + " ".join(f"{k} {np.mean(v):.2f}" for k, v in per.items() if v))
+        iauroc_line(name, score, cls, kind, label)
 
     line("fused", fused)
     for i, g in enumerate(GAPS):
@@ -95,16 +119,19 @@ def report(path: Path) -> None:
             line(f"fused + {w} {g} (m {m})", fused + w * np.maximum(0.0, gap[:, i] / cal[:, i] - m))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def study_cli(doc: str, collect: Callable[[Path, str, list[str], Path], None],
+              report: Callable[[list[Path]], None]) -> None:
+    """The command line the study scripts share: ``DATASET LAYOUT OUT [--classes a,b]`` collects,
+    ``--report OUT.npz [...]`` reports."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("dataset", nargs="?")
     ap.add_argument("layout", nargs="?")
     ap.add_argument("out", nargs="?")
     ap.add_argument("--classes")
-    ap.add_argument("--report")
+    ap.add_argument("--report", nargs="+")
     a = ap.parse_args()
     if a.report:
-        report(Path(a.report))
+        report([Path(p) for p in a.report])
         return
     if not (a.dataset and a.layout and a.out):
         ap.error("DATASET LAYOUT OUT are needed unless --report")
@@ -114,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    study_cli(__doc__, collect, lambda paths: report(paths[0]))
