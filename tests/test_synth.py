@@ -146,3 +146,42 @@ def test_a_graded_defect_too_small_to_show_grows_instead_of_ending_the_run() -> 
     assert _severity(job, 10 * MAX_DEFECT_TRIES) == 1.0 and _max_tries(job) == 2 * MAX_DEFECT_TRIES
     default = Job("/tmp/x", "real3d", "flange", 0, 0, "test", "hole", "x.pcd", None, None, 0)
     assert _severity(default, MAX_DEFECT_TRIES + 5) is None and _max_tries(default) == MAX_DEFECT_TRIES
+
+
+def _oracle_study():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "oracle_ceiling.py"
+    spec = importlib.util.spec_from_file_location("oracle_ceiling", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_written_sample_is_remade_with_its_defect_free_twin(tiny: tuple[str, Path, dict], tmp_path: Path) -> None:
+    """``scan_cloud`` / ``scan_camera`` remake each test sample from its seed (the oracle study
+    checks every one against its file) and hand over its twin: against it, a good scan shows
+    scanner noise only, and a defect stands out."""
+    layout, root, info = tiny
+    study = _oracle_study()
+    out = tmp_path / "oracle.npz"
+    study.measure(root, out, None, workers=1)
+    z = np.load(out)
+    assert len(z["kind"]) == info["counts"]["test"]
+    good, bad = z["kind"] == "good", z["kind"] != "good"
+    assert z["dev_32"][good].max() < 0.1  # noise: σ 0.05 mm (camera: of two renders) over ~32 points
+    assert z["dev_1"][bad].max() > 3 * z["dev_1"][good].max()
+    assert ("cad_dev_32" in z.files) == (layout != "mvtec3d")
+
+
+def test_point_cloud_layouts_draw_parts_of_their_own(tmp_path: Path) -> None:
+    """One seed's real3d and anomaly-shapenet test parts are different parts (up to generator
+    1.1.0 they were the same scans), so the two layouts' figures are two measurements."""
+    kw = {**TINY, "n_test_per_defect": 0, "n_validation": 0}
+    synthesize(tmp_path / "r", "real3d", 1, seed=4, **kw)
+    synthesize(tmp_path / "a", "anomaly-shapenet", 1, seed=4, **kw)
+    cls = PART_CLASSES[0]
+    real3d, _ = read_pcd(next((tmp_path / "r" / cls / "test").glob("*_good.pcd")))
+    shapenet, _ = read_pcd(tmp_path / "a" / cls / "test" / "positive0.pcd")
+    assert real3d.shape == shapenet.shape and not np.allclose(real3d, shapenet, atol=0.01)

@@ -31,8 +31,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-GENERATOR_VERSION = "1.1.0"
-"""1.1.0: good parts vary within ISO 2768-m general tolerances (1.0.0: ±2 % of every dimension)."""
+GENERATOR_VERSION = "1.2.0"
+"""1.2.0: anomaly-shapenet draws its own parts (up to 1.1.0 its test parts were real3d's scans;
+``samples.LAYOUT_STREAM``). 1.1.0: good parts vary within ISO 2768-m general tolerances (1.0.0:
+±2 % of every dimension)."""
 LAYOUTS = ("mvtec3d", "real3d", "anomaly-shapenet")
 DEFECTS: tuple[str, ...] = ("bulge", "concavity", "hole", "crack", "break", "bending")
 """The six defect kinds of Anomaly-ShapeNet, with the paper's names (folder / file names)."""

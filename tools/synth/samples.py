@@ -28,6 +28,10 @@ Pipeline for one part (vectorized numpy / open3d; no loop over points):
    the pixels showing the part, and at least ``simcam.MIN_VISIBLE_GT_PIXELS`` of them measured);
    otherwise the defect is drawn again (new site and size, same kind), at most
    ``MAX_DEFECT_TRIES`` times, then ``RuntimeError``.
+
+``scan_cloud`` / ``scan_camera`` run steps 2-5 and return the sample with its defect-free twin
+(the posed part it was carved from), so an offline study can remake any sample exactly
+(scripts/oracle_ceiling.py); ``run_job`` writes what they return.
 """
 
 from __future__ import annotations
@@ -95,9 +99,26 @@ def _in_range(frac: float) -> bool:
     return FRACTION_RANGE[0] <= frac <= FRACTION_RANGE[1]
 
 
-def _run_cloud(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CloudScan:
+    """A point-cloud sample as scanned: what is written, and the twin it was carved from."""
+
+    points: np.ndarray
+    """The scan as written (float32 N×3, in its test pose)."""
+    labels: np.ndarray
+    """Ground truth per point (uint8)."""
+    canonical: np.ndarray
+    """The same scan before the ``so3`` test pose: in the frame of the defect-free part."""
+    base: Any
+    """The defect-free part (open3d mesh) the defect was carved from: the sample's exact twin."""
+    info: dict[str, Any]
+    tries: int
+
+
+def scan_cloud(job: Job, rng: np.random.Generator, base: Any) -> CloudScan:
+    """Scan ``base`` for ``job`` (pose, defect, sampling, noise), drawing from ``rng`` in the
+    order that makes the dataset: the writer and the offline studies (which need the twin) share it."""
     from sensors.defects import sample_cloud
-    from sensors.pointfiles import write_pcd
 
     spec = POINTS[job.layout]["train" if job.split == "train" else "test"]
     n, noise = int(spec["n"]), float(spec["noise"])
@@ -122,10 +143,19 @@ def _run_cloud(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
                     f"{job.cls} {job.kind}: no defect with {lo:.2%}-{hi:.0%} anomalous "
                     f"points in {tries} tries (fractions {', '.join(f'{x:.4f}' for x in fracs)})"
                 )
+    canonical = pts
     if so3:  # carved and sampled in the canonical pose; the scan sees the part in any orientation
         pose = pose_so3(rng)
         centre = pts.mean(axis=0)
         pts = ((pts - centre) @ pose[:3, :3].T + centre + pose[:3, 3]).astype(np.float32)
+    return CloudScan(pts, lab, canonical, base, info, tries)
+
+
+def _run_cloud(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
+    from sensors.pointfiles import write_pcd
+
+    scan = scan_cloud(job, rng, base)
+    pts, lab = scan.points, scan.labels
     out = Path(job.out)
     write_pcd(out / job.rel, pts)
     if job.gt_rel is not None:
@@ -134,8 +164,8 @@ def _run_cloud(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
         path.parent.mkdir(parents=True, exist_ok=True)
         table = np.column_stack([pts.astype(np.float64), lab.astype(np.float64)])
         np.savetxt(path, table, fmt=["%.6f", "%.6f", "%.6f", "%d"], delimiter=sep)
-    return {"n_points": int(len(pts)), "anomalous_fraction": round(float(lab.mean()), 6), "tries": tries,
-            **_magnitude_record(info, job)}
+    return {"n_points": int(len(pts)), "anomalous_fraction": round(float(lab.mean()), 6), "tries": scan.tries,
+            **_magnitude_record(scan.info, job)}
 
 
 SEVERITY_STEP = 0.02
@@ -166,10 +196,24 @@ def _magnitude_record(info: dict[str, Any], job: Job) -> dict[str, Any]:
     return {"magnitude": {**mag, "bin": bins[min(int(float(mag["severity"]) * 3.0), 2)], **raised}}
 
 
-def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
-    from PIL import Image
+@dataclass(frozen=True)
+class CameraScan:
+    """A camera sample as rendered: the frame written, its ground truth, and its defect-free twin."""
 
-    from sensors.pointfiles import write_xyz_tiff
+    points: np.ndarray
+    """(H, W, 3) float32 XYZ in mm, NaN where invalid."""
+    gt: np.ndarray
+    """(H, W) uint8 ground truth."""
+    base: Any
+    """The defect-free part (open3d mesh) in the pose it was rendered in: the sample's exact twin."""
+    info: dict[str, Any]
+    tries: int
+    anomalous_fraction: float
+
+
+def scan_camera(job: Job, rng: np.random.Generator, base: Any) -> CameraScan:
+    """Render ``base`` for ``job`` (fixture pose, defect, camera), drawing from ``rng`` in the order
+    that makes the dataset (shared by the writer and the offline studies, as :func:`scan_cloud`)."""
     from sensors.simcam import MIN_VISIBLE_GT_PIXELS, CameraParams, render
 
     camera = CameraParams()
@@ -201,6 +245,16 @@ def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
                     f"{job.cls} {job.kind}: no visible defect covering {lo:.2%}-{hi:.0%} "
                     f"of the part's pixels in {tries} tries (fractions {', '.join(f'{x:.3f}' for x in fracs)})"
                 )
+    return CameraScan(pts, gt, base, info, tries, frac)
+
+
+def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]:
+    from PIL import Image
+
+    from sensors.pointfiles import write_xyz_tiff
+
+    scan = scan_camera(job, rng, base)
+    pts, gt = scan.points, scan.gt
     out = Path(job.out)
     write_xyz_tiff(out / job.rel, pts / 1000.0)  # metres, as MVTec 3D-AD
     assert job.rgb_rel is not None
@@ -210,7 +264,25 @@ def _run_camera(job: Job, rng: np.random.Generator, base: Any) -> dict[str, Any]
         (out / job.gt_rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((gt > 0).astype(np.uint8) * 255, mode="L").save(out / job.gt_rel)
     n_valid = int(np.isfinite(pts).all(axis=-1).sum())
-    return {"n_points": n_valid, "anomalous_fraction": round(frac, 6), "tries": tries, **_magnitude_record(info, job)}
+    return {"n_points": n_valid, "anomalous_fraction": round(scan.anomalous_fraction, 6), "tries": scan.tries,
+            **_magnitude_record(scan.info, job)}
+
+
+LAYOUT_STREAM = {"anomaly-shapenet": 1}
+"""Layouts whose samples draw from a stream of their own. Up to generator 1.1.0 the k-th sample of
+a class drew from the same stream in every layout, so one seed's anomaly-shapenet and real3d test
+parts were the same scans (only the training parts differ: ``POINTS``), and the two layouts'
+figures were not two measurements. Since 1.2.0 anomaly-shapenet draws its own parts; real3d and
+mvtec3d keep the samples of 1.1.0 (docs/results/bench-preset.md, "Independent layouts")."""
+
+
+def sample_rng(job: Job) -> np.random.Generator:
+    """The random stream of ``job``'s sample: ``[seed, class_index, sample_index]``, and the
+    layout's own salt (:data:`LAYOUT_STREAM`), so a sample does not depend on the others."""
+    key = [job.seed, job.class_index, job.sample_index]
+    if job.layout in LAYOUT_STREAM:
+        key.append(LAYOUT_STREAM[job.layout])
+    return np.random.default_rng(key)
 
 
 def run_job(job: Job) -> dict[str, Any]:
@@ -219,7 +291,7 @@ def run_job(job: Job) -> dict[str, Any]:
     from sensors.parts import make_part
 
     t0 = time.perf_counter()
-    rng = np.random.default_rng([job.seed, job.class_index, job.sample_index])
+    rng = sample_rng(job)
     base = subdivide_uniform(make_part(job.cls, rng, job.tolerance), MAX_EDGE_MM)
     stats = _run_camera(job, rng, base) if job.layout == "mvtec3d" else _run_cloud(job, rng, base)
     return {"file": job.rel, "gt": job.gt_rel, "class": job.cls, "split": job.split, "defect": job.kind,
