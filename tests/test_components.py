@@ -228,3 +228,21 @@ def test_max_over_neighbours_is_a_dilation() -> None:
     out = max_over_neighbours(values, nbr)
     assert out[17] == 5.0 and out.max() == 5.0
     np.testing.assert_array_equal(out > 0, (nbr == 17).any(axis=1))
+
+
+
+def test_registration_turns_a_symmetric_part_between_its_spins() -> None:
+    """A good flange (six bolt heads on a circle; the bench preset's real3d layout, seed 1,
+    validation good 28, prepared, 2 500 of its points) onto the reference fused from 50 good
+    flanges after one round. The spins are 60° apart, like the heads, so every spin meets them
+    at the same angle, which the principal axes leave at random. Without the turns between
+    spins (``sub_spins=1``) 2 of these 20 registrations stayed turned by about 15°, the heads
+    off their places by 4 mm (99.5th-percentile distance 3.9 mm against 0.7)."""
+    data = np.load(Path(__file__).parent / "fixtures" / "flange_bolt_circle.npz")
+    ref, part = data["reference"].astype(np.float64), data["part"].astype(np.float64)
+    tree = cKDTree(ref)
+    far = []
+    for seed in range(20):
+        result = Registrar(ref, coarse_dist=5.0, fine_dist=2.0, retry_below=0.9, seed=seed, tree=tree).register(part)
+        far.append(float(np.percentile(tree.query(result.moved)[0], 99.5)))
+    assert max(far) < 1.5, f"turned: {[round(f, 2) for f in far]}"
