@@ -78,8 +78,8 @@ def ab(args: argparse.Namespace) -> None:
                                           check=True, capture_output=True, text=True)
                     runs.setdefault((size, scorer, side), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
     print("| frame | scorer | CPU ms p50 before → after (ratio) | CPU ms mean before → after | wall ms p50 before → after "
-          "| object score max rel. diff | load avg (1 min) |")
-    print("|---|---|---|---|---|---|---|")
+          "| registration ms mean before → after | object score max rel. diff | load avg (1 min) |")
+    print("|---|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for scorer in args.scorers.split(","):
             b, a = runs[(size, scorer, "before")], runs[(size, scorer, "after")]
@@ -91,9 +91,13 @@ def ab(args: argparse.Namespace) -> None:
             ob, oa = np.array(b[0]["object"]), np.array(a[0]["object"])
             diff = float(np.max(np.abs(ob - oa) / np.maximum(np.abs(ob), 1e-12)))
             loads = [r["load"] for r in b + a]
+            # the template's registration stage (template, fused), mean over the rounds
+            rb = [r["stages"]["template_registration"] for r in b if "template_registration" in r["stages"]]
+            ra = [r["stages"]["template_registration"] for r in a if "template_registration" in r["stages"]]
+            reg = f"{1000 * np.mean(rb):.1f} → {1000 * np.mean(ra):.1f}" if rb and ra else "–"
             print(f"| {size} | {scorer} | {np.median(cb):.0f} → {np.median(ca):.0f} ({np.median(ca) / np.median(cb):.2f}) "
                   f"| {cb.mean():.0f} → {ca.mean():.0f} | {np.median(cat(b, 'wall')):.0f} → "
-                  f"{np.median(cat(a, 'wall')):.0f} | {diff:.1e} | {min(loads):.1f}–{max(loads):.1f} |")
+                  f"{np.median(cat(a, 'wall')):.0f} | {reg} | {diff:.1e} | {min(loads):.1f}–{max(loads):.1f} |")
 
 
 def main() -> None:
