@@ -67,7 +67,11 @@ def test_label_values_stay_in_bounded_sets(hostile: RunningDaemon) -> None:
     before = len(hostile.metrics())
     frames = good_frames(2, seed=32, sensor_id="cam-a")
     frames += good_frames(40, seed=33, sensor_id="x" * 200 + "{i}", product="unknown-{i}", part_id="u-{i}")
-    verdicts = send_and_collect(hostile, frames, len(frames), timeout=90)
+    # in bursts under the PUB's high-water mark (16 verdicts with this config's inline maps): a
+    # burst beyond it may drop verdicts for a subscriber whose socket lags, as documented
+    verdicts = []
+    for i in range(0, len(frames), 8):
+        verdicts += send_and_collect(hostile, frames[i:i + 8], len(frames[i:i + 8]), timeout=90)
     assert len(verdicts) == len(frames)
     text = hostile.metrics()
     sensors = {line.split('sensor_id="')[1].split('"')[0] for line in text.splitlines()
