@@ -191,9 +191,11 @@ class Registrar:
                 out.append(i)
         return out
 
-    def hypotheses(self, source: np.ndarray) -> np.ndarray:
-        """Initial transforms (B×4×4) for ``source``: PCA-frame rotations, spins, and the identity."""
-        c_s, a_s, e_s = _pca(source)
+    def hypotheses(self, source: np.ndarray,
+                   pca: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """Initial transforms (B×4×4) for ``source``: PCA-frame rotations, spins, and the identity.
+        ``pca``: the source's (centroid, axes, variances) when the caller has them already."""
+        c_s, a_s, e_s = pca if pca is not None else _pca(source)
         rots = [self.axes @ g @ a_s.T for g in _CUBE]
         for i in self.spin_axes(e_s):  # axis i distinct, the other two nearly equal: spin about axis i
             base = [self.axes @ g @ a_s.T for g in _CUBE if abs(g[i, i]) == 1.0]
@@ -306,8 +308,9 @@ class Registrar:
         fine = self._subsample(src, self.fine_points, 2)
         if init is not None:
             return self._refine(src, fine, np.asarray(init, dtype=np.float64).reshape(1, 4, 4), 1, t0)
-        hyp = self.hypotheses(src)
-        axes = self.spin_axes(_pca(src)[2])
+        pca = _pca(src)
+        hyp = self.hypotheses(src, pca)
+        axes = self.spin_axes(pca[2])
         coarse = self._subsample(src, self.coarse_points, 1)
         rows, inverse = self._distinct(hyp)
         result = None
